@@ -1,0 +1,33 @@
+# effpipe: every target creates .venv and installs the package when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Reinstall when the package metadata changes.
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint format clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# The offline demo: synthetic shapes, EfficientNet-B0 from scratch, both phases, on CPU.
+demo: venv
+	$(PY) -m effpipe.train --flagfile=flags/demo.flags --workdir=runs/demo
+
+test: venv
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(VENV)/bin/ruff check effpipe tests benchmarks
+	$(VENV)/bin/ruff format --check effpipe tests benchmarks
+
+format: venv
+	$(VENV)/bin/ruff format effpipe tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
