@@ -1,0 +1,133 @@
+"""The one frozen, validated configuration of a training run.
+
+Binaries build a `TrainConfig` from flags (`effpipe.cli_flags`); libraries take it
+as an argument and never read flags. Validation happens once, at construction, and
+raises `UsageError` naming the bad value and the fix.
+"""
+
+import dataclasses
+
+from effpipe import variants
+from effpipe.errors import UsageError
+
+HEADS = ("pooled", "seed")
+XLA_MODES = ("auto", "on", "off")
+VALIDATION_SELECTIONS = ("random", "last")
+DATASET_KINDS = ("cifar100", "shapes", "folder:PATH")
+
+# Larger inputs than this are almost surely a typo (B7's native size is 600 px).
+MAX_IMAGE_SIZE = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run except where its outputs go.
+
+    The flag of the same name documents each field (`python -m effpipe.train
+    --helpshort`).
+    """
+
+    # Data.
+    dataset: str = "cifar100"
+    data_dir: str | None = None
+    source_size: int = 32
+    validation_fraction: float = 0.1
+    validation_selection: str = "random"
+    shapes_num_classes: int = 10
+    shapes_train_examples: int = 3000
+    shapes_test_examples: int = 600
+    # Model.
+    variant: str = "b0"
+    image_size: int = 0
+    weights: str = "imagenet"
+    head: str = "pooled"
+    dropout: float = 0.2
+    # Training recipe.
+    batch_size: int = 32
+    phase1_epochs: int = 10
+    phase1_learning_rate: float = 1e-4
+    phase2_epochs: int = 10
+    phase2_learning_rate: float = 1e-5
+    unfreeze_blocks: int = 3
+    # Performance and reproducibility.
+    mixed_precision: bool = False
+    xla: str = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    data_threads: int = 0
+    autotune: bool = True
+
+    def __post_init__(self):
+        _validate(self)
+
+    @property
+    def resolved_image_size(self) -> int:
+        """The model resolution in pixels: `image_size`, or the variant's native size."""
+        return self.image_size or variants.VARIANTS[self.variant].native_image_size
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)
+
+
+def _validate(config: TrainConfig) -> None:
+    """Raises UsageError for the first bad field, with the fix in the message."""
+    _require(
+        config.variant in variants.VARIANTS,
+        f"unknown variant {config.variant!r}: choose one of {', '.join(variants.VARIANTS)}",
+    )
+    _require(
+        config.image_size == 0 or variants.MIN_IMAGE_SIZE <= config.image_size <= MAX_IMAGE_SIZE,
+        f"--image_size={config.image_size} is out of range: use 0 for the variant's "
+        f"native size, or {variants.MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels",
+    )
+    _require(
+        config.dataset in ("cifar100", "shapes")
+        or (config.dataset.startswith("folder:") and len(config.dataset) > len("folder:")),
+        f"unknown dataset {config.dataset!r}: choose one of {', '.join(DATASET_KINDS)}",
+    )
+    _require(
+        8 <= config.source_size <= MAX_IMAGE_SIZE,
+        f"--source_size={config.source_size} is out of range: use 8..{MAX_IMAGE_SIZE} pixels",
+    )
+    _require(
+        0.0 < config.validation_fraction < 1.0,
+        f"--validation_fraction={config.validation_fraction} must be strictly between 0 and 1",
+    )
+    _require(
+        config.validation_selection in VALIDATION_SELECTIONS,
+        f"unknown validation_selection {config.validation_selection!r}: "
+        f"choose one of {', '.join(VALIDATION_SELECTIONS)}",
+    )
+    _require(
+        2 <= config.shapes_num_classes <= 10,
+        f"--shapes_num_classes={config.shapes_num_classes} must be in 2..10 "
+        "(the shapes dataset draws ten kinds of shape)",
+    )
+    _require(
+        config.shapes_train_examples >= 2 * config.shapes_num_classes
+        and config.shapes_test_examples >= 1,
+        "--shapes_train_examples must be at least twice --shapes_num_classes and "
+        "--shapes_test_examples at least 1",
+    )
+    _require(
+        config.head in HEADS, f"unknown head {config.head!r}: choose one of {', '.join(HEADS)}"
+    )
+    _require(0.0 <= config.dropout < 1.0, f"--dropout={config.dropout} must be in [0, 1)")
+    _require(config.batch_size >= 1, f"--batch_size={config.batch_size} must be at least 1")
+    for phase in (1, 2):
+        epochs = getattr(config, f"phase{phase}_epochs")
+        learning_rate = getattr(config, f"phase{phase}_learning_rate")
+        _require(epochs >= 0, f"--phase{phase}_epochs={epochs} must be 0 or more")
+        _require(
+            learning_rate > 0, f"--phase{phase}_learning_rate={learning_rate} must be positive"
+        )
+    _require(
+        config.unfreeze_blocks >= 0,
+        f"--unfreeze_blocks={config.unfreeze_blocks} must be 0 or more",
+    )
+    _require(
+        config.xla in XLA_MODES, f"unknown xla mode {config.xla!r}: choose one of auto, on, off"
+    )
+    _require(config.data_threads >= 0, f"--data_threads={config.data_threads} must be 0 or more")
