@@ -1,0 +1,373 @@
+"""Data sources: uint8 images at source resolution, integer labels, metadata.
+
+Every source returns a `DataSource` of in-memory numpy arrays (N, H, W, 3) uint8
+and (N,) int32 labels. Images stay small and uint8 on the host: resizing to the
+model resolution happens on the device, inside the compiled step.
+
+Sources:
+  cifar100     CIFAR-100 fine labels through tensorflow-datasets (`data_dir`).
+  folder:PATH  PATH/train/<class>/*.png|jpg|jpeg and optional PATH/test/<class>/.
+  shapes       coloured geometric shapes generated in-process: seeded, learnable,
+               offline; what the demo and the tests train on.
+"""
+
+import dataclasses
+import os
+import socket
+
+import numpy as np
+
+from effpipe import cifar100_names
+from effpipe.errors import UsageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+# The ten kinds of shape the synthetic source draws; a class is a kind of shape,
+# whatever its colour, size and position.
+SHAPE_NAMES = (
+    "circle",
+    "square",
+    "triangle",
+    "plus",
+    "ring",
+    "diamond",
+    "horizontal_bar",
+    "vertical_bar",
+    "x_cross",
+    "half_disc",
+)
+
+# The host tensorflow-datasets downloads CIFAR-100 from. Only used to fail fast
+# (seconds instead of minutes of retries) when there is no network.
+CIFAR100_DOWNLOAD_HOST = "www.cs.toronto.edu"
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Images (N, H, W, 3) uint8 and labels (N,) int32."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """A loaded source: its splits and what the model needs to know about it.
+
+    Attributes:
+      name: the `--dataset` value it was loaded from.
+      train: the training split, before validation is split off.
+      test: the test split, or None when the source has none.
+      class_names: one name per class, indexed by label.
+    """
+
+    name: str
+    train: Split
+    test: Split | None
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def source_image_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of the images as stored on the host."""
+        return tuple(self.train.images.shape[1:3])
+
+
+def load_source(
+    dataset: str,
+    *,
+    data_dir: str | None = None,
+    source_size: int = 32,
+    seed: int = 0,
+    shapes_num_classes: int = 10,
+    shapes_train_examples: int = 3000,
+    shapes_test_examples: int = 600,
+) -> DataSource:
+    """Loads the source named by a `--dataset` value.
+
+    Args:
+      dataset: "cifar100", "shapes" or "folder:PATH".
+      data_dir: tensorflow-datasets data directory (cifar100 only).
+      source_size: side in pixels that folder and shapes images are stored at.
+      seed: seeds the shapes generator.
+      shapes_num_classes: number of shape kinds (2..10).
+      shapes_train_examples: size of the generated train split.
+      shapes_test_examples: size of the generated test split.
+
+    Returns:
+      The loaded DataSource.
+
+    Raises:
+      UsageError: unknown dataset, or data that cannot be found or read.
+    """
+    if dataset == "cifar100":
+        return load_cifar100(data_dir)
+    if dataset == "shapes":
+        return make_shapes_source(
+            num_classes=shapes_num_classes,
+            train_examples=shapes_train_examples,
+            test_examples=shapes_test_examples,
+            image_size=source_size,
+            seed=seed,
+        )
+    if dataset.startswith("folder:"):
+        return load_folder(dataset[len("folder:") :], source_size=source_size)
+    raise UsageError(f"unknown dataset {dataset!r}: choose cifar100, shapes or folder:PATH")
+
+
+def split_validation(
+    split: Split, fraction: float, *, seed: int, selection: str = "random"
+) -> tuple[Split, Split]:
+    """Splits a validation set off a train split, deterministically.
+
+    Args:
+      split: the full train split.
+      fraction: share of examples that go to validation, in (0, 1).
+      seed: seeds the shuffle for `selection="random"`.
+      selection: "random" takes a seeded random subset; "last" takes the last
+        examples in stored order, as Keras `validation_split` does.
+
+    Returns:
+      (train, validation).
+
+    Raises:
+      UsageError: when either part would be empty.
+    """
+    num_examples = len(split)
+    num_validation = int(round(num_examples * fraction))
+    if not 0 < num_validation < num_examples:
+        raise UsageError(
+            f"--validation_fraction={fraction} of {num_examples} examples leaves an empty "
+            "train or validation split: use more examples or another fraction"
+        )
+    if selection == "last":
+        order = np.arange(num_examples)
+    else:
+        order = np.random.default_rng(seed).permutation(num_examples)
+    train_index = np.sort(order[: num_examples - num_validation])
+    validation_index = np.sort(order[num_examples - num_validation :])
+    return (
+        Split(split.images[train_index], split.labels[train_index]),
+        Split(split.images[validation_index], split.labels[validation_index]),
+    )
+
+
+# --- cifar100 -----------------------------------------------------------------
+
+
+def load_cifar100(data_dir: str | None) -> DataSource:
+    """CIFAR-100 with fine labels through tensorflow-datasets.
+
+    Downloads and prepares the dataset under `data_dir` on first use. Without
+    network and without prepared data, raises a UsageError saying how to prepare it.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("cifar100", data_dir=data_dir)
+    location = data_dir or "~/tensorflow_datasets"
+    if not builder.is_prepared():
+        if not _host_reachable(CIFAR100_DOWNLOAD_HOST):
+            raise UsageError(
+                f"CIFAR-100 is not prepared under {location} and there is no network to "
+                'download it: run `python -c "import tensorflow_datasets as tfds; '
+                "tfds.builder('cifar100').download_and_prepare()\"` on a machine with "
+                "network and copy ~/tensorflow_datasets here, or point --data_dir at a "
+                "prepared copy"
+            )
+        try:
+            builder.download_and_prepare()
+        except Exception as error:  # tfds raises many types; all mean the same here.
+            raise UsageError(
+                f"CIFAR-100 could not be downloaded into {location} "
+                f"({type(error).__name__}: {error}): point --data_dir at a prepared copy"
+            ) from error
+    splits = {}
+    for split_name in ("train", "test"):
+        dataset = builder.as_dataset(split=split_name, as_supervised=True)
+        images, labels = [], []
+        for image_batch, label_batch in tfds.as_numpy(dataset.batch(4096)):
+            images.append(image_batch)
+            labels.append(label_batch)
+        splits[split_name] = Split(
+            np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.int32)
+        )
+    names = tuple(builder.info.features["label"].names)
+    # A builder that has not been prepared from the real files (for example under
+    # tfds.testing.mock_data) only knows placeholder names "0".."99".
+    if names == tuple(str(index) for index in range(100)):
+        names = cifar100_names.FINE_LABEL_NAMES
+    return DataSource("cifar100", splits["train"], splits["test"], names)
+
+
+def _host_reachable(host: str, port: int = 443, timeout_sec: float = 10.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_sec):
+            return True
+    except OSError:
+        return False
+
+
+# --- folder:PATH ----------------------------------------------------------------
+
+
+def load_folder(path: str, *, source_size: int) -> DataSource:
+    """Images from PATH/train/<class>/ and optional PATH/test/<class>/.
+
+    Each image is decoded once on the host (grayscale, palette and RGBA images are
+    converted to RGB) and resized to `source_size` x `source_size`.
+    """
+    train_dir = os.path.join(path, "train")
+    if not os.path.isdir(path):
+        raise UsageError(f"dataset folder {path} does not exist: check --dataset=folder:PATH")
+    if not os.path.isdir(train_dir):
+        raise UsageError(
+            f"dataset folder {path} has no train/ subfolder: lay it out as "
+            "PATH/train/<class>/*.png|jpg|jpeg"
+        )
+    class_names = tuple(
+        sorted(
+            entry
+            for entry in os.listdir(train_dir)
+            if os.path.isdir(os.path.join(train_dir, entry))
+        )
+    )
+    if not class_names:
+        raise UsageError(f"{train_dir} has no class folders: add PATH/train/<class>/ folders")
+    train = _load_folder_split(train_dir, class_names, source_size, is_train=True)
+    test_dir = os.path.join(path, "test")
+    test = None
+    if os.path.isdir(test_dir):
+        test = _load_folder_split(test_dir, class_names, source_size, is_train=False)
+    return DataSource(f"folder:{path}", train, test, class_names)
+
+
+def _load_folder_split(
+    directory: str, class_names: tuple[str, ...], source_size: int, *, is_train: bool
+) -> Split:
+    unknown = sorted(
+        entry
+        for entry in os.listdir(directory)
+        if os.path.isdir(os.path.join(directory, entry)) and entry not in class_names
+    )
+    if unknown:
+        raise UsageError(f"{directory} has class folders that train/ lacks: {', '.join(unknown)}")
+    paths, labels = [], []
+    for label, class_name in enumerate(class_names):
+        class_dir = os.path.join(directory, class_name)
+        if not os.path.isdir(class_dir):
+            continue
+        files = sorted(
+            name for name in os.listdir(class_dir) if name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not files and is_train:
+            raise UsageError(
+                f"class folder {class_dir} has no .png/.jpg/.jpeg images: add some or remove it"
+            )
+        paths.extend(os.path.join(class_dir, name) for name in files)
+        labels.extend([label] * len(files))
+    if not paths:
+        raise UsageError(f"{directory} holds no .png/.jpg/.jpeg images: add some or remove it")
+    images = np.stack([_decode_image(path, source_size) for path in _progress(paths)])
+    return Split(images, np.asarray(labels, dtype=np.int32))
+
+
+def _decode_image(path: str, source_size: int) -> np.ndarray:
+    import tensorflow as tf
+
+    try:
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
+        raise UsageError(f"cannot decode image {path}: delete or replace the file") from error
+    # Antialiased resize: shrinking a large photo to 32 px must average, not alias.
+    resized = tf.image.resize(image, (source_size, source_size), antialias=True)
+    return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
+
+
+def _progress(paths: list[str]):
+    """Yields paths, showing a Keras progress bar when there are many."""
+    if len(paths) < 2000:
+        yield from paths
+        return
+    import keras
+
+    bar = keras.utils.Progbar(len(paths), unit_name="image")
+    for index, path in enumerate(paths):
+        yield path
+        bar.update(index + 1)
+
+
+# --- shapes -----------------------------------------------------------------------
+
+
+def make_shapes_source(
+    *, num_classes: int, train_examples: int, test_examples: int, image_size: int, seed: int
+) -> DataSource:
+    """The synthetic shapes source: train and test drawn from independent seeds."""
+    train_seed, test_seed = np.random.SeedSequence(seed).spawn(2)
+    return DataSource(
+        "shapes",
+        make_shapes(train_examples, num_classes, image_size, np.random.default_rng(train_seed)),
+        make_shapes(test_examples, num_classes, image_size, np.random.default_rng(test_seed)),
+        SHAPE_NAMES[:num_classes],
+    )
+
+
+def make_shapes(
+    num_examples: int, num_classes: int, image_size: int, rng: np.random.Generator
+) -> Split:
+    """Draws balanced, labelled images of coloured shapes.
+
+    Each image has a random background colour with pixel noise and one shape of a
+    random foreground colour (at least 80 levels away from the background, so the
+    shape is always visible), random centre and random size.
+    """
+    labels = rng.permutation(np.arange(num_examples) % num_classes).astype(np.int32)
+    grid = np.arange(image_size, dtype=np.float32) + 0.5
+    rows, cols = np.meshgrid(grid, grid, indexing="ij")
+    images = np.empty((num_examples, image_size, image_size, 3), np.uint8)
+    for index, label in enumerate(labels):
+        radius = rng.uniform(0.22, 0.36) * image_size
+        center_row, center_col = rng.uniform(radius, image_size - radius, size=2)
+        mask = _shape_mask(
+            SHAPE_NAMES[label], (cols - center_col) / radius, (rows - center_row) / radius
+        )
+        background = rng.uniform(0, 255, size=3)
+        foreground = rng.uniform(0, 255, size=3)
+        while np.abs(foreground - background).max() < 80:
+            foreground = rng.uniform(0, 255, size=3)
+        image = np.where(mask[..., None], foreground, background)
+        image = image + rng.normal(0, 8, size=image.shape)
+        images[index] = np.clip(image, 0, 255).astype(np.uint8)
+    return Split(images, labels)
+
+
+def _shape_mask(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Boolean mask of a shape in coordinates scaled by its radius (v points down)."""
+    distance = np.sqrt(u * u + v * v)
+    if kind == "circle":
+        return distance <= 1.0
+    if kind == "square":
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.8
+    if kind == "triangle":
+        return (v <= 0.8) & (np.abs(u) <= 0.55 * (v + 0.9))
+    if kind == "plus":
+        return ((np.abs(u) <= 0.3) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 1.0))
+    if kind == "ring":
+        return (distance <= 1.0) & (distance >= 0.55)
+    if kind == "diamond":
+        return np.abs(u) + np.abs(v) <= 1.0
+    if kind == "horizontal_bar":
+        return (np.abs(u) <= 1.0) & (np.abs(v) <= 0.3)
+    if kind == "vertical_bar":
+        return (np.abs(v) <= 1.0) & (np.abs(u) <= 0.3)
+    if kind == "x_cross":
+        return ((np.abs(u - v) <= 0.4) | (np.abs(u + v) <= 0.4)) & (distance <= 1.0)
+    if kind == "half_disc":
+        return (distance <= 1.0) & (v >= -0.1)
+    raise AssertionError(f"no mask for shape {kind}")

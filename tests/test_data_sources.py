@@ -1,0 +1,178 @@
+"""Data sources: shapes, folder (PNG/JPEG written here), cifar100 under mock_data."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from effpipe import cifar100_names, data_sources
+from effpipe.errors import UsageError
+
+
+def _check_split(split, size, num_classes):
+    assert split.images.dtype == np.uint8
+    assert split.images.shape[1:] == (size, size, 3)
+    assert split.labels.dtype == np.int32
+    assert len(split.images) == len(split.labels)
+    assert split.labels.min() >= 0 and split.labels.max() < num_classes
+
+
+# --- shapes ---
+
+
+def test_shapes_is_deterministic_balanced_and_labelled():
+    kwargs = dict(num_classes=4, train_examples=40, test_examples=12, image_size=24)
+    first = data_sources.make_shapes_source(seed=7, **kwargs)
+    second = data_sources.make_shapes_source(seed=7, **kwargs)
+    other = data_sources.make_shapes_source(seed=8, **kwargs)
+    np.testing.assert_array_equal(first.train.images, second.train.images)
+    np.testing.assert_array_equal(first.test.labels, second.test.labels)
+    assert not np.array_equal(first.train.images, other.train.images)
+    _check_split(first.train, 24, 4)
+    _check_split(first.test, 24, 4)
+    assert np.bincount(first.train.labels).tolist() == [10, 10, 10, 10]
+    assert first.class_names == ("circle", "square", "triangle", "plus")
+    assert first.source_image_size == (24, 24)
+    # Train and test come from independent draws.
+    assert not np.array_equal(first.train.images[:12], first.test.images)
+
+
+def test_shapes_are_visible_against_their_background():
+    source = data_sources.make_shapes_source(
+        num_classes=10, train_examples=50, test_examples=1, image_size=32, seed=0
+    )
+    spread = source.train.images.reshape(50, -1, 3).astype(int)
+    contrast = (spread.max(axis=1) - spread.min(axis=1)).max(axis=1)
+    assert contrast.min() >= 60
+
+
+# --- validation split ---
+
+
+def test_random_validation_split_is_seeded_and_disjoint():
+    split = data_sources.Split(
+        np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1).repeat(3, axis=-1),
+        np.arange(100, dtype=np.int32),
+    )
+    train, validation = data_sources.split_validation(split, 0.2, seed=3)
+    train_again, validation_again = data_sources.split_validation(split, 0.2, seed=3)
+    _, validation_other = data_sources.split_validation(split, 0.2, seed=4)
+    assert len(train) == 80 and len(validation) == 20
+    assert set(train.labels).isdisjoint(validation.labels)
+    np.testing.assert_array_equal(validation.labels, validation_again.labels)
+    np.testing.assert_array_equal(train.labels, train_again.labels)
+    assert not np.array_equal(validation.labels, validation_other.labels)
+    # Images travel with their labels.
+    np.testing.assert_array_equal(validation.images[:, 0, 0, 0], validation.labels)
+
+
+def test_last_validation_split_takes_the_tail_like_keras():
+    split = data_sources.Split(np.zeros((10, 2, 2, 3), np.uint8), np.arange(10, dtype=np.int32))
+    train, validation = data_sources.split_validation(split, 0.3, seed=0, selection="last")
+    assert train.labels.tolist() == list(range(7))
+    assert validation.labels.tolist() == [7, 8, 9]
+
+
+def test_validation_split_refuses_an_empty_part():
+    split = data_sources.Split(np.zeros((3, 2, 2, 3), np.uint8), np.arange(3, dtype=np.int32))
+    with pytest.raises(UsageError, match="empty train or validation"):
+        data_sources.split_validation(split, 0.1, seed=0)
+
+
+# --- folder:PATH ---
+
+
+def _write_image(path, array, kind):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    encoded = tf.io.encode_png(array) if kind == "png" else tf.io.encode_jpeg(array)
+    tf.io.write_file(path, encoded)
+
+
+def _make_folder(root, with_test=True):
+    rng = np.random.default_rng(0)
+    for split, count in [("train", 3)] + ([("test", 1)] if with_test else []):
+        for class_name in ("cat", "dog"):
+            for index in range(count):
+                image = rng.integers(0, 255, size=(40, 50, 3), dtype=np.uint8)
+                kind = "png" if index % 2 == 0 else "jpg"
+                _write_image(os.path.join(root, split, class_name, f"{index}.{kind}"), image, kind)
+
+
+def test_folder_loads_png_and_jpeg_resized_with_class_names(tmp_path):
+    _make_folder(str(tmp_path))
+    source = data_sources.load_source(f"folder:{tmp_path}", source_size=16)
+    assert source.class_names == ("cat", "dog")
+    _check_split(source.train, 16, 2)
+    _check_split(source.test, 16, 2)
+    assert source.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert source.test.labels.tolist() == [0, 1]
+
+
+def test_folder_converts_grayscale_and_rgba(tmp_path):
+    _make_folder(str(tmp_path), with_test=False)
+    gray = np.full((20, 20, 1), 200, np.uint8)
+    rgba = np.concatenate(
+        [np.full((20, 20, 3), 50, np.uint8), np.full((20, 20, 1), 9, np.uint8)], -1
+    )
+    _write_image(str(tmp_path / "train" / "cat" / "gray.png"), gray, "png")
+    _write_image(str(tmp_path / "train" / "dog" / "rgba.png"), rgba, "png")
+    source = data_sources.load_folder(str(tmp_path), source_size=8)
+    assert source.test is None
+    assert len(source.train) == 8
+    # Grayscale becomes three equal channels; RGBA loses its alpha.
+    gray_index = sorted(os.listdir(tmp_path / "train" / "cat")).index("gray.png")
+    np.testing.assert_array_equal(source.train.images[gray_index], np.full((8, 8, 3), 200))
+    rgba_index = 4 + sorted(os.listdir(tmp_path / "train" / "dog")).index("rgba.png")
+    np.testing.assert_array_equal(source.train.images[rgba_index], np.full((8, 8, 3), 50))
+
+
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        ("missing", "does not exist"),
+        ("no_train", "has no train/ subfolder"),
+        ("empty_class", "has no .png/.jpg/.jpeg images"),
+        ("corrupt", "cannot decode image"),
+    ],
+)
+def test_folder_errors_name_the_problem(tmp_path, damage, fragment):
+    root = tmp_path / "data"
+    _make_folder(str(root))
+    if damage == "missing":
+        root = tmp_path / "nowhere"
+    elif damage == "no_train":
+        os.rename(root / "train", root / "training")
+    elif damage == "empty_class":
+        os.makedirs(root / "train" / "empty")
+    elif damage == "corrupt":
+        (root / "train" / "dog" / "broken.png").write_bytes(b"not an image at all")
+    with pytest.raises(UsageError) as raised:
+        data_sources.load_source(f"folder:{root}", source_size=8)
+    assert fragment in str(raised.value)
+    if damage == "corrupt":
+        assert "broken.png" in str(raised.value)
+
+
+# --- cifar100 ---
+
+
+def test_cifar100_under_mock_data_has_fine_labels_and_names(tmp_path):
+    with tfds.testing.mock_data(num_examples=24):
+        source = data_sources.load_source("cifar100", data_dir=str(tmp_path))
+    _check_split(source.train, 32, 100)
+    _check_split(source.test, 32, 100)
+    assert len(source.train) == 24 and len(source.test) == 24
+    assert source.num_classes == 100
+    assert source.class_names == cifar100_names.FINE_LABEL_NAMES
+    assert source.class_names[0] == "apple" and source.class_names[-1] == "worm"
+
+
+def test_cifar100_without_data_or_network_says_how_to_prepare(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_sources, "_host_reachable", lambda host: False)
+    with pytest.raises(UsageError) as raised:
+        data_sources.load_source("cifar100", data_dir=str(tmp_path))
+    message = str(raised.value)
+    assert "not prepared" in message and "--data_dir" in message
+    assert "\n" not in message
