@@ -158,7 +158,9 @@ def test_folder_errors_name_the_problem(tmp_path, damage, fragment):
 # --- cifar100 ---
 
 
-def test_cifar100_under_mock_data_has_fine_labels_and_names(tmp_path):
+def test_cifar100_under_mock_data_has_fine_labels_and_names(tmp_path, monkeypatch):
+    # mock_data replaces the download; the network check must not stop it first.
+    monkeypatch.setattr(data_sources, "_host_reachable", lambda host: True)
     with tfds.testing.mock_data(num_examples=24):
         source = data_sources.load_source("cifar100", data_dir=str(tmp_path))
     _check_split(source.train, 32, 100)
