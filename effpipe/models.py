@@ -1,0 +1,257 @@
+"""The model: uint8 source images in, class probabilities out.
+
+    uint8 (S, S, 3) -> cast + resize to the model resolution -> EfficientNet base
+    -> head -> Dense softmax (float32)
+
+Heads:
+  pooled  GAP -> BN -> Dropout -> Dense (keras-io's order; cheaper, and its pooled
+          features can be cached)
+  seed    BN -> Dropout -> GAP -> Dense (the original notebook's order)
+
+The Keras EfficientNets include their own rescaling and normalisation: they take
+0..255 floats. The base is one nested sub-model, named BASE_NAME, so phases can
+freeze and unfreeze it.
+"""
+
+import os
+import re
+
+import keras
+
+from effpipe import variants
+from effpipe.errors import UsageError
+
+BASE_NAME = "base"
+
+_BLOCK_PATTERN = re.compile(r"^block(\d+[a-z])_")
+
+
+@keras.saving.register_keras_serializable(package="effpipe")
+class ResizeToModelResolution(keras.layers.Layer):
+    """Casts uint8 images to float32 and resizes them bilinearly to `image_size`.
+
+    It runs inside the model, so the uint8 batch crosses to the device small and
+    grows there. Computed in float32; the base casts to the policy's compute dtype.
+    """
+
+    def __init__(self, image_size: int, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.image_size = image_size
+
+    def call(self, images):
+        images = keras.ops.cast(images, "float32")
+        return keras.ops.image.resize(
+            images, (self.image_size, self.image_size), interpolation="bilinear"
+        )
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.image_size, self.image_size, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "image_size": self.image_size}
+
+
+def make_base(variant: str, image_size: int, weights: str) -> keras.Model:
+    """Builds the EfficientNet base without its top.
+
+    Args:
+      variant: a key of `variants.VARIANTS`.
+      image_size: input side in pixels.
+      weights: "imagenet" (downloaded by Keras on first use), "none" (random
+        initialisation) or the path of a Keras weights file for this variant's
+        no-top base (`.weights.h5`, or a legacy `.h5` such as Keras'
+        efficientnetb5_notop.h5).
+
+    Returns:
+      The base model, named BASE_NAME.
+
+    Raises:
+      UsageError: weights that cannot be fetched, found or loaded into this variant.
+    """
+    constructor = getattr(keras.applications, variants.VARIANTS[variant].keras_constructor)
+    input_shape = (image_size, image_size, 3)
+    if weights == "imagenet":
+        try:
+            return constructor(
+                include_top=False, weights="imagenet", input_shape=input_shape, name=BASE_NAME
+            )
+        except Exception as error:  # Keras raises a bare Exception on a failed fetch.
+            raise UsageError(
+                f"could not fetch the ImageNet weights for {variant} ({error}): download "
+                f"{variants.VARIANTS[variant].keras_constructor.lower()}_notop.h5 elsewhere "
+                "and pass --weights=PATH, or train from scratch with --weights=none"
+            ) from error
+    base = constructor(include_top=False, weights=None, input_shape=input_shape, name=BASE_NAME)
+    if weights == "none":
+        return base
+    if not os.path.isfile(weights):
+        raise UsageError(
+            f"weights file {weights} does not exist: pass --weights=imagenet, none or the "
+            "path of a no-top weights file"
+        )
+    try:
+        base.load_weights(weights)
+    except Exception as error:  # h5py and Keras raise several types for a bad file.
+        raise UsageError(
+            f"weights file {weights} does not fit the {variant} base "
+            f"({type(error).__name__}: {error}): pass the no-top weights of {variant}"
+        ) from error
+    return base
+
+
+def make_model(
+    *,
+    variant: str,
+    image_size: int,
+    source_size: tuple[int, int],
+    num_classes: int,
+    weights: str = "imagenet",
+    head: str = "pooled",
+    dropout: float = 0.2,
+) -> keras.Model:
+    """Builds the full classifier on uint8 images at source resolution.
+
+    The global Keras dtype policy (set by the caller for mixed precision) applies
+    to every layer but the resize and the final Dense, which stay float32 so the
+    softmax and the loss are computed in float32.
+
+    Args:
+      variant: a key of `variants.VARIANTS`.
+      image_size: the model resolution in pixels.
+      source_size: (height, width) of the uint8 input images.
+      num_classes: outputs of the final Dense layer.
+      weights: see `make_base`.
+      head: "pooled" or "seed" (see the module docstring).
+      dropout: dropout rate of the head.
+
+    Returns:
+      An uncompiled Keras model whose base is frozen.
+    """
+    inputs = keras.Input(shape=(*source_size, 3), dtype="uint8", name="image")
+    resized = ResizeToModelResolution(image_size, name="resize")(inputs)
+    base = make_base(variant, image_size, weights)
+    base.trainable = False
+    if weights == "none":
+        # Trained from scratch: the base follows the training flag, so the
+        # BatchNormalization layers that phase 2 unfreezes learn batch statistics.
+        features = base(resized)
+    else:
+        # A pretrained base always runs in inference mode, as in keras-io's
+        # fine-tuning example: BatchNormalization keeps its pretrained moving
+        # statistics and the blocks' stochastic-depth dropout is off, in both
+        # phases. Unfrozen layers still receive gradients.
+        features = base(resized, training=False)
+    if head == "pooled":
+        x = keras.layers.GlobalAveragePooling2D(name="head_pool")(features)
+        x = keras.layers.BatchNormalization(name="head_bn")(x)
+        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    elif head == "seed":
+        x = keras.layers.BatchNormalization(name="head_bn")(features)
+        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+        x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+    else:
+        raise UsageError(f"unknown head {head!r}: choose pooled or seed")
+    outputs = keras.layers.Dense(
+        num_classes, activation="softmax", dtype="float32", name="predictions"
+    )(x)
+    return keras.Model(inputs, outputs, name=f"effpipe_{variant}")
+
+
+def calibrate_batch_norm(model: keras.Model, images) -> None:
+    """Sets the base's BatchNormalization statistics from one batch of images.
+
+    For a randomly initialised base (`--weights=none`) only. Its BatchNormalization
+    layers start with moving mean 0 and variance 1; frozen like that, they let the
+    signal shrink about 10x per stage (B0's top features measured ~1e-6), so phase 1
+    would train the head on zeros. One forward pass in training mode with momentum 0
+    replaces those statistics with the batch's, layer after layer. This is a
+    data-dependent initialisation; pretrained bases are never recalibrated.
+
+    Args:
+      model: a model built by `make_model`.
+      images: a batch (N, H, W, 3) of uint8 source images; a few hundred is plenty.
+    """
+    base = get_base(model)
+    was_trainable = base.trainable
+    batch_norms = [
+        layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    momenta = [layer.momentum for layer in batch_norms]
+    # Frozen BatchNormalization ignores training=True, so unfreeze for the pass.
+    base.trainable = True
+    for layer in batch_norms:
+        layer.momentum = 0.0
+    base(model.get_layer("resize")(images), training=True)
+    for layer, momentum in zip(batch_norms, momenta):
+        layer.momentum = momentum
+    base.trainable = was_trainable
+
+
+def get_base(model: keras.Model) -> keras.Model:
+    """The nested EfficientNet base of a model built by `make_model`."""
+    return model.get_layer(BASE_NAME)
+
+
+def block_names(base: keras.Model) -> list[str]:
+    """The base's blocks ("1a", "2a", "2b", ..., "7a") in input-to-output order.
+
+    A block is one MBConv unit with its skip connection; unfreezing whole blocks
+    keeps a residual branch and its shortcut in the same state.
+    """
+    names = []
+    for layer in base.layers:
+        match = _BLOCK_PATTERN.match(layer.name)
+        if match and match.group(1) not in names:
+            names.append(match.group(1))
+    return names
+
+
+def freeze_base(model: keras.Model) -> None:
+    """Phase 1: the whole base frozen; frozen BatchNormalization runs in inference mode."""
+    get_base(model).trainable = False
+
+
+def unfreeze_top_blocks(
+    model: keras.Model, num_blocks: int, *, freeze_batch_norm: bool = True
+) -> list[str]:
+    """Phase 2: unfreezes the top `num_blocks` blocks and the top conv of the base.
+
+    Every BatchNormalization layer stays frozen (inference mode, pretrained moving
+    statistics kept), as the recipe requires; everything below the unfrozen blocks
+    stays frozen. The caller must recompile the model afterwards.
+
+    Args:
+      model: a model built by `make_model`.
+      num_blocks: how many blocks to unfreeze, counted from the top.
+      freeze_batch_norm: keep BatchNormalization frozen. Only a base trained from
+        scratch (`--weights=none`) passes False: it has no pretrained statistics to
+        protect, and a deep EfficientNet whose untrained BatchNormalization is
+        frozen does not learn (measured on the shapes demo: chance accuracy after
+        3 epochs of 10,000 images, against 31% with BatchNormalization training).
+
+    Returns:
+      The names of the unfrozen blocks.
+
+    Raises:
+      UsageError: when num_blocks exceeds the base's block count.
+    """
+    base = get_base(model)
+    blocks = block_names(base)
+    if not 0 <= num_blocks <= len(blocks):
+        raise UsageError(
+            f"--unfreeze_blocks={num_blocks} is more than the {len(blocks)} blocks of "
+            f"this base: use 0..{len(blocks)}"
+        )
+    unfrozen = blocks[len(blocks) - num_blocks :]
+    # Setting trainable on the nested model recurses into every layer; the loop
+    # then freezes again what must stay frozen.
+    base.trainable = True
+    for layer in base.layers:
+        match = _BLOCK_PATTERN.match(layer.name)
+        in_unfrozen_region = layer.name.startswith("top_") or (
+            match is not None and match.group(1) in unfrozen
+        )
+        is_batch_norm = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = in_unfrozen_region and not (is_batch_norm and freeze_batch_norm)
+    return unfrozen

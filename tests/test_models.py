@@ -1,0 +1,164 @@
+"""The variant table, weight loading, heads, mixed precision and block unfreezing."""
+
+import keras
+import numpy as np
+import pytest
+
+from effpipe import models, variants
+from effpipe.errors import UsageError
+
+SMALL = dict(variant="b0", image_size=32, source_size=(16, 16), num_classes=5)
+
+
+@pytest.fixture
+def model():
+    keras.utils.set_random_seed(0)
+    return models.make_model(weights="none", **SMALL)
+
+
+@pytest.mark.parametrize("name", list(variants.VARIANTS))
+def test_variant_table_matches_keras_native_resolution(name):
+    variant = variants.VARIANTS[name]
+    constructor = getattr(keras.applications, variant.keras_constructor)
+    # With its top and no input shape, Keras builds the variant at its default size.
+    reference = constructor(include_top=True, weights=None)
+    assert reference.input_shape[1:3] == (variant.native_image_size,) * 2
+
+
+def test_native_sizes_are_the_papers():
+    sizes = {name: v.native_image_size for name, v in variants.VARIANTS.items()}
+    assert sizes == {
+        "b0": 224, "b1": 240, "b2": 260, "b3": 300,
+        "b4": 380, "b5": 456, "b6": 528, "b7": 600,
+    }  # fmt: skip
+
+
+def test_model_takes_uint8_source_images_and_returns_probabilities(model):
+    assert model.input.dtype == "uint8"
+    assert model.input_shape == (None, 16, 16, 3)
+    images = np.random.default_rng(0).integers(0, 255, (3, 16, 16, 3), dtype=np.uint8)
+    probabilities = np.asarray(model(images))
+    assert probabilities.shape == (3, 5)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert models.get_base(model).input_shape == (None, 32, 32, 3)
+
+
+def test_resize_layer_equals_a_plain_bilinear_resize(model):
+    images = np.random.default_rng(1).integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)
+    resized = np.asarray(model.get_layer("resize")(images))
+    expected = keras.ops.image.resize(images.astype("float32"), (32, 32))
+    np.testing.assert_allclose(resized, np.asarray(expected), atol=1e-4)
+
+
+def test_heads_are_in_their_documented_order():
+    def head_layers(head):
+        built = models.make_model(weights="none", head=head, **SMALL)
+        names = [layer.name for layer in built.layers]
+        return names[names.index(models.BASE_NAME) + 1 :]
+
+    assert head_layers("pooled") == ["head_pool", "head_bn", "head_dropout", "predictions"]
+    assert head_layers("seed") == ["head_bn", "head_dropout", "head_pool", "predictions"]
+
+
+def test_mixed_precision_keeps_the_softmax_in_float32():
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        built = models.make_model(weights="none", **SMALL)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert built.get_layer("predictions").compute_dtype == "float32"
+    assert models.get_base(built).get_layer("stem_conv").compute_dtype == "bfloat16"
+    images = np.zeros((1, 16, 16, 3), np.uint8)
+    assert built(images).dtype == "float32"
+
+
+def test_weights_path_loads_exactly_the_saved_tensors(tmp_path):
+    keras.utils.set_random_seed(1)
+    saved_base = models.make_base("b0", 32, "none")
+    path = str(tmp_path / "b0_notop.weights.h5")
+    saved_base.save_weights(path)
+    keras.utils.set_random_seed(2)
+    loaded = models.make_model(weights=path, **SMALL)
+    unloaded = models.make_model(weights="none", **SMALL)
+    loaded_weights = models.get_base(loaded).get_weights()
+    saved_weights = saved_base.get_weights()
+    assert len(loaded_weights) == len(saved_weights)
+    for loaded_tensor, saved_tensor in zip(loaded_weights, saved_weights):
+        np.testing.assert_array_equal(loaded_tensor, saved_tensor)
+    # A model that did not load the file differs, so the comparison can fail.
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(models.get_base(unloaded).get_weights(), saved_weights)
+    )
+
+
+def test_weights_of_another_variant_or_a_missing_file_are_refused(tmp_path):
+    path = str(tmp_path / "b1_notop.weights.h5")
+    models.make_base("b1", 32, "none").save_weights(path)
+    with pytest.raises(UsageError, match="does not fit the b0 base"):
+        models.make_base("b0", 32, path)
+    with pytest.raises(UsageError, match="does not exist"):
+        models.make_base("b0", 32, str(tmp_path / "missing.weights.h5"))
+
+
+def _trainable_layer_names(base):
+    return {layer.name for layer in base.layers if layer.trainable and layer.weights}
+
+
+def test_phase1_freezes_the_whole_base(model):
+    models.freeze_base(model)
+    base = models.get_base(model)
+    assert not base.trainable_weights
+    assert {w.path.split("/")[0] for w in model.trainable_weights} == {"head_bn", "predictions"}
+
+
+def test_phase2_unfreezes_exactly_the_requested_blocks(model):
+    base = models.get_base(model)
+    blocks = models.block_names(base)
+    assert len(blocks) == 16 and blocks[:3] == ["1a", "2a", "2b"] and blocks[-1] == "7a"
+    unfrozen = models.unfreeze_top_blocks(model, 3)
+    assert unfrozen == ["6c", "6d", "7a"]
+    trainable = _trainable_layer_names(base)
+    assert "top_conv" in trainable
+    assert {"block6c_expand_conv", "block6d_dwconv", "block7a_project_conv"} <= trainable
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            assert not layer.trainable, layer.name
+        block = layer.name.split("_")[0]
+        below = layer.name.startswith("stem") or (
+            block.startswith("block") and block[len("block") :] not in unfrozen
+        )
+        if below:
+            assert not layer.trainable, layer.name
+    # Every weighted non-BN layer of the unfrozen blocks is trainable.
+    for layer in base.layers:
+        in_region = layer.name.startswith("top_") or layer.name[5:7] in unfrozen
+        if in_region and layer.weights and not isinstance(layer, keras.layers.BatchNormalization):
+            assert layer.trainable, layer.name
+
+
+def test_phase2_can_let_batch_norm_train_for_a_base_from_scratch(model):
+    models.unfreeze_top_blocks(model, 1, freeze_batch_norm=False)
+    base = models.get_base(model)
+    assert base.get_layer("block7a_bn").trainable
+    assert not base.get_layer("block6d_bn").trainable
+
+
+def test_unfreezing_more_blocks_than_the_base_has_is_refused(model):
+    with pytest.raises(UsageError, match="more than the 16 blocks"):
+        models.unfreeze_top_blocks(model, 17)
+
+
+def test_calibration_sets_batch_norm_statistics_and_restores_state(model):
+    base = models.get_base(model)
+    stem_bn = base.get_layer("stem_bn")
+    before = np.asarray(stem_bn.moving_variance).copy()
+    images = np.random.default_rng(0).integers(0, 255, (64, 16, 16, 3), dtype=np.uint8)
+    models.calibrate_batch_norm(model, images)
+    assert not np.allclose(np.asarray(stem_bn.moving_variance), before)
+    assert stem_bn.momentum == pytest.approx(0.99)
+    assert not base.trainable
+    # The top features are now well scaled instead of ~1e-6.
+    features = base(model.get_layer("resize")(images), training=False)
+    assert float(np.abs(np.asarray(features)).mean()) > 1e-2
