@@ -23,11 +23,11 @@ test: venv
 	$(PY) -m pytest -q tests
 
 lint: venv
-	$(VENV)/bin/ruff check effpipe tests benchmarks
-	$(VENV)/bin/ruff format --check effpipe tests benchmarks
+	$(VENV)/bin/ruff check effpipe tests
+	$(VENV)/bin/ruff format --check effpipe tests
 
 format: venv
-	$(VENV)/bin/ruff format effpipe tests benchmarks
+	$(VENV)/bin/ruff format effpipe tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

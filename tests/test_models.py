@@ -150,15 +150,29 @@ def test_unfreezing_more_blocks_than_the_base_has_is_refused(model):
         models.unfreeze_top_blocks(model, 17)
 
 
-def test_calibration_sets_batch_norm_statistics_and_restores_state(model):
+def test_calibration_averages_batch_statistics_and_restores_state(model):
     base = models.get_base(model)
     stem_bn = base.get_layer("stem_bn")
     before = np.asarray(stem_bn.moving_variance).copy()
     images = np.random.default_rng(0).integers(0, 255, (64, 16, 16, 3), dtype=np.uint8)
-    models.calibrate_batch_norm(model, images)
+    models.calibrate_batch_norm(model, images, batch_size=32)
     assert not np.allclose(np.asarray(stem_bn.moving_variance), before)
+    # Two equal batches: the moving mean is the mean of the stem conv's outputs.
+    stem = keras.Model(base.input, base.get_layer("stem_conv").output)
+    expected_mean = np.asarray(stem(model.get_layer("resize")(images))).mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(np.asarray(stem_bn.moving_mean), expected_mean, atol=1e-4)
     assert stem_bn.momentum == pytest.approx(0.99)
     assert not base.trainable
     # The top features are now well scaled instead of ~1e-6.
     features = base(model.get_layer("resize")(images), training=False)
     assert float(np.abs(np.asarray(features)).mean()) > 1e-2
+
+
+def test_calibration_keeps_the_phase2_trainable_flags(model):
+    models.unfreeze_top_blocks(model, 2, freeze_batch_norm=False)
+    base = models.get_base(model)
+    before = {layer.name: layer.trainable for layer in base.layers}
+    images = np.zeros((8, 16, 16, 3), np.uint8)
+    models.calibrate_batch_norm(model, images, batch_size=4)
+    assert {layer.name: layer.trainable for layer in base.layers} == before
+    assert base.trainable

@@ -1,0 +1,178 @@
+"""The shared absl flags, grouped by section, and their conversion to a TrainConfig.
+
+Binaries import this module, call `flags.adopt_module_key_flags(cli_flags)` so
+`--helpshort` lists these flags, and build the config with `config_from_flags()`.
+This module imports neither TensorFlow nor Keras: a bad flag fails in a second.
+"""
+
+import datetime
+import sys
+
+from absl import flags
+
+from effpipe import config as config_lib
+from effpipe import variants
+
+_DEFAULTS = config_lib.TrainConfig()
+
+# --- Data. ---
+flags.DEFINE_string(
+    "dataset",
+    _DEFAULTS.dataset,
+    "Data source: cifar100 (tensorflow-datasets), shapes (synthetic, offline) or "
+    "folder:PATH (PATH/train/<class>/*.png|jpg|jpeg and optional PATH/test/<class>/).",
+)
+flags.DEFINE_string(
+    "data_dir",
+    _DEFAULTS.data_dir,
+    "tensorflow-datasets data directory for cifar100 (default ~/tensorflow_datasets).",
+)
+flags.DEFINE_integer(
+    "source_size",
+    _DEFAULTS.source_size,
+    "Side in pixels that folder and shapes images are stored at on the host.",
+)
+flags.DEFINE_float(
+    "validation_fraction",
+    _DEFAULTS.validation_fraction,
+    "Share of the train split held out for validation, in (0, 1).",
+)
+flags.DEFINE_enum(
+    "validation_selection",
+    _DEFAULTS.validation_selection,
+    config_lib.VALIDATION_SELECTIONS,
+    "random: a seeded random subset; last: the last examples in stored order (Keras "
+    "validation_split, as the original notebook did).",
+)
+flags.DEFINE_integer(
+    "shapes_num_classes",
+    _DEFAULTS.shapes_num_classes,
+    "Kinds of shape in --dataset=shapes (2..10).",
+)
+flags.DEFINE_integer(
+    "shapes_train_examples",
+    _DEFAULTS.shapes_train_examples,
+    "Train examples generated for --dataset=shapes (validation is split off them).",
+)
+flags.DEFINE_integer(
+    "shapes_test_examples",
+    _DEFAULTS.shapes_test_examples,
+    "Test examples generated for --dataset=shapes.",
+)
+
+# --- Model. ---
+flags.DEFINE_enum("variant", _DEFAULTS.variant, list(variants.VARIANTS), "EfficientNet variant.")
+flags.DEFINE_integer(
+    "image_size",
+    _DEFAULTS.image_size,
+    "Model resolution in pixels; 0 means the variant's native size (456 for b5).",
+)
+flags.DEFINE_string(
+    "weights",
+    _DEFAULTS.weights,
+    "imagenet (Keras download), none (random initialisation) or the PATH of a Keras "
+    "weights file of the variant's no-top base.",
+)
+flags.DEFINE_enum(
+    "head",
+    _DEFAULTS.head,
+    config_lib.HEADS,
+    "pooled: GAP -> BN -> Dropout -> Dense; seed: BN -> Dropout -> GAP -> Dense "
+    "(the original notebook's order).",
+)
+flags.DEFINE_float("dropout", _DEFAULTS.dropout, "Dropout rate of the head.")
+
+# --- Training recipe. ---
+flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Global batch size, in images.")
+flags.DEFINE_integer("phase1_epochs", _DEFAULTS.phase1_epochs, "Epochs with the base frozen.")
+flags.DEFINE_float(
+    "phase1_learning_rate", _DEFAULTS.phase1_learning_rate, "Adam learning rate of phase 1."
+)
+flags.DEFINE_integer(
+    "phase2_epochs", _DEFAULTS.phase2_epochs, "Epochs with the top blocks unfrozen."
+)
+flags.DEFINE_float(
+    "phase2_learning_rate", _DEFAULTS.phase2_learning_rate, "Adam learning rate of phase 2."
+)
+flags.DEFINE_integer(
+    "unfreeze_blocks",
+    _DEFAULTS.unfreeze_blocks,
+    "Blocks of the base unfrozen in phase 2, counted from the top (b0 has 16, b5 39), "
+    "plus the top conv; BatchNormalization layers always stay frozen.",
+)
+
+# --- Performance and reproducibility. ---
+flags.DEFINE_bool(
+    "mixed_precision",
+    _DEFAULTS.mixed_precision,
+    "Mixed precision: float16 compute with loss scaling on GPU, bfloat16 on CPU/TPU.",
+)
+flags.DEFINE_enum(
+    "xla",
+    _DEFAULTS.xla,
+    config_lib.XLA_MODES,
+    "Compile the train step with XLA; auto: on for GPU/TPU, off on CPU.",
+)
+flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seeds data order, splits and initialisation.")
+flags.DEFINE_bool(
+    "deterministic",
+    _DEFAULTS.deterministic,
+    "Deterministic ops and data order: repeatable runs, somewhat slower.",
+)
+flags.DEFINE_integer(
+    "data_threads",
+    _DEFAULTS.data_threads,
+    "Private thread pool size of the input pipeline; 0 uses TensorFlow's shared pool.",
+)
+flags.DEFINE_bool("autotune", _DEFAULTS.autotune, "Let tf.data tune parallelism and buffers.")
+
+FLAGS = flags.FLAGS
+
+
+def config_from_flags() -> config_lib.TrainConfig:
+    """Builds the validated TrainConfig from the parsed flags.
+
+    Raises:
+      UsageError: a flag value that the config refuses.
+    """
+    values = {
+        field.name: FLAGS[field.name].value
+        for field in config_lib.dataclasses.fields(config_lib.TrainConfig)
+    }
+    return config_lib.TrainConfig(**values)
+
+
+def flagfile_text(program: str, extra_flag_names: tuple[str, ...] = ()) -> str:
+    """The resolved flags of this module (and `extra_flag_names`) as a flagfile.
+
+    Every flag is written, defaults included, so the file reproduces the run even
+    if a default changes later.
+    """
+    header = [
+        f"# Resolved flags of a `python -m {program}` run, written "
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}.",
+        f"# Reproduce it: python -m {program} --flagfile=THIS_FILE",
+    ]
+    names = [flag.name for flag in FLAGS.get_flags_for_module(sys.modules[__name__])]
+    lines = [FLAGS[name].serialize() for name in [*names, *extra_flag_names]]
+    return "\n".join(header + [line for line in lines if line]) + "\n"
+
+
+def exit_with_usage_error(program: str, error: Exception) -> None:
+    """Prints `program: error: MESSAGE` as one line on stderr and exits with status 2."""
+    # absl prefixes some of its messages with "ERROR:: "; the line says error once.
+    message = " ".join(str(error).split()).removeprefix("ERROR:: ")
+    print(f"{program}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def make_flags_parser(program: str):
+    """An absl `flags_parser` for `app.run`: a bad flag is one line and exit status 2."""
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return FLAGS(argv)
+        except flags.Error as error:
+            exit_with_usage_error(program, error)
+
+    return parse

@@ -1,0 +1,50 @@
+"""Writing run outputs atomically: a temporary name in the same folder, then a rename.
+
+A crash or a kill mid-write leaves the previous file or none, never half of one.
+"""
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+
+
+def write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """Calls `write(temporary_path)`, then renames the result to `path`.
+
+    Args:
+      path: the final file path; its folder is created when missing.
+      write: writes the whole file at the path it is given.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = "." + os.path.basename(path)  # Keeps extensions that writers check.
+    handle, temporary_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    os.close(handle)
+    try:
+        write(temporary_path)
+        os.replace(temporary_path, path)
+    except BaseException:
+        if os.path.exists(temporary_path):
+            os.remove(temporary_path)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes a text file atomically."""
+
+    def write(temporary_path):
+        with open(temporary_path, "w", encoding="utf-8") as file:
+            file.write(text)
+
+    write_atomically(path, write)
+
+
+def write_json(path: str, value) -> None:
+    """Writes `value` as indented JSON, atomically."""
+    write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)

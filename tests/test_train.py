@@ -1,0 +1,178 @@
+"""The training binary: flagfiles, bad input, the smoke run and the demo end to end."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+from effpipe import cli_flags
+from effpipe import train as train_binary  # noqa: F401  (defines --workdir)
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+FLAGFILES = sorted((REPO_ROOT / "flags").glob("*.flags"))
+
+
+def run_train(*args, timeout_sec=900):
+    """Runs `python -m effpipe.train ARGS` from the repo root."""
+    return subprocess.run(
+        [sys.executable, "-m", "effpipe.train", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_sec,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+
+
+@pytest.mark.parametrize("flagfile", FLAGFILES, ids=lambda path: path.name)
+def test_every_flagfile_parses_into_a_valid_config(flagfile, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    with flagsaver.flagsaver():
+        flags.FLAGS(["effpipe.train", f"--flagfile=flags/{flagfile.name}", "--workdir=unused"])
+        config = cli_flags.config_from_flags()
+    assert config.batch_size >= 1
+
+
+def test_flagfiles_say_what_they_are_for():
+    for flagfile in FLAGFILES:
+        first_line = flagfile.read_text().splitlines()[0]
+        assert first_line.startswith("# "), flagfile.name
+
+
+def test_seed_flagfile_is_the_notebook_recipe(monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    with flagsaver.flagsaver():
+        flags.FLAGS(["effpipe.train", "--flagfile=flags/seed_b5_rtx3070.flags", "--workdir=x"])
+        config = cli_flags.config_from_flags()
+    assert (config.variant, config.resolved_image_size, config.head) == ("b5", 456, "seed")
+    assert (config.validation_fraction, config.validation_selection) == (0.3, "last")
+    assert (config.phase1_epochs, config.phase1_learning_rate) == (10, 1e-4)
+    assert (config.phase2_epochs, config.phase2_learning_rate) == (10, 1e-5)
+    assert (config.batch_size, config.mixed_precision, config.xla) == (32, False, "off")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--variant=b9"], "--variant"),
+        (["--batch_size=0"], "--batch_size=0"),
+        (["--phase1_epochs=-2"], "--phase1_epochs=-2"),
+        (["--image_size=8"], "--image_size=8"),
+        (["--dataset=imagenet"], "unknown dataset"),
+        (["--flagfile=flags/does_not_exist.flags"], "does_not_exist.flags"),
+        (["--batch_size=many"], "--batch_size"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(args, fragment, tmp_path):
+    result = run_train(*args, f"--workdir={tmp_path / 'run'}", timeout_sec=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("effpipe.train: error: ") and fragment in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_input_found_while_training_exits_2_with_one_line(tmp_path):
+    result = run_train(
+        "--flagfile=flags/smoke.flags",
+        f"--weights={tmp_path / 'missing.weights.h5'}",
+        f"--workdir={tmp_path / 'run'}",
+        timeout_sec=300,
+    )
+    assert result.returncode == 2, result.stderr
+    # TensorFlow's own start-up log lines may precede it; effpipe prints one line.
+    error_lines = [
+        line for line in result.stderr.splitlines() if line.startswith("effpipe.train: error:")
+    ]
+    assert len(error_lines) == 1 and "missing.weights.h5 does not exist" in error_lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def _check_run_outputs(workdir, phase_epochs):
+    for name in ("flags.txt", "history.json", "metrics.json", "history.png"):
+        assert (workdir / name).is_file(), name
+    assert (workdir / "checkpoints" / "best.weights.h5").is_file()
+    history = json.loads((workdir / "history.json").read_text())
+    assert [len(history["phase1"]), len(history["phase2"])] == list(phase_epochs)
+    expected_keys = {
+        "epoch", "loss", "accuracy", "top5", "val_loss", "val_accuracy", "val_top5",
+        "seconds", "images_per_sec", "ms_per_step", "steps",
+    }  # fmt: skip
+    for record in history["phase1"] + history["phase2"]:
+        assert expected_keys <= set(record)
+        assert record["seconds"] > 0 and record["images_per_sec"] > 0
+        assert 0.0 <= record["val_accuracy"] <= 1.0 and math.isfinite(record["loss"])
+    epochs = [record["epoch"] for record in history["phase1"] + history["phase2"]]
+    assert epochs == list(range(1, sum(phase_epochs) + 1))
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
+    assert math.isfinite(metrics["loss"]) and metrics["train_images_per_sec"] > 0
+    assert metrics["evaluated_on"] == "test"
+    return history, metrics
+
+
+def _check_png(path, min_size=(400, 200)):
+    import numpy as np
+    import tensorflow as tf
+
+    image = tf.io.decode_png(tf.io.read_file(str(path))).numpy()
+    assert image.shape[1] >= min_size[0] and image.shape[0] >= min_size[1]
+    assert np.asarray(image).std() > 5, "the plot is blank"
+
+
+def test_smoke_run_writes_every_output(tmp_path):
+    workdir = tmp_path / "smoke"
+    result = run_train("--flagfile=flags/smoke.flags", f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, metrics = _check_run_outputs(workdir, (1, 1))
+    assert metrics["variant"] == "b0" and metrics["image_size"] == 64
+    assert metrics["precision"] == "float32" and metrics["xla"] is False
+    assert metrics["device"] == "CPU" and metrics["num_classes"] == 10
+    _check_png(workdir / "history.png")
+    assert "XLA off (--xla=auto on CPU" in result.stderr
+    # flags.txt is itself a flagfile that reproduces the run.
+    with flagsaver.flagsaver():
+        flags.FLAGS(["effpipe.train", f"--flagfile={workdir / 'flags.txt'}"])
+        reproduced = cli_flags.config_from_flags()
+        flags.FLAGS(["effpipe.train", "--flagfile=flags/smoke.flags", "--workdir=x"])
+        original = cli_flags.config_from_flags()
+        assert flags.FLAGS.workdir == "x"
+    assert reproduced == original
+
+
+def test_mixed_precision_resolves_to_bfloat16_on_cpu(tmp_path):
+    workdir = tmp_path / "mixed"
+    result = run_train(
+        "--flagfile=flags/smoke.flags",
+        "--mixed_precision",
+        "--phase2_epochs=0",
+        f"--workdir={workdir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["precision"] == "mixed_bfloat16"
+    history = json.loads((workdir / "history.json").read_text())
+    assert len(history["phase1"]) == 1 and history["phase2"] == []
+
+
+# The demo must learn, not merely run. Ten balanced classes put chance at 10%; its
+# 1,000 test images give a binomial standard deviation of about 1% around chance,
+# so 30% is about 20 standard deviations above it: a model that learned nothing
+# cannot reach it by luck.
+DEMO_MIN_TOP1 = 0.30
+
+
+def test_demo_learns_well_above_chance(tmp_path):
+    workdir = tmp_path / "demo"
+    result = run_train("--flagfile=flags/demo.flags", f"--workdir={workdir}", timeout_sec=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history, metrics = _check_run_outputs(workdir, (1, 7))
+    assert metrics["top1"] >= DEMO_MIN_TOP1, metrics
+    assert metrics["best_val_accuracy"] >= DEMO_MIN_TOP1, metrics
+    _check_png(workdir / "history.png")
