@@ -239,6 +239,21 @@ def block_names(base: keras.Model) -> list[str]:
     return names
 
 
+def check_unfreeze_blocks(model: keras.Model, num_blocks: int) -> list[str]:
+    """Returns the base's blocks; raises UsageError when `num_blocks` exceeds them.
+
+    The trainer calls it before phase 1, so a bad --unfreeze_blocks fails in
+    seconds, not after hours of phase 1.
+    """
+    blocks = block_names(get_base(model))
+    if not 0 <= num_blocks <= len(blocks):
+        raise UsageError(
+            f"--unfreeze_blocks={num_blocks} is more than the {len(blocks)} blocks of "
+            f"this base: use 0..{len(blocks)}"
+        )
+    return blocks
+
+
 def freeze_base(model: keras.Model) -> None:
     """Phase 1: the whole base frozen; frozen BatchNormalization runs in inference mode."""
     get_base(model).trainable = False
@@ -269,12 +284,7 @@ def unfreeze_top_blocks(
       UsageError: when num_blocks exceeds the base's block count.
     """
     base = get_base(model)
-    blocks = block_names(base)
-    if not 0 <= num_blocks <= len(blocks):
-        raise UsageError(
-            f"--unfreeze_blocks={num_blocks} is more than the {len(blocks)} blocks of "
-            f"this base: use 0..{len(blocks)}"
-        )
+    blocks = check_unfreeze_blocks(model, num_blocks)
     unfrozen = blocks[len(blocks) - num_blocks :]
     # Setting trainable on the nested model recurses into every layer; the loop
     # then freezes again what must stay frozen.

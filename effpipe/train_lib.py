@@ -120,6 +120,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             head=config.head,
             dropout=config.dropout,
         )
+        models.check_unfreeze_blocks(model, config.unfreeze_blocks)
         # A base trained from scratch gets BatchNormalization statistics computed
         # from training images, now and before every validation (models.py says why).
         calibration_callbacks = []

@@ -78,11 +78,19 @@ def test_bad_flags_exit_2_with_one_line(args, fragment, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_bad_input_found_while_training_exits_2_with_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "flag, fragment",
+    [
+        ("--weights={tmp}/missing.weights.h5", "missing.weights.h5 does not exist"),
+        ("--unfreeze_blocks=17", "--unfreeze_blocks=17 is more than the 16 blocks"),
+    ],
+)
+def test_bad_input_found_by_the_trainer_exits_2_before_training(flag, fragment, tmp_path):
+    workdir = tmp_path / "run"
     result = run_train(
         "--flagfile=flags/smoke.flags",
-        f"--weights={tmp_path / 'missing.weights.h5'}",
-        f"--workdir={tmp_path / 'run'}",
+        flag.format(tmp=tmp_path),
+        f"--workdir={workdir}",
         timeout_sec=300,
     )
     assert result.returncode == 2, result.stderr
@@ -90,8 +98,9 @@ def test_bad_input_found_while_training_exits_2_with_one_line(tmp_path):
     error_lines = [
         line for line in result.stderr.splitlines() if line.startswith("effpipe.train: error:")
     ]
-    assert len(error_lines) == 1 and "missing.weights.h5 does not exist" in error_lines[0]
+    assert len(error_lines) == 1 and fragment in error_lines[0]
     assert "Traceback" not in result.stderr
+    assert not (workdir / "history.json").exists()
 
 
 def _check_run_outputs(workdir, phase_epochs):
