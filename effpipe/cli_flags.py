@@ -5,6 +5,7 @@ Binaries import this module, call `flags.adopt_module_key_flags(cli_flags)` so
 This module imports neither TensorFlow nor Keras: a bad flag fails in a second.
 """
 
+import dataclasses
 import datetime
 import sys
 
@@ -136,8 +137,7 @@ def config_from_flags() -> config_lib.TrainConfig:
       UsageError: a flag value that the config refuses.
     """
     values = {
-        field.name: FLAGS[field.name].value
-        for field in config_lib.dataclasses.fields(config_lib.TrainConfig)
+        field.name: FLAGS[field.name].value for field in dataclasses.fields(config_lib.TrainConfig)
     }
     return config_lib.TrainConfig(**values)
 

@@ -193,8 +193,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
                 epochs=initial_epoch + epochs,
                 # The meter first: calibration work before validation is not training.
                 callbacks=[meter, *calibration_callbacks, checkpoint],
-                # A live progress bar on a terminal; one line per epoch in a log file.
-                verbose=1 if sys.stdout.isatty() else 2,
+                verbose=_keras_verbosity(),
                 # The dataset reshuffles itself every epoch.
                 shuffle=False,
             )
@@ -219,7 +218,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         results = model.evaluate(
             make_dataset(test_split, is_training=False),
             return_dict=True,
-            verbose=1 if sys.stdout.isatty() else 2,
+            verbose=_keras_verbosity(),
         )
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -272,6 +271,11 @@ def _compile(model: keras.Model, learning_rate: float, *, jit_compile: bool) -> 
         ],
         jit_compile=jit_compile,
     )
+
+
+def _keras_verbosity() -> int:
+    """A live progress bar on a terminal; one line per epoch in a log file."""
+    return 1 if sys.stdout.isatty() else 2
 
 
 def _count_trainable(model: keras.Model) -> int:

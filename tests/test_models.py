@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from effpipe import models, variants
 from effpipe.errors import UsageError
@@ -46,8 +47,10 @@ def test_model_takes_uint8_source_images_and_returns_probabilities(model):
 def test_resize_layer_equals_a_plain_bilinear_resize(model):
     images = np.random.default_rng(1).integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)
     resized = np.asarray(model.get_layer("resize")(images))
-    expected = keras.ops.image.resize(images.astype("float32"), (32, 32))
-    np.testing.assert_allclose(resized, np.asarray(expected), atol=1e-4)
+    # tf.image.resize is the reference: bilinear with half-pixel centres.
+    expected = tf.image.resize(images.astype("float32"), (32, 32), method="bilinear")
+    assert resized.dtype == np.float32
+    np.testing.assert_allclose(resized, expected.numpy(), atol=1e-4)
 
 
 def test_heads_are_in_their_documented_order():
