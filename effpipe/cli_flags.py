@@ -83,6 +83,43 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_float("dropout", _DEFAULTS.dropout, "Dropout rate of the head.")
 
+# --- Augmentation: on the device, fused with the resize (effpipe.augment). ---
+flags.DEFINE_bool(
+    "augment",
+    _DEFAULTS.augment,
+    "Random affine augmentation of training images, sampled straight at the model "
+    "resolution inside the compiled train step; evaluation is never augmented.",
+)
+flags.DEFINE_float(
+    "rotation_degrees", _DEFAULTS.rotation_degrees, "Rotation drawn from [-r, r] degrees."
+)
+flags.DEFINE_float(
+    "shift_fraction",
+    _DEFAULTS.shift_fraction,
+    "Shifts drawn from [-s, s] times the image height and width.",
+)
+flags.DEFINE_float(
+    "shear_degrees",
+    _DEFAULTS.shear_degrees,
+    "Shear angle drawn from [-s, s] degrees. The default is the original notebook's "
+    "shear_range=0.2, which ImageDataGenerator reads as degrees: a negligible shear "
+    "(0.2 radians would be 11.5).",
+)
+flags.DEFINE_float(
+    "zoom_fraction",
+    _DEFAULTS.zoom_fraction,
+    "Row and column zoom drawn independently from [1 - z, 1 + z].",
+)
+flags.DEFINE_bool(
+    "horizontal_flip", _DEFAULTS.horizontal_flip, "Mirror half of the training images."
+)
+flags.DEFINE_enum(
+    "fill_mode",
+    _DEFAULTS.fill_mode,
+    config_lib.FILL_MODES,
+    "Samples outside the source: nearest (repeat the edge), reflect or constant (0).",
+)
+
 # --- Training recipe. ---
 flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Global batch size, in images.")
 flags.DEFINE_integer("phase1_epochs", _DEFAULTS.phase1_epochs, "Epochs with the base frozen.")

@@ -14,6 +14,8 @@ HEADS = ("pooled", "seed")
 XLA_MODES = ("auto", "on", "off")
 VALIDATION_SELECTIONS = ("random", "last")
 DATASET_KINDS = ("cifar100", "shapes", "folder:PATH")
+# How the augmentation fills samples outside the source image (effpipe.augment).
+FILL_MODES = ("nearest", "reflect", "constant")
 
 # Larger inputs than this are almost surely a typo (B7's native size is 600 px).
 MAX_IMAGE_SIZE = 1024
@@ -42,6 +44,14 @@ class TrainConfig:
     weights: str = "imagenet"
     head: str = "pooled"
     dropout: float = 0.2
+    # Augmentation, on the device inside the train step (effpipe.augment).
+    augment: bool = True
+    rotation_degrees: float = 40.0
+    shift_fraction: float = 0.2
+    shear_degrees: float = 0.2
+    zoom_fraction: float = 0.2
+    horizontal_flip: bool = True
+    fill_mode: str = "nearest"
     # Training recipe.
     batch_size: int = 32
     phase1_epochs: int = 10
@@ -115,6 +125,27 @@ def _validate(config: TrainConfig) -> None:
         config.head in HEADS, f"unknown head {config.head!r}: choose one of {', '.join(HEADS)}"
     )
     _require(0.0 <= config.dropout < 1.0, f"--dropout={config.dropout} must be in [0, 1)")
+    _require(
+        0.0 <= config.rotation_degrees <= 180.0,
+        f"--rotation_degrees={config.rotation_degrees} must be in 0..180",
+    )
+    _require(
+        0.0 <= config.shift_fraction <= 1.0,
+        f"--shift_fraction={config.shift_fraction} must be in 0..1 (a share of the image side)",
+    )
+    _require(
+        0.0 <= config.shear_degrees < 90.0,
+        f"--shear_degrees={config.shear_degrees} must be in [0, 90) degrees",
+    )
+    _require(
+        0.0 <= config.zoom_fraction < 1.0,
+        f"--zoom_fraction={config.zoom_fraction} must be in [0, 1) (zoom is drawn from "
+        "1 - z to 1 + z)",
+    )
+    _require(
+        config.fill_mode in FILL_MODES,
+        f"unknown fill_mode {config.fill_mode!r}: choose one of {', '.join(FILL_MODES)}",
+    )
     _require(config.batch_size >= 1, f"--batch_size={config.batch_size} must be at least 1")
     for phase in (1, 2):
         epochs = getattr(config, f"phase{phase}_epochs")

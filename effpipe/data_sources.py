@@ -18,6 +18,7 @@ import socket
 import numpy as np
 
 from effpipe import cifar100_names
+from effpipe.config import TrainConfig
 from effpipe.errors import UsageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -77,6 +78,30 @@ class DataSource:
     def source_image_size(self) -> tuple[int, int]:
         """(height, width) in pixels of the images as stored on the host."""
         return tuple(self.train.images.shape[1:3])
+
+
+def load_configured_source(config: TrainConfig) -> DataSource:
+    """`load_source` with the data fields of a run's config (trainer and benchmarks).
+
+    Args:
+      config: the run configuration; its dataset, data_dir, source_size, seed and
+        shapes_* fields are used.
+
+    Returns:
+      The loaded DataSource.
+
+    Raises:
+      UsageError: see `load_source`.
+    """
+    return load_source(
+        config.dataset,
+        data_dir=config.data_dir,
+        source_size=config.source_size,
+        seed=config.seed,
+        shapes_num_classes=config.shapes_num_classes,
+        shapes_train_examples=config.shapes_train_examples,
+        shapes_test_examples=config.shapes_test_examples,
+    )
 
 
 def load_source(

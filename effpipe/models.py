@@ -1,7 +1,8 @@
 """The model: uint8 source images in, class probabilities out.
 
-    uint8 (S, S, 3) -> cast + resize to the model resolution -> EfficientNet base
-    -> head -> Dense softmax (float32)
+    uint8 (S, S, 3) -> augment + resize to the model resolution, in one bilinear
+    pass (identity when not training) -> EfficientNet base -> head
+    -> Dense softmax (float32)
 
 Heads:
   pooled  GAP -> BN -> Dropout -> Dense (keras-io's order; cheaper, and its pooled
@@ -18,38 +19,12 @@ import re
 
 import keras
 
-from effpipe import variants
+from effpipe import augment, variants
 from effpipe.errors import UsageError
 
 BASE_NAME = "base"
 
 _BLOCK_PATTERN = re.compile(r"^block(\d+[a-z])_")
-
-
-@keras.saving.register_keras_serializable(package="effpipe")
-class ResizeToModelResolution(keras.layers.Layer):
-    """Casts uint8 images to float32 and resizes them bilinearly to `image_size`.
-
-    It runs inside the model, so the uint8 batch crosses to the device small and
-    grows there. Computed in float32; the base casts to the policy's compute dtype.
-    """
-
-    def __init__(self, image_size: int, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.image_size = image_size
-
-    def call(self, images):
-        images = keras.ops.cast(images, "float32")
-        return keras.ops.image.resize(
-            images, (self.image_size, self.image_size), interpolation="bilinear"
-        )
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.image_size, self.image_size, input_shape[-1])
-
-    def get_config(self):
-        return {**super().get_config(), "image_size": self.image_size}
 
 
 def make_base(variant: str, image_size: int, weights: str) -> keras.Model:
@@ -109,12 +84,15 @@ def make_model(
     weights: str = "imagenet",
     head: str = "pooled",
     dropout: float = 0.2,
+    augment_config: augment.AugmentConfig | None = None,
+    seed: int = 0,
 ) -> keras.Model:
     """Builds the full classifier on uint8 images at source resolution.
 
     The global Keras dtype policy (set by the caller for mixed precision) applies
-    to every layer but the resize and the final Dense, which stay float32 so the
-    softmax and the loss are computed in float32.
+    to every layer but the final Dense, which stays float32 so the softmax and the
+    loss are computed in float32. The augment + resize layer, named "resize",
+    samples in float32 and hands the base the compute dtype.
 
     Args:
       variant: a key of `variants.VARIANTS`.
@@ -124,12 +102,17 @@ def make_model(
       weights: see `make_base`.
       head: "pooled" or "seed" (see the module docstring).
       dropout: dropout rate of the head.
+      augment_config: the random transform applied to training batches on the
+        device, or None for a plain resize in training too.
+      seed: keys the augmentation's random draws (with the step and replica).
 
     Returns:
       An uncompiled Keras model whose base is frozen.
     """
     inputs = keras.Input(shape=(*source_size, 3), dtype="uint8", name="image")
-    resized = ResizeToModelResolution(image_size, name="resize")(inputs)
+    resized = augment.AugmentResize(image_size, augment=augment_config, seed=seed, name="resize")(
+        inputs
+    )
     base = make_base(variant, image_size, weights)
     base.trainable = False
     if weights == "none":

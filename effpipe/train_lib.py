@@ -22,7 +22,16 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from effpipe import data_sources, input_pipeline, models, plots, run_files, runtime, timing
+from effpipe import (
+    augment,
+    data_sources,
+    input_pipeline,
+    models,
+    plots,
+    run_files,
+    runtime,
+    timing,
+)
 from effpipe.config import TrainConfig
 from effpipe.errors import UsageError
 
@@ -56,15 +65,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         tf.config.experimental.enable_op_determinism()
 
     # --- Data: source arrays, validation split, tf.data pipelines. ---
-    source = data_sources.load_source(
-        config.dataset,
-        data_dir=config.data_dir,
-        source_size=config.source_size,
-        seed=config.seed,
-        shapes_num_classes=config.shapes_num_classes,
-        shapes_train_examples=config.shapes_train_examples,
-        shapes_test_examples=config.shapes_test_examples,
-    )
+    source = data_sources.load_configured_source(config)
     train_split, validation_split = data_sources.split_validation(
         source.train,
         config.validation_fraction,
@@ -90,9 +91,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         source.num_classes,
         *source.source_image_size,
     )
-    pipeline_options = input_pipeline.PipelineOptions(
-        deterministic=config.deterministic, autotune=config.autotune, threads=config.data_threads
-    )
+    pipeline_options = pipeline_options_of(config)
 
     def make_dataset(split, is_training):
         return input_pipeline.make_dataset(
@@ -119,6 +118,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             weights=config.weights,
             head=config.head,
             dropout=config.dropout,
+            augment_config=augment_config(config),
+            seed=config.seed,
         )
         models.check_unfreeze_blocks(model, config.unfreeze_blocks)
         # A base trained from scratch gets BatchNormalization statistics computed
@@ -136,11 +137,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
                 len(calibration_images),
             )
         logging.info(
-            "model %s at %d px, head %s, %d parameters",
+            "model %s at %d px, head %s, %d parameters; augmentation %s",
             config.variant,
             config.resolved_image_size,
             config.head,
             model.count_params(),
+            _describe_augmentation(config),
         )
 
         # --- Phases 1 and 2. ---
@@ -169,7 +171,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             if epochs == 0:
                 logging.info("phase %d: 0 epochs, skipped", phase)
                 continue
-            _compile(model, learning_rate, jit_compile=setup.xla)
+            compile_model(model, learning_rate, jit_compile=setup.xla)
             logging.info(
                 "phase %d: %d epochs at learning rate %g, %d trainable parameters",
                 phase,
@@ -214,7 +216,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
                 warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
                 model.load_weights(checkpoint_path)
         if model.optimizer is None:
-            _compile(model, config.phase1_learning_rate, jit_compile=setup.xla)
+            compile_model(model, config.phase1_learning_rate, jit_compile=setup.xla)
         results = model.evaluate(
             make_dataset(test_split, is_training=False),
             return_dict=True,
@@ -239,6 +241,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         "batch_size": config.batch_size,
         "precision": setup.precision,
         "xla": setup.xla,
+        "augment": config.augment,
         "device": setup.device,
         "dataset": source.name,
         "num_classes": source.num_classes,
@@ -256,7 +259,46 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     return metrics
 
 
-def _compile(model: keras.Model, learning_rate: float, *, jit_compile: bool) -> None:
+def pipeline_options_of(config: TrainConfig) -> input_pipeline.PipelineOptions:
+    """The input pipeline's knobs from the run's flags (trainer and benchmarks)."""
+    return input_pipeline.PipelineOptions(
+        deterministic=config.deterministic, autotune=config.autotune, threads=config.data_threads
+    )
+
+
+def augment_config(config: TrainConfig) -> augment.AugmentConfig | None:
+    """The random transform of training batches from the run's flags.
+
+    Args:
+      config: the run configuration.
+
+    Returns:
+      The AugmentConfig of its augmentation flags, or None with --noaugment.
+    """
+    if not config.augment:
+        return None
+    return augment.AugmentConfig(
+        rotation_degrees=config.rotation_degrees,
+        shift_fraction=config.shift_fraction,
+        shear_degrees=config.shear_degrees,
+        zoom_fraction=config.zoom_fraction,
+        horizontal_flip=config.horizontal_flip,
+        fill_mode=config.fill_mode,
+    )
+
+
+def _describe_augmentation(config: TrainConfig) -> str:
+    if not config.augment:
+        return "off"
+    return (
+        f"on the device: rotation +-{config.rotation_degrees:g} deg, shift "
+        f"+-{config.shift_fraction:g}, shear +-{config.shear_degrees:g} deg, zoom "
+        f"+-{config.zoom_fraction:g}, flip {'on' if config.horizontal_flip else 'off'}, "
+        f"fill {config.fill_mode}"
+    )
+
+
+def compile_model(model: keras.Model, learning_rate: float, *, jit_compile: bool) -> None:
     """Compiles for sparse integer labels; needed again after changing `trainable`.
 
     Under the mixed_float16 policy Keras wraps the optimizer in a LossScaleOptimizer.

@@ -1,5 +1,11 @@
 """The fused random affine + resize: conventions, ranges, XLA, fill modes, RNG keys."""
 
+import json
+import os
+import subprocess
+import sys
+
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -222,3 +228,122 @@ def test_matches_image_data_generator_then_resize_on_smooth_images():
     # sign) measured about 70 on average, so the mean bound is the sharp check.
     difference = np.abs(fused.numpy() - expected)
     assert difference.mean() < 1.5 and difference.max() < 32, (difference.mean(), difference.max())
+
+
+FULL = augment.AugmentConfig(
+    rotation_degrees=40, shift_fraction=0.2, shear_degrees=5, zoom_fraction=0.2,
+    horizontal_flip=True,
+)  # fmt: skip
+
+
+def test_layer_augments_only_in_training_and_advances_its_step():
+    layer = augment.AugmentResize(40, augment=FULL, seed=3)
+    images = _images(4, size=16)
+    resized = tf.image.resize(images.astype(np.float32), (40, 40)).numpy()
+    np.testing.assert_allclose(layer(images, training=False).numpy(), resized, atol=1e-4)
+    np.testing.assert_allclose(layer(images).numpy(), resized, atol=1e-4)
+    assert int(layer.step.numpy()) == 0
+    first = layer(images, training=True).numpy()
+    second = layer(images, training=True).numpy()
+    assert int(layer.step.numpy()) == 2
+    assert np.abs(first - resized).mean() > 5 and np.abs(second - first).mean() > 5
+
+
+def test_layer_draws_follow_the_seed_and_step():
+    images = _images(4, size=16)
+
+    def first_draw(seed):
+        return augment.AugmentResize(24, augment=FULL, seed=seed)(images, training=True).numpy()
+
+    np.testing.assert_array_equal(first_draw(5), first_draw(5))
+    assert not np.allclose(first_draw(5), first_draw(6))
+    expected = augment.affine_resize(
+        images, augment.sample_parameters(augment.make_key(5, 0, 0), 4, FULL), (24, 24)
+    )
+    # The layer samples under XLA; float error on the 0..255 scale measured 4e-4.
+    np.testing.assert_allclose(first_draw(5), expected.numpy(), atol=1e-2)
+
+
+def test_layer_without_augmentation_only_resizes_in_training():
+    layer = augment.AugmentResize(24, augment=None)
+    images = _images(2, size=16)
+    expected = tf.image.resize(images.astype(np.float32), (24, 24)).numpy()
+    np.testing.assert_allclose(layer(images, training=True).numpy(), expected, atol=1e-4)
+
+
+def test_layer_output_follows_the_mixed_precision_policy():
+    layer = augment.AugmentResize(24, augment=FULL, dtype="mixed_bfloat16")
+    assert layer(_images(1, size=16), training=True).dtype == tf.bfloat16
+
+
+def test_layer_config_round_trips():
+    layer = augment.AugmentResize(24, augment=FULL, seed=9, name="resize")
+    rebuilt = augment.AugmentResize.from_config(layer.get_config())
+    assert (rebuilt.image_size, rebuilt.augment, rebuilt.seed) == (24, FULL, 9)
+
+
+def test_a_keras_model_with_the_layer_trains_under_xla():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3), dtype="uint8")
+    x = augment.AugmentResize(24, augment=FULL, name="resize")(inputs)
+    x = keras.layers.Rescaling(1 / 255)(x)
+    x = keras.layers.Conv2D(4, 3)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    # Explicit jit_compile=True: the whole train step, augmentation included, is one
+    # XLA computation, or compile fails (a Keras RandomRotation here would).
+    model.compile("adam", "sparse_categorical_crossentropy", jit_compile=True)
+    images, labels = _images(8, size=16), np.arange(8) % 3
+    history = model.fit(images, labels, batch_size=4, epochs=2, verbose=0, shuffle=False)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert int(model.get_layer("resize").step.numpy()) == 4
+    model.evaluate(images, labels, batch_size=4, verbose=0)
+    assert int(model.get_layer("resize").step.numpy()) == 4
+
+
+_TWO_REPLICAS = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from effpipe import augment
+config = augment.AugmentConfig(rotation_degrees=40, shift_fraction=0.2, horizontal_flip=True)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    layer = augment.AugmentResize(24, augment=config, seed=3)
+images = tf.constant(np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), np.uint8))
+
+@tf.function
+def step():
+    return strategy.run(lambda: layer(images, training=True))
+
+replicas = [r.numpy() for r in strategy.experimental_local_results(step())]
+single = augment.AugmentResize(24, augment=config, seed=3)(images, training=True).numpy()
+print(json.dumps({
+    "replicas": len(replicas),
+    "replicas_differ": bool(np.abs(replicas[0] - replicas[1]).mean() > 5),
+    "first_replica_is_single_device_draw": bool(np.allclose(replicas[0], single, atol=1e-3)),
+    "step_after_one_call": int(layer.step.numpy()),
+}))
+"""
+
+
+def test_two_replicas_draw_different_transforms_for_the_same_step(repo_root):
+    # Logical devices must be set before TensorFlow starts: a fresh process.
+    result = subprocess.run(
+        [sys.executable, "-c", _TWO_REPLICAS],
+        cwd=repo_root,
+        env={**os.environ, "PYTHONPATH": str(repo_root), "TF_CPP_MIN_LOG_LEVEL": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome == {
+        "replicas": 2,
+        "replicas_differ": True,
+        "first_replica_is_single_device_draw": True,
+        "step_after_one_call": 1,
+    }

@@ -44,9 +44,9 @@ def test_model_takes_uint8_source_images_and_returns_probabilities(model):
     assert models.get_base(model).input_shape == (None, 32, 32, 3)
 
 
-def test_resize_layer_equals_a_plain_bilinear_resize(model):
+def test_resize_layer_outside_training_equals_a_plain_bilinear_resize(model):
     images = np.random.default_rng(1).integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)
-    resized = np.asarray(model.get_layer("resize")(images))
+    resized = np.asarray(model.get_layer("resize")(images, training=False))
     # tf.image.resize is the reference: bilinear with half-pixel centres.
     expected = tf.image.resize(images.astype("float32"), (32, 32), method="bilinear")
     assert resized.dtype == np.float32

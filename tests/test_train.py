@@ -55,6 +55,19 @@ def test_seed_flagfile_is_the_notebook_recipe(monkeypatch):
     assert (config.phase1_epochs, config.phase1_learning_rate) == (10, 1e-4)
     assert (config.phase2_epochs, config.phase2_learning_rate) == (10, 1e-5)
     assert (config.batch_size, config.mixed_precision, config.xla) == (32, False, "off")
+    # The notebook defined an augmentation but never applied it.
+    assert config.augment is False
+
+
+def test_production_flagfile_applies_the_notebooks_intended_augmentation(monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    with flagsaver.flagsaver():
+        flags.FLAGS(["effpipe.train", "--flagfile=flags/b5_rtx3070.flags", "--workdir=x"])
+        config = cli_flags.config_from_flags()
+    assert config.augment and config.horizontal_flip
+    assert (config.rotation_degrees, config.shift_fraction, config.zoom_fraction) == (40, 0.2, 0.2)
+    # ImageDataGenerator's shear_range=0.2 is in degrees.
+    assert (config.shear_degrees, config.fill_mode) == (0.2, "nearest")
 
 
 @pytest.mark.parametrize(
@@ -67,6 +80,9 @@ def test_seed_flagfile_is_the_notebook_recipe(monkeypatch):
         (["--dataset=imagenet"], "unknown dataset"),
         (["--flagfile=flags/does_not_exist.flags"], "does_not_exist.flags"),
         (["--batch_size=many"], "--batch_size"),
+        (["--zoom_fraction=1.5"], "--zoom_fraction=1.5"),
+        (["--shear_degrees=90"], "--shear_degrees=90"),
+        (["--fill_mode=wrap"], "--fill_mode"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, fragment, tmp_path):
