@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Reinstall when the package metadata changes.
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format clean
+.PHONY: venv demo test bench lint format clean
 
 venv: $(STAMP)
 
@@ -22,12 +22,18 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q tests
 
+# The microbenchmarks at their defaults (CPU-sized: b0 at 224 px); a few minutes.
+bench: venv
+	$(PY) -m benchmarks.input_throughput
+	$(PY) -m benchmarks.augment_throughput
+	$(PY) -m benchmarks.step_throughput
+
 lint: venv
-	$(VENV)/bin/ruff check effpipe tests
-	$(VENV)/bin/ruff format --check effpipe tests
+	$(VENV)/bin/ruff check effpipe benchmarks tests
+	$(VENV)/bin/ruff format --check effpipe benchmarks tests
 
 format: venv
-	$(VENV)/bin/ruff format effpipe tests
+	$(VENV)/bin/ruff format effpipe benchmarks tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""effpipe's microbenchmarks: `python -m benchmarks.<name>` from the repo root."""

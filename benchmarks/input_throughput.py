@@ -1,0 +1,174 @@
+"""Host input throughput: effpipe's tf.data chain, stage by stage, against the notebook's.
+
+    python -m benchmarks.input_throughput                        # shapes, batch 32
+    python -m benchmarks.input_throughput --dataset=cifar100     # any trainer source
+    python -m benchmarks.input_throughput --smoke                # a few seconds
+
+Both pipelines read the same uint8 train split, loaded as the trainer loads it
+(the trainer's data flags apply: --dataset, --data_dir, --source_size,
+--shapes_*), and deliver --batch_size batches to a consumer that does nothing else:
+
+  effpipe  the trainer's chain (input_pipeline.make_dataset, with the trainer's
+           --deterministic, --data_threads and --autotune): source -> cache ->
+           shuffle -> batch -> prefetch of uint8 images, and without cache; for a
+           breakdown, also source -> batch and source -> shuffle -> batch (no
+           cache, no prefetch, default options);
+  seed     the notebook's ImageDataGenerator(...).flow with its augmentation and
+           one-hot labels, on the host in Python (benchmarks.seed_replica).
+
+Timing: one warm-up pass, then --repeats interleaved repeats of --num_batches
+batches each, median. Prints a table; the last line is JSON with
+effpipe_images_per_sec (the trainer's chain), seed_images_per_sec and speedup.
+Target: effpipe at least 50x the seed pipeline.
+"""
+
+import dataclasses
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+from absl import flags  # noqa: E402
+
+from benchmarks import harness, seed_replica  # noqa: E402
+from effpipe import cli_flags, data_sources, input_pipeline, train_lib  # noqa: E402
+
+flags.adopt_module_key_flags(cli_flags)
+
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per pipeline; the median counts.")
+_NUM_BATCHES = flags.DEFINE_integer("num_batches", 200, "Batches consumed per timed repeat.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Seconds-long run on tiny data.")
+# Benchmarks run offline by default, on a CIFAR-sized share of shapes; any trainer
+# source works (--dataset=cifar100 --data_dir=...).
+flags.FLAGS.set_default("dataset", "shapes")
+flags.FLAGS.set_default("shapes_train_examples", 10000)
+
+TARGET_SPEEDUP = 50.0
+TRAINER_CHAIN = "effpipe: cache -> shuffle -> batch -> prefetch (the trainer's)"
+
+
+def effpipe_stages(
+    images, labels, batch_size: int, seed: int, options: input_pipeline.PipelineOptions
+) -> dict[str, tf.data.Dataset]:
+    """The trainer's chain with and without cache, and two shorter chains for scale."""
+    source = tf.data.Dataset.from_tensor_slices((images, labels))
+    shuffled = source.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+
+    def trainer_chain(cache):
+        return input_pipeline.make_dataset(
+            images,
+            labels,
+            batch_size=batch_size,
+            is_training=True,
+            seed=seed,
+            options=dataclasses.replace(options, cache=cache),
+        )
+
+    return {
+        "effpipe: source -> batch": source.batch(batch_size, drop_remainder=True),
+        "effpipe: source -> shuffle -> batch": shuffled.batch(batch_size, drop_remainder=True),
+        "effpipe: shuffle -> batch -> prefetch (no cache)": trainer_chain(cache=False),
+        TRAINER_CHAIN: trainer_chain(cache=True),
+    }
+
+
+def consume_tf_data(dataset: tf.data.Dataset, num_batches: int):
+    """One repeat: pulls `num_batches` batches inside a graph (no Python per batch)."""
+    iterator = iter(dataset.repeat())
+
+    @tf.function
+    def consume():
+        images_seen = tf.constant(0)
+        for _ in tf.range(num_batches):
+            images, _ = next(iterator)
+            images_seen += tf.shape(images)[0]
+        return images_seen
+
+    return consume
+
+
+def consume_generator(flow, num_batches: int):
+    """One repeat of the notebook's generator: Python, batch by batch, as fit drives it."""
+
+    def consume():
+        for _ in range(num_batches):
+            next(flow)
+
+    return consume
+
+
+def main(argv):
+    del argv
+    config = cli_flags.config_from_flags()
+    repeats, num_batches = _REPEATS.value, _NUM_BATCHES.value
+    harness.require_positive(repeats=repeats, num_batches=num_batches)
+    if _SMOKE.value:
+        config = _smoke_config(config)
+        repeats, num_batches = 2, 4
+    batch_size = config.batch_size
+    train = data_sources.load_configured_source(config).train
+    print(
+        f"input_throughput: {config.dataset}, {len(train)} train images "
+        f"{train.images.shape[1]}x{train.images.shape[2]} uint8, batch {batch_size}, "
+        f"median of {repeats} repeats x {num_batches} batches"
+    )
+
+    candidates = [
+        harness.Candidate(name, consume_tf_data(dataset, num_batches), batch_size * num_batches)
+        for name, dataset in effpipe_stages(
+            train.images,
+            train.labels,
+            batch_size,
+            config.seed,
+            train_lib.pipeline_options_of(config),
+        ).items()
+    ]
+    flow = seed_replica.make_image_generator().flow(
+        train.images,
+        seed_replica.one_hot(train.labels, int(train.labels.max()) + 1),
+        batch_size=batch_size,
+        seed=config.seed,
+    )
+    seed_name = "seed: ImageDataGenerator.flow (the notebook's augmentation)"
+    candidates.append(
+        harness.Candidate(seed_name, consume_generator(flow, num_batches), batch_size * num_batches)
+    )
+    timings = harness.time_interleaved(
+        candidates, warmup_steps=1, repeats=repeats, steps_per_repeat=1
+    )
+    seed_rate = timings[seed_name]["items_per_sec"]
+    harness.print_table(
+        ["pipeline", "images/s", "x seed"],
+        [[name, t["items_per_sec"], t["items_per_sec"] / seed_rate] for name, t in timings.items()],
+    )
+    effpipe_rate = timings[TRAINER_CHAIN]["items_per_sec"]
+    speedup = effpipe_rate / seed_rate
+    print(
+        f"target: effpipe >= {TARGET_SPEEDUP:g}x the seed pipeline: "
+        f"{'met' if speedup >= TARGET_SPEEDUP else 'MISSED'} ({speedup:,.1f}x)"
+    )
+    harness.print_json_line(
+        {
+            "benchmark": "input_throughput",
+            "dataset": config.dataset,
+            "train_images": len(train),
+            "batch_size": batch_size,
+            "repeats": repeats,
+            "num_batches": num_batches,
+            "effpipe_images_per_sec": effpipe_rate,
+            "seed_images_per_sec": seed_rate,
+            "speedup": speedup,
+            "target_speedup": TARGET_SPEEDUP,
+            "stages_images_per_sec": {name: t["items_per_sec"] for name, t in timings.items()},
+        }
+    )
+
+
+def _smoke_config(config):
+    return dataclasses.replace(
+        config, dataset="shapes", shapes_train_examples=200, shapes_test_examples=10, batch_size=8
+    )
+
+
+if __name__ == "__main__":
+    harness.run_main("benchmarks.input_throughput", main)

@@ -1,0 +1,374 @@
+"""Train-step throughput: effpipe's step against the notebook's, compute and input apart.
+
+    python -m benchmarks.step_throughput                      # b0, 224 px, batch 32, CPU
+    python -m benchmarks.step_throughput --phase=2
+    python -m benchmarks.step_throughput --variant=b5 --image_size=456 --batch_size=32 \\
+        --mixed_precision --xla=on                          # the GPU headline
+    python -m benchmarks.step_throughput --smoke              # a few seconds
+
+Times the real train step (Keras `fit`, the trainer's model and compile, phase 1:
+base frozen; phase 2: --unfreeze_blocks unfrozen) with the trainer's shared
+`ThroughputMeter`, in configurations compared like with like:
+
+  effpipe/noaug/synthetic   one fixed uint8 batch repeated: compute only
+  effpipe/noaug/pipeline    fed by the trainer's tf.data chain from --dataset
+  effpipe/aug/synthetic     as above, with the on-device augmentation
+  effpipe/aug/pipeline
+  seed/synthetic            the notebook's model on one fixed float32 batch
+  seed/numpy                the notebook as it ran: model.fit on numpy arrays
+  seed/generator            the notebook fed by its ImageDataGenerator (augmenting)
+
+speedup_vs_seed pairs effpipe/noaug/synthetic with seed/synthetic,
+effpipe/noaug/pipeline with seed/numpy and effpipe/aug/pipeline with
+seed/generator. The base gets random weights saved to a file and loaded as a
+pretrained base is (the same compute as ImageNet weights, no download). effpipe
+uses the trainer's precision and XLA flags; the replica always runs float32 without
+XLA, as the notebook did. Each repeat is one epoch of --steps_per_repeat steps per
+configuration, interleaved; the first repeat is warm-up; median of the rest.
+Prints a table and, last, one JSON line: one object per configuration with
+ms_per_step, images_per_sec, peak_memory_mb (GPU; null on CPU) and speedup_vs_seed.
+"""
+
+import dataclasses
+import functools
+import os
+import statistics
+import tempfile
+from collections.abc import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import flags  # noqa: E402
+
+from benchmarks import harness, seed_replica  # noqa: E402
+from effpipe import (  # noqa: E402
+    cli_flags,
+    data_sources,
+    input_pipeline,
+    models,
+    runtime,
+    timing,
+    train_lib,
+)
+
+flags.adopt_module_key_flags(cli_flags)
+_PHASE = flags.DEFINE_enum("phase", "1", ["1", "2"], "1: base frozen; 2: top blocks unfrozen.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (epochs) per configuration.")
+_STEPS_PER_REPEAT = flags.DEFINE_integer("steps_per_repeat", 10, "Train steps per repeat.")
+_SEED_BASELINE = flags.DEFINE_bool("seed_baseline", True, "Also time the notebook replica.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Seconds-long run: b0 at 32 px, batch 4.")
+# Benchmarks run offline by default; any trainer source works (--dataset=cifar100).
+flags.FLAGS.set_default("dataset", "shapes")
+
+# Like-with-like pairs for speedup_vs_seed.
+SEED_PAIRS = {
+    "effpipe/noaug/synthetic": "seed/synthetic",
+    "effpipe/noaug/pipeline": "seed/numpy",
+    "effpipe/aug/pipeline": "seed/generator",
+}
+# Targets of the benchmark (checked here, never in timed tests).
+GPU_PHASE1_TARGET_SPEEDUP = 5.0
+AUGMENT_MAX_SHARE = 0.15
+
+
+@dataclasses.dataclass
+class Configuration:
+    """One timed configuration: how one repeat feeds its group's model."""
+
+    name: str
+    fit_inputs: dict
+    records: list = dataclasses.field(default_factory=list)
+    peak_memory_mb: float | None = None
+
+
+@dataclasses.dataclass
+class Group:
+    """Configurations that share one model, and how to build that model."""
+
+    build_model: Callable[[], keras.Model]
+    configurations: list[Configuration]
+    model: keras.Model | None = None
+
+
+def effpipe_model(config, phase: int, weights_path: str, num_classes: int, source_size, setup):
+    """The trainer's model and compile for `phase` (config.augment says whether to augment)."""
+    model = models.make_model(
+        variant=config.variant,
+        image_size=config.resolved_image_size,
+        source_size=source_size,
+        num_classes=num_classes,
+        weights=weights_path,
+        head=config.head,
+        dropout=config.dropout,
+        augment_config=train_lib.augment_config(config),
+        seed=config.seed,
+    )
+    if phase == 2:
+        models.unfreeze_top_blocks(model, config.unfreeze_blocks)
+    learning_rate = config.phase1_learning_rate if phase == 1 else config.phase2_learning_rate
+    train_lib.compile_model(model, learning_rate, jit_compile=setup.xla)
+    return model
+
+
+def seed_model(config, phase: int, num_classes: int, source_size: int) -> keras.Model:
+    """The notebook replica for `phase`, float32 whatever effpipe's policy, as it ran."""
+    previous_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        model = seed_replica.make_model(
+            config.variant, config.resolved_image_size, num_classes, source_size
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    if phase == 2:
+        seed_replica.unfreeze(model)
+    return model
+
+
+def make_groups(config, phase, setup, train, num_classes, weights_path, steps) -> list[Group]:
+    """Every configuration, grouped by the model it trains."""
+    batch_size = config.batch_size
+    source_size = train.images.shape[1:3]
+    images, labels = train.images[:batch_size], train.labels[:batch_size].astype(np.int32)
+    synthetic = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    pipeline = input_pipeline.make_dataset(
+        train.images,
+        train.labels,
+        batch_size=batch_size,
+        is_training=True,
+        seed=config.seed,
+        options=train_lib.pipeline_options_of(config),
+    ).repeat()
+    groups = []
+    for augment in (False, True):
+        tag = "aug" if augment else "noaug"
+        variant_config = dataclasses.replace(config, augment=augment)
+        groups.append(
+            Group(
+                functools.partial(
+                    effpipe_model,
+                    variant_config,
+                    phase,
+                    weights_path,
+                    num_classes,
+                    source_size,
+                    setup,
+                ),  # fmt: skip
+                [
+                    Configuration(
+                        f"effpipe/{tag}/{feed}",
+                        {"x": dataset, "steps_per_epoch": steps, "shuffle": False},
+                    )
+                    for feed, dataset in (("synthetic", synthetic), ("pipeline", pipeline))
+                ],
+            )
+        )
+    if not _SEED_BASELINE.value:
+        return groups
+    one_hot = seed_replica.one_hot(train.labels, num_classes)
+    examples = steps * batch_size
+    float_batch = tf.data.Dataset.from_tensors(
+        (images.astype(np.float32), one_hot[:batch_size])
+    ).repeat()
+    flow = seed_replica.make_image_generator().flow(
+        train.images, one_hot, batch_size=batch_size, seed=config.seed
+    )
+    groups.append(
+        Group(
+            functools.partial(seed_model, config, phase, num_classes, source_size[0]),
+            [
+                Configuration(
+                    "seed/synthetic", {"x": float_batch, "steps_per_epoch": steps, "shuffle": False}
+                ),
+                # As the notebook ran: fit on numpy arrays (Keras shuffles them).
+                Configuration(
+                    "seed/numpy",
+                    {
+                        "x": train.images[:examples],
+                        "y": one_hot[:examples],
+                        "batch_size": batch_size,
+                    },
+                ),
+                Configuration("seed/generator", {"x": flow, "steps_per_epoch": steps}),
+            ],
+        )
+    )
+    return groups
+
+
+def run_repeat(model: keras.Model, configuration: Configuration, batch_size: int, gpu: bool):
+    """One epoch of `fit`, timed by the trainer's ThroughputMeter."""
+    meter = timing.ThroughputMeter(batch_size, log_every_epoch=False)
+    if gpu:
+        tf.config.experimental.reset_memory_stats("GPU:0")
+    model.fit(**configuration.fit_inputs, epochs=1, callbacks=[meter], verbose=0)
+    configuration.records.append(meter.records[-1])
+    if gpu:
+        peak_mb = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+        configuration.peak_memory_mb = max(configuration.peak_memory_mb or 0.0, peak_mb)
+
+
+def run_groups(groups: list[Group], repeats: int, batch_size: int, gpu: bool) -> None:
+    """Warm-up plus `repeats` epochs per configuration.
+
+    On a GPU each group runs alone and its model is freed before the next, so peak
+    memory is one model's and an 8 GB card never holds two B5s. On a CPU (no memory
+    figure) all groups are built first and their repeats interleaved, so the shared
+    cores' drift slows every configuration alike.
+    """
+    batches = [[group] for group in groups] if gpu else [groups]
+    for batch in batches:
+        for group in batch:
+            group.model = group.build_model()
+        for _ in range(1 + repeats):
+            for group in batch:
+                for configuration in group.configurations:
+                    run_repeat(group.model, configuration, batch_size, gpu)
+        for group in batch:
+            group.model = None
+        if gpu:
+            keras.backend.clear_session(free_memory=True)
+
+
+def main(argv):
+    del argv
+    config = cli_flags.config_from_flags()
+    phase, repeats, steps = int(_PHASE.value), _REPEATS.value, _STEPS_PER_REPEAT.value
+    harness.require_positive(repeats=repeats, steps_per_repeat=steps)
+    if _SMOKE.value:
+        config = dataclasses.replace(
+            config, variant="b0", image_size=32, batch_size=4, shapes_train_examples=40,
+            shapes_test_examples=4, unfreeze_blocks=2,
+        )  # fmt: skip
+        repeats, steps = 1, 3
+    setup = runtime.resolve_runtime(mixed_precision=config.mixed_precision, xla=config.xla)
+    gpu = setup.accelerator == "gpu"
+    keras.utils.set_random_seed(config.seed)
+    source = data_sources.load_configured_source(config)
+    print(
+        f"step_throughput on {setup.device}: {config.variant} at {config.resolved_image_size} "
+        f"px, batch {config.batch_size}, phase {phase} (effpipe unfreezes "
+        f"{config.unfreeze_blocks} blocks, the replica its last 51 layers); effpipe "
+        f"{setup.precision}, XLA {'on' if setup.xla else 'off'}; seed replica float32, no "
+        f"XLA; median of {repeats} repeats x {steps} steps after one warm-up repeat"
+    )
+
+    previous_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(setup.precision)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            # Random base weights loaded from a file take the pretrained-base path.
+            weights_path = os.path.join(scratch, "base.weights.h5")
+            models.make_base(config.variant, config.resolved_image_size, "none").save_weights(
+                weights_path
+            )
+            groups = make_groups(
+                config, phase, setup, source.train, source.num_classes, weights_path, steps
+            )
+            run_groups(groups, repeats, config.batch_size, gpu)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+    configurations = [c for group in groups for c in group.configurations]
+    report = summarize(configurations)
+    print_report(report, setup)
+    harness.print_json_line(
+        {
+            "benchmark": "step_throughput",
+            "device": setup.device,
+            "variant": config.variant,
+            "image_size": config.resolved_image_size,
+            "batch_size": config.batch_size,
+            "phase": phase,
+            "unfreeze_blocks": config.unfreeze_blocks,
+            "precision": setup.precision,
+            "xla": setup.xla,
+            "repeats": repeats,
+            "steps_per_repeat": steps,
+            "configurations": report,
+            "targets": targets(report, setup),
+        }
+    )
+
+
+def summarize(configurations: list[Configuration]) -> dict[str, dict]:
+    """Median figures per configuration (warm-up repeat dropped) and the seed ratios."""
+    report = {}
+    for configuration in configurations:
+        timed = configuration.records[1:]
+        ms_per_step = statistics.median(record["ms_per_step"] for record in timed)
+        report[configuration.name] = {
+            "ms_per_step": ms_per_step,
+            "images_per_sec": statistics.median(record["images_per_sec"] for record in timed),
+            "peak_memory_mb": configuration.peak_memory_mb,
+            "speedup_vs_seed": None,
+        }
+    for name, seed_name in SEED_PAIRS.items():
+        if seed_name in report:
+            report[name]["speedup_vs_seed"] = (
+                report[seed_name]["ms_per_step"] / report[name]["ms_per_step"]
+            )
+    for tag in ("effpipe/noaug", "effpipe/aug", "seed"):
+        compute = report.get(f"{tag}/synthetic")
+        for feed in ("pipeline", "numpy", "generator"):
+            fed = report.get(f"{tag}/{feed}")
+            if compute and fed:
+                # The share of a fed step not explained by compute: waiting for input.
+                fed["input_bound_fraction"] = max(
+                    0.0, 1.0 - compute["ms_per_step"] / fed["ms_per_step"]
+                )
+    return report
+
+
+def targets(report: dict, setup) -> dict:
+    """The issue's targets, evaluated on this run's figures."""
+    checks = {}
+    noaug, aug = report["effpipe/noaug/synthetic"], report["effpipe/aug/synthetic"]
+    augment_share = max(0.0, 1.0 - noaug["ms_per_step"] / aug["ms_per_step"])
+    checks["augment_share_of_step"] = {
+        "value": augment_share,
+        "limit": AUGMENT_MAX_SHARE,
+        "met": augment_share < AUGMENT_MAX_SHARE,
+    }
+    speedup = report["effpipe/noaug/pipeline"]["speedup_vs_seed"]
+    if speedup is not None:
+        needed = GPU_PHASE1_TARGET_SPEEDUP if setup.accelerator == "gpu" else 1.0
+        checks["noaug_speedup_vs_seed_as_run"] = {
+            "value": speedup,
+            "limit": needed,
+            "met": speedup >= needed,
+        }
+    return checks
+
+
+def _percent(fraction):
+    return None if fraction is None else 100.0 * fraction
+
+
+def print_report(report: dict, setup) -> None:
+    rows = [
+        [
+            name,
+            figures["ms_per_step"],
+            figures["images_per_sec"],
+            _percent(figures.get("input_bound_fraction")),
+            figures["peak_memory_mb"],
+            figures["speedup_vs_seed"],
+        ]
+        for name, figures in report.items()
+    ]
+    harness.print_table(
+        ["configuration", "ms/step", "images/s", "input-bound %", "peak MB", "x seed"], rows
+    )
+    for name, check in targets(report, setup).items():
+        print(
+            f"target {name}: {check['value']:.3f} against {check['limit']:g}: "
+            f"{'met' if check['met'] else 'MISSED'}"
+        )
+
+
+if __name__ == "__main__":
+    harness.run_main("benchmarks.step_throughput", main)

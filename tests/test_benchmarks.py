@@ -1,0 +1,98 @@
+"""Each benchmark runs end to end in its seconds-long smoke mode, so it cannot rot."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _run_benchmark(repo_root, module, *args):
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(repo_root), "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    return lines, json.loads(lines[-1])
+
+
+def test_augment_throughput_smoke(repo_root):
+    lines, report = _run_benchmark(repo_root, "benchmarks.augment_throughput", "--smoke")
+    assert any("fused" in line and "keras_chain" not in line for line in lines[:-1])
+    assert report["benchmark"] == "augment_throughput"
+    (size,) = report["sizes"].values()
+    assert size["fused_images_per_sec"] > 0 and size["keras_chain_images_per_sec"] > 0
+    assert size["speedup"] == size["fused_images_per_sec"] / size["keras_chain_images_per_sec"]
+    # The fused operation is built to compile under XLA; the trainer relies on it.
+    assert size["xla_compiles"]["fused"] is True
+    assert set(size["xla_compiles"]) == {"fused", "keras_chain", "resize_only"}
+    assert {
+        "fused/step_xla",
+        "fused/step_not_compiled",
+        "fused_uncompiled/step_not_compiled",
+    } <= set(size["images_per_sec"])
+
+
+def test_input_throughput_smoke(repo_root):
+    lines, report = _run_benchmark(repo_root, "benchmarks.input_throughput", "--smoke")
+    assert any(line.startswith("target: effpipe >=") for line in lines)
+    assert report["benchmark"] == "input_throughput"
+    for key in ("effpipe_images_per_sec", "seed_images_per_sec", "speedup"):
+        assert report[key] > 0, key
+    assert report["speedup"] == report["effpipe_images_per_sec"] / report["seed_images_per_sec"]
+    # Every stage of the chain and the seed pipeline were timed.
+    assert len(report["stages_images_per_sec"]) == 5
+    assert all(rate > 0 for rate in report["stages_images_per_sec"].values())
+
+
+def test_step_throughput_smoke(repo_root):
+    lines, report = _run_benchmark(repo_root, "benchmarks.step_throughput", "--smoke")
+    assert report["benchmark"] == "step_throughput"
+    configurations = report["configurations"]
+    assert set(configurations) == {
+        "effpipe/noaug/synthetic", "effpipe/noaug/pipeline", "effpipe/aug/synthetic",
+        "effpipe/aug/pipeline", "seed/synthetic", "seed/numpy", "seed/generator",
+    }  # fmt: skip
+    on_gpu = report["device"] != "CPU"
+    for name, figures in configurations.items():
+        assert figures["ms_per_step"] > 0 and figures["images_per_sec"] > 0, name
+        assert (figures["peak_memory_mb"] > 0) if on_gpu else figures["peak_memory_mb"] is None
+    for name in ("effpipe/noaug/synthetic", "effpipe/noaug/pipeline", "effpipe/aug/pipeline"):
+        assert configurations[name]["speedup_vs_seed"] > 0, name
+    # Every configuration fed by an input pipeline has its compute-only counterpart.
+    fed = {name for name, figures in configurations.items() if "input_bound_fraction" in figures}
+    assert fed == {
+        "effpipe/noaug/pipeline", "effpipe/aug/pipeline", "seed/numpy", "seed/generator",
+    }  # fmt: skip
+    assert set(report["targets"]) == {"augment_share_of_step", "noaug_speedup_vs_seed_as_run"}
+
+
+@pytest.mark.parametrize(
+    "module, flag",
+    [
+        ("benchmarks.step_throughput", "--variant=b9"),
+        ("benchmarks.step_throughput", "--repeats=0"),
+        ("benchmarks.input_throughput", "--num_batches=0"),
+        ("benchmarks.augment_throughput", "--sizes=224,big"),
+    ],
+)
+def test_bad_flag_of_a_benchmark_is_one_line_and_exit_2(repo_root, module, flag):
+    result = subprocess.run(
+        [sys.executable, "-m", module, flag],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(repo_root), "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"{module}: error:"), result.stderr[-2000:]
+    assert flag.split("=")[0] in last_line
+    assert "Traceback" not in result.stderr
