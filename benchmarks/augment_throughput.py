@@ -29,6 +29,7 @@ keras_chain_images_per_sec (each the faster of its modes that compile), speedup
 (their ratio) and xla_compiles per path.
 """
 
+import dataclasses
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -38,7 +39,7 @@ import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
-from effpipe import augment, cli_flags, runtime, variants  # noqa: E402
+from effpipe import augment, cli_flags, runtime, train_lib, variants  # noqa: E402
 from effpipe.config import MAX_IMAGE_SIZE  # noqa: E402
 from effpipe.errors import UsageError  # noqa: E402
 
@@ -122,14 +123,7 @@ def main(argv):
     if _SMOKE.value:
         sizes, batch_size, warmup_steps, repeats, steps_per_repeat = [48], 4, 1, 2, 2
     # The trainer's augmentation flags give the ranges (--augment itself is moot here).
-    augmentation = augment.AugmentConfig(
-        rotation_degrees=config.rotation_degrees,
-        shift_fraction=config.shift_fraction,
-        shear_degrees=config.shear_degrees,
-        zoom_fraction=config.zoom_fraction,
-        horizontal_flip=config.horizontal_flip,
-        fill_mode=config.fill_mode,
-    )
+    augmentation = train_lib.augment_config(dataclasses.replace(config, augment=True))
     setup = runtime.resolve_runtime(mixed_precision=config.mixed_precision, xla="auto")
     dtype = keras.DTypePolicy(setup.precision).compute_dtype
     print(

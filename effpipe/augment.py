@@ -336,8 +336,8 @@ class AugmentResize(keras.layers.Layer):
 
 # The layer always runs the sampling as one XLA computation, even in a step that is
 # not compiled (--xla=off, or CPU's default): unfused, its dozen [B, H, W, C]
-# elementwise passes and four gathers were 13x slower at 224 px on CPU
-# (benchmarks.augment_throughput). Inside an XLA-compiled step it is simply inlined.
+# elementwise passes and four gathers were 9-13x slower on CPU (fused_uncompiled in
+# benchmarks.augment_throughput). Inside an XLA-compiled step it is simply inlined.
 _compiled_affine_resize = tf.function(affine_resize, jit_compile=True)
 
 
