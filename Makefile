@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 # The offline demo: synthetic shapes, EfficientNet-B0 from scratch, both phases, on CPU.
 demo: venv
-	$(PY) -m effpipe.train --flagfile=flags/demo.flags --workdir=runs/demo
+	$(PY) -m effpipe.train --flagfile=flags/demo.flags --workdir=runs/demo --overwrite
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -10,7 +10,7 @@ Both pipelines read the same uint8 train split, loaded as the trainer loads it
 
   effpipe  the trainer's chain (input_pipeline.make_dataset, with the trainer's
            --deterministic, --data_threads and --autotune): source -> cache ->
-           shuffle -> batch -> prefetch of uint8 images, and without cache; for a
+           shuffle -> batch -> repeat -> prefetch of uint8 images, and without cache; for a
            breakdown, also source -> batch and source -> shuffle -> batch (no
            cache, no prefetch, default options);
   seed     the notebook's ImageDataGenerator(...).flow with its augmentation and
@@ -44,7 +44,7 @@ flags.FLAGS.set_default("dataset", "shapes")
 flags.FLAGS.set_default("shapes_train_examples", 10000)
 
 TARGET_SPEEDUP = 50.0
-TRAINER_CHAIN = "effpipe: cache -> shuffle -> batch -> prefetch (the trainer's)"
+TRAINER_CHAIN = "effpipe: cache -> shuffle -> batch -> repeat -> prefetch (the trainer's)"
 
 
 def effpipe_stages(
@@ -67,7 +67,7 @@ def effpipe_stages(
     return {
         "effpipe: source -> batch": source.batch(batch_size, drop_remainder=True),
         "effpipe: source -> shuffle -> batch": shuffled.batch(batch_size, drop_remainder=True),
-        "effpipe: shuffle -> batch -> prefetch (no cache)": trainer_chain(cache=False),
+        "effpipe: shuffle -> batch -> repeat -> prefetch (no cache)": trainer_chain(cache=False),
         TRAINER_CHAIN: trainer_chain(cache=True),
     }
 

@@ -284,10 +284,18 @@ class AugmentResize(keras.layers.Layer):
       image_size: side of the square output in pixels.
       augment: the ranges of the random transform, or None for no augmentation.
       seed: the run's seed, first part of every key.
+      compile_sampling: run the sampling as its own XLA computation (see
+        `_compiled_affine_resize`); False only where XLA cannot run, such as under
+        TensorFlow's numeric checks (--debug_numerics).
     """
 
     def __init__(
-        self, image_size: int, augment: AugmentConfig | dict | None = None, seed: int = 0, **kwargs
+        self,
+        image_size: int,
+        augment: AugmentConfig | dict | None = None,
+        seed: int = 0,
+        compile_sampling: bool = True,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         if isinstance(augment, dict):
@@ -295,6 +303,7 @@ class AugmentResize(keras.layers.Layer):
         self.image_size = image_size
         self.augment = augment
         self.seed = seed
+        self.compile_sampling = compile_sampling
         self.step = self.add_weight(
             shape=(),
             dtype="int64",
@@ -313,7 +322,8 @@ class AugmentResize(keras.layers.Layer):
             fill_mode = self.augment.fill_mode
         else:
             parameters, fill_mode = identity_parameters(batch_size), "nearest"
-        return _compiled_affine_resize(
+        resample = _compiled_affine_resize if self.compile_sampling else affine_resize
+        return resample(
             images,
             parameters,
             (self.image_size, self.image_size),
@@ -331,6 +341,7 @@ class AugmentResize(keras.layers.Layer):
             "image_size": self.image_size,
             "augment": augment,
             "seed": self.seed,
+            "compile_sampling": self.compile_sampling,
         }
 
 

@@ -33,6 +33,13 @@ flags.DEFINE_integer(
     _DEFAULTS.source_size,
     "Side in pixels that folder and shapes images are stored at on the host.",
 )
+flags.DEFINE_enum(
+    "on_bad_image",
+    _DEFAULTS.on_bad_image,
+    config_lib.BAD_IMAGE_POLICIES,
+    "A folder image that cannot be decoded: fail (stop, naming the file) or skip "
+    "(leave it out and log how many were skipped).",
+)
 flags.DEFINE_float(
     "validation_fraction",
     _DEFAULTS.validation_fraction,
@@ -163,6 +170,12 @@ flags.DEFINE_integer(
     "Private thread pool size of the input pipeline; 0 uses TensorFlow's shared pool.",
 )
 flags.DEFINE_bool("autotune", _DEFAULTS.autotune, "Let tf.data tune parallelism and buffers.")
+flags.DEFINE_bool(
+    "debug_numerics",
+    _DEFAULTS.debug_numerics,
+    "TensorFlow's numeric checks: stop at the first op that makes a NaN or infinity "
+    "and name it (much slower; for debugging a diverging run).",
+)
 
 FLAGS = flags.FLAGS
 

@@ -14,6 +14,7 @@ HEADS = ("pooled", "seed")
 XLA_MODES = ("auto", "on", "off")
 VALIDATION_SELECTIONS = ("random", "last")
 DATASET_KINDS = ("cifar100", "shapes", "folder:PATH")
+BAD_IMAGE_POLICIES = ("fail", "skip")
 # How the augmentation fills samples outside the source image (effpipe.augment).
 FILL_MODES = ("nearest", "reflect", "constant")
 
@@ -38,6 +39,7 @@ class TrainConfig:
     shapes_num_classes: int = 10
     shapes_train_examples: int = 3000
     shapes_test_examples: int = 600
+    on_bad_image: str = "fail"
     # Model.
     variant: str = "b0"
     image_size: int = 0
@@ -66,6 +68,7 @@ class TrainConfig:
     deterministic: bool = False
     data_threads: int = 0
     autotune: bool = True
+    debug_numerics: bool = False
 
     def __post_init__(self):
         _validate(self)
@@ -100,6 +103,10 @@ def _validate(config: TrainConfig) -> None:
     _require(
         8 <= config.source_size <= MAX_IMAGE_SIZE,
         f"--source_size={config.source_size} is out of range: use 8..{MAX_IMAGE_SIZE} pixels",
+    )
+    _require(
+        config.on_bad_image in BAD_IMAGE_POLICIES,
+        f"unknown on_bad_image {config.on_bad_image!r}: choose fail or skip",
     )
     _require(
         0.0 < config.validation_fraction < 1.0,

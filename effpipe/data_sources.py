@@ -16,6 +16,7 @@ import os
 import socket
 
 import numpy as np
+from absl import logging
 
 from effpipe import cifar100_names
 from effpipe.config import TrainConfig
@@ -101,6 +102,7 @@ def load_configured_source(config: TrainConfig) -> DataSource:
         shapes_num_classes=config.shapes_num_classes,
         shapes_train_examples=config.shapes_train_examples,
         shapes_test_examples=config.shapes_test_examples,
+        on_bad_image=config.on_bad_image,
     )
 
 
@@ -113,6 +115,7 @@ def load_source(
     shapes_num_classes: int = 10,
     shapes_train_examples: int = 3000,
     shapes_test_examples: int = 600,
+    on_bad_image: str = "fail",
 ) -> DataSource:
     """Loads the source named by a `--dataset` value.
 
@@ -124,6 +127,7 @@ def load_source(
       shapes_num_classes: number of shape kinds (2..10).
       shapes_train_examples: size of the generated train split.
       shapes_test_examples: size of the generated test split.
+      on_bad_image: "fail" or "skip" for folder images that cannot be decoded.
 
     Returns:
       The loaded DataSource.
@@ -142,7 +146,9 @@ def load_source(
             seed=seed,
         )
     if dataset.startswith("folder:"):
-        return load_folder(dataset[len("folder:") :], source_size=source_size)
+        return load_folder(
+            dataset[len("folder:") :], source_size=source_size, on_bad_image=on_bad_image
+        )
     raise UsageError(f"unknown dataset {dataset!r}: choose cifar100, shapes or folder:PATH")
 
 
@@ -241,11 +247,20 @@ def _host_reachable(host: str, port: int = 443, timeout_sec: float = 10.0) -> bo
 # --- folder:PATH ----------------------------------------------------------------
 
 
-def load_folder(path: str, *, source_size: int) -> DataSource:
+def load_folder(path: str, *, source_size: int, on_bad_image: str = "fail") -> DataSource:
     """Images from PATH/train/<class>/ and optional PATH/test/<class>/.
 
     Each image is decoded once on the host (grayscale, palette and RGBA images are
     converted to RGB) and resized to `source_size` x `source_size`.
+
+    Args:
+      path: the dataset folder.
+      source_size: side in pixels the images are stored at.
+      on_bad_image: "fail" stops at the first file that cannot be decoded, naming
+        it; "skip" leaves such files out and logs how many (and the first).
+
+    Raises:
+      UsageError: a missing or empty folder, an empty class, a bad image with "fail".
     """
     train_dir = os.path.join(path, "train")
     if not os.path.isdir(path):
@@ -264,16 +279,21 @@ def load_folder(path: str, *, source_size: int) -> DataSource:
     )
     if not class_names:
         raise UsageError(f"{train_dir} has no class folders: add PATH/train/<class>/ folders")
-    train = _load_folder_split(train_dir, class_names, source_size, is_train=True)
+    train = _load_folder_split(train_dir, class_names, source_size, on_bad_image, is_train=True)
     test_dir = os.path.join(path, "test")
     test = None
     if os.path.isdir(test_dir):
-        test = _load_folder_split(test_dir, class_names, source_size, is_train=False)
+        test = _load_folder_split(test_dir, class_names, source_size, on_bad_image, is_train=False)
     return DataSource(f"folder:{path}", train, test, class_names)
 
 
 def _load_folder_split(
-    directory: str, class_names: tuple[str, ...], source_size: int, *, is_train: bool
+    directory: str,
+    class_names: tuple[str, ...],
+    source_size: int,
+    on_bad_image: str,
+    *,
+    is_train: bool,
 ) -> Split:
     unknown = sorted(
         entry
@@ -298,8 +318,33 @@ def _load_folder_split(
         labels.extend([label] * len(files))
     if not paths:
         raise UsageError(f"{directory} holds no .png/.jpg/.jpeg images: add some or remove it")
-    images = np.stack([_decode_image(path, source_size) for path in _progress(paths)])
-    return Split(images, np.asarray(labels, dtype=np.int32))
+    images, kept_labels, skipped = [], [], []
+    for path, label in zip(_progress(paths), labels):
+        try:
+            images.append(_decode_image(path, source_size))
+            kept_labels.append(label)
+        except UsageError:
+            if on_bad_image != "skip":
+                raise
+            skipped.append(path)
+    if skipped:
+        logging.warning(
+            "skipped %d of %d images in %s that cannot be decoded (--on_bad_image=skip), first %s",
+            len(skipped),
+            len(paths),
+            directory,
+            skipped[0],
+        )
+    if not images:
+        raise UsageError(f"no image in {directory} can be decoded: replace the files")
+    if is_train:
+        emptied = sorted(set(range(len(class_names))) - set(kept_labels))
+        if emptied:
+            raise UsageError(
+                f"class folder {os.path.join(directory, class_names[emptied[0]])} has no "
+                "image that can be decoded: replace the files or remove the folder"
+            )
+    return Split(np.stack(images), np.asarray(kept_labels, dtype=np.int32))
 
 
 def _decode_image(path: str, source_size: int) -> np.ndarray:
@@ -308,7 +353,9 @@ def _decode_image(path: str, source_size: int) -> np.ndarray:
     try:
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
-        raise UsageError(f"cannot decode image {path}: delete or replace the file") from error
+        raise UsageError(
+            f"cannot decode image {path}: delete or replace the file, or pass --on_bad_image=skip"
+        ) from error
     # Antialiased resize: shrinking a large photo to 32 px must average, not alias.
     resized = tf.image.resize(image, (source_size, source_size), antialias=True)
     return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)

@@ -1,6 +1,6 @@
 """The host input pipeline: one linear tf.data chain from uint8 arrays to batches.
 
-    source -> cache -> shuffle (train) -> batch -> prefetch
+    source -> cache -> shuffle (train) -> batch -> repeat (train) -> prefetch
 
 Images stay uint8 at source resolution on the host (a 32x32x3 CIFAR image is 3 KB;
 the same image at 456 px float32 is 2.5 MB). Casting, augmentation and the resize to
@@ -46,8 +46,9 @@ def make_dataset(
       images: (N, H, W, 3) uint8 at source resolution.
       labels: (N,) integer class ids.
       batch_size: examples per batch (the global batch under a strategy).
-      is_training: shuffle every epoch and drop the last partial batch.
-      seed: seeds the shuffle order.
+      is_training: an endless stream of passes, each reshuffled and without its
+        last partial batch (the caller sets steps_per_epoch).
+      seed: seeds the shuffle orders.
       options: pipeline knobs that do not change the elements.
 
     Returns:
@@ -57,17 +58,23 @@ def make_dataset(
     if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 at source resolution, got {images.dtype}")
     dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
-    # Cache before shuffling so every epoch reshuffles the same cached elements;
-    # for in-memory arrays it is cheap, for file-backed sources it saves the decode.
+    # Cache before shuffling so every epoch shuffles the same cached elements; for
+    # in-memory arrays it is cheap, for file-backed sources it saves the decode.
     if options.cache:
         dataset = dataset.cache()
     if is_training:
         # A buffer as large as the split is a uniform shuffle: 32x32x3 uint8 images
-        # cost 3 KB each. reshuffle_each_iteration gives a new order every epoch.
+        # cost 3 KB each. Shuffle before repeat: every pass is a new order.
         dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
     # drop_remainder in training gives a static batch dimension, so a compiled
     # (XLA) step is built once and every step sees a full batch.
     dataset = dataset.batch(batch_size, drop_remainder=is_training)
+    if is_training:
+        # Endless: an epoch is fit's steps_per_epoch = len // batch_size steps. The
+        # pass orders come from this dataset object's own seed sequence, so a fresh
+        # dataset from the same seed always yields the same stream; a resumed run
+        # builds one and skips the epochs already trained.
+        dataset = dataset.repeat()
     # Prefetch last: the host prepares the next batch while the device computes.
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     return dataset.with_options(_tf_data_options(options))

@@ -86,6 +86,7 @@ def make_model(
     dropout: float = 0.2,
     augment_config: augment.AugmentConfig | None = None,
     seed: int = 0,
+    compile_augmentation: bool = True,
 ) -> keras.Model:
     """Builds the full classifier on uint8 images at source resolution.
 
@@ -105,14 +106,20 @@ def make_model(
       augment_config: the random transform applied to training batches on the
         device, or None for a plain resize in training too.
       seed: keys the augmentation's random draws (with the step and replica).
+      compile_augmentation: let the augment + resize layer compile its sampling
+        with XLA (False under --debug_numerics, whose checks XLA cannot run).
 
     Returns:
       An uncompiled Keras model whose base is frozen.
     """
     inputs = keras.Input(shape=(*source_size, 3), dtype="uint8", name="image")
-    resized = augment.AugmentResize(image_size, augment=augment_config, seed=seed, name="resize")(
-        inputs
-    )
+    resized = augment.AugmentResize(
+        image_size,
+        augment=augment_config,
+        seed=seed,
+        compile_sampling=compile_augmentation,
+        name="resize",
+    )(inputs)
     base = make_base(variant, image_size, weights)
     base.trainable = False
     if weights == "none":

@@ -4,11 +4,15 @@
     python -m effpipe.train --flagfile=flags/b5_rtx3070.flags --workdir=runs/b5
     python -m effpipe.train --flagfile=flags/demo.flags --workdir=runs/demo
 
-Writes flags.txt, history.json, metrics.json, history.png and the best checkpoint
-to --workdir. Bad input ends with one line on stderr and exit status 2.
+Writes config.json, flags.txt, history.json, metrics.json, history.png, the best
+checkpoint and the resume state to --workdir. Bad input ends with one line on
+stderr and exit status 2. SIGINT or SIGTERM stops after the current step with one
+line saying how to resume (exit status 130 or 143); rerunning the same command
+resumes from the last completed epoch, after any interruption, SIGKILL included.
 """
 
 import os
+import sys
 
 # TensorFlow's C++ start-up chatter (CPU features, oneDNN) would bury the log;
 # warnings and errors still show.
@@ -16,14 +20,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app, flags  # noqa: E402
 
-from effpipe import cli_flags, run_files  # noqa: E402
-from effpipe.errors import UsageError  # noqa: E402
+from effpipe import cli_flags, run_dir, run_files  # noqa: E402
+from effpipe.errors import TrainingInterrupted, UsageError  # noqa: E402
 
 PROGRAM = "effpipe.train"
 
 flags.adopt_module_key_flags(cli_flags)
-WORKDIR = flags.DEFINE_string("workdir", None, "Run directory for every output of the run.")
+WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Run directory for every output of the run. Rerunning with the same flags resumes "
+    "an interrupted run there; other flags are refused unless --overwrite.",
+)
 flags.mark_flag_as_required("workdir")
+OVERWRITE = flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Discard the outputs of a run with other flags in --workdir and start afresh.",
+)
 
 
 def main(argv):
@@ -34,6 +48,13 @@ def main(argv):
         )
     try:
         config = cli_flags.config_from_flags()
+        status = run_dir.prepare(WORKDIR.value, config, overwrite=OVERWRITE.value)
+        if status == run_dir.COMPLETE:
+            print(
+                f"{PROGRAM}: {WORKDIR.value} already holds this run, finished (metrics.json); "
+                "pass --overwrite to train it again"
+            )
+            return
         # Imported here so that a bad flag fails before TensorFlow loads.
         from effpipe import train_lib
 
@@ -44,6 +65,9 @@ def main(argv):
         train_lib.train_and_evaluate(config, workdir=WORKDIR.value)
     except UsageError as error:
         cli_flags.exit_with_usage_error(PROGRAM, error)
+    except TrainingInterrupted as interruption:
+        print(f"{PROGRAM}: {interruption}", file=sys.stderr)
+        sys.exit(128 + interruption.signal_number)
 
 
 if __name__ == "__main__":

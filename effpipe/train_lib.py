@@ -12,8 +12,12 @@ Outputs under the run directory (`workdir`):
   checkpoints/best.weights.h5  the best weights by validation accuracy
 """
 
+import contextlib
+import dataclasses
+import functools
 import math
 import os
+import re
 import statistics
 import sys
 import warnings
@@ -24,10 +28,12 @@ from absl import logging
 
 from effpipe import (
     augment,
+    checkpointing,
     data_sources,
     input_pipeline,
     models,
     plots,
+    resume,
     run_files,
     runtime,
     timing,
@@ -57,12 +63,22 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
 
     # --- Runtime: device, precision, XLA, seeds. ---
     setup = runtime.resolve_runtime(mixed_precision=config.mixed_precision, xla=config.xla)
+    if config.debug_numerics and setup.xla:
+        setup = dataclasses.replace(
+            setup,
+            xla=False,
+            reasons=(*setup.reasons, "XLA off: --debug_numerics instruments ops XLA cannot run"),
+        )
     logging.info("device: %s", setup.device)
     for reason in setup.reasons:
         logging.info("%s", reason)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
+    if config.debug_numerics:
+        # Raises at the first op whose output holds a NaN or infinity, naming it.
+        tf.debugging.enable_check_numerics()
+        logging.info("--debug_numerics: TensorFlow's numeric checks are on (slow)")
 
     # --- Data: source arrays, validation split, tf.data pipelines. ---
     source = data_sources.load_configured_source(config)
@@ -103,7 +119,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             options=pipeline_options,
         )
 
-    train_dataset = make_dataset(train_split, is_training=True)
+    # Training streams are endless (input_pipeline says why); an epoch is this many
+    # steps. Each fit gets a fresh stream from the seed, so epoch k's batches do not
+    # depend on what ran before in this process (a resumed run sees the same ones).
+    steps_per_epoch = len(train_split) // config.batch_size
     validation_dataset = make_dataset(validation_split, is_training=False)
 
     # --- Model, under the resolved precision policy. ---
@@ -120,6 +139,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             dropout=config.dropout,
             augment_config=augment_config(config),
             seed=config.seed,
+            compile_augmentation=not config.debug_numerics,
         )
         models.check_unfreeze_blocks(model, config.unfreeze_blocks)
         # A base trained from scratch gets BatchNormalization statistics computed
@@ -145,16 +165,25 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             _describe_augmentation(config),
         )
 
-        # --- Phases 1 and 2. ---
+        # --- Phases 1 and 2, resumed from the last completed epoch if any. ---
         checkpoint_path = os.path.join(workdir, BEST_CHECKPOINT)
         meter = timing.ThroughputMeter(config.batch_size)
-        history = {"phase1": [], "phase2": []}
+        state = resume.load_state(workdir)
+        if state is None:
+            history = {"phase1": [], "phase2": []}
+            best_validation_accuracy, checkpoint_written, epochs_done = None, False, 0
+        else:
+            history = state.history
+            best_validation_accuracy = state.best_val_accuracy
+            checkpoint_written, epochs_done = state.checkpoint_written, state.epochs_done
+        stop_on_signal = resume.StopOnSignal(workdir)
         phases = [
-            (1, config.phase1_epochs, config.phase1_learning_rate),
-            (2, config.phase2_epochs, config.phase2_learning_rate),
+            (1, 0, config.phase1_epochs, config.phase1_learning_rate),
+            (2, config.phase1_epochs, config.phase2_epochs, config.phase2_learning_rate),
         ]
-        best_validation_accuracy = None
-        for phase, epochs, learning_rate in phases:
+        for phase, first_epoch, epochs, learning_rate in phases:
+            if state is not None and state.phase > phase:
+                continue  # Finished before the interruption.
             if phase == 1:
                 models.freeze_base(model)
             else:
@@ -172,44 +201,71 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
                 logging.info("phase %d: 0 epochs, skipped", phase)
                 continue
             compile_model(model, learning_rate, jit_compile=setup.xla)
+            if state is not None and state.phase == phase:
+                resume.restore(model, workdir, state)
+            initial_epoch = max(first_epoch, epochs_done)
+            if initial_epoch >= first_epoch + epochs:
+                logging.info("phase %d: already done (%d epochs)", phase, epochs)
+                continue
             logging.info(
-                "phase %d: %d epochs at learning rate %g, %d trainable parameters",
+                "phase %d: epochs %d..%d at learning rate %g, %d trainable parameters",
                 phase,
-                epochs,
+                initial_epoch + 1,
+                first_epoch + epochs,
                 learning_rate,
                 _count_trainable(model),
             )
-            initial_epoch = len(history["phase1"])
-            checkpoint = keras.callbacks.ModelCheckpoint(
-                checkpoint_path,
-                monitor="val_accuracy",
-                mode="max",
-                save_best_only=True,
-                save_weights_only=True,
-                initial_value_threshold=best_validation_accuracy,
+            checkpoint = checkpointing.BestCheckpoint(
+                checkpoint_path, monitor="val_accuracy", best=best_validation_accuracy
             )
-            fit = model.fit(
-                train_dataset,
-                validation_data=validation_dataset,
-                initial_epoch=initial_epoch,
-                epochs=initial_epoch + epochs,
-                # The meter first: calibration work before validation is not training.
-                callbacks=[meter, *calibration_callbacks, checkpoint],
-                verbose=_keras_verbosity(),
-                # The dataset reshuffles itself every epoch.
-                shuffle=False,
+            saver = resume.EpochStateSaver(
+                workdir, phase, history, meter, checkpoint, checkpoint_written
             )
-            history[f"phase{phase}"] = _epoch_records(fit.history, meter.records[-epochs:])
-            phase_best = max(fit.history["val_accuracy"])
-            if best_validation_accuracy is None or phase_best > best_validation_accuracy:
-                best_validation_accuracy = phase_best
-        run_files.write_json(os.path.join(workdir, "history.json"), history)
-        plots.plot_history(history, os.path.join(workdir, "history.png"))
+            kept_so_far = functools.partial(
+                _kept_weights_by, checkpoint, checkpoint_path, already_written=checkpoint_written
+            )
+            with _device_errors_as_usage_errors(config, setup, kept_so_far):
+                model.fit(
+                    # The stream is endless and seeded: skipping the epochs already
+                    # trained gives a resumed run the batches an uninterrupted one sees.
+                    make_dataset(train_split, is_training=True).skip(
+                        initial_epoch * steps_per_epoch
+                    ),
+                    steps_per_epoch=steps_per_epoch,
+                    validation_data=validation_dataset,
+                    initial_epoch=initial_epoch,
+                    epochs=first_epoch + epochs,
+                    # The meter first: calibration work before validation is not
+                    # training. The checkpoint before the saver, which records its
+                    # best. TerminateOnNaN stops at the first non-finite loss.
+                    callbacks=[
+                        meter,
+                        *calibration_callbacks,
+                        checkpoint,
+                        saver,
+                        keras.callbacks.TerminateOnNaN(),
+                        stop_on_signal,
+                    ],
+                    verbose=_keras_verbosity(),
+                    shuffle=False,
+                )
+            best_validation_accuracy = checkpoint.best
+            checkpoint_written = checkpoint_written or checkpoint.saved
+            last_loss = history[f"phase{phase}"][-1]["loss"]
+            if not math.isfinite(last_loss):
+                _write_history(workdir, history)
+                raise UsageError(
+                    f"phase {phase}: the training loss became {last_loss} in epoch "
+                    f"{history[f'phase{phase}'][-1]['epoch']}; training stopped: lower "
+                    f"--phase{phase}_learning_rate (now {learning_rate:g}). "
+                    + _kept_weights(checkpoint_path, checkpoint_written, best_validation_accuracy)
+                )
+        _write_history(workdir, history)
 
         # --- Final evaluation of the best weights, the only use of the test split. ---
         # Only a checkpoint this run wrote counts: one left by an earlier run in the
         # same directory could belong to other flags.
-        if best_validation_accuracy is not None:
+        if checkpoint_written:
             with warnings.catch_warnings():
                 # The checkpoint may come from phase 1, whose optimizer had fewer
                 # variables; only the model weights matter for evaluation.
@@ -217,11 +273,13 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
                 model.load_weights(checkpoint_path)
         if model.optimizer is None:
             compile_model(model, config.phase1_learning_rate, jit_compile=setup.xla)
-        results = model.evaluate(
-            make_dataset(test_split, is_training=False),
-            return_dict=True,
-            verbose=_keras_verbosity(),
-        )
+        kept = _kept_weights(checkpoint_path, checkpoint_written, best_validation_accuracy)
+        with _device_errors_as_usage_errors(config, setup, lambda: kept):
+            results = model.evaluate(
+                make_dataset(test_split, is_training=False),
+                return_dict=True,
+                verbose=_keras_verbosity(),
+            )
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
@@ -257,6 +315,52 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         metrics["best_epoch"],
     )
     return metrics
+
+
+def _write_history(workdir: str, history: dict) -> None:
+    run_files.write_json(os.path.join(workdir, "history.json"), history)
+    plots.plot_history(history, os.path.join(workdir, "history.png"))
+
+
+def _kept_weights_by(checkpoint, checkpoint_path: str, *, already_written: bool) -> str:
+    """`_kept_weights` as a BestCheckpoint stands now, for an error mid-fit."""
+    return _kept_weights(checkpoint_path, already_written or checkpoint.saved, checkpoint.best)
+
+
+def _kept_weights(checkpoint_path: str, written: bool, best: float | None) -> str:
+    if not written:
+        return "No checkpoint was written (no finite epoch improved validation accuracy)."
+    return (
+        f"The best weights so far (validation accuracy {best:.4f}) are kept in {checkpoint_path}."
+    )
+
+
+@contextlib.contextmanager
+def _device_errors_as_usage_errors(config: TrainConfig, setup, describe_kept_weights):
+    """Turns running out of device memory, and a --debug_numerics finding, into one
+    line with the fix.
+
+    `describe_kept_weights()` says, at the time of the error, what checkpoint is kept.
+    """
+    try:
+        yield
+    except tf.errors.ResourceExhaustedError as error:
+        raise UsageError(
+            f"out of memory on {setup.device} at --batch_size={config.batch_size} "
+            f"({config.variant} at {config.resolved_image_size} px, {setup.precision}): "
+            "lower --batch_size, or pass --mixed_precision. " + describe_kept_weights()
+        ) from error
+    except tf.errors.InvalidArgumentError as error:
+        if not (config.debug_numerics and "Infinity or NaN" in str(error)):
+            raise
+        # The message names the checking node ("Detected at node X/CheckNumericsV2")
+        # before a long stack; the op is X.
+        node = re.search(r"Detected at node (\S+)", str(error))
+        where = node.group(1).removesuffix("/CheckNumericsV2") if node else "an op"
+        raise UsageError(
+            f"--debug_numerics: the first NaN or infinity came out of {where}: lower the "
+            "learning rate of that phase. " + describe_kept_weights()
+        ) from error
 
 
 def pipeline_options_of(config: TrainConfig) -> input_pipeline.PipelineOptions:
@@ -322,16 +426,6 @@ def _keras_verbosity() -> int:
 
 def _count_trainable(model: keras.Model) -> int:
     return int(sum(math.prod(weight.shape) for weight in model.trainable_weights))
-
-
-def _epoch_records(keras_history: dict, timing_records: list[dict]) -> list[dict]:
-    """Joins Keras' per-epoch metrics with the meter's timings, one dict per epoch."""
-    records = []
-    for index, timing_record in enumerate(timing_records):
-        record = dict(timing_record)
-        record.update({name: float(values[index]) for name, values in keras_history.items()})
-        records.append(record)
-    return records
 
 
 def _best_epoch(epochs: list[dict]) -> int | None:

@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import PIL.Image
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -110,7 +111,7 @@ def test_folder_loads_png_and_jpeg_resized_with_class_names(tmp_path):
     assert source.test.labels.tolist() == [0, 1]
 
 
-def test_folder_converts_grayscale_and_rgba(tmp_path):
+def test_folder_converts_grayscale_palette_and_rgba(tmp_path):
     _make_folder(str(tmp_path), with_test=False)
     gray = np.full((20, 20, 1), 200, np.uint8)
     rgba = np.concatenate(
@@ -118,9 +119,13 @@ def test_folder_converts_grayscale_and_rgba(tmp_path):
     )
     _write_image(str(tmp_path / "train" / "cat" / "gray.png"), gray, "png")
     _write_image(str(tmp_path / "train" / "dog" / "rgba.png"), rgba, "png")
+    palette = PIL.Image.new("P", (20, 20), 0)
+    palette.putpalette([10, 20, 30] + [0] * 765)
+    palette.save(tmp_path / "train" / "dog" / "zz_palette.png")
     source = data_sources.load_folder(str(tmp_path), source_size=8)
     assert source.test is None
-    assert len(source.train) == 8
+    assert len(source.train) == 9
+    np.testing.assert_array_equal(source.train.images[-1], np.full((8, 8, 3), [10, 20, 30]))
     # Grayscale becomes three equal channels; RGBA loses its alpha.
     gray_index = sorted(os.listdir(tmp_path / "train" / "cat")).index("gray.png")
     np.testing.assert_array_equal(source.train.images[gray_index], np.full((8, 8, 3), 200))
@@ -153,6 +158,25 @@ def test_folder_errors_name_the_problem(tmp_path, damage, fragment):
     assert fragment in str(raised.value)
     if damage == "corrupt":
         assert "broken.png" in str(raised.value)
+
+
+def test_folder_can_skip_images_that_cannot_be_decoded(tmp_path, caplog):
+    _make_folder(str(tmp_path), with_test=False)
+    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not an image at all")
+    with pytest.raises(UsageError, match="--on_bad_image=skip"):
+        data_sources.load_folder(str(tmp_path), source_size=8)
+    with caplog.at_level("WARNING"):
+        source = data_sources.load_folder(str(tmp_path), source_size=8, on_bad_image="skip")
+    assert source.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert "skipped 1 of 7 images" in caplog.text and "broken.png" in caplog.text
+
+
+def test_skipping_every_image_of_a_class_is_refused(tmp_path):
+    _make_folder(str(tmp_path), with_test=False)
+    for image in (tmp_path / "train" / "dog").iterdir():
+        image.write_bytes(b"corrupt")
+    with pytest.raises(UsageError, match="dog has no image that can be decoded"):
+        data_sources.load_folder(str(tmp_path), source_size=8, on_bad_image="skip")
 
 
 # --- cifar100 ---

@@ -18,9 +18,19 @@ def test_training_batches_are_uint8_static_and_full():
     image_spec, label_spec = dataset.element_spec
     assert image_spec == tf.TensorSpec((16, 8, 8, 3), tf.uint8)
     assert label_spec == tf.TensorSpec((16,), tf.int32)
-    batches = list(dataset.as_numpy_iterator())
-    # 50 examples at batch 16: three full batches, the remainder dropped.
-    assert [len(batch[1]) for batch in batches] == [16, 16, 16]
+    # 50 examples at batch 16: three full batches per pass, the remainder dropped,
+    # and the stream goes on (the trainer sets steps_per_epoch).
+    passes = _epochs(dataset, steps_per_epoch=3, epochs=2)
+    assert [len(set(epoch)) for epoch in passes] == [48, 48]
+
+
+def _epochs(dataset, steps_per_epoch, epochs):
+    """Label sequences of consecutive epochs of an endless training stream."""
+    labels = [batch[1] for batch in dataset.take(steps_per_epoch * epochs).as_numpy_iterator()]
+    return [
+        np.concatenate(labels[index * steps_per_epoch : (index + 1) * steps_per_epoch])
+        for index in range(epochs)
+    ]
 
 
 def test_evaluation_keeps_order_and_the_last_partial_batch():
@@ -34,12 +44,26 @@ def test_evaluation_keeps_order_and_the_last_partial_batch():
 def test_each_epoch_reshuffles_and_images_follow_labels():
     images, labels = _arrays()
     dataset = input_pipeline.make_dataset(images, labels, batch_size=10, is_training=True, seed=1)
-    first = np.concatenate([batch[1] for batch in dataset.as_numpy_iterator()])
-    second = np.concatenate([batch[1] for batch in dataset.as_numpy_iterator()])
+    first, second = _epochs(dataset, steps_per_epoch=5, epochs=2)
     assert sorted(first) == sorted(second) == list(range(50))
     assert not np.array_equal(first, second)
-    for batch_images, batch_labels in dataset.as_numpy_iterator():
+    for batch_images, batch_labels in dataset.take(10).as_numpy_iterator():
         np.testing.assert_array_equal(batch_images[:, 0, 0, 0], batch_labels)
+
+
+def test_a_fresh_stream_skipping_k_epochs_continues_an_uninterrupted_one():
+    # What resuming relies on: epoch k of a new stream from the same seed, after
+    # skipping k epochs, equals epoch k of one stream read from the start, even
+    # after other streams were read in this process.
+    images, labels = _arrays()
+
+    def stream():
+        return input_pipeline.make_dataset(images, labels, batch_size=10, is_training=True, seed=3)
+
+    uninterrupted = _epochs(stream(), steps_per_epoch=5, epochs=4)
+    _epochs(stream(), steps_per_epoch=5, epochs=2)
+    resumed = _epochs(stream().skip(2 * 5), steps_per_epoch=5, epochs=2)
+    np.testing.assert_array_equal(np.stack(resumed), np.stack(uninterrupted[2:]))
 
 
 def test_same_seed_gives_the_same_order():
@@ -49,7 +73,7 @@ def test_same_seed_gives_the_same_order():
         dataset = input_pipeline.make_dataset(
             images, labels, batch_size=10, is_training=True, seed=seed
         )
-        return np.concatenate([batch[1] for batch in dataset.as_numpy_iterator()])
+        return np.concatenate(_epochs(dataset, steps_per_epoch=5, epochs=2))
 
     np.testing.assert_array_equal(order(5), order(5))
     assert not np.array_equal(order(5), order(6))

@@ -7,12 +7,18 @@ import pathlib
 import subprocess
 import sys
 
+import h5py
+import keras
+import numpy as np
 import pytest
+import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
-from effpipe import cli_flags
+from effpipe import cli_flags, train_lib
+from effpipe import config as config_lib
 from effpipe import train as train_binary  # noqa: F401  (defines --workdir)
+from effpipe.errors import UsageError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAGFILES = sorted((REPO_ROOT / "flags").glob("*.flags"))
@@ -77,6 +83,7 @@ def test_production_flagfile_applies_the_notebooks_intended_augmentation(monkeyp
         (["--batch_size=0"], "--batch_size=0"),
         (["--phase1_epochs=-2"], "--phase1_epochs=-2"),
         (["--image_size=8"], "--image_size=8"),
+        (["--image_size=5000"], "--image_size=5000"),
         (["--dataset=imagenet"], "unknown dataset"),
         (["--flagfile=flags/does_not_exist.flags"], "does_not_exist.flags"),
         (["--batch_size=many"], "--batch_size"),
@@ -99,6 +106,7 @@ def test_bad_flags_exit_2_with_one_line(args, fragment, tmp_path):
     [
         ("--weights={tmp}/missing.weights.h5", "missing.weights.h5 does not exist"),
         ("--unfreeze_blocks=17", "--unfreeze_blocks=17 is more than the 16 blocks"),
+        ("--dataset=folder:{tmp}/nowhere", "nowhere does not exist"),
     ],
 )
 def test_bad_input_found_by_the_trainer_exits_2_before_training(flag, fragment, tmp_path):
@@ -117,6 +125,69 @@ def test_bad_input_found_by_the_trainer_exits_2_before_training(flag, fragment, 
     assert len(error_lines) == 1 and fragment in error_lines[0]
     assert "Traceback" not in result.stderr
     assert not (workdir / "history.json").exists()
+
+
+def _error_line(result):
+    """The one line effpipe prints for a failure (TensorFlow's start-up log aside)."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("effpipe.train:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_a_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_train(
+        "--flagfile=flags/smoke.flags",
+        "--phase2_learning_rate=1e30",
+        f"--workdir={workdir}",
+        timeout_sec=600,
+    )
+    assert result.returncode == 2
+    line = _error_line(result)
+    assert "phase 2: the training loss became nan" in line
+    assert "lower --phase2_learning_rate (now 1e+30)" in line
+    assert "best weights so far" in line and "best.weights.h5" in line
+    # Phase 1's checkpoint survives, and holds finite weights.
+    with h5py.File(workdir / "checkpoints" / "best.weights.h5") as weights:
+        arrays = []
+        weights.visititems(
+            lambda name, item: arrays.append(item[()]) if isinstance(item, h5py.Dataset) else None
+        )
+    assert arrays and all(np.all(np.isfinite(array)) for array in arrays)
+    history = json.loads((workdir / "history.json").read_text())
+    assert len(history["phase1"]) == 1 and not math.isfinite(history["phase2"][-1]["loss"])
+    assert not (workdir / "metrics.json").exists()
+
+
+def test_debug_numerics_names_the_op_that_made_the_first_nan(tmp_path):
+    result = run_train(
+        "--flagfile=flags/smoke.flags",
+        "--phase1_learning_rate=1e30",
+        "--debug_numerics",
+        f"--workdir={tmp_path / 'run'}",
+        timeout_sec=600,
+    )
+    assert result.returncode == 2
+    line = _error_line(result)
+    assert "--debug_numerics: the first NaN or infinity came out of effpipe_b0" in line
+    assert "No checkpoint was written" in line
+
+
+def test_running_out_of_device_memory_is_one_line_naming_the_batch_size(tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+
+    monkeypatch.setattr(keras.Model, "fit", out_of_memory)
+    config = config_lib.TrainConfig(
+        dataset="shapes", shapes_train_examples=40, shapes_test_examples=8, variant="b0",
+        image_size=32, weights="none", batch_size=8, phase1_epochs=1, phase2_epochs=1,
+    )  # fmt: skip
+    with pytest.raises(UsageError) as raised:
+        train_lib.train_and_evaluate(config, str(tmp_path))
+    message = str(raised.value)
+    assert "out of memory on CPU at --batch_size=8 (b0 at 32 px, float32)" in message
+    assert "lower --batch_size" in message and "No checkpoint was written" in message
 
 
 def _check_run_outputs(workdir, phase_epochs):

@@ -1,0 +1,207 @@
+"""Resuming an interrupted run from the state of its last completed epoch.
+
+    WORKDIR/state/state.json                 phase, epochs done, history, best so far
+    WORKDIR/state/epoch-0003.weights.h5      model and optimizer variables
+    WORKDIR/state/epoch-0003.seeds.npz       the random layers' RNG states (dropout,
+                                             stochastic depth), which save_weights
+                                             leaves out
+
+After every completed epoch `EpochStateSaver` writes the weights, then the seeds,
+then state.json, each atomically; state.json names the files it belongs to and the
+older epoch's files are deleted only after it moved on, so a kill at any moment
+leaves one consistent state. A resumed run loads it into the model of the right
+phase (phase 2: unfrozen and recompiled first, so the optimizer's slots match) and
+skips the batches already trained: the training stream is endless and seeded, so
+epoch k sees the same batches whether or not the run stopped before it.
+
+`StopOnSignal` turns SIGINT and SIGTERM into a clean stop: the current step
+finishes, then `TrainingInterrupted` propagates; the partial epoch is not saved (a
+resumed run redoes it), which keeps a resumed --deterministic run identical to an
+uninterrupted one.
+"""
+
+import dataclasses
+import math
+import os
+import signal
+
+import keras
+import numpy as np
+from absl import logging
+
+from effpipe import run_files
+from effpipe.errors import TrainingInterrupted
+
+STATE_DIR = "state"
+STATE_FILE = "state.json"
+
+
+@dataclasses.dataclass
+class RunState:
+    """What a run has finished, as of its last completed epoch.
+
+    Attributes:
+      phase: the phase of that epoch (1 or 2).
+      epochs_done: epochs completed over both phases.
+      history: per phase, the epoch records so far (as in history.json).
+      best_val_accuracy: best validation accuracy so far, or None.
+      checkpoint_written: whether checkpoints/best.weights.h5 is this run's.
+      weights_file: the weights file of that epoch, in the state folder.
+      seeds_file: the RNG-state file of that epoch, in the state folder.
+    """
+
+    phase: int
+    epochs_done: int
+    history: dict
+    best_val_accuracy: float | None
+    checkpoint_written: bool
+    weights_file: str
+    seeds_file: str
+
+
+def load_state(workdir: str) -> RunState | None:
+    """The saved state of a run, or None when no epoch has completed."""
+    path = os.path.join(workdir, STATE_DIR, STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    return RunState(**run_files.read_json(path))
+
+
+def restore(model: keras.Model, workdir: str, state: RunState) -> None:
+    """Loads a state's weights, optimizer variables and RNG states into `model`.
+
+    The model must be in the state's phase and compiled: its optimizer is built
+    here so that its slot variables exist to load into.
+    """
+    folder = os.path.join(workdir, STATE_DIR)
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.load_weights(os.path.join(folder, state.weights_file))
+    with np.load(os.path.join(folder, state.seeds_file)) as seeds:
+        for variable, value in zip(_seed_states(model), _ordered(seeds)):
+            variable.assign(value)
+    logging.info(
+        "resumed from %s: phase %d, %d epochs done", folder, state.phase, state.epochs_done
+    )
+
+
+def _seed_states(model: keras.Model) -> list:
+    """The RNG-state variables of the model's random layers, in a fixed order."""
+    return [v for v in model.variables if v.name == "seed_generator_state"]
+
+
+def _ordered(seeds) -> list:
+    return [seeds[f"seed_{index}"] for index in range(len(seeds.files))]
+
+
+class EpochStateSaver(keras.callbacks.Callback):
+    """Records each completed epoch in `history` and saves the run's state.
+
+    Epochs whose loss is not finite are recorded but not saved: a resumed run starts
+    from the last finite one.
+
+    Args:
+      workdir: the run directory.
+      phase: the phase being trained.
+      history: {"phase1": [...], "phase2": [...]}, appended to in place.
+      meter: the run's ThroughputMeter (its last record is the epoch's timing).
+      best_checkpoint: the phase's BestCheckpoint (best value, whether it saved).
+      checkpoint_written: whether an earlier phase or run wrote the best checkpoint.
+    """
+
+    def __init__(self, workdir, phase, history, meter, best_checkpoint, checkpoint_written):
+        super().__init__()
+        self.folder = os.path.join(workdir, STATE_DIR)
+        self.phase = phase
+        self.history = history
+        self.meter = meter
+        self.best_checkpoint = best_checkpoint
+        self.checkpoint_written = checkpoint_written
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        record = {**{k: float(v) for k, v in logs.items()}, **self.meter.records[-1]}
+        record["epoch"] = epoch + 1
+        self.history[f"phase{self.phase}"].append(record)
+        if not math.isfinite(logs.get("loss", math.nan)):
+            return
+        stem = f"epoch-{epoch + 1:04d}"
+        weights_file, seeds_file = f"{stem}.weights.h5", f"{stem}.seeds.npz"
+        run_files.write_atomically(os.path.join(self.folder, weights_file), self.model.save_weights)
+        seeds = {f"seed_{i}": np.asarray(v.numpy()) for i, v in enumerate(_seed_states(self.model))}
+        run_files.write_atomically(
+            os.path.join(self.folder, seeds_file), lambda path: np.savez(path, **seeds)
+        )
+        state = RunState(
+            phase=self.phase,
+            epochs_done=epoch + 1,
+            history=self.history,
+            best_val_accuracy=self.best_checkpoint.best,
+            checkpoint_written=self.checkpoint_written or self.best_checkpoint.saved,
+            weights_file=weights_file,
+            seeds_file=seeds_file,
+        )
+        run_files.write_json(os.path.join(self.folder, STATE_FILE), dataclasses.asdict(state))
+        for name in os.listdir(self.folder):
+            if name.startswith("epoch-") and not name.startswith(stem):
+                os.remove(os.path.join(self.folder, name))
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """SIGINT or SIGTERM: finish the current step, then raise TrainingInterrupted.
+
+    A second SIGINT while stopping falls back to Python's default (KeyboardInterrupt).
+
+    Args:
+      workdir: the run directory, named in the message.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, workdir: str):
+        super().__init__()
+        self.workdir = workdir
+        self.received = None
+        self._previous = {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+
+    def on_train_begin(self, logs=None):
+        self.epoch = None
+        self._previous = {number: signal.getsignal(number) for number in self.SIGNALS}
+        for number in self.SIGNALS:
+            signal.signal(number, self._handle)
+
+    def on_train_end(self, logs=None):
+        self._restore_handlers()
+
+    def _handle(self, number, frame):
+        self.received = number
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _restore_handlers(self):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def on_test_batch_end(self, batch, logs=None):
+        # Validation is part of the epoch: stopping in it loses only that epoch.
+        self.on_train_batch_end(batch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.received is None:
+            return
+        self._restore_handlers()
+        name = signal.Signals(self.received).name
+        state = load_state(self.workdir)
+        saved = (
+            f"the state after epoch {state.epochs_done} is saved"
+            if state
+            else "no epoch had completed, so nothing is saved"
+        )
+        raise TrainingInterrupted(
+            f"stopped by {name} in epoch {self.epoch}; {saved} in "
+            f"{os.path.join(self.workdir, STATE_DIR)}: rerun the same command to resume",
+            self.received,
+        )

@@ -1,0 +1,82 @@
+"""The run directory: a new run, the same run resumed, or another run's (refused).
+
+A run directory holds `config.json`, the resolved TrainConfig that made it. Starting
+a run there again with the same configuration resumes it (or, when metrics.json
+says it finished, reports it complete); with another configuration it is refused,
+naming the flags that differ, unless --overwrite discards the old run's outputs.
+No TensorFlow import: the check runs before TensorFlow loads.
+"""
+
+import dataclasses
+import os
+import shutil
+
+from effpipe import run_files
+from effpipe.config import TrainConfig
+from effpipe.errors import UsageError
+
+CONFIG_FILE = "config.json"
+# Everything a run writes; --overwrite removes exactly these, nothing else.
+RUN_OUTPUTS = (
+    CONFIG_FILE,
+    "flags.txt",
+    "history.json",
+    "history.png",
+    "metrics.json",
+    "checkpoints",
+    "state",
+)
+NEW, RESUME, COMPLETE = "new", "resume", "complete"
+
+
+def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:
+    """Checks `workdir` against `config` and records the config for a new run.
+
+    Args:
+      workdir: the run directory (created when missing).
+      config: this run's configuration.
+      overwrite: discard another run's outputs instead of refusing them.
+
+    Returns:
+      NEW, RESUME (same configuration, not finished) or COMPLETE (same
+      configuration, metrics.json written).
+
+    Raises:
+      UsageError: the directory holds another run, or files of no effpipe run,
+        and `overwrite` is off.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    wanted = dataclasses.asdict(config)
+    config_path = os.path.join(workdir, CONFIG_FILE)
+    present = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(workdir, name))]
+    if os.path.exists(config_path) and not overwrite:
+        recorded = run_files.read_json(config_path)
+        if recorded == wanted:
+            return COMPLETE if os.path.exists(os.path.join(workdir, "metrics.json")) else RESUME
+        changed = sorted(
+            name
+            for name in wanted.keys() | recorded.keys()
+            if recorded.get(name) != wanted.get(name)
+        )
+        details = ", ".join(
+            f"--{name}: {recorded.get(name)!r} there, {wanted.get(name)!r} now"
+            for name in changed[:4]
+        )
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise UsageError(
+            f"{workdir} holds a run with other flags ({details}{more}): rerun with the same "
+            "flags to resume it, pick another --workdir, or pass --overwrite to discard it"
+        )
+    if present and not overwrite:
+        raise UsageError(
+            f"{workdir} holds outputs of a run without its {CONFIG_FILE} ({', '.join(present)}): "
+            "pick another --workdir, or pass --overwrite to discard them"
+        )
+    for name in present:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    run_files.write_json(config_path, wanted)
+    return NEW

@@ -1,0 +1,38 @@
+"""Reusing a run directory: same flags resume, other flags are refused or overwritten."""
+
+import dataclasses
+
+import pytest
+
+from effpipe import run_dir
+from effpipe.config import TrainConfig
+from effpipe.errors import UsageError
+
+CONFIG = TrainConfig(dataset="shapes", variant="b0", weights="none")
+
+
+def test_a_new_directory_records_the_config_and_the_same_flags_resume(tmp_path):
+    assert run_dir.prepare(str(tmp_path), CONFIG, overwrite=False) == run_dir.NEW
+    assert (tmp_path / run_dir.CONFIG_FILE).is_file()
+    assert run_dir.prepare(str(tmp_path), CONFIG, overwrite=False) == run_dir.RESUME
+    (tmp_path / "metrics.json").write_text("{}")
+    assert run_dir.prepare(str(tmp_path), CONFIG, overwrite=False) == run_dir.COMPLETE
+
+
+def test_other_flags_are_refused_naming_them_unless_overwrite(tmp_path):
+    run_dir.prepare(str(tmp_path), CONFIG, overwrite=False)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    other = dataclasses.replace(CONFIG, batch_size=64)
+    with pytest.raises(UsageError, match="--batch_size: 32 there, 64 now.*--overwrite"):
+        run_dir.prepare(str(tmp_path), other, overwrite=False)
+    assert run_dir.prepare(str(tmp_path), other, overwrite=True) == run_dir.NEW
+    # The old run's outputs are gone; files effpipe did not write are kept.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "notes.txt"]
+    assert run_dir.prepare(str(tmp_path), other, overwrite=False) == run_dir.RESUME
+
+
+def test_outputs_without_a_config_are_refused(tmp_path):
+    (tmp_path / "history.json").write_text("{}")
+    with pytest.raises(UsageError, match="without its config.json"):
+        run_dir.prepare(str(tmp_path), CONFIG, overwrite=False)

@@ -1,0 +1,31 @@
+"""Atomic writes: a crash mid-write leaves the previous file, and no stray temporary."""
+
+import json
+import os
+
+import pytest
+
+from effpipe import run_files
+
+
+def test_a_crash_during_a_write_leaves_the_previous_file_intact(tmp_path):
+    path = tmp_path / "metrics.json"
+    run_files.write_json(path, {"top1": 0.5})
+
+    def crashing_writer(temporary_path):
+        with open(temporary_path, "w") as file:
+            file.write('{"top1": 0.')  # Half a file, then the crash.
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_files.write_atomically(str(path), crashing_writer)
+    assert json.loads(path.read_text()) == {"top1": 0.5}
+    assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_a_write_creates_its_folder_and_replaces_the_file(tmp_path):
+    path = tmp_path / "a" / "b" / "flags.txt"
+    run_files.write_text(str(path), "--seed=1\n")
+    run_files.write_text(str(path), "--seed=2\n")
+    assert path.read_text() == "--seed=2\n"
+    assert os.listdir(path.parent) == ["flags.txt"]
