@@ -16,8 +16,9 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 # The offline demo: synthetic shapes, EfficientNet-B0 from scratch, both phases, on CPU.
+# Rerunning resumes an interrupted demo, or says it finished (rm -rf runs/demo to redo).
 demo: venv
-	$(PY) -m effpipe.train --flagfile=flags/demo.flags --workdir=runs/demo --overwrite
+	$(PY) -m effpipe.train --flagfile=flags/demo.flags --workdir=runs/demo
 
 test: venv
 	$(PY) -m pytest -q tests

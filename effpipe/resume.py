@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from effpipe import run_files
-from effpipe.errors import TrainingInterrupted
+from effpipe.errors import TrainingInterrupted, UsageError
 
 STATE_DIR = "state"
 STATE_FILE = "state.json"
@@ -78,7 +78,13 @@ def restore(model: keras.Model, workdir: str, state: RunState) -> None:
         model.optimizer.build(model.trainable_variables)
     model.load_weights(os.path.join(folder, state.weights_file))
     with np.load(os.path.join(folder, state.seeds_file)) as seeds:
-        for variable, value in zip(_seed_states(model), _ordered(seeds)):
+        values, variables = _ordered(seeds), _seed_states(model)
+        if len(values) != len(variables):
+            raise UsageError(
+                f"{folder} holds {len(values)} RNG states for a model with "
+                f"{len(variables)}: it belongs to another model; pass --overwrite"
+            )
+        for variable, value in zip(variables, values):
             variable.assign(value)
     logging.info(
         "resumed from %s: phase %d, %d epochs done", folder, state.phase, state.epochs_done
@@ -150,7 +156,10 @@ class EpochStateSaver(keras.callbacks.Callback):
 class StopOnSignal(keras.callbacks.Callback):
     """SIGINT or SIGTERM: finish the current step, then raise TrainingInterrupted.
 
-    A second SIGINT while stopping falls back to Python's default (KeyboardInterrupt).
+    Use as a context manager around all the training and evaluation work (the
+    handlers are installed on entry and always restored on exit) and as a callback
+    of every `fit` and `evaluate` (it checks after each train or test step); call
+    `check()` between phases. A second SIGINT falls back to KeyboardInterrupt.
 
     Args:
       workdir: the run directory, named in the message.
@@ -162,37 +171,39 @@ class StopOnSignal(keras.callbacks.Callback):
         super().__init__()
         self.workdir = workdir
         self.received = None
+        self.epoch = None
         self._previous = {}
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch + 1
-
-    def on_train_begin(self, logs=None):
-        self.epoch = None
+    def __enter__(self):
         self._previous = {number: signal.getsignal(number) for number in self.SIGNALS}
         for number in self.SIGNALS:
             signal.signal(number, self._handle)
+        return self
 
-    def on_train_end(self, logs=None):
-        self._restore_handlers()
+    def __exit__(self, *exc_info):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+        return False
 
     def _handle(self, number, frame):
         self.received = number
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def _restore_handlers(self):
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        self._previous = {}
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.check()
 
     def on_test_batch_end(self, batch, logs=None):
         # Validation is part of the epoch: stopping in it loses only that epoch.
-        self.on_train_batch_end(batch, logs)
+        self.check()
 
-    def on_train_batch_end(self, batch, logs=None):
+    def check(self) -> None:
+        """Raises TrainingInterrupted if a signal arrived."""
         if self.received is None:
             return
-        self._restore_handlers()
         name = signal.Signals(self.received).name
         state = load_state(self.workdir)
         saved = (
@@ -200,8 +211,9 @@ class StopOnSignal(keras.callbacks.Callback):
             if state
             else "no epoch had completed, so nothing is saved"
         )
+        where = f" in epoch {self.epoch}" if self.epoch else ""
         raise TrainingInterrupted(
-            f"stopped by {name} in epoch {self.epoch}; {saved} in "
+            f"stopped by {name}{where}; {saved} in "
             f"{os.path.join(self.workdir, STATE_DIR)}: rerun the same command to resume",
             self.received,
         )

@@ -38,8 +38,9 @@ def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:
       overwrite: discard another run's outputs instead of refusing them.
 
     Returns:
-      NEW, RESUME (same configuration, not finished) or COMPLETE (same
-      configuration, metrics.json written).
+      NEW (also when an earlier run there ended before its first epoch), RESUME
+      (same configuration, not finished) or COMPLETE (same configuration,
+      metrics.json written). Half-written files a killed run left are deleted.
 
     Raises:
       UsageError: the directory holds another run, or files of no effpipe run,
@@ -49,7 +50,11 @@ def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:
     wanted = dataclasses.asdict(config)
     config_path = os.path.join(workdir, CONFIG_FILE)
     present = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(workdir, name))]
-    if os.path.exists(config_path) and not overwrite:
+    remove_temporaries(workdir)
+    # A run that failed before its first epoch left nothing worth keeping: a rerun
+    # with corrected flags starts afresh without --overwrite.
+    holds_work = any(name in present for name in ("state", "checkpoints", "metrics.json"))
+    if os.path.exists(config_path) and not overwrite and holds_work:
         recorded = run_files.read_json(config_path)
         if recorded == wanted:
             return COMPLETE if os.path.exists(os.path.join(workdir, "metrics.json")) else RESUME
@@ -67,7 +72,7 @@ def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:
             f"{workdir} holds a run with other flags ({details}{more}): rerun with the same "
             "flags to resume it, pick another --workdir, or pass --overwrite to discard it"
         )
-    if present and not overwrite:
+    if present and not overwrite and not os.path.exists(config_path):
         raise UsageError(
             f"{workdir} holds outputs of a run without its {CONFIG_FILE} ({', '.join(present)}): "
             "pick another --workdir, or pass --overwrite to discard them"
@@ -80,3 +85,12 @@ def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:
             os.remove(path)
     run_files.write_json(config_path, wanted)
     return NEW
+
+
+def remove_temporaries(workdir: str) -> None:
+    """Deletes half-written files a killed run left (run_files' `.tmp-*` names)."""
+    for folder in (workdir, os.path.join(workdir, "state"), os.path.join(workdir, "checkpoints")):
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name.startswith(run_files.TEMPORARY_PREFIX):
+                    os.remove(os.path.join(folder, name))

@@ -8,6 +8,9 @@ import os
 import tempfile
 from collections.abc import Callable
 
+# Names of files being written; a killed writer can leave one behind.
+TEMPORARY_PREFIX = ".tmp-"
+
 
 def write_atomically(path: str, write: Callable[[str], None]) -> None:
     """Calls `write(temporary_path)`, then renames the result to `path`.
@@ -19,7 +22,7 @@ def write_atomically(path: str, write: Callable[[str], None]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     suffix = "." + os.path.basename(path)  # Keeps extensions that writers check.
-    handle, temporary_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    handle, temporary_path = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX, suffix=suffix)
     os.close(handle)
     try:
         write(temporary_path)

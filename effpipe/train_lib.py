@@ -128,6 +128,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     # --- Model, under the resolved precision policy. ---
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(setup.precision)
+    # From here to the end of the evaluation, SIGINT and SIGTERM stop cleanly at the
+    # next step or phase boundary; the handlers are restored however this ends.
+    stop_on_signal = resume.StopOnSignal(workdir).__enter__()
     try:
         model = models.make_model(
             variant=config.variant,
@@ -176,12 +179,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             history = state.history
             best_validation_accuracy = state.best_val_accuracy
             checkpoint_written, epochs_done = state.checkpoint_written, state.epochs_done
-        stop_on_signal = resume.StopOnSignal(workdir)
         phases = [
             (1, 0, config.phase1_epochs, config.phase1_learning_rate),
             (2, config.phase1_epochs, config.phase2_epochs, config.phase2_learning_rate),
         ]
         for phase, first_epoch, epochs, learning_rate in phases:
+            stop_on_signal.check()
             if state is not None and state.phase > phase:
                 continue  # Finished before the interruption.
             if phase == 1:
@@ -275,12 +278,15 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             compile_model(model, config.phase1_learning_rate, jit_compile=setup.xla)
         kept = _kept_weights(checkpoint_path, checkpoint_written, best_validation_accuracy)
         with _device_errors_as_usage_errors(config, setup, lambda: kept):
+            stop_on_signal.check()
             results = model.evaluate(
                 make_dataset(test_split, is_training=False),
                 return_dict=True,
                 verbose=_keras_verbosity(),
+                callbacks=[stop_on_signal],
             )
     finally:
+        stop_on_signal.__exit__(None, None, None)
         keras.mixed_precision.set_global_policy(previous_policy)
 
     all_epochs = history["phase1"] + history["phase2"]

@@ -17,15 +17,20 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = ("--flagfile=flags/smoke.flags",)
 
 
-def _start(workdir, *args):
-    return subprocess.Popen(
-        [sys.executable, "-m", "effpipe.train", *SMOKE, *args, f"--workdir={workdir}"],
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+def _start(workdir, *args, log_name="log.txt"):
+    """Starts the binary; its stderr (absl's log) goes to a file beside the workdir."""
+    log_path = workdir.parent / f"{workdir.name}-{log_name}"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "effpipe.train", *SMOKE, *args, f"--workdir={workdir}"],
+            cwd=REPO_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )
+    process.log_path = log_path
+    return process
 
 
 def _wait_for_epochs(process, workdir, epochs_done, timeout_sec=600):
@@ -33,7 +38,7 @@ def _wait_for_epochs(process, workdir, epochs_done, timeout_sec=600):
     state_file = workdir / "state" / "state.json"
     deadline = time.monotonic() + timeout_sec
     while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert process.poll() is None, process.log_path.read_text()[-3000:]
         try:
             if json.loads(state_file.read_text())["epochs_done"] >= epochs_done:
                 return
@@ -43,11 +48,20 @@ def _wait_for_epochs(process, workdir, epochs_done, timeout_sec=600):
     raise AssertionError(f"no state with {epochs_done} epochs after {timeout_sec} s")
 
 
-def _run_to_completion(workdir, *args):
-    process = _start(workdir, *args)
-    _, stderr = process.communicate(timeout=900)
-    assert process.returncode == 0, stderr[-3000:]
-    return json.loads((workdir / "history.json").read_text())
+def _run_to_completion(workdir, *args, log_name="log.txt"):
+    """Runs the binary to its end; returns the history and the log."""
+    process = _start(workdir, *args, log_name=log_name)
+    process.wait(timeout=900)
+    log = process.log_path.read_text()
+    assert process.returncode == 0, log[-3000:]
+    return json.loads((workdir / "history.json").read_text()), log
+
+
+def _kill(process, workdir):
+    process.kill()
+    process.wait()
+    # Killed mid-run, not after it had finished.
+    assert not (workdir / "metrics.json").exists()
 
 
 def _epochs(history):
@@ -60,22 +74,27 @@ def test_sigkill_in_phase_1_then_the_same_command_finishes(tmp_path):
     workdir = tmp_path / "run"
     process = _start(workdir, "--phase1_epochs=2")
     _wait_for_epochs(process, workdir, 1)
-    process.kill()
-    process.wait()
-    history = _run_to_completion(workdir, "--phase1_epochs=2")
+    _kill(process, workdir)
+    done = json.loads((workdir / "state" / "state.json").read_text())["epochs_done"]
+    history, log = _run_to_completion(workdir, "--phase1_epochs=2", log_name="rerun.txt")
+    assert f"phase 1, {done} epochs done" in log or f"phase 2, {done} epochs done" in log
     assert _epochs(history) == ([1, 2], [3])
     assert (workdir / "metrics.json").is_file()
 
 
 def test_sigkill_in_phase_2_resumes_exactly_with_deterministic(tmp_path):
     args = ("--deterministic", "--phase1_epochs=2", "--phase2_epochs=2")
-    uninterrupted = _run_to_completion(tmp_path / "whole", *args)
+    uninterrupted, _ = _run_to_completion(tmp_path / "whole", *args)
     workdir = tmp_path / "killed"
     process = _start(workdir, *args)
     _wait_for_epochs(process, workdir, 3)  # Phase 1 and one epoch of phase 2.
-    process.kill()
-    process.wait()
-    resumed = _run_to_completion(workdir, *args)
+    _kill(process, workdir)
+    before_kill = json.loads((workdir / "state" / "state.json").read_text())["history"]
+    resumed, log = _run_to_completion(workdir, *args, log_name="rerun.txt")
+    # It resumed (a fresh start would be identical under --deterministic, too): the
+    # epochs before the kill keep the timings of the killed process.
+    assert "resumed from" in log and "phase 2, 3 epochs done" in log
+    assert resumed["phase1"] == before_kill["phase1"]
     assert _epochs(resumed) == ([1, 2], [3, 4])
     # Exact: the same batches, augmentation draws, dropout masks and optimizer state.
     for key in ("loss", "val_loss", "val_accuracy"):
@@ -92,10 +111,14 @@ def test_sigterm_stops_cleanly_saying_how_to_resume(tmp_path):
     process = _start(workdir, "--phase2_epochs=3")
     _wait_for_epochs(process, workdir, 2)
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
+    process.wait(timeout=300)
+    stderr = process.log_path.read_text()
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     last_line = stderr.strip().splitlines()[-1]
     assert last_line.startswith("effpipe.train: stopped by SIGTERM in epoch")
     assert "rerun the same command to resume" in last_line and "Traceback" not in stderr
     state = json.loads((workdir / "state" / "state.json").read_text())
     assert state["epochs_done"] >= 2 and not (workdir / "metrics.json").exists()
+    # The same command resumes and finishes.
+    history, log = _run_to_completion(workdir, "--phase2_epochs=3", log_name="rerun.txt")
+    assert "resumed from" in log and _epochs(history) == ([1], [2, 3, 4])

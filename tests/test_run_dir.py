@@ -14,6 +14,7 @@ CONFIG = TrainConfig(dataset="shapes", variant="b0", weights="none")
 def test_a_new_directory_records_the_config_and_the_same_flags_resume(tmp_path):
     assert run_dir.prepare(str(tmp_path), CONFIG, overwrite=False) == run_dir.NEW
     assert (tmp_path / run_dir.CONFIG_FILE).is_file()
+    (tmp_path / "state").mkdir()  # An epoch completed.
     assert run_dir.prepare(str(tmp_path), CONFIG, overwrite=False) == run_dir.RESUME
     (tmp_path / "metrics.json").write_text("{}")
     assert run_dir.prepare(str(tmp_path), CONFIG, overwrite=False) == run_dir.COMPLETE
@@ -29,10 +30,25 @@ def test_other_flags_are_refused_naming_them_unless_overwrite(tmp_path):
     assert run_dir.prepare(str(tmp_path), other, overwrite=True) == run_dir.NEW
     # The old run's outputs are gone; files effpipe did not write are kept.
     assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "notes.txt"]
-    assert run_dir.prepare(str(tmp_path), other, overwrite=False) == run_dir.RESUME
 
 
 def test_outputs_without_a_config_are_refused(tmp_path):
     (tmp_path / "history.json").write_text("{}")
     with pytest.raises(UsageError, match="without its config.json"):
         run_dir.prepare(str(tmp_path), CONFIG, overwrite=False)
+
+
+def test_a_run_that_failed_before_its_first_epoch_takes_corrected_flags(tmp_path):
+    run_dir.prepare(str(tmp_path), CONFIG, overwrite=False)
+    (tmp_path / "flags.txt").write_text("--batch_size=32\n")
+    corrected = dataclasses.replace(CONFIG, batch_size=8)
+    assert run_dir.prepare(str(tmp_path), corrected, overwrite=False) == run_dir.NEW
+
+
+def test_half_written_files_of_a_killed_run_are_removed(tmp_path):
+    run_dir.prepare(str(tmp_path), CONFIG, overwrite=False)
+    (tmp_path / "state").mkdir()
+    stray = tmp_path / "state" / ".tmp-abc.epoch-0002.weights.h5"
+    stray.write_bytes(b"half")
+    assert run_dir.prepare(str(tmp_path), CONFIG, overwrite=False) == run_dir.RESUME
+    assert not stray.exists()
