@@ -95,17 +95,7 @@ class Group:
 
 def effpipe_model(config, phase: int, weights_path: str, num_classes: int, source_size, setup):
     """The trainer's model and compile for `phase` (config.augment says whether to augment)."""
-    model = models.make_model(
-        variant=config.variant,
-        image_size=config.resolved_image_size,
-        source_size=source_size,
-        num_classes=num_classes,
-        weights=weights_path,
-        head=config.head,
-        dropout=config.dropout,
-        augment_config=train_lib.augment_config(config),
-        seed=config.seed,
-    )
+    model = train_lib.make_configured_model(config, source_size, num_classes, weights_path)
     if phase == 2:
         models.unfreeze_top_blocks(model, config.unfreeze_blocks)
     learning_rate = config.phase1_learning_rate if phase == 1 else config.phase2_learning_rate

@@ -126,8 +126,8 @@ class EpochStateSaver(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
+        # The meter's record carries the epoch number and its timings.
         record = {**{k: float(v) for k, v in logs.items()}, **self.meter.records[-1]}
-        record["epoch"] = epoch + 1
         self.history[f"phase{self.phase}"].append(record)
         if not math.isfinite(logs.get("loss", math.nan)):
             return

@@ -132,18 +132,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     # next step or phase boundary; the handlers are restored however this ends.
     stop_on_signal = resume.StopOnSignal(workdir).__enter__()
     try:
-        model = models.make_model(
-            variant=config.variant,
-            image_size=config.resolved_image_size,
-            source_size=source.source_image_size,
-            num_classes=source.num_classes,
-            weights=config.weights,
-            head=config.head,
-            dropout=config.dropout,
-            augment_config=augment_config(config),
-            seed=config.seed,
-            compile_augmentation=not config.debug_numerics,
-        )
+        model = make_configured_model(config, source.source_image_size, source.num_classes)
         models.check_unfreeze_blocks(model, config.unfreeze_blocks)
         # A base trained from scratch gets BatchNormalization statistics computed
         # from training images, now and before every validation (models.py says why).
@@ -367,6 +356,34 @@ def _device_errors_as_usage_errors(config: TrainConfig, setup, describe_kept_wei
             f"--debug_numerics: the first NaN or infinity came out of {where}: lower the "
             "learning rate of that phase. " + describe_kept_weights()
         ) from error
+
+
+def make_configured_model(
+    config: TrainConfig, source_size, num_classes: int, weights: str | None = None
+):
+    """`models.make_model` with the run's flags (trainer and benchmarks).
+
+    Args:
+      config: the run configuration.
+      source_size: (height, width) of the uint8 source images.
+      num_classes: outputs of the classifier.
+      weights: overrides `config.weights` (the benchmarks pass a local file).
+
+    Returns:
+      The uncompiled model, base frozen.
+    """
+    return models.make_model(
+        variant=config.variant,
+        image_size=config.resolved_image_size,
+        source_size=source_size,
+        num_classes=num_classes,
+        weights=config.weights if weights is None else weights,
+        head=config.head,
+        dropout=config.dropout,
+        augment_config=augment_config(config),
+        seed=config.seed,
+        compile_augmentation=not config.debug_numerics,
+    )
 
 
 def pipeline_options_of(config: TrainConfig) -> input_pipeline.PipelineOptions:
