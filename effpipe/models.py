@@ -87,6 +87,7 @@ def make_model(
     augment_config: augment.AugmentConfig | None = None,
     seed: int = 0,
     compile_augmentation: bool = True,
+    random_weights: bool = False,
 ) -> keras.Model:
     """Builds the full classifier on uint8 images at source resolution.
 
@@ -108,6 +109,9 @@ def make_model(
       seed: keys the augmentation's random draws (with the step and replica).
       compile_augmentation: let the augment + resize layer compile its sampling
         with XLA (False under --debug_numerics, whose checks XLA cannot run).
+      random_weights: initialise the base randomly but build the model as
+        `weights` asks otherwise (a pretrained base runs in inference mode): the
+        same graph and memory without fetching weights (the batch-size tuner).
 
     Returns:
       An uncompiled Keras model whose base is frozen.
@@ -120,7 +124,7 @@ def make_model(
         compile_sampling=compile_augmentation,
         name="resize",
     )(inputs)
-    base = make_base(variant, image_size, weights)
+    base = make_base(variant, image_size, "none" if random_weights else weights)
     base.trainable = False
     if weights == "none":
         # Trained from scratch: the base follows the training flag, so the

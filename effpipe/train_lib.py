@@ -343,7 +343,8 @@ def _device_errors_as_usage_errors(config: TrainConfig, setup, describe_kept_wei
         raise UsageError(
             f"out of memory on {setup.device} at --batch_size={config.batch_size} "
             f"({config.variant} at {config.resolved_image_size} px, {setup.precision}): "
-            "lower --batch_size, or pass --mixed_precision. " + describe_kept_weights()
+            f"find the largest batch that fits with `{tuner_command(config)}` (your card's "
+            "memory in GB), or lower --batch_size. " + describe_kept_weights()
         ) from error
     except tf.errors.InvalidArgumentError as error:
         if not (config.debug_numerics and "Infinity or NaN" in str(error)):
@@ -358,16 +359,31 @@ def _device_errors_as_usage_errors(config: TrainConfig, setup, describe_kept_wei
         ) from error
 
 
+def tuner_command(config: TrainConfig) -> str:
+    """The batch-size tuner's command for this run's model, for messages."""
+    flags = [f"--variant={config.variant}", f"--image_size={config.resolved_image_size}"]
+    if config.mixed_precision:
+        flags.append("--mixed_precision")
+    flags.append(f"--unfreeze_blocks={config.unfreeze_blocks}")
+    return " ".join(["python -m effpipe.tune_batch", *flags, "--memory_budget_gb=GB"])
+
+
 def make_configured_model(
-    config: TrainConfig, source_size, num_classes: int, weights: str | None = None
+    config: TrainConfig,
+    source_size,
+    num_classes: int,
+    weights: str | None = None,
+    random_weights: bool = False,
 ):
-    """`models.make_model` with the run's flags (trainer and benchmarks).
+    """`models.make_model` with the run's flags (trainer, tuner and benchmarks).
 
     Args:
       config: the run configuration.
       source_size: (height, width) of the uint8 source images.
       num_classes: outputs of the classifier.
       weights: overrides `config.weights` (the benchmarks pass a local file).
+      random_weights: the same model with a randomly initialised base (the
+        batch-size tuner: no download, the same graph and memory).
 
     Returns:
       The uncompiled model, base frozen.
@@ -383,6 +399,26 @@ def make_configured_model(
         augment_config=augment_config(config),
         seed=config.seed,
         compile_augmentation=not config.debug_numerics,
+        random_weights=random_weights,
+    )
+
+
+def set_phase(model: keras.Model, config: TrainConfig, phase: int) -> list[str]:
+    """Sets the trainable flags of `phase` (trainer and batch-size tuner).
+
+    Phase 1 freezes the whole base. Phase 2 unfreezes the top --unfreeze_blocks
+    blocks and the top conv; BatchNormalization stays frozen, except in a base
+    trained from scratch, which has no pretrained statistics to keep. Recompile
+    afterwards.
+
+    Returns:
+      The unfrozen blocks (none in phase 1).
+    """
+    if phase == 1:
+        models.freeze_base(model)
+        return []
+    return models.unfreeze_top_blocks(
+        model, config.unfreeze_blocks, freeze_batch_norm=config.weights != "none"
     )
 
 

@@ -188,6 +188,10 @@ def test_running_out_of_device_memory_is_one_line_naming_the_batch_size(tmp_path
     message = str(raised.value)
     assert "out of memory on CPU at --batch_size=8 (b0 at 32 px, float32)" in message
     assert "lower --batch_size" in message and "No checkpoint was written" in message
+    assert (
+        "python -m effpipe.tune_batch --variant=b0 --image_size=32 --unfreeze_blocks=3 "
+        "--memory_budget_gb=GB" in message
+    )
 
 
 def _check_run_outputs(workdir, phase_epochs):

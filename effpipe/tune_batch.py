@@ -1,0 +1,215 @@
+"""The largest batch that trains inside a memory budget, per phase, and how fast.
+
+    python -m effpipe.tune_batch --variant=b5 --memory_budget_gb=8
+    python -m effpipe.tune_batch --variant=b5 --memory_budget_gb=8 --mixed_precision \\
+        --phase=2 --unfreeze_blocks=4 --output=flags/tuned_b5_8gb.flags
+
+Takes the trainer's model flags (variant, resolution, precision, head,
+augmentation, --unfreeze_blocks, ...) and answers for phase 1 (base frozen),
+phase 2 (top blocks unfrozen) or both:
+
+- On a GPU (method `measured`): every trial runs in a fresh subprocess whose GPU
+  is capped at the budget with a logical device (`memory_limit`), so an 8 GB card
+  is emulated on a larger one. A trial builds the trainer's model, compiles the
+  trainer's train step (augmentation, precision and XLA included) and runs
+  --trial_steps steps twice; its peak is TensorFlow's allocator peak. The search
+  doubles from the estimate's answer, then bisects.
+- Without a GPU (method `estimated`): the analytical estimate of
+  `effpipe.memory_estimate`, from the real model's layer shapes and dtypes, and
+  one CPU trial at --cpu_trial_batch whose peak RSS is printed as a sanity figure.
+
+Prints a table of the trials, writes a flagfile the trainer takes as is (the
+smaller of the phases' batches) and ends with one JSON line: phase1_max_batch,
+phase2_max_batch, method, memory_budget_gb and the trials. The budget is the
+card's memory; --reserved_mib of it is left to the CUDA context and libraries.
+"""
+
+import datetime
+import json
+import os
+import sys
+
+# TensorFlow's C++ start-up chatter would bury the table; warnings still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+from effpipe import cli_flags, tuning  # noqa: E402
+from effpipe.errors import UsageError  # noqa: E402
+
+PROGRAM = "effpipe.tune_batch"
+
+flags.adopt_module_key_flags(cli_flags)
+MEMORY_BUDGET_GB = flags.DEFINE_float(
+    "memory_budget_gb", 8.0, "Device memory of the card to fit, in GB (GiB), e.g. 8."
+)
+PHASE = flags.DEFINE_enum(
+    "phase", "both", ["1", "2", "both"], "1: base frozen; 2: top blocks unfrozen; both."
+)
+OUTPUT = flags.DEFINE_string(
+    "output",
+    None,
+    "Flagfile to write (default flags/tuned_<variant>_<budget>gb.flags); '' writes none.",
+)
+METHOD = flags.DEFINE_enum(
+    "method",
+    "auto",
+    ["auto", "measured", "estimated"],
+    "measured: real trials on the GPU; estimated: the analytical estimate; auto: "
+    "measured when a GPU is visible.",
+)
+MAX_BATCH = flags.DEFINE_integer("max_batch", 1024, "The search never tries a larger batch.")
+RESERVED_MIB = flags.DEFINE_integer(
+    "reserved_mib",
+    1024,
+    "MiB of the card outside TensorFlow's allocator (CUDA context, cuDNN, cuBLAS).",
+)
+TRIAL_STEPS = flags.DEFINE_integer(
+    "trial_steps", 5, "Train steps a trial times, after as many warm-up steps."
+)
+TRIAL_TIMEOUT_S = flags.DEFINE_integer(
+    "trial_timeout_s", 900, "Seconds before a trial that gave no answer is killed."
+)
+CPU_TRIAL_BATCH = flags.DEFINE_integer(
+    "cpu_trial_batch",
+    2,
+    "Without a GPU: the batch of one CPU trial whose peak RSS is printed beside the "
+    "estimate (0 skips it).",
+)
+# One trial in this process, for the search's subprocesses; not for direct use.
+TRIAL_BATCH = flags.DEFINE_integer(
+    "trial_batch", 0, "Internal: run one trial at this batch size and print its JSON."
+)
+
+
+def main(argv):
+    if len(argv) > 1:
+        cli_flags.exit_with_usage_error(
+            PROGRAM,
+            UsageError(f"unexpected arguments {' '.join(argv[1:])}: flags take --name=value"),
+        )
+    try:
+        config = cli_flags.config_from_flags()
+        if MEMORY_BUDGET_GB.value <= 0 or MEMORY_BUDGET_GB.value > 1024:
+            raise UsageError(
+                f"--memory_budget_gb={MEMORY_BUDGET_GB.value:g} must be a card's memory "
+                "in GB, above 0 (e.g. 8)"
+            )
+        usable = tuning.usable_budget_bytes(MEMORY_BUDGET_GB.value, RESERVED_MIB.value)
+        if usable <= 0:
+            raise UsageError(
+                f"--reserved_mib={RESERVED_MIB.value} leaves nothing of "
+                f"--memory_budget_gb={MEMORY_BUDGET_GB.value:g}: lower it"
+            )
+        if MAX_BATCH.value < 1 or TRIAL_STEPS.value < 1:
+            raise UsageError("--max_batch and --trial_steps must be at least 1")
+        # Imported here so that a bad flag fails before TensorFlow loads.
+        from effpipe import tune_lib
+
+        if TRIAL_BATCH.value:
+            phase = 1 if PHASE.value == "both" else int(PHASE.value)
+            trial = tune_lib.run_trial(
+                config, phase, TRIAL_BATCH.value, usable, steps=TRIAL_STEPS.value
+            )
+            print(json.dumps(trial))
+            return
+        report = tune_lib.tune(
+            config,
+            phases=[1, 2] if PHASE.value == "both" else [int(PHASE.value)],
+            usable_bytes=usable,
+            method=METHOD.value,
+            max_batch=MAX_BATCH.value,
+            cpu_trial_batch=CPU_TRIAL_BATCH.value,
+            trial_command=_trial_command,
+            trial_flagfile_text=cli_flags.flagfile_text(
+                PROGRAM, extra_flag_names=("memory_budget_gb", "reserved_mib", "trial_steps")
+            ),
+            trial_timeout_s=TRIAL_TIMEOUT_S.value,
+        )
+    except UsageError as error:
+        cli_flags.exit_with_usage_error(PROGRAM, error)
+    report["memory_budget_gb"] = MEMORY_BUDGET_GB.value
+    tune_lib.print_report(report)
+    output = OUTPUT.value
+    if output is None:
+        output = os.path.join("flags", f"tuned_{config.variant}_{MEMORY_BUDGET_GB.value:g}gb.flags")
+    if output:
+        batch_size = _flagfile_batch(report)
+        if batch_size:
+            _write_flagfile(output, report, batch_size)
+            print(f"wrote {output}: --batch_size={batch_size}")
+            report["flagfile"] = output
+        else:
+            print("no batch fits this budget: no flagfile written", file=sys.stderr)
+    print(json.dumps(report))
+    if not _flagfile_batch(report):
+        sys.exit(1)
+
+
+def _trial_command(batch_size: int, phase: int, flagfile: str) -> list[str]:
+    """The subprocess that runs one trial with this run's flags (in `flagfile`)."""
+    return [
+        sys.executable,
+        "-m",
+        "effpipe.tune_batch",
+        f"--flagfile={flagfile}",
+        f"--trial_batch={batch_size}",
+        f"--phase={phase}",
+    ]
+
+
+def _flagfile_batch(report: dict) -> int:
+    """The trainer's --batch_size: one batch for both phases, so the smaller."""
+    batches = [report[f"phase{phase}_max_batch"] for phase in report["phases"]]
+    return min(batches)
+
+
+def _write_flagfile(path: str, report: dict, batch_size: int) -> None:
+    """The model flags the answer holds for, and --batch_size, as a trainer flagfile."""
+    from effpipe import run_files
+
+    command = " ".join(["python -m effpipe.tune_batch", *_given_flags()])
+    per_phase = ", ".join(
+        f"phase {phase} max {report[f'phase{phase}_max_batch']}" for phase in report["phases"]
+    )
+    how = (
+        f"measured: trials of the real train step on {report['device']} capped at the budget"
+        if report["method"] == "measured"
+        else "estimated: the analytical estimate of WORKSPACE.md, no GPU measured"
+    )
+    header = [
+        f"# Batch size for a card of {MEMORY_BUDGET_GB.value:g} GB, tuned "
+        f"{datetime.date.today().isoformat()} by:",
+        f"#   {command}",
+        f"# {how}; {per_phase}.",
+        "# Train with it after your recipe (last value wins):",
+        "#   python -m effpipe.train --flagfile=RECIPE --flagfile=THIS_FILE --workdir=DIR",
+    ]
+    names = (
+        "variant",
+        "image_size",
+        "source_size",
+        "head",
+        "mixed_precision",
+        "xla",
+        "unfreeze_blocks",
+        "augment",
+    )
+    lines = [flags.FLAGS[name].serialize() for name in names] + [f"--batch_size={batch_size}"]
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    run_files.write_text(path, "\n".join(header + lines) + "\n")
+
+
+def _given_flags() -> list[str]:
+    """The flags given on the command line (flagfiles expanded), for the comment."""
+    return [
+        flags.FLAGS[name].serialize()
+        for name in sorted(flags.FLAGS)
+        if flags.FLAGS[name].present and name not in ("flagfile", "trial_batch")
+    ]
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli_flags.make_flags_parser(PROGRAM))
