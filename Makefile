@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Reinstall when the package metadata changes.
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench lint format clean
+.PHONY: venv demo test bench tune-gpu lint format clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,19 @@ bench: venv
 	$(PY) -m benchmarks.input_throughput
 	$(PY) -m benchmarks.augment_throughput
 	$(PY) -m benchmarks.step_throughput
+
+# On a GPU: the batch-size tuner measured under an 8 GB cap, B0 and B5, both phases,
+# float32 and mixed precision (each trial compiles a model: tens of minutes).
+tune-gpu: venv
+	mkdir -p runs
+	for precision in --nomixed_precision --mixed_precision; do \
+	  $(PY) -m effpipe.tune_batch --variant=b0 $$precision --memory_budget_gb=8 \
+	    --method=measured --resolution=8 --output= \
+	    | tee -a runs/tune_gpu.log | tail -n 1 >> runs/tune_gpu.jsonl; \
+	  $(PY) -m effpipe.tune_batch --flagfile=flags/b5_rtx3070.flags $$precision \
+	    --memory_budget_gb=8 --method=measured --resolution=8 --output= \
+	    | tee -a runs/tune_gpu.log | tail -n 1 >> runs/tune_gpu.jsonl; \
+	done
 
 lint: venv
 	$(VENV)/bin/ruff check effpipe benchmarks tests

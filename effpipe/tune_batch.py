@@ -27,6 +27,7 @@ card's memory; --reserved_mib of it is left to the CUDA context and libraries.
 import datetime
 import json
 import os
+import shlex
 import sys
 
 # TensorFlow's C++ start-up chatter would bury the table; warnings still show.
@@ -59,6 +60,12 @@ METHOD = flags.DEFINE_enum(
     "measured when a GPU is visible.",
 )
 MAX_BATCH = flags.DEFINE_integer("max_batch", 1024, "The search never tries a larger batch.")
+RESOLUTION = flags.DEFINE_integer(
+    "resolution",
+    1,
+    "Measured search: stop bisecting once the bracket is this narrow (1: the exact "
+    "largest batch; 8 saves trials and answers at most 7 below it).",
+)
 RESERVED_MIB = flags.DEFINE_integer(
     "reserved_mib",
     1024,
@@ -101,8 +108,8 @@ def main(argv):
                 f"--reserved_mib={RESERVED_MIB.value} leaves nothing of "
                 f"--memory_budget_gb={MEMORY_BUDGET_GB.value:g}: lower it"
             )
-        if MAX_BATCH.value < 1 or TRIAL_STEPS.value < 1:
-            raise UsageError("--max_batch and --trial_steps must be at least 1")
+        if min(MAX_BATCH.value, TRIAL_STEPS.value, RESOLUTION.value) < 1:
+            raise UsageError("--max_batch, --trial_steps and --resolution must be at least 1")
         # Imported here so that a bad flag fails before TensorFlow loads.
         from effpipe import tune_lib
 
@@ -119,6 +126,7 @@ def main(argv):
             usable_bytes=usable,
             method=METHOD.value,
             max_batch=MAX_BATCH.value,
+            resolution=RESOLUTION.value,
             cpu_trial_batch=CPU_TRIAL_BATCH.value,
             trial_command=_trial_command,
             trial_flagfile_text=cli_flags.flagfile_text(
@@ -168,7 +176,7 @@ def _write_flagfile(path: str, report: dict, batch_size: int) -> None:
     """The model flags the answer holds for, and --batch_size, as a trainer flagfile."""
     from effpipe import run_files
 
-    command = " ".join(["python -m effpipe.tune_batch", *_given_flags()])
+    command = shlex.join(["python", "-m", PROGRAM, *sys.argv[1:]])
     per_phase = ", ".join(
         f"phase {phase} max {report[f'phase{phase}_max_batch']}" for phase in report["phases"]
     )
@@ -200,15 +208,6 @@ def _write_flagfile(path: str, report: dict, batch_size: int) -> None:
     if directory:
         os.makedirs(directory, exist_ok=True)
     run_files.write_text(path, "\n".join(header + lines) + "\n")
-
-
-def _given_flags() -> list[str]:
-    """The flags given on the command line (flagfiles expanded), for the comment."""
-    return [
-        flags.FLAGS[name].serialize()
-        for name in sorted(flags.FLAGS)
-        if flags.FLAGS[name].present and name not in ("flagfile", "trial_batch")
-    ]
 
 
 if __name__ == "__main__":

@@ -141,6 +141,7 @@ def tune(
     usable_bytes: int,
     method: str,
     max_batch: int,
+    resolution: int,
     cpu_trial_batch: int,
     trial_command: Callable[[int, int, str], list[str]],
     trial_flagfile_text: str,
@@ -154,6 +155,7 @@ def tune(
       usable_bytes: the allocator's budget.
       method: "auto", "measured" or "estimated".
       max_batch: the search's ceiling.
+      resolution: the measured search's resolution (`tuning.search_max_batch`).
       cpu_trial_batch: without a GPU, the batch of the sanity trial (0: none).
       trial_command: (batch, phase, flagfile) -> the argv of one trial subprocess.
       trial_flagfile_text: this run's flags, written for the trial subprocesses.
@@ -210,7 +212,10 @@ def tune(
             }
             if measured:
                 best, trials = tuning.search_max_batch(
-                    trial_in_subprocess(phase), start=max(estimated_best, 1), max_batch=max_batch
+                    trial_in_subprocess(phase),
+                    start=max(estimated_best, 1),
+                    max_batch=max_batch,
+                    resolution=resolution,
                 )
                 method_name = "measured"
             else:

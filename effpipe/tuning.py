@@ -46,18 +46,20 @@ def usable_budget_bytes(memory_budget_gb: float, reserved_mib: int) -> int:
 
 
 def search_max_batch(
-    run_trial: Callable[[int], Trial], *, start: int = 1, max_batch: int = 1024
+    run_trial: Callable[[int], Trial], *, start: int = 1, max_batch: int = 1024, resolution: int = 1
 ) -> tuple[int, list[Trial]]:
     """The largest batch in 1..max_batch for which `run_trial` fits.
 
     Doubles from `start` while trials fit (halves while they fail), then bisects
-    between the largest fit and the smallest failure. Assumes that a batch fits
-    whenever a larger one does.
+    between the largest fit and the smallest failure until they are at most
+    `resolution` apart. Assumes that a batch fits whenever a larger one does.
 
     Args:
       run_trial: answers one batch size.
       start: the first batch tried (e.g. the estimate's answer).
       max_batch: the search never tries more.
+      resolution: 1 finds the exact boundary; more saves trials (on a GPU each
+        compiles a model) and answers at most `resolution - 1` below it.
 
     Returns:
       (largest fitting batch, 0 when even 1 fails; the trials in the order run).
@@ -90,7 +92,7 @@ def search_max_batch(
                 high = candidate
         if low == 0:
             return 0, trials
-    while high - low > 1:
+    while high - low > max(resolution, 1):
         middle = (low + high) // 2
         if fits(middle):
             low = middle

@@ -94,6 +94,16 @@ FAKE_TRIAL = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("boundary", [3, 57, 200])
+def test_a_coarser_resolution_answers_at_most_that_far_below(boundary):
+    def run_trial(batch_size):
+        return tuning.Trial(batch_size, fits=batch_size <= boundary)
+
+    best, trials = tuning.search_max_batch(run_trial, start=16, max_batch=1024, resolution=8)
+    assert boundary - 8 < best <= boundary
+    assert len(trials) <= len(tuning.search_max_batch(run_trial, start=16)[1])
+
+
 def test_the_search_survives_trials_that_run_out_of_memory_or_die(tmp_path):
     script = tmp_path / "trial.py"
     script.write_text(FAKE_TRIAL)
@@ -173,6 +183,6 @@ def test_measured_without_a_gpu_is_refused():
     config = dataclasses.replace(config_lib.TrainConfig(), variant="b0")
     with pytest.raises(Exception, match="needs a GPU"):
         tune_lib.tune(
-            config, phases=[1], usable_bytes=GIB, method="measured", max_batch=8,
+            config, phases=[1], usable_bytes=GIB, method="measured", max_batch=8, resolution=1,
             cpu_trial_batch=0, trial_command=None, trial_flagfile_text="", trial_timeout_s=1,
         )  # fmt: skip
