@@ -32,6 +32,7 @@ import dataclasses
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from effpipe.config import FILL_MODES
@@ -343,6 +344,21 @@ class AugmentResize(keras.layers.Layer):
             "seed": self.seed,
             "compile_sampling": self.compile_sampling,
         }
+
+
+def draw(layer: AugmentResize, images) -> np.ndarray:
+    """The train step's view of uint8 `images`: `layer` in training mode, float32 0..255.
+
+    Each image draws its own transform, as in a training batch. The layer's step
+    counter is put back afterwards, so training's own draws are unchanged (for the
+    plots and TensorBoard images of a run).
+    """
+    step = layer.step.numpy()
+    try:
+        views = layer(images, training=True)
+    finally:
+        layer.step.assign(step)
+    return np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(views, "float32")))
 
 
 # The layer always runs the sampling as one XLA computation, even in a step that is

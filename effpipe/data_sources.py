@@ -356,9 +356,20 @@ def _decode_image(path: str, source_size: int) -> np.ndarray:
         raise UsageError(
             f"cannot decode image {path}: delete or replace the file, or pass --on_bad_image=skip"
         ) from error
-    # Antialiased resize: shrinking a large photo to 32 px must average, not alias.
-    resized = tf.image.resize(image, (source_size, source_size), antialias=True)
-    return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
+    return resize_to_source(image, source_size).numpy()
+
+
+def resize_to_source(images, source_size: int):
+    """Images (or one image) of any size to `source_size` px uint8, as stored on the host.
+
+    The folder loader and the exported model's serving signatures share it, so a
+    served image reaches the model as a training image did. Antialiased: shrinking
+    a large photo to 32 px must average, not alias.
+    """
+    import tensorflow as tf
+
+    resized = tf.image.resize(images, (source_size, source_size), antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
 def _progress(paths: list[str]):

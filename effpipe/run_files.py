@@ -5,6 +5,7 @@ A crash or a kill mid-write leaves the previous file or none, never half of one.
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 
@@ -51,3 +52,33 @@ def write_json(path: str, value) -> None:
 def read_json(path: str):
     with open(path, encoding="utf-8") as file:
         return json.load(file)
+
+
+def write_directory_atomically(path: str, write: Callable[[str], None]) -> None:
+    """Calls `write(temporary_folder)`, then puts the folder in place of `path`.
+
+    A crash while writing leaves the previous folder intact. The old folder is
+    renamed aside before the new one takes its name and deleted after, so the
+    window in which `path` is missing is two renames long.
+
+    Args:
+      path: the final folder path.
+      write: fills the (empty, existing) folder it is given.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    name = os.path.basename(os.path.abspath(path))
+    temporary = tempfile.mkdtemp(dir=parent, prefix=f"{TEMPORARY_PREFIX}{name}-")
+    try:
+        write(temporary)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    previous = None
+    if os.path.exists(path):
+        previous = tempfile.mkdtemp(dir=parent, prefix=f"{TEMPORARY_PREFIX}{name}-old-")
+        os.rmdir(previous)
+        os.rename(path, previous)
+    os.rename(temporary, path)
+    if previous:
+        shutil.rmtree(previous, ignore_errors=True)

@@ -1,0 +1,103 @@
+"""Exporting a trained model as a SavedModel that serves encoded images by class name.
+
+    WORKDIR/export/      tf.saved_model.load(path) in any TensorFlow process
+
+Signatures (both return the same outputs):
+  serving_default(images: string [N])      encoded JPEG, PNG, GIF or BMP bytes of any
+                                           size; grayscale, palette and RGBA images are
+                                           converted to RGB
+  serve_images(images: uint8 [N, H, W, 3]) decoded images of any size
+
+and class_names() returns every class name, in class order.
+
+Each image is brought to the run's source size as the folder loader does
+(antialiased resize, rounded to uint8), then the model takes it to its resolution
+and classifies it. Outputs:
+  classes            string [N, k]   the top-k class names, most probable first
+  class_ids          int32 [N, k]
+  probabilities      float32 [N, k]
+  all_probabilities  float32 [N, num_classes]
+
+The SavedModel holds the traced graph and the weights: loading it needs TensorFlow
+only, not effpipe or Keras.
+"""
+
+import keras
+import tensorflow as tf
+
+from effpipe import data_sources, run_files
+
+EXPORT_DIR = "export"
+
+
+class ServingModule(tf.Module):
+    """The model with its pre- and post-processing, as traced TensorFlow functions.
+
+    Args:
+      model: a model built by `models.make_model` (uint8 source images in).
+      class_names: one name per class.
+      top_k: classes returned per image (at most the number of classes).
+    """
+
+    def __init__(self, model: keras.Model, class_names, top_k: int = 5):
+        super().__init__()
+        self.model = model
+        self.class_names = tf.Variable(list(class_names), trainable=False, name="class_names")
+        self.top_k = min(top_k, len(class_names))
+        self.source_size = int(model.input.shape[1])
+        self.serve_bytes = tf.function(
+            self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="images")]
+        )
+        self.serve_images = tf.function(
+            self._serve_images,
+            input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
+        )
+        self.get_class_names = tf.function(
+            lambda: {"class_names": tf.identity(self.class_names)}, input_signature=[]
+        )
+
+    def _serve_bytes(self, images):
+        def decode(encoded):
+            image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+            image.set_shape([None, None, 3])
+            return data_sources.resize_to_source(image, self.source_size)
+
+        decoded = tf.map_fn(
+            decode,
+            images,
+            fn_output_signature=tf.TensorSpec([self.source_size, self.source_size, 3], tf.uint8),
+        )
+        return self._classify(decoded)
+
+    def _serve_images(self, images):
+        return self._classify(data_sources.resize_to_source(images, self.source_size))
+
+    def _classify(self, images):
+        probabilities = tf.cast(self.model(images, training=False), tf.float32)
+        top_probabilities, top_ids = tf.math.top_k(probabilities, k=self.top_k)
+        return {
+            "classes": tf.gather(self.class_names, top_ids),
+            "class_ids": top_ids,
+            "probabilities": top_probabilities,
+            "all_probabilities": probabilities,
+        }
+
+
+def export_model(model: keras.Model, class_names, path: str, top_k: int = 5) -> None:
+    """Writes the SavedModel of `model` to the folder `path`, atomically.
+
+    Args:
+      model: a trained model built by `models.make_model`.
+      class_names: one name per class, indexed by label.
+      path: the export folder (replaced if it exists).
+      top_k: classes each signature returns per image.
+    """
+    module = ServingModule(model, class_names, top_k)
+    signatures = {
+        "serving_default": module.serve_bytes,
+        "serve_images": module.serve_images,
+        "class_names": module.get_class_names,
+    }
+    run_files.write_directory_atomically(
+        path, lambda folder: tf.saved_model.save(module, folder, signatures=signatures)
+    )

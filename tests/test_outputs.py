@@ -1,0 +1,169 @@
+"""What a run leaves to look at and use: the export, predict, the plots."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from effpipe import data_sources, evaluation, export, models, plots
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+CLASS_NAMES = ("apple", "bear", "cloud", "dolphin")
+SOURCE_SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A small model with peaked outputs, exported; and image files of other sizes."""
+    folder = tmp_path_factory.mktemp("export")
+    model = models.make_model(
+        variant="b0", image_size=32, source_size=(SOURCE_SIZE, SOURCE_SIZE),
+        num_classes=len(CLASS_NAMES), weights="none",
+    )  # fmt: skip
+    # Calibrated statistics and large random head weights: the probabilities
+    # differ clearly between images, so equal outputs mean the same computation.
+    rng = np.random.default_rng(0)
+    calibration = rng.integers(0, 256, (32, SOURCE_SIZE, SOURCE_SIZE, 3), dtype=np.uint8)
+    models.calibrate_batch_norm(model, calibration, batch_size=16)
+    dense = model.get_layer("predictions")
+    dense.kernel.assign(rng.normal(0, 30, dense.kernel.shape).astype(np.float32))
+    export.export_model(model, CLASS_NAMES, str(folder / "run" / "export"), top_k=3)
+    images = rng.integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
+    images[:, :20] //= 3  # Some structure, so the resize matters.
+    files = []
+    for index, image in enumerate(images):
+        png, jpeg = folder / f"image{index}.png", folder / f"image{index}.jpg"
+        png.write_bytes(tf.io.encode_png(image).numpy())
+        jpeg.write_bytes(tf.io.encode_jpeg(image, quality=90).numpy())
+        files += [png, jpeg]
+    return model, folder / "run", files
+
+
+def _in_process_probabilities(model, path):
+    image = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
+    source = data_sources.resize_to_source(image, SOURCE_SIZE)
+    return model(source[None], training=False).numpy()[0]
+
+
+PLAIN_TENSORFLOW = textwrap.dedent(
+    """
+    import json, sys
+    import tensorflow as tf
+    loaded = tf.saved_model.load(sys.argv[1])
+    encoded = [open(path, "rb").read() for path in sys.argv[2:]]
+    outputs = loaded.signatures["serving_default"](images=tf.constant(encoded))
+    assert not any(name.startswith("effpipe") for name in sys.modules), "imports effpipe"
+    print(json.dumps({
+        "all": outputs["all_probabilities"].numpy().tolist(),
+        "classes": [[c.decode() for c in row] for row in outputs["classes"].numpy()],
+        "top": outputs["probabilities"].numpy().tolist(),
+    }))
+    """
+)
+
+
+def test_the_export_serves_png_and_jpeg_bytes_in_plain_tensorflow(exported):
+    model, workdir, files = exported
+    result = subprocess.run(
+        [sys.executable, "-c", PLAIN_TENSORFLOW, str(workdir / "export"), *map(str, files)],
+        capture_output=True, text=True, timeout=300, cwd="/",
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ""},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = np.stack([_in_process_probabilities(model, path) for path in files])
+    # The same graph on the same bytes: equal up to float32 rounding.
+    np.testing.assert_allclose(served["all"], expected, atol=1e-5)
+    assert np.ptp(expected.argmax(axis=1)) > 0, "the images should not all get one class"
+    for row, probabilities, top in zip(served["classes"], expected, served["top"]):
+        order = np.argsort(-probabilities)[:3]
+        assert row == [CLASS_NAMES[i] for i in order]
+        np.testing.assert_allclose(top, probabilities[order], atol=1e-5)
+
+
+def test_the_uint8_signature_takes_images_of_any_size(exported):
+    model, workdir, _ = exported
+    loaded = tf.saved_model.load(str(workdir / "export"))
+    rng = np.random.default_rng(1)
+    at_source = rng.integers(0, 256, (2, SOURCE_SIZE, SOURCE_SIZE, 3), dtype=np.uint8)
+    served = loaded.signatures["serve_images"](images=tf.constant(at_source))
+    # Images already at the source size reach the model unchanged.
+    np.testing.assert_allclose(
+        served["all_probabilities"].numpy(), model(at_source, training=False).numpy(), atol=1e-6
+    )
+    larger = rng.integers(0, 256, (2, 48, 30, 3), dtype=np.uint8)
+    assert loaded.signatures["serve_images"](images=tf.constant(larger))["classes"].shape == (2, 3)
+    names = loaded.signatures["class_names"]()["class_names"].numpy()
+    assert [n.decode() for n in names] == list(CLASS_NAMES)
+
+
+def test_predict_answers_every_readable_image_and_names_the_others(exported, tmp_path):
+    _, workdir, files = exported
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    missing = tmp_path / "missing.jpg"
+    result = subprocess.run(
+        [sys.executable, "-m", "effpipe.predict", f"--model={workdir}", "--top_k=2",
+         str(files[0]), str(bad), str(missing), str(files[1])],
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 1
+    answers = result.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in answers] == [str(files[0]), str(files[1])]
+    for line in answers:
+        pairs = line.split(": ", 1)[1].split(", ")
+        assert len(pairs) == 2 and all(p.split()[0] in CLASS_NAMES for p in pairs)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("effpipe.predict:")]
+    assert errors == [
+        f"effpipe.predict: {bad}: not an image TensorFlow can decode (JPEG, PNG, GIF, BMP)",
+        f"effpipe.predict: {missing}: cannot read (No such file or directory)",
+    ]
+
+
+def test_predict_without_an_export_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "effpipe.predict", f"--model={tmp_path}", "x.png"],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"effpipe.predict: error: {tmp_path} holds no exported model (no saved_model.pb in it "
+        "or in its export/): point --model at a finished run's directory"
+    ]
+
+
+def test_summarize_counts_top1_top5_and_per_class():
+    probabilities = np.array(
+        [[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.1, 0.4], [0.2, 0.5, 0.3]], np.float32
+    )
+    labels = np.array([0, 1, 1, 1])
+    summary = evaluation.summarize(probabilities, labels, ("a", "b", "c"), top_k=2)
+    assert summary["top1"] == 0.5 and summary["top5"] == 0.75
+    assert summary["per_class_accuracy"] == {"a": 1.0, "b": 1 / 3}
+    assert [w["class"] for w in summary["worst_classes"]] == ["b", "a"]
+
+
+def check_png(path, min_size=(400, 200)):
+    """The PNG decodes, is at least `min_size` (width, height) and is not blank."""
+    image = tf.io.decode_png(tf.io.read_file(str(path))).numpy()
+    assert image.shape[1] >= min_size[0] and image.shape[0] >= min_size[1], image.shape
+    assert image.std() > 5, f"{path} is blank"
+    return image
+
+
+def test_the_plots_draw_something(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    probabilities = rng.dirichlet(np.ones(4), 6).astype(np.float32)
+    labels = np.array([0, 1, 2, 3, 0, 1])
+    plots.plot_predictions(images, labels, probabilities, CLASS_NAMES, str(tmp_path / "p.png"))
+    plots.plot_augmentations(images[0], images[:4] * 1.0, str(tmp_path / "a.png"))
+    plots.plot_per_class({"a": 0.1, "b": 0.9}, str(tmp_path / "c.png"))
+    for name, size in (("p.png", (1000, 400)), ("a.png", (600, 200)), ("c.png", (500, 200))):
+        check_png(tmp_path / name, size)
