@@ -51,7 +51,7 @@ class Features:
 
     @property
     def megabytes(self) -> float:
-        return (self.train.nbytes + self.validation.nbytes) / 2**20
+        return (self.train.nbytes + self.validation.nbytes) / 1e6
 
 
 def make_feature_model(model: keras.Model) -> keras.Model:

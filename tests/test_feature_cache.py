@@ -144,7 +144,7 @@ def test_a_cache_of_another_setup_is_computed_again(tmp_path):
     assert (first.reused, again.reused, other.reused) == (False, True, False)
     np.testing.assert_array_equal(again.train, first.train)
     np.testing.assert_array_equal(other.train, np.full((3, 2), 2.0))
-    assert first.train.dtype == np.float32 and first.megabytes == 32 / 2**20
+    assert first.train.dtype == np.float32 and first.megabytes == 32 / 1e6
 
 
 def test_the_head_model_trains_the_full_models_head_under_bfloat16(base_weights):
