@@ -17,6 +17,9 @@ base frozen; phase 2: --unfreeze_blocks unfrozen) with the trainer's shared
   seed/synthetic            the notebook's model on one fixed float32 batch
   seed/numpy                the notebook as it ran: model.fit on numpy arrays
   seed/generator            the notebook fed by its ImageDataGenerator (augmenting)
+  effpipe/noaug/feature_cache  phase 1 only (unless --phase1_feature_cache=off): the
+                            head trained on the base's pooled features of the same
+                            images, computed once (the trainer's feature cache)
 
 speedup_vs_seed pairs effpipe/noaug/synthetic with seed/synthetic,
 effpipe/noaug/pipeline with seed/numpy and effpipe/aug/pipeline with
@@ -26,7 +29,10 @@ uses the trainer's precision and XLA flags; the replica always runs float32 with
 XLA, as the notebook did. Each repeat is one epoch of --steps_per_repeat steps per
 configuration, interleaved; the first repeat is warm-up; median of the rest.
 Prints a table and, last, one JSON line: one object per configuration with
-ms_per_step, images_per_sec, peak_memory_mb (GPU; null on CPU) and speedup_vs_seed.
+ms_per_step, images_per_sec, peak_memory_mb (GPU; null on CPU) and speedup_vs_seed,
+and, in phase 1, phase1_feature_cache: the wall time of one epoch (--steps_per_repeat
+steps) on the full model against one on cached features, the one forward pass that
+computes the features of that epoch's images, and the ratio.
 """
 
 import dataclasses
@@ -34,6 +40,7 @@ import functools
 import os
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -47,6 +54,7 @@ from benchmarks import harness, seed_replica  # noqa: E402
 from effpipe import (  # noqa: E402
     cli_flags,
     data_sources,
+    feature_cache,
     input_pipeline,
     models,
     runtime,
@@ -103,6 +111,50 @@ def effpipe_model(config, phase: int, weights_path: str, num_classes: int, sourc
     return model
 
 
+def feature_cache_group(config, setup, train, num_classes, weights_path, steps, cache_build):
+    """Phase 1 on cached features: the head model trained on pooled features.
+
+    Building it computes the features of the epoch's `steps` batches of training
+    images once, timed after a warm-up batch, into `cache_build`; the configuration
+    then fits the head model on them, fed as the trainer feeds it.
+    """
+    configuration = Configuration("effpipe/noaug/feature_cache", {})
+    batch_size, options = config.batch_size, train_lib.pipeline_options_of(config)
+    images, labels = train.images[: steps * batch_size], train.labels[: steps * batch_size]
+
+    def build():
+        noaug = dataclasses.replace(config, augment=False)
+        model = effpipe_model(noaug, 1, weights_path, num_classes, images.shape[1:3], setup)
+        feature_model = feature_cache.make_feature_model(model)
+        feature_model.compile(jit_compile=setup.xla)
+        batches = input_pipeline.make_dataset(
+            images, labels, batch_size=batch_size, is_training=False, options=options
+        )
+        feature_model.predict(batches.take(1), verbose=0)  # Tracing, not timed.
+        start = time.perf_counter()
+        features = feature_model.predict(batches, verbose=0).astype(np.float32)
+        cache_build.update(seconds=time.perf_counter() - start, images=len(images))
+        head = feature_cache.make_head_model(model)
+        train_lib.compile_model(
+            head, config.phase1_learning_rate, jit_compile=setup.xla, optimizer=model.optimizer
+        )
+        configuration.fit_inputs = {
+            "x": input_pipeline.make_feature_dataset(
+                features,
+                labels,
+                batch_size=batch_size,
+                is_training=True,
+                seed=config.seed,
+                options=options,
+            ),  # fmt: skip
+            "steps_per_epoch": steps,
+            "shuffle": False,
+        }
+        return head
+
+    return Group(build, [configuration])
+
+
 def seed_model(config, phase: int, num_classes: int, source_size: int) -> keras.Model:
     """The notebook replica for `phase`, float32 whatever effpipe's policy, as it ran."""
     previous_policy = keras.mixed_precision.global_policy()
@@ -118,7 +170,9 @@ def seed_model(config, phase: int, num_classes: int, source_size: int) -> keras.
     return model
 
 
-def make_groups(config, phase, setup, train, num_classes, weights_path, steps) -> list[Group]:
+def make_groups(
+    config, phase, setup, train, num_classes, weights_path, steps, cache_build
+) -> list[Group]:
     """Every configuration, grouped by the model it trains."""
     batch_size = config.batch_size
     source_size = train.images.shape[1:3]
@@ -155,6 +209,12 @@ def make_groups(config, phase, setup, train, num_classes, weights_path, steps) -
                     for feed, dataset in (("synthetic", synthetic), ("pipeline", pipeline))
                 ],
             )
+        )
+    # Phase 1 on cached features, unless turned off (the benchmark's base loads a
+    # weights file, as a pretrained one: its features do not change between epochs).
+    if phase == 1 and config.phase1_feature_cache != "off" and config.head == "pooled":
+        groups.append(
+            feature_cache_group(config, setup, train, num_classes, weights_path, steps, cache_build)
         )
     if not _SEED_BASELINE.value:
         return groups
@@ -255,16 +315,19 @@ def main(argv):
             models.make_base(config.variant, config.resolved_image_size, "none").save_weights(
                 weights_path
             )
+            cache_build = {}
             groups = make_groups(
-                config, phase, setup, source.train, source.num_classes, weights_path, steps
-            )
+                config, phase, setup, source.train, source.num_classes, weights_path, steps,
+                cache_build,
+            )  # fmt: skip
             run_groups(groups, repeats, config.batch_size, gpu)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
     configurations = [c for group in groups for c in group.configurations]
     report = summarize(configurations)
-    print_report(report, setup)
+    feature_cache_report = summarize_feature_cache(report, cache_build)
+    print_report(report, setup, feature_cache_report)
     harness.print_json_line(
         {
             "benchmark": "step_throughput",
@@ -280,6 +343,7 @@ def main(argv):
             "steps_per_repeat": steps,
             "configurations": report,
             "targets": targets(report, setup),
+            "phase1_feature_cache": feature_cache_report,
         }
     )
 
@@ -291,6 +355,7 @@ def summarize(configurations: list[Configuration]) -> dict[str, dict]:
         timed = configuration.records[1:]
         ms_per_step = statistics.median(record["ms_per_step"] for record in timed)
         report[configuration.name] = {
+            "seconds_per_repeat": statistics.median(record["seconds"] for record in timed),
             "ms_per_step": ms_per_step,
             "images_per_sec": statistics.median(record["images_per_sec"] for record in timed),
             "peak_memory_mb": configuration.peak_memory_mb,
@@ -311,6 +376,29 @@ def summarize(configurations: list[Configuration]) -> dict[str, dict]:
                     0.0, 1.0 - compute["ms_per_step"] / fed["ms_per_step"]
                 )
     return report
+
+
+def summarize_feature_cache(report: dict, cache_build: dict) -> dict | None:
+    """Phase-1 wall time per epoch on the full model and on cached features.
+
+    An epoch here is one repeat (--steps_per_repeat steps); the uncached epoch is
+    effpipe/noaug/pipeline, the same model fed by the trainer's pipeline. Over E
+    epochs the cache costs one forward pass plus E cached epochs.
+    """
+    cached = report.get("effpipe/noaug/feature_cache")
+    if cached is None:
+        return None
+    without = report["effpipe/noaug/pipeline"]["seconds_per_repeat"]
+    with_cache = cached["seconds_per_repeat"]
+    return {
+        "epoch_seconds_without_cache": without,
+        "epoch_seconds_with_cache": with_cache,
+        "epoch_time_ratio": with_cache / without,
+        "cache_build_seconds": cache_build["seconds"],
+        "cache_build_images": cache_build["images"],
+        "ten_epochs_seconds_without_cache": 10 * without,
+        "ten_epochs_seconds_with_cache": cache_build["seconds"] + 10 * with_cache,
+    }
 
 
 def targets(report: dict, setup) -> dict:
@@ -338,7 +426,7 @@ def _percent(fraction):
     return None if fraction is None else 100.0 * fraction
 
 
-def print_report(report: dict, setup) -> None:
+def print_report(report: dict, setup, feature_cache_report: dict | None = None) -> None:
     rows = [
         [
             name,
@@ -357,6 +445,16 @@ def print_report(report: dict, setup) -> None:
         print(
             f"target {name}: {check['value']:.3f} against {check['limit']:g}: "
             f"{'met' if check['met'] else 'MISSED'}"
+        )
+    if feature_cache_report:
+        figures = feature_cache_report
+        print(
+            f"phase-1 epoch: {figures['epoch_seconds_without_cache']:.3f} s on the full model, "
+            f"{figures['epoch_seconds_with_cache']:.3f} s on cached features "
+            f"({figures['epoch_time_ratio']:.4f}x); computing the features of its "
+            f"{figures['cache_build_images']} images once: {figures['cache_build_seconds']:.3f} s; "
+            f"10 epochs: {figures['ten_epochs_seconds_without_cache']:.1f} s against "
+            f"{figures['ten_epochs_seconds_with_cache']:.1f} s"
         )
 
 

@@ -23,15 +23,24 @@ class BestCheckpoint(keras.callbacks.Callback):
       path: the weights file (`.weights.h5`).
       monitor: the `fit` log to maximise.
       best: the best value so far (carried across phases); None for no threshold.
+      model_to_save: the model whose weights are saved; by default the model being
+        fit (phase 1 on cached features fits a head model and saves the full one).
 
     Attributes:
       best: the best monitored value seen, or None.
       saved: whether this callback has written the file.
     """
 
-    def __init__(self, path: str, monitor: str = "val_accuracy", best: float | None = None):
+    def __init__(
+        self,
+        path: str,
+        monitor: str = "val_accuracy",
+        best: float | None = None,
+        model_to_save=None,
+    ):
         super().__init__()
         self.path = path
+        self.model_to_save = model_to_save
         self.monitor = monitor
         self.best = best
         self.saved = False
@@ -43,7 +52,8 @@ class BestCheckpoint(keras.callbacks.Callback):
             return
         if self.best is not None and value <= self.best:
             return
-        run_files.write_atomically(self.path, self.model.save_weights)
+        model = self.model_to_save or self.model
+        run_files.write_atomically(self.path, model.save_weights)
         previous, self.best, self.saved = self.best, float(value), True
         logging.info(
             "epoch %d: %s %.4f (was %s): weights saved to %s",

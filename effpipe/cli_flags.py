@@ -177,6 +177,17 @@ flags.DEFINE_bool(
     "and name it (much slower; for debugging a diverging run).",
 )
 
+flags.DEFINE_enum(
+    "phase1_feature_cache",
+    _DEFAULTS.phase1_feature_cache,
+    config_lib.FEATURE_CACHE_MODES,
+    "Compute the frozen base's pooled features of the train and validation images "
+    "once (saved under WORKDIR/cache/) and train phase 1's head on them. auto: on "
+    "with --noaugment, --head=pooled and a pretrained base (with --weights=none the "
+    "base's stochastic depth varies the features); on: required, refused with "
+    "augmentation or the seed head; off: every phase-1 epoch runs the whole model.",
+)
+
 FLAGS = flags.FLAGS
 
 

@@ -12,6 +12,7 @@ from effpipe.errors import UsageError
 
 HEADS = ("pooled", "seed")
 XLA_MODES = ("auto", "on", "off")
+FEATURE_CACHE_MODES = ("auto", "on", "off")
 VALIDATION_SELECTIONS = ("random", "last")
 DATASET_KINDS = ("cifar100", "shapes", "folder:PATH")
 BAD_IMAGE_POLICIES = ("fail", "skip")
@@ -69,6 +70,7 @@ class TrainConfig:
     data_threads: int = 0
     autotune: bool = True
     debug_numerics: bool = False
+    phase1_feature_cache: str = "auto"
 
     def __post_init__(self):
         _validate(self)
@@ -77,6 +79,40 @@ class TrainConfig:
     def resolved_image_size(self) -> int:
         """The model resolution in pixels: `image_size`, or the variant's native size."""
         return self.image_size or variants.VARIANTS[self.variant].native_image_size
+
+    @property
+    def uses_phase1_feature_cache(self) -> bool:
+        """Whether phase 1 trains the head on cached pooled features (see `feature_cache`)."""
+        return resolve_phase1_feature_cache(self)[0]
+
+
+def resolve_phase1_feature_cache(config: TrainConfig) -> tuple[bool, str]:
+    """Resolves --phase1_feature_cache, with the reason for the log.
+
+    The cache applies when the base's pooled output of an image is the same in every
+    phase-1 epoch: no random augmentation before the base, and a head that pools
+    first (pooled). "on" where it cannot apply is refused at validation. auto also
+    leaves it off for a base trained from scratch (--weights=none): that base follows
+    the training flag, so its stochastic depth changes the features every epoch and
+    the cache (its inference output) would train another head; "on" accepts that.
+
+    Returns:
+      (on, reason).
+    """
+    if config.phase1_feature_cache == "off":
+        return False, "phase-1 feature cache off (--phase1_feature_cache=off)"
+    if config.phase1_feature_cache == "on":
+        return True, "phase-1 feature cache on (--phase1_feature_cache=on)"
+    if config.augment:
+        return False, "phase-1 feature cache off (auto: augmentation changes the features)"
+    if config.head != "pooled":
+        return False, f"phase-1 feature cache off (auto: the {config.head} head pools last)"
+    if config.weights == "none":
+        return False, (
+            "phase-1 feature cache off (auto: a base trained from scratch draws stochastic "
+            "depth in training, so its features change every epoch)"
+        )
+    return True, "phase-1 feature cache on (auto: no augmentation, pooled head, pretrained base)"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -168,4 +204,22 @@ def _validate(config: TrainConfig) -> None:
     _require(
         config.xla in XLA_MODES, f"unknown xla mode {config.xla!r}: choose one of auto, on, off"
     )
+    _require(
+        config.phase1_feature_cache in FEATURE_CACHE_MODES,
+        f"unknown phase1_feature_cache {config.phase1_feature_cache!r}: choose one of "
+        "auto, on, off",
+    )
+    if config.phase1_feature_cache == "on":
+        _require(
+            not config.augment,
+            "--phase1_feature_cache=on needs phase 1 without augmentation (a random "
+            "transform changes the base's features every epoch, so they cannot be "
+            "computed once): pass --noaugment, or --phase1_feature_cache=auto",
+        )
+        _require(
+            config.head == "pooled",
+            f"--phase1_feature_cache=on needs --head=pooled (the {config.head} head runs "
+            "BatchNormalization and Dropout before pooling, so there are no pooled "
+            "features to cache): pass --head=pooled, or --phase1_feature_cache=auto",
+        )
     _require(config.data_threads >= 0, f"--data_threads={config.data_threads} must be 0 or more")

@@ -2,6 +2,9 @@
 
     source -> cache -> shuffle (train) -> batch -> repeat (train) -> prefetch
 
+`make_feature_dataset` runs the same chain over cached per-image features (phase 1
+with the feature cache), in the same order.
+
 Images stay uint8 at source resolution on the host (a 32x32x3 CIFAR image is 3 KB;
 the same image at 456 px float32 is 2.5 MB). Casting, augmentation and the resize to
 the model resolution happen on the device, inside the compiled step. This module
@@ -57,7 +60,41 @@ def make_dataset(
     """
     if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 at source resolution, got {images.dtype}")
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
+    return _batched_stream(images, labels, batch_size, is_training, seed, options)
+
+
+def make_feature_dataset(
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int,
+    is_training: bool,
+    seed: int = 0,
+    options: PipelineOptions = PipelineOptions(),
+) -> tf.data.Dataset:
+    """The same chain over per-image feature vectors instead of images.
+
+    The shuffle draws its orders from the seed and the number of elements alone,
+    never from their values, so for the same `seed` and the same examples in the
+    same order this yields the labels `make_dataset` yields, batch for batch: phase
+    1 on cached features sees the batches phase 1 on images would.
+
+    Args:
+      features: (N, F) float32, row i computed from image i of the split.
+      labels: (N,) integer class ids.
+      batch_size, is_training, seed, options: as for `make_dataset`.
+
+    Returns:
+      A dataset of (features (B, F) float32, labels (B,) int32).
+    """
+    if features.ndim != 2:
+        raise ValueError(f"features must be (examples, size), got shape {features.shape}")
+    return _batched_stream(features, labels, batch_size, is_training, seed, options)
+
+
+def _batched_stream(elements, labels, batch_size, is_training, seed, options):
+    """cache -> shuffle (train) -> batch -> repeat (train) -> prefetch."""
+    dataset = tf.data.Dataset.from_tensor_slices((elements, labels.astype(np.int32)))
     # Cache before shuffling so every epoch shuffles the same cached elements; for
     # in-memory arrays it is cheap, for file-backed sources it saves the decode.
     if options.cache:

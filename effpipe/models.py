@@ -136,6 +136,12 @@ def make_model(
         # statistics and the blocks' stochastic-depth dropout is off, in both
         # phases. Unfrozen layers still receive gradients.
         features = base(resized, training=False)
+        # Keras 3 hands a nested model the outer call's training flag even where the
+        # graph was built with training=False (measured on Keras 3.15: a Dropout in
+        # a nested model drops under model(x, training=True)). Frozen
+        # BatchNormalization runs in inference mode anyway; the stochastic-depth
+        # Dropout layers would not, so their rate is set to 0.
+        disable_stochastic_depth(base)
     if head == "pooled":
         x = keras.layers.GlobalAveragePooling2D(name="head_pool")(features)
         x = keras.layers.BatchNormalization(name="head_bn")(x)
@@ -150,6 +156,17 @@ def make_model(
         num_classes, activation="softmax", dtype="float32", name="predictions"
     )(x)
     return keras.Model(inputs, outputs, name=f"effpipe_{variant}")
+
+
+def disable_stochastic_depth(base: keras.Model) -> None:
+    """Turns off the base's stochastic depth (its blocks' Dropout layers) in training too.
+
+    A Dropout of rate 0 returns its input and draws no random numbers; its seed
+    generator stays, so saved states keep their layout.
+    """
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0
 
 
 def calibrate_batch_norm(model: keras.Model, images, batch_size: int = 32) -> None:

@@ -113,10 +113,24 @@ class EpochStateSaver(keras.callbacks.Callback):
       meter: the run's ThroughputMeter (its last record is the epoch's timing).
       best_checkpoint: the phase's BestCheckpoint (best value, whether it saved).
       checkpoint_written: whether an earlier phase or run wrote the best checkpoint.
+      model_to_save: the model whose weights, optimizer and RNG states are saved; by
+        default the model being fit (phase 1 on cached features fits a head model
+        that shares the full model's head layers and optimizer, and saves the full
+        one, so the state is the same whether or not the cache is on).
     """
 
-    def __init__(self, workdir, phase, history, meter, best_checkpoint, checkpoint_written):
+    def __init__(
+        self,
+        workdir,
+        phase,
+        history,
+        meter,
+        best_checkpoint,
+        checkpoint_written,
+        model_to_save=None,
+    ):
         super().__init__()
+        self.model_to_save = model_to_save
         self.folder = os.path.join(workdir, STATE_DIR)
         self.phase = phase
         self.history = history
@@ -133,8 +147,9 @@ class EpochStateSaver(keras.callbacks.Callback):
             return
         stem = f"epoch-{epoch + 1:04d}"
         weights_file, seeds_file = f"{stem}.weights.h5", f"{stem}.seeds.npz"
-        run_files.write_atomically(os.path.join(self.folder, weights_file), self.model.save_weights)
-        seeds = {f"seed_{i}": np.asarray(v.numpy()) for i, v in enumerate(_seed_states(self.model))}
+        model = self.model_to_save or self.model
+        run_files.write_atomically(os.path.join(self.folder, weights_file), model.save_weights)
+        seeds = {f"seed_{i}": np.asarray(v.numpy()) for i, v in enumerate(_seed_states(model))}
         run_files.write_atomically(
             os.path.join(self.folder, seeds_file), lambda path: np.savez(path, **seeds)
         )
@@ -198,6 +213,10 @@ class StopOnSignal(keras.callbacks.Callback):
 
     def on_test_batch_end(self, batch, logs=None):
         # Validation is part of the epoch: stopping in it loses only that epoch.
+        self.check()
+
+    def on_predict_batch_end(self, batch, logs=None):
+        # Computing phase 1's cached features: nothing of them is saved yet.
         self.check()
 
     def check(self) -> None:

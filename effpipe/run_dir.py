@@ -25,6 +25,7 @@ RUN_OUTPUTS = (
     "metrics.json",
     "checkpoints",
     "state",
+    "cache",
 )
 NEW, RESUME, COMPLETE = "new", "resume", "complete"
 
@@ -89,7 +90,11 @@ def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:
 
 def remove_temporaries(workdir: str) -> None:
     """Deletes half-written files a killed run left (run_files' `.tmp-*` names)."""
-    for folder in (workdir, os.path.join(workdir, "state"), os.path.join(workdir, "checkpoints")):
+    folders = [
+        workdir,
+        *(os.path.join(workdir, name) for name in ("state", "checkpoints", "cache")),
+    ]
+    for folder in folders:
         if os.path.isdir(folder):
             for name in os.listdir(folder):
                 if name.startswith(run_files.TEMPORARY_PREFIX):

@@ -10,6 +10,8 @@ Outputs under the run directory (`workdir`):
   metrics.json              test top1/top5/loss, throughput, the resolved setup
   history.png               loss and accuracy over both phases
   checkpoints/best.weights.h5  the best weights by validation accuracy
+  cache/phase1_features.npz    the pooled features phase 1 trains on, when the
+                               feature cache is on (effpipe.feature_cache)
 """
 
 import contextlib
@@ -30,6 +32,7 @@ from effpipe import (
     augment,
     checkpointing,
     data_sources,
+    feature_cache,
     input_pipeline,
     models,
     plots,
@@ -38,6 +41,7 @@ from effpipe import (
     runtime,
     timing,
 )
+from effpipe import config as config_lib
 from effpipe.config import TrainConfig
 from effpipe.errors import UsageError
 
@@ -156,6 +160,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             model.count_params(),
             _describe_augmentation(config),
         )
+        use_feature_cache, reason = config_lib.resolve_phase1_feature_cache(config)
+        logging.info("%s", reason)
+        if use_feature_cache and config.weights == "none":
+            logging.info(
+                "random base: the cached features are its inference output (stochastic "
+                "depth off, as validation sees them); without the cache phase 1 would "
+                "train the head on features with stochastic depth on"
+            )
 
         # --- Phases 1 and 2, resumed from the last completed epoch if any. ---
         checkpoint_path = os.path.join(workdir, BEST_CHECKPOINT)
@@ -207,24 +219,47 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
                 learning_rate,
                 _count_trainable(model),
             )
+            # The images, or on the feature cache their features in the same order.
+            fit_model, train_dataset, phase_validation_dataset = (
+                model,
+                make_dataset(train_split, is_training=True),
+                validation_dataset,
+            )
+            phase_callbacks = calibration_callbacks
+            if phase == 1 and use_feature_cache:
+                kept_before = functools.partial(
+                    _kept_weights, checkpoint_path, checkpoint_written, best_validation_accuracy
+                )
+                with _device_errors_as_usage_errors(config, setup, kept_before):
+                    fit_model, train_dataset, phase_validation_dataset = _cached_phase1_inputs(
+                        config, setup, model, workdir, train_split, validation_split,
+                        stop_on_signal,
+                    )  # fmt: skip
+                # The features were computed with the base's BatchNormalization
+                # statistics of the one calibration above; the base is frozen, so a
+                # recalibration on the same images would change them only by its
+                # stochastic-depth draws, and would make the stored features stale.
+                phase_callbacks = []
+            # The checkpoint and the state hold the full model, whichever model fits.
             checkpoint = checkpointing.BestCheckpoint(
-                checkpoint_path, monitor="val_accuracy", best=best_validation_accuracy
+                checkpoint_path,
+                monitor="val_accuracy",
+                best=best_validation_accuracy,
+                model_to_save=model,
             )
             saver = resume.EpochStateSaver(
-                workdir, phase, history, meter, checkpoint, checkpoint_written
+                workdir, phase, history, meter, checkpoint, checkpoint_written, model_to_save=model
             )
             kept_so_far = functools.partial(
                 _kept_weights_by, checkpoint, checkpoint_path, already_written=checkpoint_written
             )
             with _device_errors_as_usage_errors(config, setup, kept_so_far):
-                model.fit(
+                fit_model.fit(
                     # The stream is endless and seeded: skipping the epochs already
                     # trained gives a resumed run the batches an uninterrupted one sees.
-                    make_dataset(train_split, is_training=True).skip(
-                        initial_epoch * steps_per_epoch
-                    ),
+                    train_dataset.skip(initial_epoch * steps_per_epoch),
                     steps_per_epoch=steps_per_epoch,
-                    validation_data=validation_dataset,
+                    validation_data=phase_validation_dataset,
                     initial_epoch=initial_epoch,
                     epochs=first_epoch + epochs,
                     # The meter first: calibration work before validation is not
@@ -232,7 +267,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
                     # best. TerminateOnNaN stops at the first non-finite loss.
                     callbacks=[
                         meter,
-                        *calibration_callbacks,
+                        *phase_callbacks,
                         checkpoint,
                         saver,
                         keras.callbacks.TerminateOnNaN(),
@@ -279,6 +314,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         keras.mixed_precision.set_global_policy(previous_policy)
 
     all_epochs = history["phase1"] + history["phase2"]
+    # Epochs on cached features train the head alone: their images/s is not a
+    # training step's.
+    full_model_epochs = history["phase2"] + ([] if use_feature_cache else history["phase1"])
     metrics = {
         "top1": float(results["accuracy"]),
         "top5": float(results["top5"]),
@@ -287,8 +325,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         "best_val_accuracy": best_validation_accuracy,
         "best_epoch": _best_epoch(all_epochs),
         "train_images_per_sec": (
-            statistics.median(e["images_per_sec"] for e in all_epochs) if all_epochs else None
+            statistics.median(e["images_per_sec"] for e in full_model_epochs or all_epochs)
+            if all_epochs
+            else None
         ),
+        "phase1_feature_cache": use_feature_cache,
         "variant": config.variant,
         "image_size": config.resolved_image_size,
         "batch_size": config.batch_size,
@@ -310,6 +351,72 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         metrics["best_epoch"],
     )
     return metrics
+
+
+def _cached_phase1_inputs(
+    config: TrainConfig, setup, model, workdir, train_split, validation_split, stop_on_signal
+):
+    """Phase 1 on cached features: the head model, compiled, and its two datasets.
+
+    The features come from the file a previous start of this run saved, or are
+    computed now (progress shown) and saved. The head model shares the full model's
+    head layers and optimizer (the model must be compiled, and restored on resume),
+    so fitting it trains the full model's head; its training stream is the images'
+    stream over the features, in the same order (`input_pipeline.make_feature_dataset`).
+
+    Returns:
+      (head model, endless training dataset, validation dataset).
+    """
+    feature_model = feature_cache.make_feature_model(model)
+    # Compiled for the run's XLA setting, as the phase-1 step computes the features.
+    feature_model.compile(jit_compile=setup.xla)
+    options = pipeline_options_of(config)
+
+    def compute(split):
+        images = input_pipeline.make_dataset(
+            split.images,
+            split.labels,
+            batch_size=config.batch_size,
+            is_training=False,
+            options=options,
+        )
+        return feature_model.predict(images, verbose=_keras_verbosity(), callbacks=[stop_on_signal])
+
+    fingerprint = {
+        "config": dataclasses.asdict(config),
+        "precision": setup.precision,
+        "xla": setup.xla,
+        "train_examples": len(train_split),
+        "validation_examples": len(validation_split),
+    }
+    path = os.path.join(workdir, feature_cache.CACHE_FILE)
+    features = feature_cache.load_or_compute(
+        path,
+        fingerprint,
+        lambda: compute(train_split),
+        lambda: compute(validation_split),
+    )
+    feature_cache.log_features(features, path)
+    head_model = feature_cache.make_head_model(model)
+    compile_model(
+        head_model, config.phase1_learning_rate, jit_compile=setup.xla, optimizer=model.optimizer
+    )
+
+    def make_dataset(features_of_split, split, is_training):
+        return input_pipeline.make_feature_dataset(
+            features_of_split,
+            split.labels,
+            batch_size=config.batch_size,
+            is_training=is_training,
+            seed=config.seed,
+            options=options,
+        )
+
+    return (
+        head_model,
+        make_dataset(features.train, train_split, is_training=True),
+        make_dataset(features.validation, validation_split, is_training=False),
+    )
 
 
 def _write_history(workdir: str, history: dict) -> None:
@@ -461,14 +568,27 @@ def _describe_augmentation(config: TrainConfig) -> str:
     )
 
 
-def compile_model(model: keras.Model, learning_rate: float, *, jit_compile: bool) -> None:
+def compile_model(
+    model: keras.Model,
+    learning_rate: float,
+    *,
+    jit_compile: bool,
+    optimizer: keras.optimizers.Optimizer | None = None,
+) -> None:
     """Compiles for sparse integer labels; needed again after changing `trainable`.
 
     Under the mixed_float16 policy Keras wraps the optimizer in a LossScaleOptimizer.
+
+    Args:
+      model: the model to compile.
+      learning_rate: Adam's learning rate.
+      jit_compile: compile the train step with XLA.
+      optimizer: use this optimizer instead of a new Adam (the phase-1 head model
+        takes the full model's, so the resume state holds its variables).
     """
     num_classes = model.output_shape[-1]
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate) if optimizer is None else optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[
             keras.metrics.SparseCategoricalAccuracy(name="accuracy"),

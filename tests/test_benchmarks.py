@@ -58,6 +58,7 @@ def test_step_throughput_smoke(repo_root):
     assert set(configurations) == {
         "effpipe/noaug/synthetic", "effpipe/noaug/pipeline", "effpipe/aug/synthetic",
         "effpipe/aug/pipeline", "seed/synthetic", "seed/numpy", "seed/generator",
+        "effpipe/noaug/feature_cache",
     }  # fmt: skip
     on_gpu = report["device"] != "CPU"
     for name, figures in configurations.items():
@@ -71,6 +72,13 @@ def test_step_throughput_smoke(repo_root):
         "effpipe/noaug/pipeline", "effpipe/aug/pipeline", "seed/numpy", "seed/generator",
     }  # fmt: skip
     assert set(report["targets"]) == {"augment_share_of_step", "noaug_speedup_vs_seed_as_run"}
+    # Phase 1 on cached features against the full model, per epoch of the same steps.
+    cache = report["phase1_feature_cache"]
+    assert cache["epoch_seconds_with_cache"] > 0 and cache["cache_build_seconds"] > 0
+    assert cache["epoch_time_ratio"] == (
+        cache["epoch_seconds_with_cache"] / cache["epoch_seconds_without_cache"]
+    )
+    assert cache["cache_build_images"] == report["steps_per_repeat"] * report["batch_size"]
 
 
 @pytest.mark.parametrize(

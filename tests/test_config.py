@@ -38,3 +38,61 @@ def test_bad_values_raise_usage_error(overrides, fragment):
     with pytest.raises(UsageError, match=None) as raised:
         TrainConfig(**overrides)
     assert fragment in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "augment, head, weights, expected",
+    [
+        (False, "pooled", "imagenet", True),
+        (False, "pooled", "base.weights.h5", True),
+        (False, "pooled", "none", False),
+        (True, "pooled", "imagenet", False),
+        (False, "seed", "imagenet", False),
+        (True, "seed", "imagenet", False),
+        (True, "pooled", "none", False),
+        (False, "seed", "none", False),
+        (True, "seed", "none", False),
+    ],
+)
+def test_auto_feature_cache_needs_no_augmentation_a_pooled_head_and_a_pretrained_base(
+    augment, head, weights, expected
+):
+    config = TrainConfig(augment=augment, head=head, weights=weights)
+    assert config.phase1_feature_cache == "auto"
+    assert config.uses_phase1_feature_cache is expected
+    # "off" always wins; "on" is taken wherever it is valid (a random base included).
+    assert (
+        TrainConfig(
+            augment=augment, head=head, phase1_feature_cache="off"
+        ).uses_phase1_feature_cache
+        is False
+    )
+    if not augment and head == "pooled":
+        on = TrainConfig(augment=augment, head=head, weights=weights, phase1_feature_cache="on")
+        assert on.uses_phase1_feature_cache is True
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (
+            {"augment": True},
+            ("--phase1_feature_cache=on needs phase 1 without augmentation", "--noaugment"),
+        ),
+        (
+            {"augment": False, "head": "seed"},
+            ("--phase1_feature_cache=on needs --head=pooled", "pass --head=pooled"),
+        ),
+        ({"augment": True, "head": "seed"}, ("without augmentation",)),
+    ],
+)
+def test_a_feature_cache_forced_on_where_it_cannot_apply_is_refused(overrides, fragments):
+    with pytest.raises(UsageError) as raised:
+        TrainConfig(phase1_feature_cache="on", **overrides)
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+
+
+def test_an_unknown_feature_cache_mode_is_refused():
+    with pytest.raises(UsageError, match="unknown phase1_feature_cache 'yes'"):
+        TrainConfig(phase1_feature_cache="yes")

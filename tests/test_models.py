@@ -181,3 +181,16 @@ def test_calibration_keeps_the_phase2_trainable_flags(model):
     models.calibrate_batch_norm(model, images, batch_size=4)
     assert {layer.name: layer.trainable for layer in base.layers} == before
     assert base.trainable
+
+
+def test_a_pretrained_base_runs_in_inference_mode_when_training(tmp_path):
+    # Keras 3 passes the outer training flag into a nested model; the base's
+    # stochastic depth must stay off all the same, so its features never change.
+    path = str(tmp_path / "b0_notop.weights.h5")
+    models.make_base("b0", 32, "none").save_weights(path)
+    model = models.make_model(weights=path, **SMALL)
+    features = keras.Model(model.input, model.get_layer("head_pool").output)
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    inference = features(images, training=False).numpy()
+    for _ in range(2):
+        np.testing.assert_array_equal(features(images, training=True).numpy(), inference)

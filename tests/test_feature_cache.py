@@ -1,0 +1,189 @@
+"""Phase 1 on cached features: the same head as without the cache, and resumable.
+
+The trainer runs in-process on a tiny configuration (B0 at 32 px, 48 shapes images)
+with a "pretrained" base: random weights whose BatchNormalization statistics were
+calibrated, saved to a file and loaded as a pretrained base is.
+"""
+
+import json
+import os
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from effpipe import feature_cache, models, resume, train_lib
+from effpipe.config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def base_weights(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    model = models.make_model(
+        variant="b0", image_size=32, source_size=(32, 32), num_classes=4, weights="none"
+    )
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    models.calibrate_batch_norm(model, images, 16)
+    path = str(tmp_path_factory.mktemp("base") / "b0_notop.weights.h5")
+    models.get_base(model).save_weights(path)
+    keras.backend.clear_session()
+    return path
+
+
+def _config(base_weights, cache, **overrides):
+    return TrainConfig(
+        dataset="shapes", shapes_num_classes=4, shapes_train_examples=48,
+        shapes_test_examples=8, variant="b0", image_size=32, weights=base_weights,
+        augment=False, batch_size=8, phase1_epochs=2, phase1_learning_rate=1e-2,
+        phase2_epochs=0, deterministic=True,
+        phase1_feature_cache=cache, **overrides,
+    )  # fmt: skip
+
+
+def _train(config, workdir):
+    metrics = train_lib.train_and_evaluate(config, str(workdir))
+    keras.backend.clear_session()
+    history = json.loads((workdir / "history.json").read_text())
+    return history, metrics
+
+
+def _saved_tensors(path):
+    """Every tensor of a .weights.h5 file (model and optimizer), by its path."""
+    tensors = {}
+    with h5py.File(path) as weights:
+        weights.visititems(
+            lambda name, item: (
+                tensors.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None
+            )
+        )
+    return tensors
+
+
+def _figures(history):
+    keys = ("loss", "accuracy", "val_loss", "val_accuracy", "val_top5")
+    return [[record[key] for key in keys] for record in history["phase1"] + history["phase2"]]
+
+
+@pytest.fixture(scope="module")
+def uncached_and_cached(base_weights, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("runs")
+    off = _train(_config(base_weights, "off"), folder / "off")
+    on = _train(_config(base_weights, "on"), folder / "on")
+    return folder, off, on
+
+
+def test_phase1_on_the_cache_trains_the_same_head(uncached_and_cached):
+    folder, (history_off, metrics_off), (history_on, metrics_on) = uncached_and_cached
+    assert (metrics_off["phase1_feature_cache"], metrics_on["phase1_feature_cache"]) == (
+        False,
+        True,
+    )
+    # The same batches in the same order, the same dropout masks, the same features:
+    # on CPU with --deterministic the two runs agree bit for bit, in every epoch's
+    # figures, the final test metrics, the best checkpoint (saved from the head fit,
+    # it holds the full model) and the resume state (weights, optimizer variables).
+    assert _figures(history_on) == _figures(history_off)
+    assert (metrics_on["top1"], metrics_on["loss"]) == (metrics_off["top1"], metrics_off["loss"])
+    for saved in (os.path.join("checkpoints", "best.weights.h5"), "state/epoch-0002.weights.h5"):
+        tensors_off = _saved_tensors(folder / "off" / saved)
+        tensors_on = _saved_tensors(folder / "on" / saved)
+        assert len(tensors_off) > 300 and tensors_on.keys() == tensors_off.keys()
+        for name, tensor in tensors_off.items():
+            np.testing.assert_array_equal(tensors_on[name], tensor, err_msg=f"{saved}: {name}")
+    # B0's pooled features: 1280 floats per image, 48 - 5 train and 5 validation.
+    with np.load(folder / "on" / feature_cache.CACHE_FILE) as stored:
+        assert stored["train"].shape == (43, 1280) and stored["validation"].shape == (5, 1280)
+        assert stored["train"].dtype == np.float32
+    assert not (folder / "off" / "cache").exists()
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_resumed_run_reuses_the_cache_and_finishes_identically(
+    uncached_and_cached, base_weights, tmp_path, monkeypatch
+):
+    _, _, (history_on, metrics_on) = uncached_and_cached
+    config = _config(base_weights, "on")
+    save_epoch = resume.EpochStateSaver.on_epoch_end
+
+    def killed_after_the_first_epoch(self, epoch, logs=None):
+        save_epoch(self, epoch, logs)
+        raise _Killed()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(resume.EpochStateSaver, "on_epoch_end", killed_after_the_first_epoch)
+        with pytest.raises(_Killed):
+            train_lib.train_and_evaluate(config, str(tmp_path))
+    keras.backend.clear_session()
+    cache_file = tmp_path / feature_cache.CACHE_FILE
+    assert json.loads((tmp_path / "state" / "state.json").read_text())["epochs_done"] == 1
+    written = cache_file.stat().st_mtime_ns
+
+    def no_forward_passes(*args, **kwargs):
+        raise AssertionError("the features were computed again")
+
+    monkeypatch.setattr(keras.Model, "predict", no_forward_passes)
+    history, metrics = _train(config, tmp_path)
+    assert cache_file.stat().st_mtime_ns == written
+    assert _figures(history) == _figures(history_on)
+    assert (metrics["top1"], metrics["loss"]) == (metrics_on["top1"], metrics_on["loss"])
+
+
+def test_a_cache_of_another_setup_is_computed_again(tmp_path):
+    path = str(tmp_path / "features.npz")
+    first = feature_cache.load_or_compute(
+        path, {"run": 1}, lambda: np.ones((3, 2)), lambda: np.zeros((1, 2))
+    )
+    again = feature_cache.load_or_compute(path, {"run": 1}, None, None)
+    other = feature_cache.load_or_compute(
+        path, {"run": 2}, lambda: np.full((3, 2), 2.0), lambda: np.zeros((1, 2))
+    )
+    assert (first.reused, again.reused, other.reused) == (False, True, False)
+    np.testing.assert_array_equal(again.train, first.train)
+    np.testing.assert_array_equal(other.train, np.full((3, 2), 2.0))
+    assert first.train.dtype == np.float32 and first.megabytes == 32 / 1e6
+
+
+def test_the_head_model_trains_the_full_models_head_under_bfloat16(base_weights):
+    # Under mixed_bfloat16 the features come out in bfloat16; float32 holds them
+    # exactly, and the head casts them back: one step on the head model equals one
+    # step on the full model.
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        images = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+        labels = np.arange(8) % 4
+        results, heads = [], []
+        for use_cache in (False, True):
+            keras.utils.set_random_seed(0)
+            model = models.make_model(
+                variant="b0", image_size=32, source_size=(32, 32), num_classes=4,
+                weights=base_weights,
+            )  # fmt: skip
+            train_lib.compile_model(model, 1e-2, jit_compile=False)
+            if use_cache:
+                features = feature_cache.make_feature_model(model).predict(images, verbose=0)
+                assert features.dtype.name == "bfloat16"
+                head = feature_cache.make_head_model(model)
+                train_lib.compile_model(head, 1e-2, jit_compile=False, optimizer=model.optimizer)
+                results.append(head.train_on_batch(features.astype(np.float32), labels))
+            else:
+                results.append(model.train_on_batch(images, labels))
+            heads.append([w.numpy() for w in model.get_layer("predictions").weights])
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert results[0] == results[1]
+    for uncached, cached in zip(*heads):
+        np.testing.assert_array_equal(cached, uncached)
+
+
+def test_the_seed_head_has_no_cacheable_features():
+    model = models.make_model(
+        variant="b0", image_size=32, source_size=(16, 16), num_classes=3, weights="none",
+        head="seed",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="pooled head"):
+        feature_cache.make_head_model(model)
