@@ -188,6 +188,14 @@ flags.DEFINE_enum(
     "augmentation or the seed head; off: every phase-1 epoch runs the whole model.",
 )
 
+# --- Outputs. ---
+flags.DEFINE_string(
+    "profile_steps",
+    _DEFAULTS.profile_steps,
+    "START,END: trace train steps START..END of each phase with TensorFlow's profiler "
+    "(TensorBoard's Profile tab, under WORKDIR/tensorboard/); empty for none.",
+)
+
 FLAGS = flags.FLAGS
 
 

@@ -19,6 +19,17 @@ BAD_IMAGE_POLICIES = ("fail", "skip")
 # How the augmentation fills samples outside the source image (effpipe.augment).
 FILL_MODES = ("nearest", "reflect", "constant")
 
+# Fields a resumed run may change: they steer the remaining training or its speed,
+# not what the finished epochs mean (a lower learning rate after a NaN loss, say).
+RESUMABLE_CHANGES = (
+    "phase1_learning_rate",
+    "phase2_learning_rate",
+    "data_threads",
+    "autotune",
+    "debug_numerics",
+    "profile_steps",
+)
+
 # Larger inputs than this are almost surely a typo (B7's native size is 600 px).
 MAX_IMAGE_SIZE = 1024
 
@@ -71,6 +82,8 @@ class TrainConfig:
     autotune: bool = True
     debug_numerics: bool = False
     phase1_feature_cache: str = "auto"
+    # Outputs.
+    profile_steps: str = ""
 
     def __post_init__(self):
         _validate(self)
@@ -79,6 +92,14 @@ class TrainConfig:
     def resolved_image_size(self) -> int:
         """The model resolution in pixels: `image_size`, or the variant's native size."""
         return self.image_size or variants.VARIANTS[self.variant].native_image_size
+
+    @property
+    def profile_step_range(self) -> tuple[int, int] | None:
+        """--profile_steps as (first, last) train steps of each phase, or None."""
+        if not self.profile_steps:
+            return None
+        first, last = (int(part) for part in self.profile_steps.split(","))
+        return first, last
 
     @property
     def uses_phase1_feature_cache(self) -> bool:
@@ -223,3 +244,22 @@ def _validate(config: TrainConfig) -> None:
             "features to cache): pass --head=pooled, or --phase1_feature_cache=auto",
         )
     _require(config.data_threads >= 0, f"--data_threads={config.data_threads} must be 0 or more")
+    _require(
+        _valid_profile_steps(config.profile_steps), _PROFILE_STEPS_MESSAGE % config.profile_steps
+    )
+
+
+_PROFILE_STEPS_MESSAGE = (
+    "--profile_steps=%s must be START,END: the first and last train steps of each "
+    "phase to trace, 1 <= START <= END (e.g. 10,20); empty for no trace"
+)
+
+
+def _valid_profile_steps(value: str) -> bool:
+    if not value:
+        return True
+    parts = value.split(",")
+    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+        return False
+    first, last = (int(part) for part in parts)
+    return 1 <= first <= last

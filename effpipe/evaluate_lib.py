@@ -31,7 +31,7 @@ def evaluate_export(config: TrainConfig, workdir: str, output_dir: str) -> dict:
             f"{workdir} has no {export.EXPORT_DIR}/ SavedModel: the run did not finish, or "
             "an older effpipe ran it; rerun the training to export it"
         )
-    exported = tf.saved_model.load(export_dir)
+    exported = export.load(export_dir)
     model_names = [n.decode() for n in exported.signatures["class_names"]()["class_names"].numpy()]
     source = data_sources.load_configured_source(config)
     if len(source.class_names) != len(model_names):

@@ -23,23 +23,36 @@ PER_CLASS_PNG = "per_class.png"
 AUGMENTATIONS_PNG = "augmentations.png"
 # Classes listed by name in metrics.json as the worst.
 WORST_CLASSES = 10
+# Keras clips probabilities to [epsilon, 1 - epsilon] in its cross-entropy.
+KERAS_EPSILON = 1e-7
 # Images in predictions.png, drawn from the split with the run's seed.
 PREDICTION_IMAGES = 16
 
 
-def predict_probabilities(model: keras.Model, split: Split, batch_size: int) -> np.ndarray:
-    """The model's class probabilities (N, num_classes) for a split, in its order."""
+def predict_probabilities(
+    model: keras.Model, split: Split, batch_size: int, callbacks=()
+) -> np.ndarray:
+    """The model's class probabilities (N, num_classes) for a split, in its order.
+
+    Batches of `batch_size` in order, as the evaluate binary feeds the export.
+    """
     dataset = input_pipeline.make_dataset(
         split.images, split.labels, batch_size=batch_size, is_training=False, seed=0
     )
-    return np.asarray(model.predict(dataset.map(lambda images, labels: images), verbose=0))
+    return np.asarray(
+        model.predict(
+            dataset.map(lambda images, labels: images), verbose=0, callbacks=list(callbacks)
+        ),
+        dtype=np.float32,
+    )
 
 
 def summarize(probabilities: np.ndarray, labels: np.ndarray, class_names, top_k: int = 5) -> dict:
-    """Top-1, top-k and per-class top-1 accuracy of a split's probabilities.
+    """Loss, top-1, top-k and per-class top-1 accuracy of a split's probabilities.
 
     Returns:
-      {"top1", "top5", "per_class_accuracy": {name: accuracy}, "worst_classes":
+      {"loss" (mean cross-entropy, probabilities clipped to Keras' 1e-7), "top1",
+      "top5", "per_class_accuracy": {name: accuracy}, "worst_classes":
       [{"class", "accuracy", "examples"}] (the WORST_CLASSES lowest)}. Classes with
       no example in the split are left out of the per-class figures.
     """
@@ -56,7 +69,10 @@ def summarize(probabilities: np.ndarray, labels: np.ndarray, class_names, top_k:
             per_class[name] = float(top1_right[members].mean())
             counts[name] = int(members.sum())
     worst = sorted(per_class, key=lambda name: (per_class[name], name))[:WORST_CLASSES]
+    label_probabilities = probabilities[np.arange(len(labels)), labels]
+    loss = -np.log(np.clip(label_probabilities, KERAS_EPSILON, 1.0 - KERAS_EPSILON))
     return {
+        "loss": float(loss.mean()),
         "top1": float(top1_right.mean()),
         "top5": float(topk_right.mean()),
         "per_class_accuracy": per_class,

@@ -41,7 +41,9 @@ def main(argv):
         import numpy as np
         import tensorflow as tf
 
-        exported = tf.saved_model.load(export_dir)
+        from effpipe import export
+
+        exported = export.load(export_dir)
         serve = exported.signatures["serving_default"]
         names = [n.decode() for n in exported.signatures["class_names"]()["class_names"].numpy()]
     except UsageError as error:

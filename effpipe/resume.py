@@ -29,7 +29,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from effpipe import run_files
+from effpipe import checkpointing, run_files
 from effpipe.errors import TrainingInterrupted, UsageError
 
 STATE_DIR = "state"
@@ -48,6 +48,8 @@ class RunState:
       checkpoint_written: whether checkpoints/best.weights.h5 is this run's.
       weights_file: the weights file of that epoch, in the state folder.
       seeds_file: the RNG-state file of that epoch, in the state folder.
+      best_weights_file: the best weights so far, in the state folder (published
+        to checkpoints/best.weights.h5 after this state is written), or None.
     """
 
     phase: int
@@ -57,6 +59,7 @@ class RunState:
     checkpoint_written: bool
     weights_file: str
     seeds_file: str
+    best_weights_file: str | None = None
 
 
 def load_state(workdir: str) -> RunState | None:
@@ -89,6 +92,18 @@ def restore(model: keras.Model, workdir: str, state: RunState) -> None:
     logging.info(
         "resumed from %s: phase %d, %d epochs done", folder, state.phase, state.epochs_done
     )
+
+
+def publish_best(workdir: str, state: RunState, checkpoint_path: str) -> None:
+    """Publishes the state's best weights to `checkpoint_path` again.
+
+    A run killed after writing state.json and before publishing left the published
+    checkpoint one improvement behind; the resumed run calls this first.
+    """
+    if state.best_weights_file is not None:
+        checkpointing.publish_staged(
+            os.path.join(workdir, STATE_DIR, state.best_weights_file), checkpoint_path
+        )
 
 
 def _seed_states(model: keras.Model) -> list:
@@ -161,10 +176,15 @@ class EpochStateSaver(keras.callbacks.Callback):
             checkpoint_written=self.checkpoint_written or self.best_checkpoint.saved,
             weights_file=weights_file,
             seeds_file=seeds_file,
+            best_weights_file=self.best_checkpoint.staged_file,
         )
         run_files.write_json(os.path.join(self.folder, STATE_FILE), dataclasses.asdict(state))
+        # The state now names the best weights: publishing them cannot run ahead of it.
+        self.best_checkpoint.publish()
         for name in os.listdir(self.folder):
-            if name.startswith("epoch-") and not name.startswith(stem):
+            stale_epoch = name.startswith("epoch-") and not name.startswith(stem)
+            stale_best = name.startswith("best-epoch-") and name != state.best_weights_file
+            if stale_epoch or stale_best:
                 os.remove(os.path.join(self.folder, name))
 
 

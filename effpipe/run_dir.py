@@ -4,6 +4,8 @@ A run directory holds `config.json`, the resolved TrainConfig that made it. Star
 a run there again with the same configuration resumes it (or, when metrics.json
 says it finished, reports it complete); with another configuration it is refused,
 naming the flags that differ, unless --overwrite discards the old run's outputs.
+An unfinished run may resume with other values of `config.RESUMABLE_CHANGES` (a
+lower learning rate after a NaN loss; thread counts): config.json takes them.
 No TensorFlow import: the check runs before TensorFlow loads.
 """
 
@@ -11,8 +13,10 @@ import dataclasses
 import os
 import shutil
 
+from absl import logging
+
 from effpipe import run_files
-from effpipe.config import TrainConfig
+from effpipe.config import RESUMABLE_CHANGES, TrainConfig
 from effpipe.errors import UsageError
 
 CONFIG_FILE = "config.json"
@@ -26,6 +30,12 @@ RUN_OUTPUTS = (
     "checkpoints",
     "state",
     "cache",
+    "tensorboard",
+    "export",
+    "predictions.png",
+    "per_class.png",
+    "augmentations.png",
+    "evaluation",
 )
 NEW, RESUME, COMPLETE = "new", "resume", "complete"
 
@@ -40,7 +50,8 @@ def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:
 
     Returns:
       NEW (also when an earlier run there ended before its first epoch), RESUME
-      (same configuration, not finished) or COMPLETE (same configuration,
+      (same configuration, or one differing in RESUMABLE_CHANGES only, not
+      finished) or COMPLETE (same configuration,
       metrics.json written). Half-written files a killed run left are deleted.
 
     Raises:
@@ -57,13 +68,21 @@ def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:
     holds_work = any(name in present for name in ("state", "checkpoints", "metrics.json"))
     if os.path.exists(config_path) and not overwrite and holds_work:
         recorded = run_files.read_json(config_path)
-        if recorded == wanted:
-            return COMPLETE if os.path.exists(os.path.join(workdir, "metrics.json")) else RESUME
+        finished = os.path.exists(os.path.join(workdir, "metrics.json"))
         changed = sorted(
             name
             for name in wanted.keys() | recorded.keys()
             if recorded.get(name) != wanted.get(name)
         )
+        if not changed:
+            return COMPLETE if finished else RESUME
+        if not finished and set(changed) <= set(RESUMABLE_CHANGES):
+            logging.info(
+                "resuming with changed flags: %s",
+                ", ".join(f"--{n}={wanted[n]!r} (was {recorded.get(n)!r})" for n in changed),
+            )
+            run_files.write_json(config_path, wanted)
+            return RESUME
         details = ", ".join(
             f"--{name}: {recorded.get(name)!r} there, {wanted.get(name)!r} now"
             for name in changed[:4]
@@ -89,7 +108,7 @@ def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:
 
 
 def remove_temporaries(workdir: str) -> None:
-    """Deletes half-written files a killed run left (run_files' `.tmp-*` names)."""
+    """Deletes half-written files and folders a killed run left (`.tmp-*` names)."""
     folders = [
         workdir,
         *(os.path.join(workdir, name) for name in ("state", "checkpoints", "cache")),
@@ -98,4 +117,8 @@ def remove_temporaries(workdir: str) -> None:
         if os.path.isdir(folder):
             for name in os.listdir(folder):
                 if name.startswith(run_files.TEMPORARY_PREFIX):
-                    os.remove(os.path.join(folder, name))
+                    path = os.path.join(folder, name)
+                    if os.path.isdir(path):
+                        shutil.rmtree(path)
+                    else:
+                        os.remove(path)

@@ -35,6 +35,7 @@ def make_callbacks(
     workdir: str,
     phase: int,
     meter: timing.ThroughputMeter,
+    model: keras.Model,
     sample_images: np.ndarray,
     profile_steps: tuple[int, int] | None,
 ) -> list[keras.callbacks.Callback]:
@@ -44,6 +45,8 @@ def make_callbacks(
       workdir: the run directory.
       phase: 1 or 2.
       meter: the run's ThroughputMeter, listed before these callbacks in `fit`.
+      model: the full model (its `resize` layer draws the augmented images), also
+        when phase 1 fits the head alone on cached features.
       sample_images: (N, S, S, 3) uint8 training images to show augmented.
       profile_steps: (first, last) train steps of the phase to trace, 1-based, or
         None.
@@ -55,7 +58,7 @@ def make_callbacks(
             write_graph=False,
             profile_batch=profile_steps or 0,
         ),
-        TrainingSummaries(os.path.join(log_dir, "train"), meter, sample_images),
+        TrainingSummaries(os.path.join(log_dir, "train"), meter, model, sample_images),
     ]
 
 
@@ -65,20 +68,28 @@ class TrainingSummaries(keras.callbacks.Callback):
     Args:
       log_dir: the phase's train log folder (Keras' TensorBoard writes there too).
       meter: the run's ThroughputMeter (its last record is this epoch's).
+      full_model: the model whose `resize` layer draws the augmentation.
       sample_images: uint8 source images drawn through the augmentation once, when
         the phase starts.
     """
 
-    def __init__(self, log_dir: str, meter: timing.ThroughputMeter, sample_images: np.ndarray):
+    def __init__(
+        self,
+        log_dir: str,
+        meter: timing.ThroughputMeter,
+        full_model: keras.Model,
+        sample_images: np.ndarray,
+    ):
         super().__init__()
         self.log_dir = log_dir
         self.meter = meter
+        self.full_model = full_model
         self.sample_images = sample_images
         self._writer = None
 
     def on_train_begin(self, logs=None):
         self._writer = tf.summary.create_file_writer(self.log_dir)
-        views = augment.draw(self.model.get_layer("resize"), self.sample_images)
+        views = augment.draw(self.full_model.get_layer("resize"), self.sample_images)
         with self._writer.as_default():
             tf.summary.image(
                 "augmented_training_images",

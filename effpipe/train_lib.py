@@ -32,6 +32,8 @@ from effpipe import (
     augment,
     checkpointing,
     data_sources,
+    evaluation,
+    export,
     feature_cache,
     input_pipeline,
     models,
@@ -39,6 +41,7 @@ from effpipe import (
     resume,
     run_files,
     runtime,
+    summaries,
     timing,
 )
 from effpipe import config as config_lib
@@ -136,22 +139,24 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     # next step or phase boundary; the handlers are restored however this ends.
     stop_on_signal = resume.StopOnSignal(workdir).__enter__()
     try:
-        model = make_configured_model(config, source.source_image_size, source.num_classes)
-        models.check_unfreeze_blocks(model, config.unfreeze_blocks)
-        # A base trained from scratch gets BatchNormalization statistics computed
-        # from training images, now and before every validation (models.py says why).
-        calibration_callbacks = []
-        if config.weights == "none":
-            calibration_images = train_split.images[:CALIBRATION_EXAMPLES]
-            models.calibrate_batch_norm(model, calibration_images, config.batch_size)
-            calibration_callbacks.append(
-                models.BatchNormCalibration(calibration_images, config.batch_size)
-            )
-            logging.info(
-                "random base: BatchNormalization statistics calibrated on %d training "
-                "images, again before each validation",
-                len(calibration_images),
-            )
+        with _device_errors_as_usage_errors(config, setup, lambda: "Nothing was trained yet."):
+            model = make_configured_model(config, source.source_image_size, source.num_classes)
+            models.check_unfreeze_blocks(model, config.unfreeze_blocks)
+            # A base trained from scratch gets BatchNormalization statistics computed
+            # from training images, now and before every validation (models.py says
+            # why).
+            calibration_callbacks = []
+            if config.weights == "none":
+                calibration_images = train_split.images[:CALIBRATION_EXAMPLES]
+                models.calibrate_batch_norm(model, calibration_images, config.batch_size)
+                calibration_callbacks.append(
+                    models.BatchNormCalibration(calibration_images, config.batch_size)
+                )
+                logging.info(
+                    "random base: BatchNormalization statistics calibrated on %d training "
+                    "images, again before each validation",
+                    len(calibration_images),
+                )
         logging.info(
             "model %s at %d px, head %s, %d parameters; augmentation %s",
             config.variant,
@@ -176,10 +181,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         if state is None:
             history = {"phase1": [], "phase2": []}
             best_validation_accuracy, checkpoint_written, epochs_done = None, False, 0
+            best_staged = None
         else:
             history = state.history
             best_validation_accuracy = state.best_val_accuracy
             checkpoint_written, epochs_done = state.checkpoint_written, state.epochs_done
+            best_staged = state.best_weights_file
+            # A kill between state.json and publishing left the checkpoint behind.
+            resume.publish_best(workdir, state, checkpoint_path)
         phases = [
             (1, 0, config.phase1_epochs, config.phase1_learning_rate),
             (2, config.phase1_epochs, config.phase2_epochs, config.phase2_learning_rate),
@@ -188,18 +197,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             stop_on_signal.check()
             if state is not None and state.phase > phase:
                 continue  # Finished before the interruption.
-            if phase == 1:
-                models.freeze_base(model)
-            else:
-                # A base trained from scratch has no pretrained statistics to keep.
-                freeze_batch_norm = config.weights != "none"
-                unfrozen = models.unfreeze_top_blocks(
-                    model, config.unfreeze_blocks, freeze_batch_norm=freeze_batch_norm
-                )
+            unfrozen = set_phase(model, config, phase)
+            if phase == 2:
                 logging.info(
                     "phase 2 unfreezes blocks %s and the top conv; BatchNormalization %s",
                     ", ".join(unfrozen),
-                    "stays frozen" if freeze_batch_norm else "trains (--weights=none)",
+                    "trains (--weights=none)" if config.weights == "none" else "stays frozen",
                 )
             if epochs == 0:
                 logging.info("phase %d: 0 epochs, skipped", phase)
@@ -207,6 +210,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             compile_model(model, learning_rate, jit_compile=setup.xla)
             if state is not None and state.phase == phase:
                 resume.restore(model, workdir, state)
+                # The saved optimizer holds the learning rate it ran with; a resumed
+                # run may lower it (after a NaN loss, say: run_dir allows that).
+                model.optimizer.learning_rate.assign(learning_rate)
             initial_epoch = max(first_epoch, epochs_done)
             if initial_epoch >= first_epoch + epochs:
                 logging.info("phase %d: already done (%d epochs)", phase, epochs)
@@ -246,6 +252,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
                 monitor="val_accuracy",
                 best=best_validation_accuracy,
                 model_to_save=model,
+                staging_dir=os.path.join(workdir, resume.STATE_DIR),
+                staged_file=best_staged,
             )
             saver = resume.EpochStateSaver(
                 workdir, phase, history, meter, checkpoint, checkpoint_written, model_to_save=model
@@ -267,6 +275,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
                     # best. TerminateOnNaN stops at the first non-finite loss.
                     callbacks=[
                         meter,
+                        *summaries.make_callbacks(
+                            workdir,
+                            phase,
+                            meter,
+                            model,
+                            train_split.images[: summaries.AUGMENTED_IMAGES],
+                            config.profile_step_range,
+                        ),
                         *phase_callbacks,
                         checkpoint,
                         saver,
@@ -278,13 +294,15 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
                 )
             best_validation_accuracy = checkpoint.best
             checkpoint_written = checkpoint_written or checkpoint.saved
+            best_staged = checkpoint.staged_file
             last_loss = history[f"phase{phase}"][-1]["loss"]
             if not math.isfinite(last_loss):
                 _write_history(workdir, history)
                 raise UsageError(
                     f"phase {phase}: the training loss became {last_loss} in epoch "
                     f"{history[f'phase{phase}'][-1]['epoch']}; training stopped: lower "
-                    f"--phase{phase}_learning_rate (now {learning_rate:g}). "
+                    f"--phase{phase}_learning_rate (now {learning_rate:g}) and rerun: the run "
+                    "resumes from its last good epoch. "
                     + _kept_weights(checkpoint_path, checkpoint_written, best_validation_accuracy)
                 )
         _write_history(workdir, history)
@@ -298,17 +316,23 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
                 # variables; only the model weights matter for evaluation.
                 warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
                 model.load_weights(checkpoint_path)
-        if model.optimizer is None:
-            compile_model(model, config.phase1_learning_rate, jit_compile=setup.xla)
         kept = _kept_weights(checkpoint_path, checkpoint_written, best_validation_accuracy)
         with _device_errors_as_usage_errors(config, setup, lambda: kept):
             stop_on_signal.check()
-            results = model.evaluate(
-                make_dataset(test_split, is_training=False),
-                return_dict=True,
-                verbose=_keras_verbosity(),
-                callbacks=[stop_on_signal],
+            # One pass gives the loss, top-1, top-5 and per-class figures.
+            probabilities = evaluation.predict_probabilities(
+                model, test_split, config.batch_size, callbacks=[stop_on_signal]
             )
+            evaluated = evaluation.summarize(probabilities, test_split.labels, source.class_names)
+            # --- What people look at and use: plots and the export. ---
+            evaluation.write_plots(
+                workdir, test_split, probabilities, evaluated, source.class_names, config.seed
+            )
+            evaluation.write_augmentations(
+                model, train_split.images[0], os.path.join(workdir, evaluation.AUGMENTATIONS_PNG)
+            )
+            export.export_model(model, source.class_names, os.path.join(workdir, export.EXPORT_DIR))
+            logging.info("exported the model to %s", os.path.join(workdir, export.EXPORT_DIR))
     finally:
         stop_on_signal.__exit__(None, None, None)
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -318,9 +342,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     # training step's.
     full_model_epochs = history["phase2"] + ([] if use_feature_cache else history["phase1"])
     metrics = {
-        "top1": float(results["accuracy"]),
-        "top5": float(results["top5"]),
-        "loss": float(results["loss"]),
+        "top1": evaluated["top1"],
+        "top5": evaluated["top5"],
+        "loss": evaluated["loss"],
         "evaluated_on": evaluated_on,
         "best_val_accuracy": best_validation_accuracy,
         "best_epoch": _best_epoch(all_epochs),
@@ -330,6 +354,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             else None
         ),
         "phase1_feature_cache": use_feature_cache,
+        "per_class_accuracy": evaluated["per_class_accuracy"],
+        "worst_classes": evaluated["worst_classes"],
         "variant": config.variant,
         "image_size": config.resolved_image_size,
         "batch_size": config.batch_size,
@@ -383,7 +409,12 @@ def _cached_phase1_inputs(
         return feature_model.predict(images, verbose=_keras_verbosity(), callbacks=[stop_on_signal])
 
     fingerprint = {
-        "config": dataclasses.asdict(config),
+        # Flags a resumed run may change do not change the features.
+        "config": {
+            name: value
+            for name, value in dataclasses.asdict(config).items()
+            if name not in config_lib.RESUMABLE_CHANGES
+        },
         "precision": setup.precision,
         "xla": setup.xla,
         "train_examples": len(train_split),

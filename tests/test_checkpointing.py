@@ -1,12 +1,13 @@
 """BestCheckpoint: saves on improvement only, atomically, never from a diverged epoch."""
 
 import os
+import types
 
 import keras
 import numpy as np
 import pytest
 
-from effpipe import checkpointing
+from effpipe import checkpointing, resume
 
 
 @pytest.fixture
@@ -64,3 +65,45 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, model, mon
         checkpoint.on_epoch_end(1, {"loss": 1.0, "val_accuracy": 0.7})
     np.testing.assert_array_equal(_kernel(path), saved_kernel)
     assert os.listdir(tmp_path) == ["best.weights.h5"] and checkpoint.best == 0.5
+
+
+def test_published_best_weights_never_run_ahead_of_the_saved_state(tmp_path, model, monkeypatch):
+    path = tmp_path / "checkpoints" / "best.weights.h5"
+    state_dir = tmp_path / resume.STATE_DIR
+    checkpoint = checkpointing.BestCheckpoint(str(path), staging_dir=str(state_dir))
+    meter = types.SimpleNamespace(records=[])
+    saver = resume.EpochStateSaver(
+        str(tmp_path), 1, {"phase1": [], "phase2": []}, meter, checkpoint, False
+    )
+    checkpoint.set_model(model)
+    saver.set_model(model)
+
+    def end_epoch(epoch, logs, callbacks=(checkpoint, saver)):
+        meter.records.append({"epoch": epoch + 1, "seconds": 1.0})
+        for callback in callbacks:
+            callback.on_epoch_end(epoch, logs)
+
+    end_epoch(0, {"loss": 1.0, "val_accuracy": 0.5})
+    first = _kernel(path)
+    assert resume.load_state(str(tmp_path)).best_weights_file == "best-epoch-0001.weights.h5"
+
+    # Killed after epoch 2's better weights were staged, before its state was saved:
+    # the published checkpoint still agrees with the state (epoch 1).
+    model.layers[-1].kernel.assign(np.ones((3, 2), np.float32))
+    better = {"loss": 1.0, "val_accuracy": 0.7}
+    end_epoch(1, better, callbacks=(checkpoint,))
+    np.testing.assert_array_equal(_kernel(path), first)
+
+    # Killed after the state named epoch 2's weights, before they were published:
+    # the checkpoint is one improvement behind, and a resumed run publishes it.
+    def killed():
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(checkpoint, "publish", killed)
+    with pytest.raises(SystemExit):
+        saver.on_epoch_end(1, better)
+    state = resume.load_state(str(tmp_path))
+    assert state.epochs_done == 2 and state.best_weights_file == "best-epoch-0002.weights.h5"
+    np.testing.assert_array_equal(_kernel(path), first)
+    resume.publish_best(str(tmp_path), state, str(path))
+    np.testing.assert_array_equal(_kernel(path), np.ones((3, 2), np.float32))

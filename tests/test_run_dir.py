@@ -50,5 +50,20 @@ def test_half_written_files_of_a_killed_run_are_removed(tmp_path):
     (tmp_path / "state").mkdir()
     stray = tmp_path / "state" / ".tmp-abc.epoch-0002.weights.h5"
     stray.write_bytes(b"half")
+    half_export = tmp_path / ".tmp-export-x1y2"  # A folder written atomically.
+    (half_export / "variables").mkdir(parents=True)
     assert run_dir.prepare(str(tmp_path), CONFIG, overwrite=False) == run_dir.RESUME
-    assert not stray.exists()
+    assert not stray.exists() and not half_export.exists()
+
+
+def test_an_unfinished_run_resumes_with_a_lower_learning_rate(tmp_path):
+    run_dir.prepare(str(tmp_path), CONFIG, overwrite=False)
+    (tmp_path / "state").mkdir()
+    lower = dataclasses.replace(CONFIG, phase2_learning_rate=1e-6, data_threads=2)
+    assert run_dir.prepare(str(tmp_path), lower, overwrite=False) == run_dir.RESUME
+    # config.json now holds the values the run goes on with.
+    assert run_dir.prepare(str(tmp_path), lower, overwrite=False) == run_dir.RESUME
+    # A finished run is another matter: its results came from the old values.
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(UsageError, match="--phase2_learning_rate"):
+        run_dir.prepare(str(tmp_path), CONFIG, overwrite=False)

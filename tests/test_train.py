@@ -90,6 +90,8 @@ def test_production_flagfile_applies_the_notebooks_intended_augmentation(monkeyp
         (["--zoom_fraction=1.5"], "--zoom_fraction=1.5"),
         (["--shear_degrees=90"], "--shear_degrees=90"),
         (["--fill_mode=wrap"], "--fill_mode"),
+        (["--profile_steps=5"], "--profile_steps=5 must be START,END"),
+        (["--profile_steps=3,2"], "--profile_steps=3,2 must be START,END"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, fragment, tmp_path):
@@ -158,6 +160,20 @@ def test_a_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
     history = json.loads((workdir / "history.json").read_text())
     assert len(history["phase1"]) == 1 and not math.isfinite(history["phase2"][-1]["loss"])
     assert not (workdir / "metrics.json").exists()
+    # The fix the line names: the same command with a lower learning rate resumes
+    # from the last good epoch and finishes.
+    rerun = run_train(
+        "--flagfile=flags/smoke.flags",
+        "--phase2_learning_rate=1e-4",
+        f"--workdir={workdir}",
+        timeout_sec=600,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming with changed flags: --phase2_learning_rate=0.0001 (was 1e+30)" in rerun.stderr
+    assert "resumed from" in rerun.stderr
+    history = json.loads((workdir / "history.json").read_text())
+    assert len(history["phase1"]) == 1 and len(history["phase2"]) == 1
+    assert math.isfinite(history["phase2"][0]["loss"])
 
 
 def test_debug_numerics_names_the_op_that_made_the_first_nan(tmp_path):
@@ -226,15 +242,43 @@ def _check_png(path, min_size=(400, 200)):
     assert np.asarray(image).std() > 5, "the plot is blank"
 
 
+def _tensorboard_tags(folder):
+    tags = set()
+    for path in folder.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            tags.update(value.tag for value in event.summary.value)
+    return tags
+
+
 def test_smoke_run_writes_every_output(tmp_path):
     workdir = tmp_path / "smoke"
-    result = run_train("--flagfile=flags/smoke.flags", f"--workdir={workdir}")
+    result = run_train(
+        "--flagfile=flags/smoke.flags", "--profile_steps=2,3", f"--workdir={workdir}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     _, metrics = _check_run_outputs(workdir, (1, 1))
     assert metrics["variant"] == "b0" and metrics["image_size"] == 64
     assert metrics["precision"] == "float32" and metrics["xla"] is False
     assert metrics["device"] == "CPU" and metrics["num_classes"] == 10
+    assert len(metrics["per_class_accuracy"]) == 10 and len(metrics["worst_classes"]) == 10
+    assert metrics["worst_classes"][0]["accuracy"] == min(metrics["per_class_accuracy"].values())
     _check_png(workdir / "history.png")
+    _check_png(workdir / "predictions.png", (1000, 600))
+    _check_png(workdir / "augmentations.png", (800, 400))
+    _check_png(workdir / "per_class.png", (500, 300))
+    assert (workdir / "export" / "saved_model.pb").is_file()
+    # TensorBoard: per-phase scalars (Keras' and the meter's), augmented images, and
+    # the profiler's trace of steps 2..3.
+    for phase in ("phase1", "phase2"):
+        logs = workdir / "tensorboard" / phase
+        assert {
+            "epoch_loss", "epoch_accuracy", "epoch_top5", "epoch_learning_rate",
+            "epoch_images_per_sec", "epoch_ms_per_step", "augmented_training_images",
+        } <= _tensorboard_tags(logs / "train")  # fmt: skip
+        assert {"epoch_loss", "epoch_accuracy", "epoch_top5"} <= _tensorboard_tags(
+            logs / "validation"
+        )
+        assert list((logs / "train" / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert "XLA off (--xla=auto on CPU" in result.stderr
     # flags.txt is itself a flagfile that reproduces the run.
     with flagsaver.flagsaver():
@@ -276,3 +320,32 @@ def test_demo_learns_well_above_chance(tmp_path):
     assert metrics["top1"] >= DEMO_MIN_TOP1, metrics
     assert metrics["best_val_accuracy"] >= DEMO_MIN_TOP1, metrics
     _check_png(workdir / "history.png")
+    for name in ("predictions.png", "augmentations.png", "per_class.png"):
+        _check_png(workdir / name)
+    # The export answers for an image file from the command line ...
+    from effpipe import data_sources
+
+    source = data_sources.make_shapes_source(
+        num_classes=10, train_examples=20, test_examples=1, image_size=32, seed=7
+    )
+    image_path = tmp_path / "shape.png"
+    image_path.write_bytes(tf.io.encode_png(source.test.images[0]).numpy())
+    predicted = subprocess.run(
+        [sys.executable, "-m", "effpipe.predict", f"--model={workdir}", str(image_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    answer = predicted.stdout.strip().splitlines()[-1]
+    assert answer.startswith(f"{image_path}: ") and len(answer.split(", ")) == 5
+    # ... and evaluate, on the same test split through the export, reproduces the
+    # trainer's figures: the same model on the same batches (tolerance: one image).
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "effpipe.evaluate", f"--model={workdir}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    evaluation = json.loads((workdir / "evaluation" / "evaluation.json").read_text())
+    assert evaluation["examples"] == 1000
+    assert abs(evaluation["top1"] - metrics["top1"]) <= 1 / 1000
+    assert abs(evaluation["top5"] - metrics["top5"]) <= 1 / 1000
+    _check_png(workdir / "evaluation" / "predictions.png")
