@@ -195,6 +195,12 @@ flags.DEFINE_string(
     "START,END: trace train steps START..END of each phase with TensorFlow's profiler "
     "(TensorBoard's Profile tab, under WORKDIR/tensorboard/); empty for none.",
 )
+flags.DEFINE_bool(
+    "export",
+    _DEFAULTS.export,
+    "Write WORKDIR/export/, the serving SavedModel that effpipe.predict and "
+    "effpipe.evaluate use (a few seconds at the end of the run).",
+)
 
 FLAGS = flags.FLAGS
 

@@ -28,6 +28,7 @@ RESUMABLE_CHANGES = (
     "autotune",
     "debug_numerics",
     "profile_steps",
+    "export",
 )
 
 # Larger inputs than this are almost surely a typo (B7's native size is 600 px).
@@ -84,6 +85,7 @@ class TrainConfig:
     phase1_feature_cache: str = "auto"
     # Outputs.
     profile_steps: str = ""
+    export: bool = True
 
     def __post_init__(self):
         _validate(self)

@@ -28,8 +28,8 @@ def evaluate_export(config: TrainConfig, workdir: str, output_dir: str) -> dict:
     export_dir = os.path.join(workdir, export.EXPORT_DIR)
     if not os.path.isfile(os.path.join(export_dir, "saved_model.pb")):
         raise UsageError(
-            f"{workdir} has no {export.EXPORT_DIR}/ SavedModel: the run did not finish, or "
-            "an older effpipe ran it; rerun the training to export it"
+            f"{workdir} has no {export.EXPORT_DIR}/ SavedModel: the run did not finish, or ran "
+            "with --noexport; rerun its command with --export to write it"
         )
     exported = export.load(export_dir)
     model_names = [n.decode() for n in exported.signatures["class_names"]()["class_names"].numpy()]

@@ -331,8 +331,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             evaluation.write_augmentations(
                 model, train_split.images[0], os.path.join(workdir, evaluation.AUGMENTATIONS_PNG)
             )
-            export.export_model(model, source.class_names, os.path.join(workdir, export.EXPORT_DIR))
-            logging.info("exported the model to %s", os.path.join(workdir, export.EXPORT_DIR))
+            if config.export:
+                export_dir = os.path.join(workdir, export.EXPORT_DIR)
+                export.export_model(model, source.class_names, export_dir)
+                logging.info("exported the model to %s", export_dir)
     finally:
         stop_on_signal.__exit__(None, None, None)
         keras.mixed_precision.set_global_policy(previous_policy)

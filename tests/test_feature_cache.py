@@ -36,7 +36,7 @@ def _config(base_weights, cache, **overrides):
         dataset="shapes", shapes_num_classes=4, shapes_train_examples=48,
         shapes_test_examples=8, variant="b0", image_size=32, weights=base_weights,
         augment=False, batch_size=8, phase1_epochs=2, phase1_learning_rate=1e-2,
-        phase2_epochs=0, deterministic=True,
+        phase2_epochs=0, deterministic=True, export=False,
         phase1_feature_cache=cache, **overrides,
     )  # fmt: skip
 
@@ -122,10 +122,16 @@ def test_a_resumed_run_reuses_the_cache_and_finishes_identically(
     assert json.loads((tmp_path / "state" / "state.json").read_text())["epochs_done"] == 1
     written = cache_file.stat().st_mtime_ns
 
-    def no_forward_passes(*args, **kwargs):
-        raise AssertionError("the features were computed again")
+    predict = keras.Model.predict
 
-    monkeypatch.setattr(keras.Model, "predict", no_forward_passes)
+    def no_feature_passes(self, *args, **kwargs):
+        # The final evaluation predicts with the full model; the features' model
+        # must not run again.
+        if self.name == "features":
+            raise AssertionError("the features were computed again")
+        return predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "predict", no_feature_passes)
     history, metrics = _train(config, tmp_path)
     assert cache_file.stat().st_mtime_ns == written
     assert _figures(history) == _figures(history_on)

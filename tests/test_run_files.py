@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 import pytest
 
@@ -29,3 +30,23 @@ def test_a_write_creates_its_folder_and_replaces_the_file(tmp_path):
     run_files.write_text(str(path), "--seed=2\n")
     assert path.read_text() == "--seed=2\n"
     assert os.listdir(path.parent) == ["flags.txt"]
+
+
+def test_a_crash_while_writing_a_folder_leaves_the_previous_folder_intact(tmp_path):
+    target = tmp_path / "export"
+
+    def write(version):
+        def fill(folder):
+            (pathlib.Path(folder) / "saved_model.pb").write_text(version)
+            if version == "crash":
+                raise OSError("disk full")
+
+        return fill
+
+    run_files.write_directory_atomically(str(target), write("one"))
+    run_files.write_directory_atomically(str(target), write("two"))
+    assert (target / "saved_model.pb").read_text() == "two"
+    with pytest.raises(OSError, match="disk full"):
+        run_files.write_directory_atomically(str(target), write("crash"))
+    assert (target / "saved_model.pb").read_text() == "two"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]

@@ -142,6 +142,7 @@ def test_a_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
     result = run_train(
         "--flagfile=flags/smoke.flags",
         "--phase2_learning_rate=1e30",
+        "--noexport",
         f"--workdir={workdir}",
         timeout_sec=600,
     )
@@ -165,6 +166,7 @@ def test_a_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
     rerun = run_train(
         "--flagfile=flags/smoke.flags",
         "--phase2_learning_rate=1e-4",
+        "--noexport",
         f"--workdir={workdir}",
         timeout_sec=600,
     )
@@ -181,6 +183,7 @@ def test_debug_numerics_names_the_op_that_made_the_first_nan(tmp_path):
         "--flagfile=flags/smoke.flags",
         "--phase1_learning_rate=1e30",
         "--debug_numerics",
+        "--noexport",
         f"--workdir={tmp_path / 'run'}",
         timeout_sec=600,
     )
@@ -296,6 +299,7 @@ def test_mixed_precision_resolves_to_bfloat16_on_cpu(tmp_path):
         "--flagfile=flags/smoke.flags",
         "--mixed_precision",
         "--phase2_epochs=0",
+        "--noexport",
         f"--workdir={workdir}",
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -155,7 +155,7 @@ def test_the_tuner_prints_a_table_json_and_a_flagfile_the_trainer_runs(tmp_path)
     workdir = tmp_path / "run"
     trained = _run(
         "-m", "effpipe.train", "--flagfile=flags/smoke.flags", f"--flagfile={tuned}",
-        f"--workdir={workdir}",
+        "--noexport", f"--workdir={workdir}",
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:]
     metrics = json.loads((workdir / "metrics.json").read_text())
