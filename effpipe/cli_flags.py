@@ -188,6 +188,30 @@ flags.DEFINE_enum(
     "augmentation or the seed head; off: every phase-1 epoch runs the whole model.",
 )
 
+# --- Distribution: replicas, machines and an input fleet (effpipe.distribution). ---
+flags.DEFINE_enum(
+    "strategy",
+    _DEFAULTS.strategy,
+    config_lib.STRATEGIES,
+    "tf.distribute strategy. auto: mirrored when more than one GPU is visible, else "
+    "default (one device); mirrored: every local GPU; multi_worker: the machines of "
+    "TF_CONFIG (set on each of them); tpu: the TPU of TPU_NAME, or a local one. "
+    "--batch_size is the global batch and must divide by the replicas.",
+)
+flags.DEFINE_integer(
+    "base_batch_size",
+    _DEFAULTS.base_batch_size,
+    "The batch size the learning rates were tuned for: when set, both phases' "
+    "learning rates are multiplied by --batch_size / --base_batch_size (the linear "
+    "scaling rule); 0 leaves them as given.",
+)
+flags.DEFINE_string(
+    "data_service",
+    _DEFAULTS.data_service,
+    "grpc://HOST:PORT of a tf.data service dispatcher (python -m effpipe.data_service): "
+    "the training input pipeline runs on its workers. Empty: in this process.",
+)
+
 # --- Outputs. ---
 flags.DEFINE_string(
     "profile_steps",

@@ -16,6 +16,10 @@ FEATURE_CACHE_MODES = ("auto", "on", "off")
 VALIDATION_SELECTIONS = ("random", "last")
 DATASET_KINDS = ("cifar100", "shapes", "folder:PATH")
 BAD_IMAGE_POLICIES = ("fail", "skip")
+# Where the replicas of a run come from (effpipe.distribution).
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
+# Strategies that may run more than one replica; the phase-1 feature cache needs one.
+MULTI_REPLICA_STRATEGIES = ("mirrored", "multi_worker", "tpu")
 # How the augmentation fills samples outside the source image (effpipe.augment).
 FILL_MODES = ("nearest", "reflect", "constant")
 
@@ -29,6 +33,9 @@ RESUMABLE_CHANGES = (
     "debug_numerics",
     "profile_steps",
     "export",
+    # Through a data service the training order is the service's, not the seed's:
+    # finished epochs mean the same whichever fleet served them.
+    "data_service",
 )
 
 # Larger inputs than this are almost surely a typo (B7's native size is 600 px).
@@ -83,6 +90,10 @@ class TrainConfig:
     autotune: bool = True
     debug_numerics: bool = False
     phase1_feature_cache: str = "auto"
+    # Distribution (effpipe.distribution).
+    strategy: str = "auto"
+    base_batch_size: int = 0
+    data_service: str = ""
     # Outputs.
     profile_steps: str = ""
     export: bool = True
@@ -103,13 +114,21 @@ class TrainConfig:
         first, last = (int(part) for part in self.profile_steps.split(","))
         return first, last
 
+    def learning_rate(self, phase: int) -> float:
+        """Phase `phase`'s learning rate, scaled linearly by batch_size / base_batch_size
+        when --base_batch_size is set (Goyal et al. 2017)."""
+        rate = getattr(self, f"phase{phase}_learning_rate")
+        return rate * self.batch_size / self.base_batch_size if self.base_batch_size else rate
+
     @property
     def uses_phase1_feature_cache(self) -> bool:
         """Whether phase 1 trains the head on cached pooled features (see `feature_cache`)."""
         return resolve_phase1_feature_cache(self)[0]
 
 
-def resolve_phase1_feature_cache(config: TrainConfig) -> tuple[bool, str]:
+def resolve_phase1_feature_cache(
+    config: TrainConfig, distributed: bool = False
+) -> tuple[bool, str]:
     """Resolves --phase1_feature_cache, with the reason for the log.
 
     The cache applies when the base's pooled output of an image is the same in every
@@ -118,6 +137,12 @@ def resolve_phase1_feature_cache(config: TrainConfig) -> tuple[bool, str]:
     leaves it off for a base trained from scratch (--weights=none): that base follows
     the training flag, so its stochastic depth changes the features every epoch and
     the cache (its inference output) would train another head; "on" accepts that.
+    Under a distribution strategy it is off: the cache's head model, which shares
+    the full model's layers, is built and tested on one device only.
+
+    Args:
+      config: the run configuration.
+      distributed: the run resolved to a strategy other than the default one.
 
     Returns:
       (on, reason).
@@ -125,7 +150,14 @@ def resolve_phase1_feature_cache(config: TrainConfig) -> tuple[bool, str]:
     if config.phase1_feature_cache == "off":
         return False, "phase-1 feature cache off (--phase1_feature_cache=off)"
     if config.phase1_feature_cache == "on":
+        if distributed:
+            raise UsageError(
+                f"--phase1_feature_cache=on needs one device, and --strategy={config.strategy} "
+                "resolved to several replicas: pass --phase1_feature_cache=auto or off"
+            )
         return True, "phase-1 feature cache on (--phase1_feature_cache=on)"
+    if distributed:
+        return False, "phase-1 feature cache off (auto: it runs on one device, without a strategy)"
     if config.augment:
         return False, "phase-1 feature cache off (auto: augmentation changes the features)"
     if config.head != "pooled":
@@ -240,11 +272,29 @@ def _validate(config: TrainConfig) -> None:
             "computed once): pass --noaugment, or --phase1_feature_cache=auto",
         )
         _require(
+            config.strategy not in MULTI_REPLICA_STRATEGIES,
+            f"--phase1_feature_cache=on needs one replica, not --strategy={config.strategy}: "
+            "pass --strategy=default, or --phase1_feature_cache=auto",
+        )
+        _require(
             config.head == "pooled",
             f"--phase1_feature_cache=on needs --head=pooled (the {config.head} head runs "
             "BatchNormalization and Dropout before pooling, so there are no pooled "
             "features to cache): pass --head=pooled, or --phase1_feature_cache=auto",
         )
+    _require(
+        config.strategy in STRATEGIES,
+        f"unknown strategy {config.strategy!r}: choose one of {', '.join(STRATEGIES)}",
+    )
+    _require(
+        config.base_batch_size >= 0,
+        f"--base_batch_size={config.base_batch_size} must be 0 (no scaling) or more",
+    )
+    _require(
+        not config.data_service or _valid_service_address(config.data_service),
+        f"--data_service={config.data_service} must be grpc://HOST:PORT (a tf.data service "
+        "dispatcher, e.g. from python -m effpipe.data_service), or empty",
+    )
     _require(config.data_threads >= 0, f"--data_threads={config.data_threads} must be 0 or more")
     _require(
         _valid_profile_steps(config.profile_steps), _PROFILE_STEPS_MESSAGE % config.profile_steps
@@ -265,3 +315,8 @@ def _valid_profile_steps(value: str) -> bool:
         return False
     first, last = (int(part) for part in parts)
     return 1 <= first <= last
+
+
+def _valid_service_address(value: str) -> bool:
+    host, _, port = value.removeprefix("grpc://").rpartition(":")
+    return value.startswith("grpc://") and bool(host) and port.isdigit()

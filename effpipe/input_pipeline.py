@@ -1,6 +1,7 @@
 """The host input pipeline: one linear tf.data chain from uint8 arrays to batches.
 
-    source -> cache -> shuffle (train) -> batch -> repeat (train) -> prefetch
+    source -> shard (workers) -> cache -> shuffle (train) -> batch -> repeat (train)
+    -> tf.data service (optional) -> prefetch
 
 `make_feature_dataset` runs the same chain over cached per-image features (phase 1
 with the feature cache), in the same order.
@@ -34,6 +35,20 @@ class PipelineOptions:
     cache: bool = True
 
 
+@dataclasses.dataclass(frozen=True)
+class DataService:
+    """A tf.data service that runs the chain on its workers instead of this process.
+
+    Attributes:
+      address: grpc://HOST:PORT of the dispatcher.
+      job_name: consumers naming the same job share its stream, each element going to
+        one of them (the workers of a multi-worker run); a new name starts a new job.
+    """
+
+    address: str
+    job_name: str
+
+
 def make_dataset(
     images: np.ndarray,
     labels: np.ndarray,
@@ -42,6 +57,8 @@ def make_dataset(
     is_training: bool,
     seed: int = 0,
     options: PipelineOptions = PipelineOptions(),
+    shard: tuple[int, int] = (1, 0),
+    data_service: DataService | None = None,
 ) -> tf.data.Dataset:
     """Builds the batched dataset of (uint8 images, int32 labels).
 
@@ -53,6 +70,10 @@ def make_dataset(
         last partial batch (the caller sets steps_per_epoch).
       seed: seeds the shuffle orders.
       options: pipeline knobs that do not change the elements.
+      shard: (count, index): keep the index-th of `count` equal shards of the
+        examples (a worker's share in a multi-worker run), shuffled with the seed
+        `seed + index`.
+      data_service: run the chain on a tf.data service's workers.
 
     Returns:
       A dataset of (images (B, H, W, 3) uint8, labels (B,) int32); in training B is
@@ -60,7 +81,9 @@ def make_dataset(
     """
     if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 at source resolution, got {images.dtype}")
-    return _batched_stream(images, labels, batch_size, is_training, seed, options)
+    return _batched_stream(
+        images, labels, batch_size, is_training, seed, options, shard, data_service
+    )
 
 
 def make_feature_dataset(
@@ -92,9 +115,19 @@ def make_feature_dataset(
     return _batched_stream(features, labels, batch_size, is_training, seed, options)
 
 
-def _batched_stream(elements, labels, batch_size, is_training, seed, options):
-    """cache -> shuffle (train) -> batch -> repeat (train) -> prefetch."""
+def _batched_stream(
+    elements, labels, batch_size, is_training, seed, options, shard=(1, 0), data_service=None
+):
+    """shard -> cache -> shuffle (train) -> batch -> repeat (train) -> service -> prefetch."""
     dataset = tf.data.Dataset.from_tensor_slices((elements, labels.astype(np.int32)))
+    count, index = shard
+    if count > 1:
+        # Equal shards (the last len % count examples left out), so every worker runs
+        # the same number of steps per pass; a shard before the shuffle gives each
+        # worker its own examples and its own order.
+        shard_size = len(labels) // count
+        dataset = dataset.take(shard_size * count).shard(count, index)
+        labels, seed = labels[:shard_size], seed + index
     # Cache before shuffling so every epoch shuffles the same cached elements; for
     # in-memory arrays it is cheap, for file-backed sources it saves the decode.
     if options.cache:
@@ -112,6 +145,17 @@ def _batched_stream(elements, labels, batch_size, is_training, seed, options):
         # dataset from the same seed always yields the same stream; a resumed run
         # builds one and skips the epochs already trained.
         dataset = dataset.repeat()
+    if data_service is not None:
+        # The service's workers run everything above. distributed_epoch hands each
+        # of them splits of the source, so every example is still served once per
+        # pass whatever the number of service workers.
+        dataset = dataset.apply(
+            tf.data.experimental.service.distribute(
+                processing_mode="distributed_epoch",
+                service=data_service.address,
+                job_name=data_service.job_name,
+            )
+        )
     # Prefetch last: the host prepares the next batch while the device computes.
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     return dataset.with_options(_tf_data_options(options))

@@ -88,6 +88,7 @@ def make_model(
     seed: int = 0,
     compile_augmentation: bool = True,
     random_weights: bool = False,
+    synchronized_batch_norm: bool = False,
 ) -> keras.Model:
     """Builds the full classifier on uint8 images at source resolution.
 
@@ -112,6 +113,10 @@ def make_model(
       random_weights: initialise the base randomly but build the model as
         `weights` asks otherwise (a pretrained base runs in inference mode): the
         same graph and memory without fetching weights (the batch-size tuner).
+      synchronized_batch_norm: the head's BatchNormalization takes its batch
+        statistics over all replicas of a distribution strategy, so that several
+        replicas train the head as one device does on the same global batch.
+        The base's BatchNormalization is frozen (or, from scratch, per replica).
 
     Returns:
       An uncompiled Keras model whose base is frozen.
@@ -144,10 +149,12 @@ def make_model(
         disable_stochastic_depth(base)
     if head == "pooled":
         x = keras.layers.GlobalAveragePooling2D(name="head_pool")(features)
-        x = keras.layers.BatchNormalization(name="head_bn")(x)
+        x = keras.layers.BatchNormalization(name="head_bn", synchronized=synchronized_batch_norm)(x)
         x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     elif head == "seed":
-        x = keras.layers.BatchNormalization(name="head_bn")(features)
+        x = keras.layers.BatchNormalization(name="head_bn", synchronized=synchronized_batch_norm)(
+            features
+        )
         x = keras.layers.Dropout(dropout, name="head_dropout")(x)
         x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
     else:

@@ -107,6 +107,20 @@ def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:
     return NEW
 
 
+def is_complete(workdir: str, config: TrainConfig) -> bool:
+    """Whether `workdir` holds this configuration's finished run; reads, writes nothing.
+
+    For the workers of a multi-worker run other than the chief, which alone
+    prepares the directory.
+    """
+    config_path = os.path.join(workdir, CONFIG_FILE)
+    return (
+        os.path.exists(os.path.join(workdir, "metrics.json"))
+        and os.path.exists(config_path)
+        and run_files.read_json(config_path) == dataclasses.asdict(config)
+    )
+
+
 def remove_temporaries(workdir: str) -> None:
     """Deletes half-written files and folders a killed run left (`.tmp-*` names)."""
     folders = [

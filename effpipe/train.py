@@ -3,6 +3,7 @@
     python -m effpipe.train --variant=b5 --mixed_precision --workdir=runs/b5
     python -m effpipe.train --flagfile=flags/b5_rtx3070.flags --workdir=runs/b5
     python -m effpipe.train --flagfile=flags/demo.flags --workdir=runs/demo
+    TF_CONFIG='{...}' python -m effpipe.train --strategy=multi_worker ...  # each machine
 
 Writes config.json, flags.txt, history.json, metrics.json, history.png, the best
 checkpoint and the resume state to --workdir. Bad input ends with one line on
@@ -20,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app, flags  # noqa: E402
 
-from effpipe import cli_flags, run_dir, run_files  # noqa: E402
+from effpipe import cli_flags, cluster, run_dir, run_files  # noqa: E402
 from effpipe.errors import TrainingInterrupted, UsageError  # noqa: E402
 
 PROGRAM = "effpipe.train"
@@ -48,7 +49,13 @@ def main(argv):
         )
     try:
         config = cli_flags.config_from_flags()
-        status = run_dir.prepare(WORKDIR.value, config, overwrite=OVERWRITE.value)
+        # In a multi-worker run (TF_CONFIG) the chief alone prepares --workdir and
+        # writes the run's files; the other workers only read it.
+        if cluster.current_task(config.strategy).is_chief:
+            status = run_dir.prepare(WORKDIR.value, config, overwrite=OVERWRITE.value)
+        else:
+            complete = run_dir.is_complete(WORKDIR.value, config)
+            status = run_dir.COMPLETE if complete else run_dir.RESUME
         if status == run_dir.COMPLETE:
             print(
                 f"{PROGRAM}: {WORKDIR.value} already holds this run, finished (metrics.json); "
@@ -58,10 +65,11 @@ def main(argv):
         # Imported here so that a bad flag fails before TensorFlow loads.
         from effpipe import train_lib
 
-        run_files.write_text(
-            os.path.join(WORKDIR.value, "flags.txt"),
-            cli_flags.flagfile_text(PROGRAM, extra_flag_names=("workdir",)),
-        )
+        if cluster.current_task(config.strategy).is_chief:
+            run_files.write_text(
+                os.path.join(WORKDIR.value, "flags.txt"),
+                cli_flags.flagfile_text(PROGRAM, extra_flag_names=("workdir",)),
+            )
         train_lib.train_and_evaluate(config, workdir=WORKDIR.value)
     except UsageError as error:
         cli_flags.exit_with_usage_error(PROGRAM, error)

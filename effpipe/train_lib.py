@@ -12,6 +12,10 @@ Outputs under the run directory (`workdir`):
   checkpoints/best.weights.h5  the best weights by validation accuracy
   cache/phase1_features.npz    the pooled features phase 1 trains on, when the
                                feature cache is on (effpipe.feature_cache)
+
+Under a distribution strategy (effpipe.distribution) every worker trains; only the
+chief writes these. The others write theirs to a temporary directory, deleted at
+the end, and read the run's resume state from `workdir` like the chief.
 """
 
 import contextlib
@@ -20,9 +24,12 @@ import functools
 import math
 import os
 import re
+import shutil
 import statistics
 import sys
+import tempfile
 import warnings
+import zlib
 
 import keras
 import tensorflow as tf
@@ -45,6 +52,7 @@ from effpipe import (
     timing,
 )
 from effpipe import config as config_lib
+from effpipe import distribution as distribution_lib
 from effpipe.config import TrainConfig
 from effpipe.errors import UsageError
 
@@ -61,12 +69,34 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
       workdir: the run directory; created when missing.
 
     Returns:
-      The metrics written to metrics.json.
+      The metrics written to metrics.json (on a worker other than the chief, which
+      writes none: {}).
 
     Raises:
       UsageError: bad input discovered while loading data or weights.
     """
-    os.makedirs(workdir, exist_ok=True)
+    # First: a multi-worker strategy must configure collective ops before TensorFlow
+    # initialises its devices.
+    distribution = distribution_lib.resolve(config.strategy, config.batch_size)
+    if distribution.is_chief:
+        os.makedirs(workdir, exist_ok=True)
+        return _train_and_evaluate(config, workdir, workdir, distribution)
+    # Every worker saves the same checkpoints and state (reading some variables for
+    # a save is a collective), but only the chief's files are the run's.
+    output_dir = tempfile.mkdtemp(prefix=f"effpipe-worker{distribution.worker_index}-")
+    try:
+        return _train_and_evaluate(config, workdir, output_dir, distribution)
+    finally:
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def _train_and_evaluate(
+    config: TrainConfig, workdir: str, output_dir: str, distribution: distribution_lib.Distribution
+) -> dict:
+    """`train_and_evaluate`, writing to `output_dir` and resuming from `workdir`."""
+    strategy = distribution.strategy
+    for reason in distribution.reasons:
+        logging.info("%s", reason)
 
     # --- Runtime: device, precision, XLA, seeds. ---
     setup = runtime.resolve_runtime(mixed_precision=config.mixed_precision, xla=config.xla)
@@ -129,8 +159,52 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     # Training streams are endless (input_pipeline says why); an epoch is this many
     # steps. Each fit gets a fresh stream from the seed, so epoch k's batches do not
     # depend on what ran before in this process (a resumed run sees the same ones).
-    steps_per_epoch = len(train_split) // config.batch_size
+    # Each of several workers trains on its equal shard, batch_size / workers images
+    # of it per step.
+    workers = distribution.num_workers
+    steps_per_epoch = (len(train_split) // workers) // (config.batch_size // workers)
     validation_dataset = make_dataset(validation_split, is_training=False)
+    if distribution.is_distributed:
+        # Keras splits each validation batch over the replicas; several workers take
+        # every other batch (DATA: the arrays have no files to shard by).
+        validation_options = tf.data.Options()
+        validation_options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        validation_dataset = validation_dataset.with_options(validation_options)
+
+    def make_training_stream(phase: int, initial_epoch: int):
+        service = None
+        if config.data_service:
+            # Workers of one run share one job per phase start; another run (another
+            # directory) or another start gets its own.
+            run_key = zlib.crc32(os.path.abspath(workdir).encode())
+            service = input_pipeline.DataService(
+                config.data_service, f"effpipe-{run_key:08x}-phase{phase}-from{initial_epoch}"
+            )
+
+        def stream(batch_size, shard):
+            # Through a service the workers share one job instead of sharding.
+            dataset = input_pipeline.make_dataset(
+                train_split.images,
+                train_split.labels,
+                batch_size=batch_size,
+                is_training=True,
+                seed=config.seed,
+                options=pipeline_options,
+                shard=(1, 0) if service else shard,
+                data_service=service,
+            )
+            if service:
+                # The service's order is its own: skipping would only discard batches.
+                return dataset
+            # The stream is endless and seeded: skipping the epochs already trained
+            # gives a resumed run the batches an uninterrupted one sees (each local
+            # replica takes one batch per step).
+            local_replicas = distribution.num_replicas // workers
+            return dataset.skip(initial_epoch * steps_per_epoch * local_replicas)
+
+        return distribution_lib.distribute_training_stream(distribution, config.batch_size, stream)
 
     # --- Model, under the resolved precision policy. ---
     previous_policy = keras.mixed_precision.global_policy()
@@ -138,9 +212,20 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     # From here to the end of the evaluation, SIGINT and SIGTERM stop cleanly at the
     # next step or phase boundary; the handlers are restored however this ends.
     stop_on_signal = resume.StopOnSignal(workdir).__enter__()
+    # Variables made from here to the end of training are the strategy's (mirrored
+    # on its replicas); the default strategy's scope changes nothing.
+    strategy_scope = strategy.scope()
+    strategy_scope.__enter__()
     try:
         with _device_errors_as_usage_errors(config, setup, lambda: "Nothing was trained yet."):
-            model = make_configured_model(config, source.source_image_size, source.num_classes)
+            model = make_configured_model(
+                config,
+                source.source_image_size,
+                source.num_classes,
+                synchronized_batch_norm=distribution.num_replicas > 1,
+            )
+            if distribution.is_distributed:
+                distribution_lib.use_strategy_of_scope(model)
             models.check_unfreeze_blocks(model, config.unfreeze_blocks)
             # A base trained from scratch gets BatchNormalization statistics computed
             # from training images, now and before every validation (models.py says
@@ -165,7 +250,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             model.count_params(),
             _describe_augmentation(config),
         )
-        use_feature_cache, reason = config_lib.resolve_phase1_feature_cache(config)
+        use_feature_cache, reason = config_lib.resolve_phase1_feature_cache(
+            config, distributed=distribution.is_distributed
+        )
         logging.info("%s", reason)
         if use_feature_cache and config.weights == "none":
             logging.info(
@@ -175,7 +262,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             )
 
         # --- Phases 1 and 2, resumed from the last completed epoch if any. ---
-        checkpoint_path = os.path.join(workdir, BEST_CHECKPOINT)
+        checkpoint_path = os.path.join(output_dir, BEST_CHECKPOINT)
         meter = timing.ThroughputMeter(config.batch_size)
         state = resume.load_state(workdir)
         if state is None:
@@ -188,10 +275,17 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             checkpoint_written, epochs_done = state.checkpoint_written, state.epochs_done
             best_staged = state.best_weights_file
             # A kill between state.json and publishing left the checkpoint behind.
-            resume.publish_best(workdir, state, checkpoint_path)
+            if distribution.is_chief:
+                resume.publish_best(workdir, state, checkpoint_path)
+        # Workers that resumed from different states would deadlock: check first.
+        distribution_lib.check_same_on_every_worker(
+            distribution,
+            [state.phase if state else 0, state.epochs_done if state else 0],
+            "the resume point (phase, epochs done)",
+        )
         phases = [
-            (1, 0, config.phase1_epochs, config.phase1_learning_rate),
-            (2, config.phase1_epochs, config.phase2_epochs, config.phase2_learning_rate),
+            (1, 0, config.phase1_epochs, config.learning_rate(1)),
+            (2, config.phase1_epochs, config.phase2_epochs, config.learning_rate(2)),
         ]
         for phase, first_epoch, epochs, learning_rate in phases:
             stop_on_signal.check()
@@ -208,6 +302,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
                 logging.info("phase %d: 0 epochs, skipped", phase)
                 continue
             compile_model(model, learning_rate, jit_compile=setup.xla)
+            if distribution.is_distributed:
+                # Its slots are mirrored variables: made here, in the scope, not
+                # lazily inside the first replicated step.
+                model.optimizer.build(model.trainable_variables)
             if state is not None and state.phase == phase:
                 resume.restore(model, workdir, state)
                 # The saved optimizer holds the learning rate it ran with; a resumed
@@ -228,7 +326,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             # The images, or on the feature cache their features in the same order.
             fit_model, train_dataset, phase_validation_dataset = (
                 model,
-                make_dataset(train_split, is_training=True),
+                make_training_stream(phase, initial_epoch),
                 validation_dataset,
             )
             phase_callbacks = calibration_callbacks
@@ -238,9 +336,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
                 )
                 with _device_errors_as_usage_errors(config, setup, kept_before):
                     fit_model, train_dataset, phase_validation_dataset = _cached_phase1_inputs(
-                        config, setup, model, workdir, train_split, validation_split,
+                        config, setup, model, output_dir, train_split, validation_split,
                         stop_on_signal,
                     )  # fmt: skip
+                train_dataset = train_dataset.skip(initial_epoch * steps_per_epoch)
                 # The features were computed with the base's BatchNormalization
                 # statistics of the one calibration above; the base is frozen, so a
                 # recalibration on the same images would change them only by its
@@ -252,20 +351,24 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
                 monitor="val_accuracy",
                 best=best_validation_accuracy,
                 model_to_save=model,
-                staging_dir=os.path.join(workdir, resume.STATE_DIR),
+                staging_dir=os.path.join(output_dir, resume.STATE_DIR),
                 staged_file=best_staged,
             )
             saver = resume.EpochStateSaver(
-                workdir, phase, history, meter, checkpoint, checkpoint_written, model_to_save=model
+                output_dir,
+                phase,
+                history,
+                meter,
+                checkpoint,
+                checkpoint_written,
+                model_to_save=model,
             )
             kept_so_far = functools.partial(
                 _kept_weights_by, checkpoint, checkpoint_path, already_written=checkpoint_written
             )
             with _device_errors_as_usage_errors(config, setup, kept_so_far):
                 fit_model.fit(
-                    # The stream is endless and seeded: skipping the epochs already
-                    # trained gives a resumed run the batches an uninterrupted one sees.
-                    train_dataset.skip(initial_epoch * steps_per_epoch),
+                    train_dataset,
                     steps_per_epoch=steps_per_epoch,
                     validation_data=phase_validation_dataset,
                     initial_epoch=initial_epoch,
@@ -276,7 +379,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
                     callbacks=[
                         meter,
                         *summaries.make_callbacks(
-                            workdir,
+                            output_dir,
                             phase,
                             meter,
                             model,
@@ -297,7 +400,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             best_staged = checkpoint.staged_file
             last_loss = history[f"phase{phase}"][-1]["loss"]
             if not math.isfinite(last_loss):
-                _write_history(workdir, history)
+                _write_history(output_dir, history)
                 raise UsageError(
                     f"phase {phase}: the training loss became {last_loss} in epoch "
                     f"{history[f'phase{phase}'][-1]['epoch']}; training stopped: lower "
@@ -305,7 +408,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
                     "resumes from its last good epoch. "
                     + _kept_weights(checkpoint_path, checkpoint_written, best_validation_accuracy)
                 )
-        _write_history(workdir, history)
+        _write_history(output_dir, history)
+        strategy_scope.__exit__(None, None, None)
+        strategy_scope = None
+        if not distribution.is_chief:
+            logging.info("training done; the chief evaluates and writes the outputs")
+            return {}
+        if distribution.is_distributed:
+            model = _copy_outside_strategy(model, config, source)
 
         # --- Final evaluation of the best weights, the only use of the test split. ---
         # Only a checkpoint this run wrote counts: one left by an earlier run in the
@@ -336,6 +446,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
                 export.export_model(model, source.class_names, export_dir)
                 logging.info("exported the model to %s", export_dir)
     finally:
+        if strategy_scope is not None:
+            strategy_scope.__exit__(None, None, None)
         stop_on_signal.__exit__(None, None, None)
         keras.mixed_precision.set_global_policy(previous_policy)
 
@@ -365,6 +477,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         "xla": setup.xla,
         "augment": config.augment,
         "device": setup.device,
+        "strategy": distribution.kind,
+        "replicas": distribution.num_replicas,
+        "workers": distribution.num_workers,
         "dataset": source.name,
         "num_classes": source.num_classes,
     }
@@ -432,7 +547,7 @@ def _cached_phase1_inputs(
     feature_cache.log_features(features, path)
     head_model = feature_cache.make_head_model(model)
     compile_model(
-        head_model, config.phase1_learning_rate, jit_compile=setup.xla, optimizer=model.optimizer
+        head_model, config.learning_rate(1), jit_compile=setup.xla, optimizer=model.optimizer
     )
 
     def make_dataset(features_of_split, split, is_training):
@@ -450,6 +565,17 @@ def _cached_phase1_inputs(
         make_dataset(features.train, train_split, is_training=True),
         make_dataset(features.validation, validation_split, is_training=False),
     )
+
+
+def _copy_outside_strategy(model: keras.Model, config: TrainConfig, source) -> keras.Model:
+    """The trained model rebuilt outside the strategy, for the chief's evaluation and
+    export: a prediction pass alone on the chief, and a SavedModel of plain variables
+    that serves on one device."""
+    copy = make_configured_model(
+        config, source.source_image_size, source.num_classes, random_weights=True
+    )
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def _write_history(workdir: str, history: dict) -> None:
@@ -514,6 +640,7 @@ def make_configured_model(
     num_classes: int,
     weights: str | None = None,
     random_weights: bool = False,
+    synchronized_batch_norm: bool = False,
 ):
     """`models.make_model` with the run's flags (trainer, tuner and benchmarks).
 
@@ -524,6 +651,8 @@ def make_configured_model(
       weights: overrides `config.weights` (the benchmarks pass a local file).
       random_weights: the same model with a randomly initialised base (the
         batch-size tuner: no download, the same graph and memory).
+      synchronized_batch_norm: the head's BatchNormalization computes its batch
+        statistics over all replicas (several replicas), as one device would.
 
     Returns:
       The uncompiled model, base frozen.
@@ -540,6 +669,7 @@ def make_configured_model(
         seed=config.seed,
         compile_augmentation=not config.debug_numerics,
         random_weights=random_weights,
+        synchronized_batch_norm=synchronized_batch_norm,
     )
 
 

@@ -1,0 +1,204 @@
+"""Scaling out on TensorFlow's engines, for real on one machine over loopback.
+
+MirroredStrategy over two logical CPU devices against one device; a two-process
+MultiWorkerMirroredStrategy run on localhost ports; a tf.data service started by
+the test; a global batch that does not divide by the replicas.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from effpipe import cluster
+from effpipe.errors import UsageError
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+# The smoke recipe at 32 px: every stage of the trainer, both phases, in seconds.
+SMOKE = ("--flagfile=flags/smoke.flags", "--image_size=32")
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("localhost", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _tf_config(ports, index):
+    return json.dumps(
+        {
+            "cluster": {"worker": [f"localhost:{port}" for port in ports]},
+            "task": {"type": "worker", "index": index},
+        }
+    )
+
+
+def _train(*args, env=ENV, timeout_sec=600, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, "-m", "effpipe.train", *SMOKE, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_the_chief_is_worker_0_unless_the_cluster_names_one():
+    def task(cluster_spec, task_type, index):
+        environ = {
+            "TF_CONFIG": json.dumps(
+                {"cluster": cluster_spec, "task": {"type": task_type, "index": index}}
+            )
+        }
+        return cluster.current_task("multi_worker", environ)
+
+    workers = {"worker": ["a:1", "b:1"]}
+    assert task(workers, "worker", 0) == cluster.Task("worker", 0, 2, True)
+    assert not task(workers, "worker", 1).is_chief
+    with_chief = {"chief": ["c:1"], "worker": ["a:1", "b:1"]}
+    assert task(with_chief, "chief", 0).is_chief and task(with_chief, "chief", 0).num_workers == 3
+    assert not task(with_chief, "worker", 0).is_chief
+    # Without --strategy=multi_worker a process is its own chief, TF_CONFIG or not.
+    assert cluster.current_task("default", {"TF_CONFIG": "x"}).is_chief
+    with pytest.raises(UsageError, match="needs TF_CONFIG"):
+        cluster.current_task("multi_worker", {})
+
+
+def test_a_global_batch_that_does_not_divide_by_the_replicas_exits_2_with_one_line(tmp_path):
+    env = {**ENV, "TF_CONFIG": _tf_config(_free_ports(2), 0)}
+    process = _train(
+        "--strategy=multi_worker", "--batch_size=33", f"--workdir={tmp_path / 'run'}", env=env
+    )
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("effpipe.train:")]
+    assert lines == [
+        "effpipe.train: error: --batch_size=33 is the global batch and must divide by the "
+        "2 replicas of 2 workers: use 34 or 32"
+    ]
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "run" / "history.json").exists()
+
+
+# One device against MirroredStrategy over two logical CPU devices, same global
+# batch, in one fresh process (logical devices must be set before TensorFlow starts).
+# No augmentation and no dropout: replicas draw their own random numbers by design.
+# A pretrained-style base (a weights file, so BatchNormalization is frozen in the
+# base; the head's is synchronized over the replicas).
+_MIRRORED_AGAINST_ONE_DEVICE = """
+import json, sys, tempfile
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from effpipe import models, train_lib
+from effpipe.config import TrainConfig
+folder = tempfile.mkdtemp()
+weights = folder + "/b0_notop.weights.h5"
+models.make_base("b0", 32, "none").save_weights(weights)
+histories = {}
+for strategy in ("default", "mirrored"):
+    config = TrainConfig(
+        dataset="shapes", shapes_train_examples=80, shapes_test_examples=16,
+        validation_fraction=0.2, variant="b0", image_size=32, weights=weights,
+        augment=False, dropout=0.0, batch_size=8, phase1_epochs=1, phase2_epochs=1,
+        phase1_learning_rate=1e-3, phase2_learning_rate=1e-3, unfreeze_blocks=2,
+        phase1_feature_cache="off", strategy=strategy,
+    )
+    metrics = train_lib.train_and_evaluate(config, f"{folder}/{strategy}")
+    history = json.load(open(f"{folder}/{strategy}/history.json"))
+    histories[strategy] = {
+        "epochs": history["phase1"] + history["phase2"],
+        "replicas": metrics["replicas"],
+        "test_loss": metrics["loss"],
+    }
+print(json.dumps(histories))
+"""
+# Float sums in another order (two half batches, an all-reduce): not bit-equal.
+LOSS_RELATIVE_TOLERANCE = 1e-4
+
+
+def test_mirrored_over_two_devices_trains_as_one_device_with_the_same_global_batch():
+    result = subprocess.run(
+        [sys.executable, "-c", _MIRRORED_AGAINST_ONE_DEVICE],
+        cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    histories = json.loads(result.stdout.strip().splitlines()[-1])
+    one, mirrored = histories["default"], histories["mirrored"]
+    assert (one["replicas"], mirrored["replicas"]) == (1, 2)
+    assert len(one["epochs"]) == len(mirrored["epochs"]) == 2
+    for expected, actual in zip(one["epochs"], mirrored["epochs"]):
+        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+            assert actual[key] == pytest.approx(expected[key], rel=LOSS_RELATIVE_TOLERANCE), key
+    assert mirrored["test_loss"] == pytest.approx(one["test_loss"], rel=LOSS_RELATIVE_TOLERANCE)
+
+
+def test_two_workers_train_both_phases_and_only_the_chief_writes(tmp_path):
+    workdir, scratch = tmp_path / "run", tmp_path / "scratch"
+    scratch.mkdir()
+    ports = _free_ports(2)
+    processes = [
+        _train(
+            "--strategy=multi_worker",
+            f"--workdir={workdir}",
+            env={**ENV, "TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(scratch)},
+        )
+        for index in (0, 1)
+    ]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+    chief_log, worker_log = outputs[0][1], outputs[1][1]
+    assert "strategy multi_worker (--strategy=multi_worker): 2 replica(s) over 2 worker(s)" in (
+        chief_log
+    )
+    assert "the chief evaluates and writes the outputs" in worker_log
+    history = json.loads((workdir / "history.json").read_text())
+    assert len(history["phase1"]) == len(history["phase2"]) == 1
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert (metrics["strategy"], metrics["replicas"], metrics["workers"]) == ("multi_worker", 2, 2)
+    for name in ("flags.txt", "checkpoints/best.weights.h5", "export/saved_model.pb"):
+        assert (workdir / name).is_file(), name
+    # The worker's own files went to a temporary directory, removed at its end.
+    assert not [path.name for path in scratch.iterdir() if path.name.startswith("effpipe-")]
+    # Both workers logged the same global figures each epoch.
+    epoch_lines = [
+        [line.split("] ", 1)[1] for line in log.splitlines() if "best weights saved" in line]
+        for log in (chief_log, worker_log)
+    ]
+    assert [line.split(": best")[0] for line in epoch_lines[0]] == [
+        line.split(": best")[0] for line in epoch_lines[1]
+    ]
+
+
+def test_training_through_a_data_service_started_by_the_test(tmp_path):
+    (port,) = _free_ports(1)
+    service = subprocess.Popen(
+        [sys.executable, "-m", "effpipe.data_service", f"--port={port}", "--num_workers=1"],
+        cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        ready = service.stdout.readline()
+        assert f"serving at grpc://localhost:{port} with 1 worker(s)" in ready, ready
+        workdir = tmp_path / "run"
+        trainer = _train(f"--data_service=grpc://localhost:{port}", f"--workdir={workdir}")
+        _, stderr = trainer.communicate(timeout=600)
+        assert trainer.returncode == 0, stderr[-3000:]
+    finally:
+        service.terminate()
+        service.wait(timeout=60)
+    assert service.returncode == 0
+    history = json.loads((workdir / "history.json").read_text())
+    assert len(history["phase1"]) == len(history["phase2"]) == 1
+    assert json.loads((workdir / "metrics.json").read_text())["top1"] >= 0.0
