@@ -20,8 +20,10 @@ $(STAMP): setup.cfg pyproject.toml
 demo: venv
 	$(PY) -m effpipe.train --flagfile=flags/demo.flags --workdir=runs/demo
 
+# Two test processes (pytest-xdist), whole files each: while one waits on a
+# subprocess or traces a model on one core, the other uses the second.
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The microbenchmarks at their defaults (CPU-sized: b0 at 224 px); a few minutes.
 bench: venv

@@ -39,7 +39,7 @@ import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
-from effpipe import augment, cli_flags, runtime, train_lib, variants  # noqa: E402
+from effpipe import augment, cli_flags, recipe, runtime, variants  # noqa: E402
 from effpipe.config import MAX_IMAGE_SIZE  # noqa: E402
 from effpipe.errors import UsageError  # noqa: E402
 
@@ -123,7 +123,7 @@ def main(argv):
     if _SMOKE.value:
         sizes, batch_size, warmup_steps, repeats, steps_per_repeat = [48], 4, 1, 2, 2
     # The trainer's augmentation flags give the ranges (--augment itself is moot here).
-    augmentation = train_lib.augment_config(dataclasses.replace(config, augment=True))
+    augmentation = recipe.augment_config(dataclasses.replace(config, augment=True))
     setup = runtime.resolve_runtime(mixed_precision=config.mixed_precision, xla="auto")
     dtype = keras.DTypePolicy(setup.precision).compute_dtype
     print(

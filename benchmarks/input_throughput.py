@@ -31,7 +31,7 @@ import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
 from benchmarks import harness, seed_replica  # noqa: E402
-from effpipe import cli_flags, data_sources, input_pipeline, train_lib  # noqa: E402
+from effpipe import cli_flags, data_sources, input_pipeline, recipe  # noqa: E402
 
 flags.adopt_module_key_flags(cli_flags)
 
@@ -120,7 +120,7 @@ def main(argv):
             train.labels,
             batch_size,
             config.seed,
-            train_lib.pipeline_options_of(config),
+            recipe.pipeline_options_of(config),
         ).items()
     ]
     flow = seed_replica.make_image_generator().flow(

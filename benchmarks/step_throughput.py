@@ -57,9 +57,9 @@ from effpipe import (  # noqa: E402
     feature_cache,
     input_pipeline,
     models,
+    recipe,
     runtime,
     timing,
-    train_lib,
 )
 
 flags.adopt_module_key_flags(cli_flags)
@@ -103,11 +103,11 @@ class Group:
 
 def effpipe_model(config, phase: int, weights_path: str, num_classes: int, source_size, setup):
     """The trainer's model and compile for `phase` (config.augment says whether to augment)."""
-    model = train_lib.make_configured_model(config, source_size, num_classes, weights_path)
+    model = recipe.make_configured_model(config, source_size, num_classes, weights_path)
     if phase == 2:
         models.unfreeze_top_blocks(model, config.unfreeze_blocks)
     learning_rate = config.phase1_learning_rate if phase == 1 else config.phase2_learning_rate
-    train_lib.compile_model(model, learning_rate, jit_compile=setup.xla)
+    recipe.compile_model(model, learning_rate, jit_compile=setup.xla)
     return model
 
 
@@ -119,7 +119,7 @@ def feature_cache_group(config, setup, train, num_classes, weights_path, steps, 
     then fits the head model on them, fed as the trainer feeds it.
     """
     configuration = Configuration("effpipe/noaug/feature_cache", {})
-    batch_size, options = config.batch_size, train_lib.pipeline_options_of(config)
+    batch_size, options = config.batch_size, recipe.pipeline_options_of(config)
     images, labels = train.images[: steps * batch_size], train.labels[: steps * batch_size]
 
     def build():
@@ -135,7 +135,7 @@ def feature_cache_group(config, setup, train, num_classes, weights_path, steps, 
         features = feature_model.predict(batches, verbose=0).astype(np.float32)
         cache_build.update(seconds=time.perf_counter() - start, images=len(images))
         head = feature_cache.make_head_model(model)
-        train_lib.compile_model(
+        recipe.compile_model(
             head, config.phase1_learning_rate, jit_compile=setup.xla, optimizer=model.optimizer
         )
         configuration.fit_inputs = {
@@ -184,7 +184,7 @@ def make_groups(
         batch_size=batch_size,
         is_training=True,
         seed=config.seed,
-        options=train_lib.pipeline_options_of(config),
+        options=recipe.pipeline_options_of(config),
     ).repeat()
     groups = []
     for augment in (False, True):

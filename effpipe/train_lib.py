@@ -36,7 +36,6 @@ import tensorflow as tf
 from absl import logging
 
 from effpipe import (
-    augment,
     checkpointing,
     data_sources,
     evaluation,
@@ -45,6 +44,7 @@ from effpipe import (
     input_pipeline,
     models,
     plots,
+    recipe,
     resume,
     run_files,
     runtime,
@@ -144,7 +144,7 @@ def _train_and_evaluate(
         source.num_classes,
         *source.source_image_size,
     )
-    pipeline_options = pipeline_options_of(config)
+    pipeline_options = recipe.pipeline_options_of(config)
 
     def make_dataset(split, is_training):
         return input_pipeline.make_dataset(
@@ -218,7 +218,7 @@ def _train_and_evaluate(
     strategy_scope.__enter__()
     try:
         with _device_errors_as_usage_errors(config, setup, lambda: "Nothing was trained yet."):
-            model = make_configured_model(
+            model = recipe.make_configured_model(
                 config,
                 source.source_image_size,
                 source.num_classes,
@@ -248,7 +248,7 @@ def _train_and_evaluate(
             config.resolved_image_size,
             config.head,
             model.count_params(),
-            _describe_augmentation(config),
+            recipe.describe_augmentation(config),
         )
         use_feature_cache, reason = config_lib.resolve_phase1_feature_cache(
             config, distributed=distribution.is_distributed
@@ -291,7 +291,7 @@ def _train_and_evaluate(
             stop_on_signal.check()
             if state is not None and state.phase > phase:
                 continue  # Finished before the interruption.
-            unfrozen = set_phase(model, config, phase)
+            unfrozen = recipe.set_phase(model, config, phase)
             if phase == 2:
                 logging.info(
                     "phase 2 unfreezes blocks %s and the top conv; BatchNormalization %s",
@@ -301,7 +301,7 @@ def _train_and_evaluate(
             if epochs == 0:
                 logging.info("phase %d: 0 epochs, skipped", phase)
                 continue
-            compile_model(model, learning_rate, jit_compile=setup.xla)
+            recipe.compile_model(model, learning_rate, jit_compile=setup.xla)
             if distribution.is_distributed:
                 # Its slots are mirrored variables: made here, in the scope, not
                 # lazily inside the first replicated step.
@@ -513,7 +513,7 @@ def _cached_phase1_inputs(
     feature_model = feature_cache.make_feature_model(model)
     # Compiled for the run's XLA setting, as the phase-1 step computes the features.
     feature_model.compile(jit_compile=setup.xla)
-    options = pipeline_options_of(config)
+    options = recipe.pipeline_options_of(config)
 
     def compute(split):
         images = input_pipeline.make_dataset(
@@ -546,7 +546,7 @@ def _cached_phase1_inputs(
     )
     feature_cache.log_features(features, path)
     head_model = feature_cache.make_head_model(model)
-    compile_model(
+    recipe.compile_model(
         head_model, config.learning_rate(1), jit_compile=setup.xla, optimizer=model.optimizer
     )
 
@@ -571,7 +571,7 @@ def _copy_outside_strategy(model: keras.Model, config: TrainConfig, source) -> k
     """The trained model rebuilt outside the strategy, for the chief's evaluation and
     export: a prediction pass alone on the chief, and a SavedModel of plain variables
     that serves on one device."""
-    copy = make_configured_model(
+    copy = recipe.make_configured_model(
         config, source.source_image_size, source.num_classes, random_weights=True
     )
     copy.set_weights(model.get_weights())
@@ -609,7 +609,7 @@ def _device_errors_as_usage_errors(config: TrainConfig, setup, describe_kept_wei
         raise UsageError(
             f"out of memory on {setup.device} at --batch_size={config.batch_size} "
             f"({config.variant} at {config.resolved_image_size} px, {setup.precision}): "
-            f"find the largest batch that fits with `{tuner_command(config)}` (your card's "
+            f"find the largest batch that fits with `{recipe.tuner_command(config)}` (your card's "
             "memory in GB), or lower --batch_size. " + describe_kept_weights()
         ) from error
     except tf.errors.InvalidArgumentError as error:
@@ -623,142 +623,6 @@ def _device_errors_as_usage_errors(config: TrainConfig, setup, describe_kept_wei
             f"--debug_numerics: the first NaN or infinity came out of {where}: lower the "
             "learning rate of that phase. " + describe_kept_weights()
         ) from error
-
-
-def tuner_command(config: TrainConfig) -> str:
-    """The batch-size tuner's command for this run's model, for messages."""
-    flags = [f"--variant={config.variant}", f"--image_size={config.resolved_image_size}"]
-    if config.mixed_precision:
-        flags.append("--mixed_precision")
-    flags.append(f"--unfreeze_blocks={config.unfreeze_blocks}")
-    return " ".join(["python -m effpipe.tune_batch", *flags, "--memory_budget_gb=GB"])
-
-
-def make_configured_model(
-    config: TrainConfig,
-    source_size,
-    num_classes: int,
-    weights: str | None = None,
-    random_weights: bool = False,
-    synchronized_batch_norm: bool = False,
-):
-    """`models.make_model` with the run's flags (trainer, tuner and benchmarks).
-
-    Args:
-      config: the run configuration.
-      source_size: (height, width) of the uint8 source images.
-      num_classes: outputs of the classifier.
-      weights: overrides `config.weights` (the benchmarks pass a local file).
-      random_weights: the same model with a randomly initialised base (the
-        batch-size tuner: no download, the same graph and memory).
-      synchronized_batch_norm: the head's BatchNormalization computes its batch
-        statistics over all replicas (several replicas), as one device would.
-
-    Returns:
-      The uncompiled model, base frozen.
-    """
-    return models.make_model(
-        variant=config.variant,
-        image_size=config.resolved_image_size,
-        source_size=source_size,
-        num_classes=num_classes,
-        weights=config.weights if weights is None else weights,
-        head=config.head,
-        dropout=config.dropout,
-        augment_config=augment_config(config),
-        seed=config.seed,
-        compile_augmentation=not config.debug_numerics,
-        random_weights=random_weights,
-        synchronized_batch_norm=synchronized_batch_norm,
-    )
-
-
-def set_phase(model: keras.Model, config: TrainConfig, phase: int) -> list[str]:
-    """Sets the trainable flags of `phase` (trainer and batch-size tuner).
-
-    Phase 1 freezes the whole base. Phase 2 unfreezes the top --unfreeze_blocks
-    blocks and the top conv; BatchNormalization stays frozen, except in a base
-    trained from scratch, which has no pretrained statistics to keep. Recompile
-    afterwards.
-
-    Returns:
-      The unfrozen blocks (none in phase 1).
-    """
-    if phase == 1:
-        models.freeze_base(model)
-        return []
-    return models.unfreeze_top_blocks(
-        model, config.unfreeze_blocks, freeze_batch_norm=config.weights != "none"
-    )
-
-
-def pipeline_options_of(config: TrainConfig) -> input_pipeline.PipelineOptions:
-    """The input pipeline's knobs from the run's flags (trainer and benchmarks)."""
-    return input_pipeline.PipelineOptions(
-        deterministic=config.deterministic, autotune=config.autotune, threads=config.data_threads
-    )
-
-
-def augment_config(config: TrainConfig) -> augment.AugmentConfig | None:
-    """The random transform of training batches from the run's flags.
-
-    Args:
-      config: the run configuration.
-
-    Returns:
-      The AugmentConfig of its augmentation flags, or None with --noaugment.
-    """
-    if not config.augment:
-        return None
-    return augment.AugmentConfig(
-        rotation_degrees=config.rotation_degrees,
-        shift_fraction=config.shift_fraction,
-        shear_degrees=config.shear_degrees,
-        zoom_fraction=config.zoom_fraction,
-        horizontal_flip=config.horizontal_flip,
-        fill_mode=config.fill_mode,
-    )
-
-
-def _describe_augmentation(config: TrainConfig) -> str:
-    if not config.augment:
-        return "off"
-    return (
-        f"on the device: rotation +-{config.rotation_degrees:g} deg, shift "
-        f"+-{config.shift_fraction:g}, shear +-{config.shear_degrees:g} deg, zoom "
-        f"+-{config.zoom_fraction:g}, flip {'on' if config.horizontal_flip else 'off'}, "
-        f"fill {config.fill_mode}"
-    )
-
-
-def compile_model(
-    model: keras.Model,
-    learning_rate: float,
-    *,
-    jit_compile: bool,
-    optimizer: keras.optimizers.Optimizer | None = None,
-) -> None:
-    """Compiles for sparse integer labels; needed again after changing `trainable`.
-
-    Under the mixed_float16 policy Keras wraps the optimizer in a LossScaleOptimizer.
-
-    Args:
-      model: the model to compile.
-      learning_rate: Adam's learning rate.
-      jit_compile: compile the train step with XLA.
-      optimizer: use this optimizer instead of a new Adam (the phase-1 head model
-        takes the full model's, so the resume state holds its variables).
-    """
-    num_classes = model.output_shape[-1]
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate) if optimizer is None else optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[
-            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-            keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
-        ],
-        jit_compile=jit_compile,
-    )
 
 
 def _keras_verbosity() -> int:

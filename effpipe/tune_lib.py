@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from effpipe import memory_estimate, models, runtime, timing, train_lib, tuning
+from effpipe import memory_estimate, models, recipe, runtime, timing, tuning
 from effpipe.config import TrainConfig
 from effpipe.errors import UsageError
 
@@ -43,11 +43,11 @@ def num_classes_of(config: TrainConfig) -> int:
 def make_phase_model(config: TrainConfig, phase: int) -> keras.Model:
     """The trainer's model for `config`, random base weights, set up for `phase`."""
     source_size = (config.source_size, config.source_size)
-    model = train_lib.make_configured_model(
+    model = recipe.make_configured_model(
         config, source_size, num_classes_of(config), random_weights=True
     )
     models.check_unfreeze_blocks(model, config.unfreeze_blocks)
-    train_lib.set_phase(model, config, phase)
+    recipe.set_phase(model, config, phase)
     return model
 
 
@@ -102,7 +102,7 @@ def run_trial(
     try:
         model = make_phase_model(config, phase)
         learning_rate = config.phase1_learning_rate if phase == 1 else config.phase2_learning_rate
-        train_lib.compile_model(model, learning_rate, jit_compile=setup.xla)
+        recipe.compile_model(model, learning_rate, jit_compile=setup.xla)
         rss_before_fit = _current_rss_mib()
         # The first epoch compiles and warms up; the second is timed.
         model.fit(

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from effpipe import feature_cache, models, resume, train_lib
+from effpipe import feature_cache, models, recipe, resume, train_lib
 from effpipe.config import TrainConfig
 
 
@@ -169,12 +169,12 @@ def test_the_head_model_trains_the_full_models_head_under_bfloat16(base_weights)
                 variant="b0", image_size=32, source_size=(32, 32), num_classes=4,
                 weights=base_weights,
             )  # fmt: skip
-            train_lib.compile_model(model, 1e-2, jit_compile=False)
+            recipe.compile_model(model, 1e-2, jit_compile=False)
             if use_cache:
                 features = feature_cache.make_feature_model(model).predict(images, verbose=0)
                 assert features.dtype.name == "bfloat16"
                 head = feature_cache.make_head_model(model)
-                train_lib.compile_model(head, 1e-2, jit_compile=False, optimizer=model.optimizer)
+                recipe.compile_model(head, 1e-2, jit_compile=False, optimizer=model.optimizer)
                 results.append(head.train_on_batch(features.astype(np.float32), labels))
             else:
                 results.append(model.train_on_batch(images, labels))
