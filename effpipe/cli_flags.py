@@ -13,6 +13,7 @@ from absl import flags
 
 from effpipe import config as config_lib
 from effpipe import variants
+from effpipe.errors import UsageError
 
 _DEFAULTS = config_lib.TrainConfig()
 
@@ -263,6 +264,15 @@ def exit_with_usage_error(program: str, error: Exception) -> None:
     message = " ".join(str(error).split()).removeprefix("ERROR:: ")
     print(f"{program}: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def refuse_arguments(program: str, argv: list[str]) -> None:
+    """Exits with one line and status 2 when `argv` holds more than the program."""
+    if len(argv) > 1:
+        exit_with_usage_error(
+            program,
+            UsageError(f"unexpected arguments {' '.join(argv[1:])}: flags take --name=value"),
+        )
 
 
 def make_flags_parser(program: str):

@@ -36,10 +36,7 @@ WORKER_HOST = flags.DEFINE_string(
 
 
 def main(argv):
-    if len(argv) > 1:
-        cli_flags.exit_with_usage_error(
-            PROGRAM, UsageError(f"unexpected arguments {' '.join(argv[1:])}")
-        )
+    cli_flags.refuse_arguments(PROGRAM, argv)
     if not 1 <= PORT.value <= 65535 or NUM_WORKERS.value < 1:
         cli_flags.exit_with_usage_error(
             PROGRAM,

@@ -51,10 +51,7 @@ DATA_FLAGS = (
 
 
 def main(argv):
-    if len(argv) > 1:
-        cli_flags.exit_with_usage_error(
-            PROGRAM, UsageError(f"unexpected arguments {' '.join(argv[1:])}")
-        )
+    cli_flags.refuse_arguments(PROGRAM, argv)
     try:
         config = _run_config(MODEL.value)
         output_dir = OUTPUT_DIR.value or os.path.join(MODEL.value, "evaluation")

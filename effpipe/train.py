@@ -42,11 +42,7 @@ OVERWRITE = flags.DEFINE_bool(
 
 
 def main(argv):
-    if len(argv) > 1:
-        cli_flags.exit_with_usage_error(
-            PROGRAM,
-            UsageError(f"unexpected arguments {' '.join(argv[1:])}: flags take --name=value"),
-        )
+    cli_flags.refuse_arguments(PROGRAM, argv)
     try:
         config = cli_flags.config_from_flags()
         # In a multi-worker run (TF_CONFIG) the chief alone prepares --workdir and

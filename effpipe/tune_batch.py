@@ -90,11 +90,7 @@ TRIAL_BATCH = flags.DEFINE_integer(
 
 
 def main(argv):
-    if len(argv) > 1:
-        cli_flags.exit_with_usage_error(
-            PROGRAM,
-            UsageError(f"unexpected arguments {' '.join(argv[1:])}: flags take --name=value"),
-        )
+    cli_flags.refuse_arguments(PROGRAM, argv)
     try:
         config = cli_flags.config_from_flags()
         if MEMORY_BUDGET_GB.value <= 0 or MEMORY_BUDGET_GB.value > 1024:
