@@ -189,6 +189,26 @@ def split_validation(
     )
 
 
+def configured_splits(config: TrainConfig, source: DataSource) -> tuple[Split, Split, Split, str]:
+    """The run's train and validation splits, and the split its evaluation reads.
+
+    The trainer and `effpipe.evaluate` share it, so both evaluate the same images:
+    the test split, or the validation split when the source has none.
+
+    Returns:
+      (train, validation, evaluated split, "test" or "validation").
+    """
+    train, validation = split_validation(
+        source.train,
+        config.validation_fraction,
+        seed=config.seed,
+        selection=config.validation_selection,
+    )
+    if source.test is None:
+        return train, validation, validation, "validation"
+    return train, validation, source.test, "test"
+
+
 # --- cifar100 -----------------------------------------------------------------
 
 

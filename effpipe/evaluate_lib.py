@@ -7,7 +7,6 @@ import tensorflow as tf
 
 from effpipe import data_sources, evaluation, export, run_files
 from effpipe.config import TrainConfig
-from effpipe.data_sources import Split
 from effpipe.errors import UsageError
 
 
@@ -39,7 +38,7 @@ def evaluate_export(config: TrainConfig, workdir: str, output_dir: str) -> dict:
             f"{config.dataset} has {len(source.class_names)} classes and the model "
             f"{len(model_names)}: evaluate on data with the model's classes"
         )
-    split, evaluated_on = _evaluated_split(config, source)
+    _, _, split, evaluated_on = data_sources.configured_splits(config, source)
     serve = exported.signatures["serve_images"]
     probabilities = np.concatenate(
         [
@@ -59,16 +58,3 @@ def evaluate_export(config: TrainConfig, workdir: str, output_dir: str) -> dict:
     )
     run_files.write_json(os.path.join(output_dir, "evaluation.json"), summary)
     return summary
-
-
-def _evaluated_split(config: TrainConfig, source) -> tuple[Split, str]:
-    """The test split, or the trainer's validation split when there is none."""
-    if source.test is not None:
-        return source.test, "test"
-    _, validation = data_sources.split_validation(
-        source.train,
-        config.validation_fraction,
-        seed=config.seed,
-        selection=config.validation_selection,
-    )
-    return validation, "validation"

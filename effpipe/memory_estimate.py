@@ -119,7 +119,7 @@ def measure_model(model: keras.Model) -> ModelMemory:
     """
     layers = _flat_layers(model)
     first_trainable = next(
-        (index for index, layer in enumerate(layers) if _own_trainable_weights(layer)),
+        (index for index, layer in enumerate(layers) if layer.trainable_weights),
         len(layers),
     )
     saved = sum(
@@ -154,10 +154,6 @@ def _flat_layers(model: keras.Model) -> list:
         else:
             flat.append(layer)
     return flat
-
-
-def _own_trainable_weights(layer) -> bool:
-    return bool(layer.trainable_weights)
 
 
 def _live_bytes(layer) -> int:

@@ -119,16 +119,11 @@ def _train_and_evaluate(
 
     # --- Data: source arrays, validation split, tf.data pipelines. ---
     source = data_sources.load_configured_source(config)
-    train_split, validation_split = data_sources.split_validation(
-        source.train,
-        config.validation_fraction,
-        seed=config.seed,
-        selection=config.validation_selection,
+    train_split, validation_split, test_split, evaluated_on = data_sources.configured_splits(
+        config, source
     )
-    test_split, evaluated_on = source.test, "test"
-    if test_split is None:
+    if source.test is None:
         logging.warning("%s has no test split: the final evaluation uses validation", source.name)
-        test_split, evaluated_on = validation_split, "validation"
     if len(train_split) < config.batch_size:
         raise UsageError(
             f"--batch_size={config.batch_size} is larger than the {len(train_split)} "
@@ -404,7 +399,8 @@ def _train_and_evaluate(
                 raise UsageError(
                     f"phase {phase}: the training loss became {last_loss} in epoch "
                     f"{history[f'phase{phase}'][-1]['epoch']}; training stopped: lower "
-                    f"--phase{phase}_learning_rate (now {learning_rate:g}) and rerun: the run "
+                    f"--phase{phase}_learning_rate (now "
+                    f"{getattr(config, f'phase{phase}_learning_rate'):g}) and rerun: the run "
                     "resumes from its last good epoch. "
                     + _kept_weights(checkpoint_path, checkpoint_written, best_validation_accuracy)
                 )

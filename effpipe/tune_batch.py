@@ -137,8 +137,8 @@ def main(argv):
     output = OUTPUT.value
     if output is None:
         output = os.path.join("flags", f"tuned_{config.variant}_{MEMORY_BUDGET_GB.value:g}gb.flags")
+    batch_size = _flagfile_batch(report)
     if output:
-        batch_size = _flagfile_batch(report)
         if batch_size:
             _write_flagfile(output, report, batch_size)
             print(f"wrote {output}: --batch_size={batch_size}")
@@ -146,7 +146,7 @@ def main(argv):
         else:
             print("no batch fits this budget: no flagfile written", file=sys.stderr)
     print(json.dumps(report))
-    if not _flagfile_batch(report):
+    if not batch_size:
         sys.exit(1)
 
 

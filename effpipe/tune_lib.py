@@ -22,7 +22,7 @@ from effpipe import memory_estimate, models, recipe, runtime, timing, tuning
 from effpipe.config import TrainConfig
 from effpipe.errors import UsageError
 
-MIB = 2**20
+MIB = tuning.MIB
 # What an out-of-memory failure says when it is not a ResourceExhaustedError (XLA
 # and some kernels raise InternalError with these words).
 _OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM when allocating")

@@ -12,6 +12,7 @@ import pytest
 
 from effpipe import config as config_lib
 from effpipe import memory_estimate, tune_lib, tuning
+from effpipe.errors import UsageError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -181,7 +182,7 @@ def test_bad_tuner_flags_exit_2_with_one_line(args, fragment):
 
 def test_measured_without_a_gpu_is_refused():
     config = dataclasses.replace(config_lib.TrainConfig(), variant="b0")
-    with pytest.raises(Exception, match="needs a GPU"):
+    with pytest.raises(UsageError, match="needs a GPU"):
         tune_lib.tune(
             config, phases=[1], usable_bytes=GIB, method="measured", max_batch=8, resolution=1,
             cpu_trial_batch=0, trial_command=None, trial_flagfile_text="", trial_timeout_s=1,
