@@ -1,0 +1,199 @@
+"""benchmarks.gpu_check: its runner keeps every outcome, and the whole check runs at a
+tiny scale (--smoke) on a machine without a GPU."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from benchmarks import gpu_check
+
+SMOKE_PARTS = {
+    "smoke_run",
+    "tuner_estimate",
+    "tuner_trial_phase1",
+    "tuner_trial_phase2",
+    "step_p1_float32_xla_off",
+    "augment",
+    "step_p2_mixed_xla_off",
+}
+
+
+def _run_check(repo_root, *args, env=None, timeout=900):
+    # The timeout is a hang guard only.
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", *args],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(repo_root), **(env or {})},
+    )
+
+
+def _python(code: str) -> list[str]:
+    return ["-c", code]
+
+
+def _read_x(result):
+    return {"x": gpu_check.finite("x", gpu_check.require_json(result)["x"])}
+
+
+def test_run_command_keeps_a_failure_and_its_last_stderr_lines(tmp_path):
+    outcome = gpu_check.run_command(
+        [sys.executable, "-c", "import sys; print('last words', file=sys.stderr); sys.exit(3)"],
+        timeout_s=120,
+        env=dict(os.environ),
+        log_prefix=str(tmp_path / "part"),
+    )
+    assert outcome["status"] == "failed"
+    assert outcome["returncode"] == 3
+    assert outcome["stderr_tail"] == ["last words"]
+    assert outcome["final_json"] is None
+
+
+def test_run_command_kills_a_part_past_its_timeout(tmp_path):
+    outcome = gpu_check.run_command(
+        [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(600)"],
+        timeout_s=2,
+        env=dict(os.environ),
+        log_prefix=str(tmp_path / "part"),
+    )
+    assert outcome["status"] == "timed_out"
+    assert outcome["returncode"] < 0  # Killed by a signal.
+    assert (tmp_path / "part.stdout").read_text() == "started\n"
+
+
+def test_runner_records_each_outcome_and_goes_on(tmp_path):
+    output = tmp_path / "check.json"
+    runner = gpu_check.Runner(str(output), deadline_s=600, report={})
+    parts = [
+        gpu_check.Part("fails", _python("import sys; sys.exit('broken')"), 120, 0, _read_x),
+        gpu_check.Part("hangs", _python("import time; time.sleep(600)"), 2, 0, _read_x),
+        gpu_check.Part("too_long", _python("print(1)"), 120, 10**6, _read_x),
+        gpu_check.Part("not_finite", _python("print('{\"x\": NaN}')"), 120, 0, _read_x),
+        gpu_check.Part("no_json", _python("print('done')"), 120, 0, _read_x),
+        gpu_check.Part("works", _python("print('table'); print('{\"x\": 1.5}')"), 120, 0, _read_x),
+    ]
+    for part in parts:
+        runner.run(part)
+        # The file is rewritten after every part: what ran so far is on disk.
+        assert part.name in json.loads(output.read_text())["parts"]
+    records = json.loads(output.read_text())["parts"]
+    assert list(records) == [part.name for part in parts]
+    assert {name: record["status"] for name, record in records.items()} == {
+        "fails": "failed",
+        "hangs": "timed_out",
+        "too_long": "skipped",
+        "not_finite": "failed",
+        "no_json": "failed",
+        "works": "ok",
+    }
+    assert records["fails"]["stderr_tail"] == ["broken"]
+    assert "deadline" in records["too_long"]["reason"]
+    assert "not a finite number" in records["not_finite"]["error"]
+    assert "no JSON object" in records["no_json"]["error"]
+    assert records["works"]["figures"] == {"x": 1.5}
+    assert records["works"]["result"] == {"x": 1.5}
+
+
+def test_runner_injects_a_failure_into_the_named_part(tmp_path, monkeypatch):
+    monkeypatch.setenv(gpu_check.FAIL_ENV, "chosen")
+    runner = gpu_check.Runner(str(tmp_path / "check.json"), deadline_s=600, report={})
+    ok = _python("print('{\"x\": 2}')")
+    assert runner.run(gpu_check.Part("chosen", ok, 120, 0, _read_x))["status"] == "failed"
+    assert runner.run(gpu_check.Part("other", ok, 120, 0, _read_x))["status"] == "ok"
+
+
+def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(repo_root, tmp_path):
+    output = tmp_path / "gpu_check.json"
+    # CUDA_VISIBLE_DEVICES="" hides any GPU from TensorFlow, so this holds on any machine.
+    result = _run_check(
+        repo_root, f"--output={output}", env={"CUDA_VISIBLE_DEVICES": ""}, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("gpu_check: no GPU visible (")
+    assert lines[0].endswith("TensorFlow sees none): nothing measured")
+    assert not output.exists()
+
+
+def test_bad_part_name_is_one_line_and_exit_2(repo_root):
+    result = _run_check(repo_root, "--smoke", "--parts=augment,bogus", timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("benchmarks.gpu_check: error: --parts=augment,bogus")
+    assert "bogus" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_failed_part_is_recorded_and_the_others_still_run(repo_root, tmp_path):
+    output = tmp_path / "gpu_check.json"
+    result = _run_check(
+        repo_root, "--smoke", f"--output={output}",
+        "--parts=tuner_estimate,tuner_trial_phase1,augment",
+        env={gpu_check.FAIL_ENV: "tuner_estimate"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(output.read_text())
+    parts = report["parts"]
+    assert parts["tuner_estimate"]["status"] == "failed"
+    assert "injected failure" in parts["tuner_estimate"]["stderr_tail"][-1]
+    # The trials need the estimate's answer; the timed parts do not.
+    assert parts["tuner_trial_phase1"] == {
+        "status": "skipped",
+        "wall_s": 0.0,
+        "reason": "needs tuner_estimate (failed)",
+    }
+    assert parts["augment"]["status"] == "ok"
+    assert parts["smoke_run"]["reason"] == "not in --parts"
+    assert report["finished"] is True
+
+
+def test_smoke_runs_every_part_and_records_finite_figures(repo_root, tmp_path):
+    output = tmp_path / "gpu_check.json"
+    result = _run_check(repo_root, "--smoke", f"--output={output}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(output.read_text())
+    parts = report["parts"]
+    assert set(parts) == SMOKE_PARTS
+    failed = {name: record for name, record in parts.items() if record["status"] != "ok"}
+    assert not failed, json.dumps(failed, indent=1)[-3000:]
+    for name, record in parts.items():
+        assert record["figures"], name
+        for key, value in record["figures"].items():
+            assert isinstance(value, bool) or math.isfinite(value), (name, key, value)
+    assert report["finished"] is True and report["smoke"] is True
+
+    smoke_run = parts["smoke_run"]["figures"]
+    assert {"top1", "top5", "loss", "train_images_per_sec"} <= set(smoke_run)
+    assert smoke_run["xla"] is False  # --smoke runs it without XLA (slow on CPU).
+    assert (tmp_path / "gpu_check_logs" / "smoke_run.metrics.json").exists()
+
+    estimate = parts["tuner_estimate"]["figures"]
+    for phase in (1, 2):
+        trial = parts[f"tuner_trial_phase{phase}"]["figures"]
+        assert trial["batch_size"] == estimate[f"phase{phase}_max_batch"]
+        assert trial["estimated_mib"] == estimate[f"phase{phase}_estimated_mib"]
+        assert trial["fits"] is True and trial["peak_mib"] > 0
+        assert trial["estimate_error"] == trial["estimated_mib"] / trial["peak_mib"] - 1
+
+    replica_phase = parts["step_p1_float32_xla_off"]["figures"]
+    for name in gpu_check.NOAUG + gpu_check.REPLICA:
+        assert replica_phase[f"{name}/ms_per_step"] > 0, name
+    # Only the named configurations were timed.
+    mixed_phase = parts["step_p2_mixed_xla_off"]
+    assert set(mixed_phase["result"]["configurations"]) == {"effpipe/noaug/synthetic"}
+    assert mixed_phase["result"]["precision"].startswith("mixed_")
+    assert any(key.endswith("/speedup") for key in parts["augment"]["figures"])
+
+    steps = {step["part"]: step for step in report["summary"]["steps"]}
+    assert set(steps) == {"step_p1_float32_xla_off", "step_p2_mixed_xla_off"}
+    one = steps["step_p1_float32_xla_off"]
+    assert one["speedup_vs_replica"] == (
+        report["summary"]["replica_ms_per_step"]["phase1/seed/synthetic"] / one["ms_per_step"]
+    )
+    assert steps["step_p2_mixed_xla_off"]["speedup_vs_replica"] is None  # No phase-2 replica.
+    assert result.stdout.strip().splitlines()[-1].startswith(f"gpu_check: wrote {output}")
