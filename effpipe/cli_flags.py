@@ -151,13 +151,30 @@ flags.DEFINE_integer(
 flags.DEFINE_bool(
     "mixed_precision",
     _DEFAULTS.mixed_precision,
-    "Mixed precision: float16 compute with loss scaling on GPU, bfloat16 on CPU/TPU.",
+    "Mixed precision: 16-bit float compute, float32 variables (--mixed_precision_dtype).",
+)
+flags.DEFINE_enum(
+    "mixed_precision_dtype",
+    _DEFAULTS.mixed_precision_dtype,
+    config_lib.MIXED_PRECISION_DTYPES,
+    "The 16-bit float of --mixed_precision. auto: float16 with dynamic loss scaling "
+    "on GPU, bfloat16 on CPU and TPU; float16: with loss scaling, anywhere (on a CPU "
+    "it exercises the GPU's loss-scaling path, slowly); bfloat16: no loss scaling, "
+    "needs an Ampere or newer GPU.",
 )
 flags.DEFINE_enum(
     "xla",
     _DEFAULTS.xla,
     config_lib.XLA_MODES,
     "Compile the train step with XLA; auto: on for GPU/TPU, off on CPU.",
+)
+flags.DEFINE_integer(
+    "steps_per_execution",
+    _DEFAULTS.steps_per_execution,
+    "Train steps per compiled call (Keras' steps_per_execution): fewer round trips "
+    "from Python to the device. 0 (auto): as many as divide an epoch, up to 32 for "
+    "the phase-1 head on cached features and 8 for the whole model on a GPU or TPU; "
+    "1 on CPU and while profiling. Must divide the steps of an epoch.",
 )
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seeds data order, splits and initialisation.")
 flags.DEFINE_bool(

@@ -12,6 +12,8 @@ from effpipe.errors import UsageError
 
 HEADS = ("pooled", "seed")
 XLA_MODES = ("auto", "on", "off")
+# The 16-bit float of --mixed_precision (effpipe.runtime resolves auto per device).
+MIXED_PRECISION_DTYPES = ("auto", "float16", "bfloat16")
 FEATURE_CACHE_MODES = ("auto", "on", "off")
 VALIDATION_SELECTIONS = ("random", "last")
 DATASET_KINDS = ("cifar100", "shapes", "folder:PATH")
@@ -33,6 +35,8 @@ RESUMABLE_CHANGES = (
     "debug_numerics",
     "profile_steps",
     "export",
+    # Steps per compiled call: the same steps in the same order, fewer host round trips.
+    "steps_per_execution",
     # Through a data service the training order is the service's, not the seed's:
     # finished epochs mean the same whichever fleet served them.
     "data_service",
@@ -83,7 +87,9 @@ class TrainConfig:
     unfreeze_blocks: int = 3
     # Performance and reproducibility.
     mixed_precision: bool = False
+    mixed_precision_dtype: str = "auto"
     xla: str = "auto"
+    steps_per_execution: int = 0
     seed: int = 0
     deterministic: bool = False
     data_threads: int = 0
@@ -258,6 +264,27 @@ def _validate(config: TrainConfig) -> None:
     )
     _require(
         config.xla in XLA_MODES, f"unknown xla mode {config.xla!r}: choose one of auto, on, off"
+    )
+    _require(
+        config.mixed_precision_dtype in MIXED_PRECISION_DTYPES,
+        f"unknown mixed_precision_dtype {config.mixed_precision_dtype!r}: choose one of "
+        f"{', '.join(MIXED_PRECISION_DTYPES)}",
+    )
+    _require(
+        config.mixed_precision or config.mixed_precision_dtype == "auto",
+        f"--mixed_precision_dtype={config.mixed_precision_dtype} chooses the 16-bit float of "
+        "--mixed_precision, which is off: add --mixed_precision, or drop "
+        "--mixed_precision_dtype",
+    )
+    _require(
+        config.steps_per_execution >= 0,
+        f"--steps_per_execution={config.steps_per_execution} must be 0 (auto) or more",
+    )
+    _require(
+        config.steps_per_execution <= 1 or not config.profile_steps,
+        f"--steps_per_execution={config.steps_per_execution} runs several steps per call, "
+        f"so --profile_steps={config.profile_steps} could not trace exactly those steps: "
+        "pass --steps_per_execution=0 (auto: 1 while profiling) or drop --profile_steps",
     )
     _require(
         config.phase1_feature_cache in FEATURE_CACHE_MODES,

@@ -9,6 +9,16 @@ import keras
 
 from effpipe import augment, input_pipeline, models
 from effpipe.config import TrainConfig
+from effpipe.errors import UsageError
+
+# The most train steps per compiled call that --steps_per_execution=0 (auto) picks.
+# Each call costs the host about 0.9 ms (Python, the tf.function call, Keras' logs
+# turned into floats after every call on the TensorFlow backend); measured on this
+# project's CPU, the phase-1 head on cached features ran at 1.6 ms/step one step per
+# call and 0.7-0.9 ms/step at 10 to 100 steps per call (WORKSPACE.md). A whole
+# EfficientNet step on a CPU (260 ms for B0 at 224 px) hides that overhead, so the
+# CPU keeps 1; a GPU or TPU step of a few milliseconds (B0 on a large GPU) does not.
+AUTO_STEPS_PER_EXECUTION = {"head": 32, "gpu": 8, "tpu": 8, "cpu": 1}
 
 
 def tuner_command(config: TrainConfig) -> str:
@@ -16,6 +26,8 @@ def tuner_command(config: TrainConfig) -> str:
     flags = [f"--variant={config.variant}", f"--image_size={config.resolved_image_size}"]
     if config.mixed_precision:
         flags.append("--mixed_precision")
+        if config.mixed_precision_dtype != "auto":
+            flags.append(f"--mixed_precision_dtype={config.mixed_precision_dtype}")
     flags.append(f"--unfreeze_blocks={config.unfreeze_blocks}")
     return " ".join(["python -m effpipe.tune_batch", *flags, "--memory_budget_gb=GB"])
 
@@ -117,12 +129,58 @@ def describe_augmentation(config: TrainConfig) -> str:
     )
 
 
+def resolve_steps_per_execution(
+    config: TrainConfig, steps_per_epoch: int, *, accelerator: str, head_only: bool = False
+) -> tuple[int, str]:
+    """The train steps per compiled call of one phase, with the reason for the log.
+
+    An epoch must be a whole number of calls: Keras runs every call's N steps on an
+    endless stream, so a call that crossed the epoch's end would train steps of the
+    next epoch and break the resume arithmetic.
+
+    Args:
+      config: the run configuration (--steps_per_execution, --profile_steps).
+      steps_per_epoch: train steps of one epoch.
+      accelerator: "gpu", "tpu" or "cpu".
+      head_only: the phase fits the head alone (phase 1 on cached features).
+
+    Returns:
+      (steps per call, reason).
+
+    Raises:
+      UsageError: an explicit --steps_per_execution that does not divide the epoch.
+    """
+    requested = config.steps_per_execution
+    if requested:
+        if steps_per_epoch % requested:
+            raise UsageError(
+                f"--steps_per_execution={requested} must divide the {steps_per_epoch} train "
+                f"steps of an epoch: use {_largest_divisor(steps_per_epoch, requested)}, or "
+                "0 (auto)"
+            )
+        return requested, f"{requested} train step(s) per call (--steps_per_execution)"
+    if config.profile_steps:
+        return 1, "1 train step per call (auto: --profile_steps traces single steps)"
+    kind = "head" if head_only else accelerator
+    steps = _largest_divisor(steps_per_epoch, AUTO_STEPS_PER_EXECUTION[kind])
+    what = "the head on cached features" if head_only else f"the whole model on {kind.upper()}"
+    return steps, (
+        f"{steps} train step(s) per call (auto: up to {AUTO_STEPS_PER_EXECUTION[kind]} for "
+        f"{what}, dividing the {steps_per_epoch} steps of an epoch)"
+    )
+
+
+def _largest_divisor(number: int, at_most: int) -> int:
+    return max(d for d in range(1, max(min(number, at_most), 1) + 1) if number % d == 0)
+
+
 def compile_model(
     model: keras.Model,
     learning_rate: float,
     *,
     jit_compile: bool,
     optimizer: keras.optimizers.Optimizer | None = None,
+    steps_per_execution: int = 1,
 ) -> None:
     """Compiles for sparse integer labels; needed again after changing `trainable`.
 
@@ -134,6 +192,8 @@ def compile_model(
       jit_compile: compile the train step with XLA.
       optimizer: use this optimizer instead of a new Adam (the phase-1 head model
         takes the full model's, so the resume state holds its variables).
+      steps_per_execution: train steps per compiled call (see
+        `resolve_steps_per_execution`).
     """
     num_classes = model.output_shape[-1]
     model.compile(
@@ -144,4 +204,5 @@ def compile_model(
             keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
         ],
         jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
     )

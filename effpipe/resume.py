@@ -14,8 +14,8 @@ phase (phase 2: unfrozen and recompiled first, so the optimizer's slots match) a
 skips the batches already trained: the training stream is endless and seeded, so
 epoch k sees the same batches whether or not the run stopped before it.
 
-`StopOnSignal` turns SIGINT and SIGTERM into a clean stop: the current step
-finishes, then `TrainingInterrupted` propagates; the partial epoch is not saved (a
+`StopOnSignal` turns SIGINT and SIGTERM into a clean stop: the current step (or
+compiled call of several steps) finishes, then `TrainingInterrupted` propagates; the partial epoch is not saved (a
 resumed run redoes it), which keeps a resumed --deterministic run identical to an
 uninterrupted one.
 """
@@ -193,8 +193,9 @@ class StopOnSignal(keras.callbacks.Callback):
 
     Use as a context manager around all the training and evaluation work (the
     handlers are installed on entry and always restored on exit) and as a callback
-    of every `fit` and `evaluate` (it checks after each train or test step); call
+    of every `fit`, `evaluate` and `predict` (it checks before each compiled call); call
     `check()` between phases. A second SIGINT falls back to KeyboardInterrupt.
+    With `steps_per_execution` = N the current call's N steps finish first.
 
     Args:
       workdir: the run directory, named in the message.
@@ -228,14 +229,16 @@ class StopOnSignal(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch + 1
 
-    def on_train_batch_end(self, batch, logs=None):
+    # Checked before each compiled call rather than after: Keras calls the begin
+    # hooks without the step's results, so the check adds no wait for the device.
+    def on_train_batch_begin(self, batch, logs=None):
         self.check()
 
-    def on_test_batch_end(self, batch, logs=None):
+    def on_test_batch_begin(self, batch, logs=None):
         # Validation is part of the epoch: stopping in it loses only that epoch.
         self.check()
 
-    def on_predict_batch_end(self, batch, logs=None):
+    def on_predict_batch_begin(self, batch, logs=None):
         # Computing phase 1's cached features: nothing of them is saved yet.
         self.check()
 

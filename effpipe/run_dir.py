@@ -58,7 +58,7 @@ def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:
       UsageError: the directory holds another run, or files of no effpipe run,
         and `overwrite` is off.
     """
-    os.makedirs(workdir, exist_ok=True)
+    create(workdir)
     wanted = dataclasses.asdict(config)
     config_path = os.path.join(workdir, CONFIG_FILE)
     present = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(workdir, name))]
@@ -105,6 +105,23 @@ def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:
             os.remove(path)
     run_files.write_json(config_path, wanted)
     return NEW
+
+
+def create(workdir: str) -> None:
+    """Creates the run directory (and its parents) when missing.
+
+    Raises:
+      UsageError: it cannot be created: a file in its place or on its path, no
+        permission, a read-only filesystem.
+    """
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+        raise UsageError(
+            f"--workdir={workdir} cannot be created ({error.strerror or error}"
+            f"{': ' + error.filename if error.filename else ''}): pick a directory path "
+            "you can write to"
+        ) from error
 
 
 def is_complete(workdir: str, config: TrainConfig) -> bool:

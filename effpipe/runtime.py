@@ -1,14 +1,67 @@
 """What a run actually gets: device, precision policy and XLA, resolved honestly.
 
-`--mixed_precision` means mixed_float16 (with loss scaling) on a GPU and
-mixed_bfloat16 on a CPU or TPU. `--xla=auto` is on for GPU and TPU and off on
-CPU, where a compiled EfficientNet train step measured 8x slower than without XLA
-on this project's machines. Each decision carries its reason for the log.
+`--mixed_precision` computes in a 16-bit float with float32 variables;
+`--mixed_precision_dtype` says which:
+  auto      float16 on a GPU (with dynamic loss scaling), bfloat16 on a CPU or TPU
+  float16   with dynamic loss scaling (Keras wraps the optimizer in a
+            LossScaleOptimizer); forced on a CPU it runs the GPU's loss-scaling path,
+            which is how the tests exercise it
+  bfloat16  float32's exponent range, so no loss scaling; on a GPU it needs an
+            Ampere or newer one (compute capability 8.0), whose tensor cores run it
+`--xla=auto` is on for GPU and TPU and off on CPU, where a compiled EfficientNet
+train step measured 8x slower than without XLA on this project's machines. Each
+decision carries its reason for the log.
+
+A GPU that `nvidia-smi` lists but TensorFlow cannot use (a CPU-only TensorFlow, or
+CUDA libraries missing) is the most common way a GPU run silently trains on the CPU:
+`Devices.warnings` names the fix, and `--require_gpu` makes it an error.
 """
 
 import dataclasses
+import shutil
+import subprocess
 
 import tensorflow as tf
+
+from effpipe.errors import UsageError
+
+# bfloat16 tensor-core arithmetic arrived with Ampere (compute capability 8.0).
+BFLOAT16_MIN_COMPUTE_CAPABILITY = (8, 0)
+# How a user gets TensorFlow's CUDA build (setup.cfg's gpu extra).
+GPU_INSTALL_HINT = "install TensorFlow's GPU build: make venv GPU=1, or pip install -e '.[gpu]'"
+
+
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    """The accelerators this process sees.
+
+    Attributes:
+      accelerator: "gpu", "tpu" or "cpu": the kind the model runs on.
+      description: human-readable, for logs and metrics.json ("NVIDIA H200", "CPU").
+      compute_capability: (major, minor) of the first GPU, or None.
+      unused_gpus: GPUs the NVIDIA driver lists while TensorFlow sees none.
+    """
+
+    accelerator: str
+    description: str
+    compute_capability: tuple[int, int] | None = None
+    unused_gpus: tuple[str, ...] = ()
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Sentences to log as warnings: a GPU this TensorFlow cannot use."""
+        if not self.unused_gpus:
+            return ()
+        return (
+            f"{self.describe_unused_gpus()}, so this run computes on the CPU: "
+            f"{GPU_INSTALL_HINT} (--require_gpu stops instead)",
+        )
+
+    def describe_unused_gpus(self) -> str:
+        return (
+            f"nvidia-smi lists {len(self.unused_gpus)} GPU(s) ({self.unused_gpus[0]}) but "
+            f"TensorFlow {tf.__version__} sees none"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,53 +71,116 @@ class Runtime:
     Attributes:
       accelerator: "gpu", "tpu" or "cpu".
       device: a human-readable device description for logs and metrics.json.
-      precision: the Keras dtype policy name.
+      precision: the Keras dtype policy name ("float32", "mixed_float16",
+        "mixed_bfloat16").
+      loss_scaling: whether the optimizer scales the loss (mixed_float16 only).
       xla: whether the train step is compiled with XLA.
       reasons: one sentence per decision, for the log.
+      warnings: sentences to log as warnings.
     """
 
     accelerator: str
     device: str
     precision: str
+    loss_scaling: bool
     xla: bool
     reasons: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
 
 
-def detect_accelerator() -> tuple[str, str]:
-    """Returns (accelerator kind, description) of the first visible device."""
+def nvidia_smi_gpus() -> list[str]:
+    """The GPUs the NVIDIA driver lists (`nvidia-smi -L`), without TensorFlow.
+
+    Returns:
+      One line per GPU ("GPU 0: NVIDIA H200 (UUID: ...)"); empty when nvidia-smi is
+      absent, fails or lists none.
+    """
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        listed = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if listed.returncode != 0:
+        return []
+    return [line.strip() for line in listed.stdout.splitlines() if line.startswith("GPU ")]
+
+
+def detect_devices() -> Devices:
+    """The accelerator of this process: TPU, else the first GPU, else the CPU."""
     tpus = tf.config.list_logical_devices("TPU")
     if tpus:
-        return "tpu", f"TPU x{len(tpus)}"
+        return Devices("tpu", f"TPU x{len(tpus)}")
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
         name = details.get("device_name", "GPU")
-        return "gpu", f"{name} x{len(gpus)}" if len(gpus) > 1 else name
-    return "cpu", "CPU"
+        capability = details.get("compute_capability")
+        return Devices(
+            "gpu",
+            f"{name} x{len(gpus)}" if len(gpus) > 1 else name,
+            tuple(capability) if capability else None,
+        )
+    return Devices("cpu", "CPU", unused_gpus=tuple(nvidia_smi_gpus()))
 
 
-def resolve_runtime(*, mixed_precision: bool, xla: str) -> Runtime:
+def require_gpu() -> None:
+    """Raises UsageError unless TensorFlow sees a GPU (`--require_gpu`).
+
+    Lists physical devices only, so it may run before a distribution strategy
+    configures TensorFlow's devices.
+    """
+    if tf.config.list_physical_devices("GPU"):
+        return
+    unused = Devices("cpu", "CPU", unused_gpus=tuple(nvidia_smi_gpus()))
+    if unused.unused_gpus:
+        raise UsageError(f"--require_gpu: {unused.describe_unused_gpus()}: {GPU_INSTALL_HINT}")
+    raise UsageError(
+        "--require_gpu: no GPU is visible (nvidia-smi lists none and TensorFlow sees "
+        "none): run on a machine with an NVIDIA GPU and its driver, or drop --require_gpu"
+    )
+
+
+def resolve_runtime(
+    *,
+    mixed_precision: bool,
+    xla: str,
+    mixed_precision_dtype: str = "auto",
+    devices: Devices | None = None,
+) -> Runtime:
     """Resolves the precision policy and the XLA switch for this machine.
 
     Args:
       mixed_precision: the `--mixed_precision` flag.
       xla: "auto", "on" or "off".
+      mixed_precision_dtype: "auto", "float16" or "bfloat16" (see the module
+        docstring).
+      devices: the accelerators to resolve for; by default `detect_devices()`.
 
     Returns:
       The Runtime, with a reason per decision.
+
+    Raises:
+      UsageError: bfloat16 on a GPU older than Ampere, or float16 on a TPU.
     """
-    accelerator, device = detect_accelerator()
+    devices = devices or detect_devices()
+    accelerator = devices.accelerator
     reasons = []
     if not mixed_precision:
         precision = "float32"
         reasons.append("precision float32 (--mixed_precision not set)")
-    elif accelerator == "gpu":
-        precision = "mixed_float16"
-        reasons.append("precision mixed_float16 on GPU, with dynamic loss scaling")
     else:
-        precision = "mixed_bfloat16"
+        dtype = mixed_precision_dtype
+        if dtype == "auto":
+            dtype = "float16" if accelerator == "gpu" else "bfloat16"
+        _check_precision_fits_device(dtype, devices)
+        precision = f"mixed_{dtype}"
+        how = "auto" if mixed_precision_dtype == "auto" else f"--mixed_precision_dtype={dtype}"
         reasons.append(
-            f"precision mixed_bfloat16: --mixed_precision means bfloat16 on {accelerator.upper()}"
+            f"precision {precision} on {accelerator.upper()} ({how})"
+            + (", with dynamic loss scaling" if dtype == "float16" else ", no loss scaling")
         )
     if xla == "auto":
         use_xla = accelerator in ("gpu", "tpu")
@@ -76,4 +192,31 @@ def resolve_runtime(*, mixed_precision: bool, xla: str) -> Runtime:
     else:
         use_xla = xla == "on"
         reasons.append(f"XLA {xla} (--xla={xla})")
-    return Runtime(accelerator, device, precision, use_xla, tuple(reasons))
+    return Runtime(
+        accelerator,
+        devices.description,
+        precision,
+        precision == "mixed_float16",
+        use_xla,
+        tuple(reasons),
+        devices.warnings,
+    )
+
+
+def _check_precision_fits_device(dtype: str, devices: Devices) -> None:
+    capability = devices.compute_capability
+    if (
+        dtype == "bfloat16"
+        and devices.accelerator == "gpu"
+        and capability is not None
+        and tuple(capability) < BFLOAT16_MIN_COMPUTE_CAPABILITY
+    ):
+        raise UsageError(
+            f"--mixed_precision_dtype=bfloat16 needs an Ampere or newer GPU (compute "
+            f"capability 8.0+); {devices.description} is {capability[0]}.{capability[1]}: "
+            "use --mixed_precision_dtype=float16 (or auto)"
+        )
+    if dtype == "float16" and devices.accelerator == "tpu":
+        raise UsageError(
+            "--mixed_precision_dtype=float16 does not run on a TPU: use bfloat16 (or auto)"
+        )

@@ -1,10 +1,12 @@
 """The one step timer: per-epoch seconds, ms/step and images/s of training.
 
 The trainer and the benchmarks share `ThroughputMeter`; there is no second timer.
-Steady-state figures leave out each epoch's first step, which includes tracing
-and compilation, as NVIDIA's EfficientNet benchmarks drop their warm-up.
+Steady-state figures leave out each epoch's first compiled call (its first step, or
+its first `steps_per_execution` steps), which includes tracing and compilation, as
+NVIDIA's EfficientNet benchmarks drop their warm-up.
 """
 
+import threading
 import time
 
 import keras
@@ -24,34 +26,48 @@ class ThroughputMeter(keras.callbacks.Callback):
     After each epoch, `records[-1]` holds:
       seconds: wall time from the epoch's start to the end of its last train step.
       steps: train steps run.
-      ms_per_step: steady-state milliseconds per step (first step excluded when the
-        epoch has more than one).
+      ms_per_step: steady-state milliseconds per step (the first compiled call
+        excluded when the epoch has more than one).
       images_per_sec: steady-state training images per second.
+
+    With Keras' `steps_per_execution` = N, `fit` calls back once per N steps, with
+    the index of the call's last step: the first call (N steps, tracing and
+    compilation included) is the one left out. The meter waits for the device only
+    after the first call and at the end of the epoch's training, so it adds no
+    round trip to the other steps; it is safe to call from Keras' asynchronous
+    callback threads (`async_safe`) where a backend runs callbacks there.
 
     Args:
       batch_size: images per step (the global batch).
       log_every_epoch: log one line per epoch through absl logging.
     """
 
+    async_safe = True
+
     def __init__(self, batch_size: int, log_every_epoch: bool = True):
         super().__init__()
         self.batch_size = batch_size
         self.log_every_epoch = log_every_epoch
         self.records = []
+        self._lock = threading.Lock()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
-        self._first_step_end = None
+        self._first_call_end = None
+        self._first_call_steps = None
         self._train_end = None
-        self._last_logs = None
         self._steps = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        self._steps += 1
-        self._last_logs = logs
-        if self._steps == 1:
+        # `batch` is the index of the call's last step: batch + 1 steps are done.
+        with self._lock:
+            first = self._first_call_steps is None
+            if first:
+                self._first_call_steps = batch + 1
+            self._steps = max(self._steps, batch + 1)
+        if first:
             _wait_for(logs)
-            self._first_step_end = time.perf_counter()
+            self._first_call_end = time.perf_counter()
 
     def on_test_begin(self, logs=None):
         self._mark_train_end()
@@ -59,9 +75,9 @@ class ThroughputMeter(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self._mark_train_end()
         seconds = self._train_end - self._epoch_start
-        if self._steps > 1:
-            steady_seconds = self._train_end - self._first_step_end
-            steady_steps = self._steps - 1
+        steady_steps = self._steps - (self._first_call_steps or 0)
+        if steady_steps > 0 and self._first_call_end is not None:
+            steady_seconds = self._train_end - self._first_call_end
         else:
             steady_seconds, steady_steps = seconds, max(self._steps, 1)
         record = {
@@ -84,5 +100,8 @@ class ThroughputMeter(keras.callbacks.Callback):
     def _mark_train_end(self):
         # Validation runs inside the epoch; only the first call per epoch counts.
         if self._train_end is None:
-            _wait_for(self._last_logs)
+            # Reading the step counter waits for every update queued on the device.
+            optimizer = getattr(self.model, "optimizer", None)
+            if optimizer is not None:
+                int(optimizer.iterations)
             self._train_end = time.perf_counter()

@@ -5,7 +5,8 @@
     python -m effpipe.train --flagfile=flags/demo.flags --workdir=runs/demo
     TF_CONFIG='{...}' python -m effpipe.train --strategy=multi_worker ...  # each machine
 
-Writes config.json, flags.txt, history.json, metrics.json, history.png, the best
+--require_gpu stops in one line, before anything is written, when TensorFlow sees no
+GPU. Writes config.json, flags.txt, history.json, metrics.json, history.png, the best
 checkpoint and the resume state to --workdir. Bad input ends with one line on
 stderr and exit status 2. SIGINT or SIGTERM stops after the current step with one
 line saying how to resume (exit status 130 or 143); rerunning the same command
@@ -39,12 +40,24 @@ OVERWRITE = flags.DEFINE_bool(
     False,
     "Discard the outputs of a run with other flags in --workdir and start afresh.",
 )
+REQUIRE_GPU = flags.DEFINE_bool(
+    "require_gpu",
+    False,
+    "Stop with one line, before anything is written, unless TensorFlow computes on a "
+    "GPU (without it a GPU that TensorFlow cannot use is a warning and the run goes "
+    "on on the CPU).",
+)
 
 
 def main(argv):
     cli_flags.refuse_arguments(PROGRAM, argv)
     try:
         config = cli_flags.config_from_flags()
+        if REQUIRE_GPU.value:
+            # Loads TensorFlow before the run directory is touched.
+            from effpipe import runtime
+
+            runtime.require_gpu()
         # In a multi-worker run (TF_CONFIG) the chief alone prepares --workdir and
         # writes the run's files; the other workers only read it.
         if cluster.current_task(config.strategy).is_chief:

@@ -46,6 +46,7 @@ from effpipe import (
     plots,
     recipe,
     resume,
+    run_dir,
     run_files,
     runtime,
     summaries,
@@ -54,7 +55,7 @@ from effpipe import (
 from effpipe import config as config_lib
 from effpipe import distribution as distribution_lib
 from effpipe.config import TrainConfig
-from effpipe.errors import UsageError
+from effpipe.errors import UsageError, is_out_of_memory
 
 BEST_CHECKPOINT = os.path.join("checkpoints", "best.weights.h5")
 # Images used to calibrate the BatchNormalization statistics of a random base.
@@ -79,7 +80,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     # initialises its devices.
     distribution = distribution_lib.resolve(config.strategy, config.batch_size)
     if distribution.is_chief:
-        os.makedirs(workdir, exist_ok=True)
+        run_dir.create(workdir)
         return _train_and_evaluate(config, workdir, workdir, distribution)
     # Every worker saves the same checkpoints and state (reading some variables for
     # a save is a collective), but only the chief's files are the run's.
@@ -99,7 +100,11 @@ def _train_and_evaluate(
         logging.info("%s", reason)
 
     # --- Runtime: device, precision, XLA, seeds. ---
-    setup = runtime.resolve_runtime(mixed_precision=config.mixed_precision, xla=config.xla)
+    setup = runtime.resolve_runtime(
+        mixed_precision=config.mixed_precision,
+        mixed_precision_dtype=config.mixed_precision_dtype,
+        xla=config.xla,
+    )
     if config.debug_numerics and setup.xla:
         setup = dataclasses.replace(
             setup,
@@ -107,6 +112,8 @@ def _train_and_evaluate(
             reasons=(*setup.reasons, "XLA off: --debug_numerics instruments ops XLA cannot run"),
         )
     logging.info("device: %s", setup.device)
+    for warning in setup.warnings:
+        logging.warning("%s", warning)
     for reason in setup.reasons:
         logging.info("%s", reason)
     keras.utils.set_random_seed(config.seed)
@@ -278,6 +285,7 @@ def _train_and_evaluate(
             [state.phase if state else 0, state.epochs_done if state else 0],
             "the resume point (phase, epochs done)",
         )
+        steps_per_execution = {}
         phases = [
             (1, 0, config.phase1_epochs, config.learning_rate(1)),
             (2, config.phase1_epochs, config.phase2_epochs, config.learning_rate(2)),
@@ -296,7 +304,17 @@ def _train_and_evaluate(
             if epochs == 0:
                 logging.info("phase %d: 0 epochs, skipped", phase)
                 continue
-            recipe.compile_model(model, learning_rate, jit_compile=setup.xla)
+            head_only = phase == 1 and use_feature_cache
+            steps_per_execution[f"phase{phase}"], reason = recipe.resolve_steps_per_execution(
+                config, steps_per_epoch, accelerator=setup.accelerator, head_only=head_only
+            )
+            logging.info("phase %d: %s", phase, reason)
+            recipe.compile_model(
+                model,
+                learning_rate,
+                jit_compile=setup.xla,
+                steps_per_execution=1 if head_only else steps_per_execution[f"phase{phase}"],
+            )
             if distribution.is_distributed:
                 # Its slots are mirrored variables: made here, in the scope, not
                 # lazily inside the first replicated step.
@@ -332,7 +350,7 @@ def _train_and_evaluate(
                 with _device_errors_as_usage_errors(config, setup, kept_before):
                     fit_model, train_dataset, phase_validation_dataset = _cached_phase1_inputs(
                         config, setup, model, output_dir, train_split, validation_split,
-                        stop_on_signal,
+                        stop_on_signal, steps_per_execution["phase1"],
                     )  # fmt: skip
                 train_dataset = train_dataset.skip(initial_epoch * steps_per_epoch)
                 # The features were computed with the base's BatchNormalization
@@ -405,6 +423,8 @@ def _train_and_evaluate(
                     + _kept_weights(checkpoint_path, checkpoint_written, best_validation_accuracy)
                 )
         _write_history(output_dir, history)
+        # What ran, not what was asked: Keras wraps the optimizer under mixed_float16.
+        loss_scaling = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
         strategy_scope.__exit__(None, None, None)
         strategy_scope = None
         if not distribution.is_chief:
@@ -470,7 +490,9 @@ def _train_and_evaluate(
         "image_size": config.resolved_image_size,
         "batch_size": config.batch_size,
         "precision": setup.precision,
+        "loss_scaling": loss_scaling,
         "xla": setup.xla,
+        "steps_per_execution": steps_per_execution,
         "augment": config.augment,
         "device": setup.device,
         "strategy": distribution.kind,
@@ -493,7 +515,14 @@ def _train_and_evaluate(
 
 
 def _cached_phase1_inputs(
-    config: TrainConfig, setup, model, workdir, train_split, validation_split, stop_on_signal
+    config: TrainConfig,
+    setup,
+    model,
+    workdir,
+    train_split,
+    validation_split,
+    stop_on_signal,
+    steps_per_execution: int,
 ):
     """Phase 1 on cached features: the head model, compiled, and its two datasets.
 
@@ -543,7 +572,11 @@ def _cached_phase1_inputs(
     feature_cache.log_features(features, path)
     head_model = feature_cache.make_head_model(model)
     recipe.compile_model(
-        head_model, config.learning_rate(1), jit_compile=setup.xla, optimizer=model.optimizer
+        head_model,
+        config.learning_rate(1),
+        jit_compile=setup.xla,
+        optimizer=model.optimizer,
+        steps_per_execution=steps_per_execution,
     )
 
     def make_dataset(features_of_split, split, is_training):
@@ -601,24 +634,34 @@ def _device_errors_as_usage_errors(config: TrainConfig, setup, describe_kept_wei
     """
     try:
         yield
-    except tf.errors.ResourceExhaustedError as error:
+    except (tf.errors.OpError, MemoryError) as error:
+        if not is_out_of_memory(error):
+            _raise_numerics_finding(config, error, describe_kept_weights)
+            raise
         raise UsageError(
             f"out of memory on {setup.device} at --batch_size={config.batch_size} "
             f"({config.variant} at {config.resolved_image_size} px, {setup.precision}): "
             f"find the largest batch that fits with `{recipe.tuner_command(config)}` (your card's "
             "memory in GB), or lower --batch_size. " + describe_kept_weights()
         ) from error
-    except tf.errors.InvalidArgumentError as error:
-        if not (config.debug_numerics and "Infinity or NaN" in str(error)):
-            raise
-        # The message names the checking node ("Detected at node X/CheckNumericsV2")
-        # before a long stack; the op is X.
-        node = re.search(r"Detected at node (\S+)", str(error))
-        where = node.group(1).removesuffix("/CheckNumericsV2") if node else "an op"
-        raise UsageError(
-            f"--debug_numerics: the first NaN or infinity came out of {where}: lower the "
-            "learning rate of that phase. " + describe_kept_weights()
-        ) from error
+
+
+def _raise_numerics_finding(config: TrainConfig, error, describe_kept_weights) -> None:
+    """Raises a --debug_numerics finding as one UsageError line; returns otherwise."""
+    if not (
+        config.debug_numerics
+        and isinstance(error, tf.errors.InvalidArgumentError)
+        and "Infinity or NaN" in str(error)
+    ):
+        return
+    # The message names the checking node ("Detected at node X/CheckNumericsV2")
+    # before a long stack; the op is X.
+    node = re.search(r"Detected at node (\S+)", str(error))
+    where = node.group(1).removesuffix("/CheckNumericsV2") if node else "an op"
+    raise UsageError(
+        f"--debug_numerics: the first NaN or infinity came out of {where}: lower the "
+        "learning rate of that phase. " + describe_kept_weights()
+    ) from error
 
 
 def _keras_verbosity() -> int:

@@ -17,6 +17,9 @@ phase 2 (top blocks unfrozen) or both:
 - Without a GPU (method `estimated`): the analytical estimate of
   `effpipe.memory_estimate`, from the real model's layer shapes and dtypes, and
   one CPU trial at --cpu_trial_batch whose peak RSS is printed as a sanity figure.
+  `--method=measured` without a GPU runs the measured search on the CPU: each trial
+  trains the real step uncapped and fits when its process's peak RSS stays within
+  the budget (host memory, for CPU training; and the measured path testable here).
 
 Prints a table of the trials, writes a flagfile the trainer takes as is (the
 smaller of the phases' batches) and ends with one JSON line: phase1_max_batch,
@@ -56,8 +59,9 @@ METHOD = flags.DEFINE_enum(
     "method",
     "auto",
     ["auto", "measured", "estimated"],
-    "measured: real trials on the GPU; estimated: the analytical estimate; auto: "
-    "measured when a GPU is visible.",
+    "measured: real trials of the train step (on a GPU capped at the budget; without "
+    "one, on the CPU, judged by each trial's peak RSS against the budget); estimated: "
+    "the analytical estimate; auto: measured when a GPU is visible.",
 )
 MAX_BATCH = flags.DEFINE_integer("max_batch", 1024, "The search never tries a larger batch.")
 RESOLUTION = flags.DEFINE_integer(
@@ -177,7 +181,11 @@ def _write_flagfile(path: str, report: dict, batch_size: int) -> None:
         f"phase {phase} max {report[f'phase{phase}_max_batch']}" for phase in report["phases"]
     )
     how = (
-        f"measured: trials of the real train step on {report['device']} capped at the budget"
+        (
+            f"measured: trials of the real train step on {report['device']} capped at the budget"
+            if report["device"] != "CPU"
+            else "measured: trials of the real train step on the CPU, peak RSS against the budget"
+        )
         if report["method"] == "measured"
         else "estimated: the analytical estimate of WORKSPACE.md, no GPU measured"
     )

@@ -20,12 +20,9 @@ from absl import logging
 
 from effpipe import memory_estimate, models, recipe, runtime, timing, tuning
 from effpipe.config import TrainConfig
-from effpipe.errors import UsageError
+from effpipe.errors import UsageError, is_out_of_memory
 
 MIB = tuning.MIB
-# What an out-of-memory failure says when it is not a ResourceExhaustedError (XLA
-# and some kernels raise InternalError with these words).
-_OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM when allocating")
 
 
 def num_classes_of(config: TrainConfig) -> int:
@@ -51,6 +48,13 @@ def make_phase_model(config: TrainConfig, phase: int) -> keras.Model:
     return model
 
 
+def gpu_precision(config: TrainConfig) -> str:
+    """The dtype policy the run's model trains under on a GPU (the estimate's)."""
+    if not config.mixed_precision:
+        return "float32"
+    return "mixed_bfloat16" if config.mixed_precision_dtype == "bfloat16" else "mixed_float16"
+
+
 def estimate_phase(
     config: TrainConfig, phase: int, usable_bytes: int, max_batch: int
 ) -> tuple[int, list[tuning.Trial], memory_estimate.ModelMemory]:
@@ -60,9 +64,7 @@ def estimate_phase(
     --mixed_precision, else float32), whatever this machine is.
     """
     previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(
-        "mixed_float16" if config.mixed_precision else "float32"
-    )
+    keras.mixed_precision.set_global_policy(gpu_precision(config))
     try:
         model = make_phase_model(config, phase)
         measured = memory_estimate.measure_model(model)
@@ -84,15 +86,21 @@ def run_trial(
     """Trains `steps` steps twice at `batch_size` in this process; returns Trial fields.
 
     On a GPU its memory is capped first at `usable_bytes` (a logical device), so
-    call this in a fresh process. Out of memory answers fits=False; any other
-    failure answers {"error": one line}.
+    call this in a fresh process; its peak is the allocator's. On a CPU nothing can
+    cap the step: it runs, and it fits when the process's peak RSS (TensorFlow
+    included) stays within `usable_bytes` of host memory. Out of memory answers
+    fits=False; any other failure answers {"error": one line}.
     """
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         tf.config.set_logical_device_configuration(
             gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=usable_bytes // MIB)]
         )
-    setup = runtime.resolve_runtime(mixed_precision=config.mixed_precision, xla=config.xla)
+    setup = runtime.resolve_runtime(
+        mixed_precision=config.mixed_precision,
+        mixed_precision_dtype=config.mixed_precision_dtype,
+        xla=config.xla,
+    )
     keras.mixed_precision.set_global_policy(setup.precision)
     size, classes = config.source_size, num_classes_of(config)
     rng = np.random.default_rng(config.seed)
@@ -112,26 +120,27 @@ def run_trial(
             callbacks=[meter],
             verbose=0,
         )
-    except tf.errors.ResourceExhaustedError:
-        return {"fits": False, "note": "out of memory"}
     except UsageError as error:
         return {"error": str(error)}
     except Exception as error:  # noqa: BLE001 - every failure must answer one line.
         text = str(error)
-        if any(marker in text for marker in _OOM_MARKERS):
-            return {"fits": False, "note": "out of memory"}
+        if is_out_of_memory(error):
+            return {"fits": False, "note": f"out of memory ({type(error).__name__})"}
         return {"error": f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"}
     throughput = meter.records[-1]["images_per_sec"]
     if gpus:
         peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / MIB
         note = f"allocator peak on {setup.device}, {setup.precision}, XLA {setup.xla}"
+        fits = True
     else:
         peak = _peak_rss_mib()
+        fits = peak <= usable_bytes / MIB
         note = (
             f"CPU: peak RSS of the whole process, TensorFlow included; "
             f"{peak - rss_before_fit:.0f} MiB above it before the first step"
+            + ("" if fits else f"; over the {usable_bytes / MIB:.0f} MiB budget")
         )
-    return {"fits": True, "peak_mib": peak, "images_per_sec": throughput, "note": note}
+    return {"fits": fits, "peak_mib": peak, "images_per_sec": throughput, "note": note}
 
 
 def tune(
@@ -161,13 +170,13 @@ def tune(
       trial_flagfile_text: this run's flags, written for the trial subprocesses.
       trial_timeout_s: seconds before a silent trial is killed.
 
+    Without a GPU, `measured` runs the same search with CPU trials, each judged
+    by its process's peak RSS against the budget (host memory; see `run_trial`).
+
     Raises:
-      UsageError: `measured` without a GPU, or a trial failing for a reason
-        other than memory.
+      UsageError: a trial failing for a reason other than memory.
     """
     gpus = tf.config.list_physical_devices("GPU")
-    if method == "measured" and not gpus:
-        raise UsageError("--method=measured needs a GPU and none is visible: use --method=auto")
     measured = method == "measured" or (method == "auto" and bool(gpus))
     device = "CPU"
     if gpus:

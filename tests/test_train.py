@@ -15,7 +15,7 @@ import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
-from effpipe import cli_flags, train_lib
+from effpipe import cli_flags, runtime, train_lib
 from effpipe import config as config_lib
 from effpipe import train as train_binary  # noqa: F401  (defines --workdir)
 from effpipe.errors import UsageError
@@ -92,6 +92,10 @@ def test_production_flagfile_applies_the_notebooks_intended_augmentation(monkeyp
         (["--fill_mode=wrap"], "--fill_mode"),
         (["--profile_steps=5"], "--profile_steps=5 must be START,END"),
         (["--profile_steps=3,2"], "--profile_steps=3,2 must be START,END"),
+        (["--mixed_precision_dtype=half"], "mixed_precision_dtype"),
+        (["--mixed_precision_dtype=float16"], "add --mixed_precision"),
+        (["--steps_per_execution=-1"], "--steps_per_execution=-1 must be 0 (auto) or more"),
+        (["--steps_per_execution=2", "--profile_steps=1,2"], "could not trace exactly"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, fragment, tmp_path):
@@ -127,6 +131,17 @@ def test_bad_input_found_by_the_trainer_exits_2_before_training(flag, fragment, 
     assert len(error_lines) == 1 and fragment in error_lines[0]
     assert "Traceback" not in result.stderr
     assert not (workdir / "history.json").exists()
+
+
+def test_a_workdir_that_cannot_be_created_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result = run_train("--flagfile=flags/smoke.flags", f"--workdir={blocker}/run", timeout_sec=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = _error_line(result)
+    assert f"--workdir={blocker}/run cannot be created (Not a directory" in line
+    assert "pick a directory path you can write to" in line
+    assert blocker.read_text() == "not a directory"
 
 
 def _error_line(result):
@@ -191,6 +206,39 @@ def test_debug_numerics_names_the_op_that_made_the_first_nan(tmp_path):
     line = _error_line(result)
     assert "--debug_numerics: the first NaN or infinity came out of effpipe_b0" in line
     assert "No checkpoint was written" in line
+
+
+# What XLA, cuDNN and cuBLAS say when the device's memory runs out, under error types
+# other than ResourceExhaustedError.
+OUT_OF_MEMORY_ERRORS = [
+    tf.errors.InternalError(None, None, "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes."),
+    tf.errors.InternalError(None, None, "Failed to get convolution algorithm. This is probably because cuDNN failed to initialize"),
+    tf.errors.UnknownError(None, None, "CUDNN_STATUS_ALLOC_FAILED in tensorflow/stream_executor/cuda/cuda_dnn.cc"),
+    tf.errors.InternalError(None, None, "cuBLAS: CUBLAS_STATUS_ALLOC_FAILED"),
+    tf.errors.InternalError(None, None, "CUDA_ERROR_OUT_OF_MEMORY: out of memory; failed to allocate 2.00G"),
+    tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[32,456,456,48]"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY_ERRORS, ids=lambda e: type(e).__name__)
+def test_every_kind_of_out_of_memory_is_one_line_naming_the_batch_and_the_tuner(error):
+    config = config_lib.TrainConfig(variant="b5", batch_size=48, mixed_precision=True)
+    setup = runtime.resolve_runtime(mixed_precision=True, xla="off")
+    with pytest.raises(UsageError) as raised:
+        with train_lib._device_errors_as_usage_errors(config, setup, lambda: "Kept: nothing."):
+            raise error
+    message = str(raised.value)
+    assert message.startswith("out of memory on CPU at --batch_size=48 (b5 at 456 px")
+    assert "python -m effpipe.tune_batch --variant=b5 --image_size=456 --mixed_precision" in message
+    assert message.endswith("Kept: nothing.") and "\n" not in message
+
+
+def test_other_device_errors_keep_their_type():
+    config = config_lib.TrainConfig()
+    setup = runtime.resolve_runtime(mixed_precision=False, xla="off")
+    with pytest.raises(tf.errors.InternalError, match="a kernel failed"):
+        with train_lib._device_errors_as_usage_errors(config, setup, lambda: ""):
+            raise tf.errors.InternalError(None, None, "a kernel failed")
 
 
 def test_running_out_of_device_memory_is_one_line_naming_the_batch_size(tmp_path, monkeypatch):
@@ -304,9 +352,28 @@ def test_mixed_precision_resolves_to_bfloat16_on_cpu(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((workdir / "metrics.json").read_text())
-    assert metrics["precision"] == "mixed_bfloat16"
+    assert metrics["precision"] == "mixed_bfloat16" and metrics["loss_scaling"] is False
     history = json.loads((workdir / "history.json").read_text())
     assert len(history["phase1"]) == 1 and history["phase2"] == []
+
+
+def test_the_gpu_path_runs_forced_on_the_cpu_float16_loss_scaling_and_xla(tmp_path):
+    """The whole trainer as a GPU runs it: float16 with a LossScaleOptimizer, the
+    EfficientNet step and the augmentation compiled by XLA, several steps per call."""
+    workdir = tmp_path / "float16"
+    result = run_train(
+        "--flagfile=flags/smoke.flags", "--mixed_precision", "--mixed_precision_dtype=float16",
+        "--xla=on", "--steps_per_execution=5", f"--workdir={workdir}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    history, metrics = _check_run_outputs(workdir, (1, 1))
+    assert metrics["precision"] == "mixed_float16" and metrics["loss_scaling"] is True
+    assert metrics["xla"] is True and metrics["augment"] is True
+    assert metrics["steps_per_execution"] == {"phase1": 5, "phase2": 5}
+    assert all(record["steps"] == 5 for record in history["phase1"] + history["phase2"])
+    assert math.isfinite(metrics["top1"]) and math.isfinite(metrics["loss"])
+    assert "precision mixed_float16 on CPU (--mixed_precision_dtype=float16)" in result.stderr
+    assert (workdir / "export" / "saved_model.pb").is_file()
 
 
 # The demo must learn, not merely run. Ten balanced classes put chance at 10%; its

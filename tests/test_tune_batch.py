@@ -9,10 +9,10 @@ import textwrap
 
 import keras
 import pytest
+import tensorflow as tf
 
 from effpipe import config as config_lib
 from effpipe import memory_estimate, tune_lib, tuning
-from effpipe.errors import UsageError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -180,10 +180,46 @@ def test_bad_tuner_flags_exit_2_with_one_line(args, fragment):
     assert fragment in lines[0]
 
 
-def test_measured_without_a_gpu_is_refused():
-    config = dataclasses.replace(config_lib.TrainConfig(), variant="b0")
-    with pytest.raises(UsageError, match="needs a GPU"):
-        tune_lib.tune(
-            config, phases=[1], usable_bytes=GIB, method="measured", max_batch=8, resolution=1,
-            cpu_trial_batch=0, trial_command=None, trial_flagfile_text="", trial_timeout_s=1,
+def _tune(*args):
+    result = _run(
+        "-m", "effpipe.tune_batch", "--flagfile=flags/smoke.flags", "--method=measured",
+        "--phase=1", "--max_batch=2", "--reserved_mib=0", "--output=", *args,
+    )  # fmt: skip
+    return result, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_the_measured_search_runs_real_trials_on_the_cpu_against_host_memory():
+    # No GPU here: each trial trains the real step in its own process, uncapped, and
+    # fits when that process's peak RSS stays within the budget. A budget below what
+    # TensorFlow itself takes fits no batch; a large one fits the search's ceiling.
+    result, report = _tune("--memory_budget_gb=0.25")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert (report["method"], report["device"], report["phase1_max_batch"]) == (
+        "measured", "CPU", 0,
+    )  # fmt: skip
+    # The search starts from the estimate's answer and halves down to batch 1.
+    assert [trial["batch_size"] for trial in report["trials"]][-1] == 1
+    for trial in report["trials"]:
+        assert trial["method"] == "measured" and not trial["fits"]
+        assert trial["peak_mib"] > 256 and "over the 256 MiB budget" in trial["note"]
+        assert trial["images_per_sec"] > 0
+    result, report = _tune("--memory_budget_gb=64")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert report["phase1_max_batch"] == 2 and len(report["trials"]) == 1
+    (trial,) = report["trials"]
+    assert trial["fits"] and 256 < trial["peak_mib"] < 64 * 1024 and trial["estimated_mib"] > 0
+
+
+def test_a_trial_that_runs_out_of_memory_in_any_words_does_not_fit(monkeypatch):
+    from effpipe import recipe
+
+    def fails(*args, **kwargs):
+        raise tf.errors.InternalError(
+            None, None, "Failed to get convolution algorithm. This is probably because cuDNN "
+            "failed to initialize"
         )  # fmt: skip
+
+    monkeypatch.setattr(recipe, "compile_model", fails)
+    config = dataclasses.replace(config_lib.TrainConfig(), variant="b0", image_size=32)
+    answer = tune_lib.run_trial(config, 1, 4, GIB, steps=1)
+    assert answer == {"fits": False, "note": "out of memory (InternalError)"}
