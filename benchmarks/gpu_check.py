@@ -4,14 +4,17 @@
     python -m benchmarks.gpu_check --smoke            # any machine: every kind of part, tiny
     python -m benchmarks.gpu_check --parts=step_p1_float32_xla_on,step_p2_float32_xla_on
 
-Prints the GPU's name (nvidia-smi), then runs each part as its own subprocess with
-its own timeout, cut to what is left of a total deadline (--deadline_s); a part
-that no longer fits is skipped and recorded as skipped. After every part it
-rewrites --output, a JSON file with, per part: status (ok, failed with its last
-stderr lines, timed_out, skipped with the reason), wall seconds, the command, the
-part's figures (finite numbers) and its final JSON line as printed; each part's full
-stdout and stderr are kept in <output>_logs/. It ends with a summary table.
-Without a GPU (and without --smoke) it says so in one line and exits 0.
+Prints the GPU's name (nvidia-smi, and TensorFlow's view, asked in a subprocess),
+then runs each part as its own subprocess with its own timeout, cut to what is left
+of a total deadline (--deadline_s); a part that no longer fits is skipped and
+recorded as skipped. After every part it rewrites --output, a JSON file with, per
+part: status (ok, failed with its last stderr lines, timed_out, skipped with the
+reason, interrupted), wall seconds, the command, the part's figures (finite
+numbers) and its final JSON line as printed; each part's full stdout and stderr are
+kept in <output>_logs/. It ends with a summary table. SIGTERM or Ctrl-C kills the
+running parts and still writes the file. Without a GPU (and without --smoke) it says
+so in one line and exits 0; a GPU that nvidia-smi lists but this TensorFlow cannot
+use (a CPU-only build) is one line on stderr and exit status 1, not a run on the CPU.
 
 The parts, in the order they run (B5 at 456 px, batch 32, --unfreeze_blocks=4 as
 flags/b5_rtx3070.flags; random weights and the offline shapes data, since the
@@ -19,7 +22,8 @@ GPU machine has no network):
 
   smoke_run          effpipe.train on flags/smoke.flags (B0 at 64 px, one epoch per
                      phase) with float16 (loss scaling) and XLA: metrics.json's top1 and
-                     loss must be finite, its precision mixed_float16 and its xla true.
+                     loss must be finite, its precision mixed_float16 with loss scaling,
+                     its xla true.
   tuner_estimate     effpipe.tune_batch --method=estimated for flags/b5_rtx3070.flags
                      (mixed precision, augmentation) under an 8 GB card: each phase's
                      largest batch by the analytical estimate (host only, GPU hidden).
@@ -52,17 +56,18 @@ tracing and, with XLA, up to a minute or more of compilation at 456 px (less in
 phase 1, whose frozen base has no backward pass); the timed steps themselves are
 seconds (2 repeats x 6 steps after a warm-up repeat, per configuration):
 
-  gpu name (nvidia-smi)                                       2 s
-  together: smoke_run ~60 s | tuner_estimate ~30 s, then the two
-            trials side by side ~90 s (B5 + XLA at batch ~200/~60) ~120 s
-  step_p1_mixed_xla_on     two models (plain, augmenting), XLA  ~100 s
-  step_p1_float32_xla_off  one model + the replica, no XLA       ~60 s
-  step_p2_mixed_xla_on     one model, XLA through 4 blocks       ~80 s
-  augment                  7 small compiled steps x 2 sizes      ~40 s
-  step_p2_float32_xla_off  one model + the replica               ~60 s
-  (about 460 s so far)
-  step_p1_mixed_xla_off, step_p2_mixed_xla_off                ~40 s each
-  step_p1_float32_xla_on, step_p2_float32_xla_on              ~70 s each
+  GPU names: nvidia-smi, and TensorFlow in a subprocess             ~10 s
+  untimed stage, together, cut at 200 s: smoke_run ~60 s | tuner_estimate
+    ~20 s, then the two trials side by side (B5 + XLA at the estimate's
+    batch: 213 for phase 1, 57 for phase 2, as estimated here)   ~120 s
+  step_p1_mixed_xla_on     two models (plain, augmenting), XLA        ~100 s
+  step_p1_float32_xla_off  one model + the replica, no XLA             ~60 s
+  step_p2_mixed_xla_on     one model, XLA through 4 blocks             ~80 s
+  augment                  7 small compiled steps x 2 sizes            ~40 s
+  (about 410 s so far)
+  step_p2_float32_xla_off  one model + the replica                     ~60 s
+  step_p1_mixed_xla_off, step_p2_mixed_xla_off                      ~40 s each
+  step_p1_float32_xla_on, step_p2_float32_xla_on                    ~70 s each
 
 so at the default --deadline_s=450 the last settings are likely skipped on a first
 run; --parts reruns exactly those. The order puts first what the README's "GPU: not
@@ -70,11 +75,12 @@ measured yet" paragraphs need: the 5x target (phase-1 effpipe, mixed + XLA, fed,
 against the replica as the notebook ran it), the phase-2 step, augmentation, the
 tuner's error; then the remaining precision x XLA cells.
 
---smoke runs the same code at a tiny scale on the CPU: B0 at 32 px, batch 4, the
-benchmarks' own --smoke modes, XLA off (it is 8x slower on CPU), a B0 estimate and
-CPU trials at batch 4 (their "peak" is the process's RSS, so their error means
-nothing), and of the step settings only the two XLA-off float32 ones, which include
-the replica. About 2-3 minutes on 2 cores.
+--smoke runs the same code at a tiny scale on the CPU: the smoke run at 32 px, batch
+4, without XLA (8x slower on a CPU); a B0 estimate and CPU trials at batch 4 (their
+"peak" is the process's RSS, so their error means nothing); the benchmarks' own
+--smoke modes (B0 at 32 px, batch 4), of the step settings only two, both without
+XLA: step_p1_float32_xla_off (with the replica) and step_p2_mixed_xla_off. It took
+149 s on this project's 2 shared CPU cores (load average 5), 270-290 s at load 6-7.
 """
 
 import dataclasses
@@ -115,6 +121,8 @@ PHASE1_TARGET_SPEEDUP = 5.0
 FAIL_ENV = "EFFPIPE_GPU_CHECK_FAIL"
 # Lines of a failed part's stderr kept in the JSON file.
 STDERR_TAIL_LINES = 15
+# Seconds the untimed stage (smoke run, tuner) may take on a GPU, of the deadline.
+UNTIMED_STAGE_S = 200
 # The step benchmark's timing per configuration: one warm-up repeat, then these.
 STEP_REPEATS, STEP_STEPS_PER_REPEAT = 2, 6
 STEP_MODEL_FLAGS = ["--variant=b5", "--image_size=456", "--batch_size=32", "--unfreeze_blocks=4"]
@@ -262,9 +270,14 @@ class Runner:
         self._lock = threading.Lock()
         self.write()
 
-    def run(self, part: Part) -> dict:
-        """Runs `part` (or records why not); returns its record."""
-        left_s = self.deadline - time.monotonic()
+    def run(self, part: Part, by: float | None = None) -> dict:
+        """Runs `part` (or records why not); returns its record.
+
+        Args:
+          part: what to run.
+          by: a `time.monotonic()` it must end by, earlier than the deadline (a stage's).
+        """
+        left_s = min(self.deadline, by or self.deadline) - time.monotonic()
         if self.selected is not None and part.name.removesuffix("_fallback") not in self.selected:
             return self.skip(part.name, "not in --parts")
         if _STOPPED_BY:
@@ -294,7 +307,7 @@ class Runner:
         if outcome["status"] == "ok":
             try:
                 record["figures"] = part.read(outcome["final_json"])
-            except (ValueError, KeyError, TypeError) as error:
+            except (ValueError, KeyError, TypeError, OSError) as error:
                 record.update(status="failed", error=f"{type(error).__name__}: {error}")
         if outcome["status"] != "ok" or record["status"] != "ok":
             record["returncode"] = outcome["returncode"]
@@ -373,10 +386,11 @@ def read_estimate(result: dict | None) -> dict:
     for phase in (1, 2):
         estimate = result["estimate"][f"phase{phase}"]
         figures[f"phase{phase}_max_batch"] = finite("max_batch", estimate["max_batch"])
-        if estimate["mib_at_max_batch"]:
-            figures[f"phase{phase}_estimated_mib"] = finite(
-                "estimated MiB", estimate["mib_at_max_batch"]["total"]
-            )
+        terms = estimate["mib_at_max_batch"]
+        if terms:
+            figures[f"phase{phase}_estimated_mib"] = finite("estimated MiB", terms["total"])
+            # The share of the estimate kept for fragmentation and workspaces.
+            figures[f"phase{phase}_estimated_margin_mib"] = finite("margin", terms["margin"])
     return figures
 
 
@@ -395,7 +409,8 @@ def make_trial_reader(batch_size: int, estimated_mib: float) -> Callable[[dict |
             raise ValueError(f"the trial failed: {result['error']}")
         figures = {"batch_size": batch_size, "fits": bool(result["fits"])}
         figures["estimated_mib"] = finite("estimated_mib", estimated_mib)
-        if result["fits"]:
+        # A trial out of GPU memory has no peak; one on a CPU always has one.
+        if result["fits"] or result.get("peak_mib") is not None:
             peak = finite("peak_mib", result["peak_mib"])
             figures["peak_mib"] = peak
             # Above 0: the estimate asks for more than the step took (the safe side).
@@ -417,12 +432,13 @@ def make_smoke_reader(workdir: str, copy_to: str, expected_xla: bool):
             json.dump(metrics, file, indent=1)
         figures = {key: finite(key, metrics[key]) for key in ("top1", "top5", "loss")}
         figures["train_images_per_sec"] = finite("images/s", metrics["train_images_per_sec"])
-        if metrics["precision"] != "mixed_float16" or metrics["xla"] is not expected_xla:
+        ran = (metrics["precision"], metrics["loss_scaling"], metrics["xla"])
+        if ran != ("mixed_float16", True, expected_xla):
             raise ValueError(
-                f"metrics.json says precision {metrics['precision']}, xla {metrics['xla']}; "
-                f"asked mixed_float16, xla {expected_xla}"
+                f"metrics.json says precision {ran[0]}, loss scaling {ran[1]}, xla {ran[2]}; "
+                f"asked mixed_float16 with loss scaling, xla {expected_xla}"
             )
-        figures["xla"] = metrics["xla"]
+        figures["loss_scaling"], figures["xla"] = metrics["loss_scaling"], metrics["xla"]
         return figures
 
     return read
@@ -495,9 +511,9 @@ def make_trial_part(smoke, name, phase, batch_size, estimated_mib) -> Part:
     )  # fmt: skip
 
 
-def run_tuner_trials(runner: Runner, smoke: bool, estimate: dict) -> None:
+def run_tuner_trials(runner: Runner, smoke: bool, estimate: dict, by: float) -> None:
     """Per phase, side by side: a trial at the estimate's answer, and a fallback below
-    it when that one does not fit."""
+    it when that one does not fit; all ending by `by` (time.monotonic())."""
 
     def trials_of(phase: int) -> None:
         name = f"tuner_trial_phase{phase}"
@@ -509,15 +525,19 @@ def run_tuner_trials(runner: Runner, smoke: bool, estimate: dict) -> None:
             runner.skip(name, "the estimate says no batch fits")
             return
         mib = estimate["figures"][f"phase{phase}_estimated_mib"]
-        record = runner.run(make_trial_part(smoke, name, phase, batch_size, mib))
-        if record["status"] == "skipped" or record.get("figures", {}).get("fits"):
+        record = runner.run(make_trial_part(smoke, name, phase, batch_size, mib), by)
+        # Below it only when it did not fit, or died without an answer (the kernel's
+        # OOM killer); not after a timeout, an interruption or a reported error.
+        did_not_fit = record["status"] == "ok" and not record["figures"]["fits"]
+        died = record["status"] == "failed" and record["result"] is None
+        if not (did_not_fit or died):
             return
         # The doubling search probed every power of two up to its answer.
         fallback = 2 ** ((batch_size - 1).bit_length() - 1) if batch_size > 1 else 0
         mib = estimated_mib_at(estimate["result"], phase, fallback) if fallback else None
         if mib is None:
             return
-        runner.run(make_trial_part(smoke, f"{name}_fallback", phase, fallback, mib))
+        runner.run(make_trial_part(smoke, f"{name}_fallback", phase, fallback, mib), by)
 
     with futures.ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(trials_of, (1, 2)))
@@ -526,51 +546,67 @@ def run_tuner_trials(runner: Runner, smoke: bool, estimate: dict) -> None:
 # --- The GPU. ---
 
 
-def detect_gpus(ask_tensorflow: bool = True) -> tuple[list[dict], str]:
-    """The visible GPUs and what said so; ([], why not) when there is none.
-
-    nvidia-smi answers without TensorFlow; when it lists none, is missing, or
-    CUDA_VISIBLE_DEVICES may hide what it lists, TensorFlow decides (in a subprocess,
-    since this process never imports it), unless not `ask_tensorflow`.
-    """
-    gpus, smi_note = [], "nvidia-smi lists none"
+def nvidia_smi_gpus() -> tuple[list[dict], str]:
+    """What the NVIDIA driver lists (no TensorFlow): ([{name, memory_total,
+    driver_version}], a note saying why the list is empty)."""
     query = "--query-gpu=name,memory.total,driver_version"
     try:
         listed = subprocess.run(
             ["nvidia-smi", query, "--format=csv,noheader"],
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
-        if listed.returncode:
-            smi_note = f"nvidia-smi exit status {listed.returncode}"
-        else:
-            for line in listed.stdout.strip().splitlines():
-                fields = [field.strip() for field in line.split(",")]
-                if len(fields) >= 3:
-                    gpus.append(dict(zip(("name", "memory_total", "driver_version"), fields)))
     except FileNotFoundError:
-        smi_note = "nvidia-smi not found"
+        return [], "nvidia-smi not found"
     except subprocess.TimeoutExpired:
-        smi_note = "nvidia-smi gave no answer in 30 s"
-    if gpus and "CUDA_VISIBLE_DEVICES" not in os.environ or not ask_tensorflow:
-        return gpus, "nvidia-smi" if gpus else smi_note
+        return [], "nvidia-smi gave no answer in 30 s"
+    if listed.returncode:
+        return [], f"nvidia-smi exit status {listed.returncode}"
+    gpus = []
+    for line in listed.stdout.strip().splitlines():
+        fields = [field.strip() for field in line.split(",")]
+        if len(fields) >= 3:
+            gpus.append(dict(zip(("name", "memory_total", "driver_version"), fields)))
+    return gpus, "" if gpus else "nvidia-smi lists none"
+
+
+def tensorflow_gpus() -> list[dict]:
+    """The GPUs this environment's TensorFlow can use (name, compute capability),
+    asked in a subprocess: this process never imports TensorFlow. Listing devices
+    does not start CUDA, so it takes no GPU memory."""
     script = (
         "import json, tensorflow as tf; print(json.dumps([tf.config.experimental."
-        "get_device_details(g).get('device_name', 'GPU') for g in "
-        "tf.config.list_physical_devices('GPU')]))"
+        "get_device_details(g) for g in tf.config.list_physical_devices('GPU')]))"
     )
     try:
         answer = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
         )  # fmt: skip
-        names = json.loads(answer.stdout.strip().splitlines()[-1])
+        details = json.loads(answer.stdout.strip().splitlines()[-1])
     except (subprocess.TimeoutExpired, IndexError, json.JSONDecodeError):
-        names = []
-    if not names:
-        return [], f"{smi_note}; TensorFlow sees none"
-    if len(gpus) != len(names):
-        gpus = [{"name": name} for name in names]
-    return gpus, "tensorflow"
+        return []
+    return [
+        {"name": d.get("device_name", "GPU"), "compute_capability": d.get("compute_capability")}
+        for d in details
+    ]
+
+
+def no_gpu_line(smi_gpus: list[dict], smi_note: str) -> tuple[str, int]:
+    """The one line said when TensorFlow sees no GPU, and the exit status: 0 on a
+    machine without one, 1 where the driver lists one this TensorFlow cannot use
+    (a CPU-only build: every part would crawl on the CPU)."""
+    if smi_gpus and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        return (
+            f"gpu_check: nvidia-smi lists {len(smi_gpus)} GPU(s) ({smi_gpus[0]['name']}) but "
+            "TensorFlow sees none: install TensorFlow's GPU build (make venv GPU=1): nothing "
+            "measured",
+            1,
+        )
+    listed = smi_note
+    if smi_gpus:
+        hidden = os.environ["CUDA_VISIBLE_DEVICES"]
+        listed = f"nvidia-smi lists {len(smi_gpus)}; CUDA_VISIBLE_DEVICES={hidden!r}"
+    return f"gpu_check: no GPU visible ({listed}; TensorFlow sees none): nothing measured", 0
 
 
 # --- The run. ---
@@ -591,16 +627,18 @@ def main(argv):
         raise UsageError(f"--deadline_s={_DEADLINE_S.value:g} must be above 0 (e.g. 450)")
     smoke = _SMOKE.value
     started = time.monotonic()
-    # --smoke runs wherever it is; it only notes what nvidia-smi lists.
-    gpus, source = detect_gpus(ask_tensorflow=not smoke)
-    if not gpus and not smoke:
-        print(f"gpu_check: no GPU visible ({source}): nothing measured")
-        return
+    smi_gpus, smi_note = nvidia_smi_gpus()
+    # --smoke runs wherever it is, at a scale where the device does not matter.
+    tf_gpus = [] if smoke else tensorflow_gpus()
+    if not tf_gpus and not smoke:
+        line, status = no_gpu_line(smi_gpus, smi_note)
+        print(line, file=sys.stderr if status else sys.stdout)
+        sys.exit(status)
     output = os.path.abspath(_OUTPUT.value)
-    gpu_line = ", ".join(" ".join(gpu.values()) for gpu in gpus) or "none"
+    names = [gpu["name"] for gpu in tf_gpus or smi_gpus] or ["none"]
     print(
-        f"gpu_check{' --smoke (tiny scale, plumbing only)' if smoke else ''}: GPU {gpu_line} "
-        f"({source}); deadline {_DEADLINE_S.value:.0f} s; writing {output}",
+        f"gpu_check{' --smoke (tiny scale, plumbing only)' if smoke else ''}: GPU "
+        f"{', '.join(names)}; deadline {_DEADLINE_S.value:.0f} s; writing {output}",
         flush=True,
     )
     report = {
@@ -609,8 +647,8 @@ def main(argv):
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", PROGRAM, *sys.argv[1:]]),
         "deadline_s": _DEADLINE_S.value,
-        "gpus": gpus,
-        "gpu_source": source,
+        "nvidia_smi": smi_gpus or smi_note,
+        "tensorflow_gpus": tf_gpus if not smoke else "not asked: --smoke",
         "finished": False,
     }
     signal.signal(signal.SIGTERM, _stop)
@@ -622,9 +660,12 @@ def main(argv):
     try:
         with futures.ThreadPoolExecutor(max_workers=1) as pool:
             smoke_part = make_smoke_run_part(smoke, smoke_workdir, runner.logs)
-            smoke_run = pool.submit(runner.run, smoke_part)
-            estimate = runner.run(make_estimate_part(smoke))
-            run_tuner_trials(runner, smoke, estimate)
+            # The untimed stage ends by then, however its parts go, so that the timed
+            # parts keep their share of the deadline.
+            by = None if smoke else time.monotonic() + UNTIMED_STAGE_S
+            smoke_run = pool.submit(runner.run, smoke_part, by)
+            estimate = runner.run(make_estimate_part(smoke), by)
+            run_tuner_trials(runner, smoke, estimate, by)
             smoke_run.result()
     finally:
         shutil.rmtree(smoke_workdir, ignore_errors=True)
@@ -682,18 +723,14 @@ def summarize(parts: dict) -> dict:
         "steps": steps,
         "replica_ms_per_step": {f"phase{p}/{n}": v for (p, n), v in replica.items()},
     }
-    for step in steps:
-        speedup = step["fed_speedup_vs_replica_as_run"]
-        if (step["phase"], step["precision"], step["xla"]) == (
-            1,
-            "mixed_float16",
-            True,
-        ) and speedup:
-            summary["target_phase1_speedup_vs_replica_as_run"] = {
-                "value": speedup,
-                "limit": PHASE1_TARGET_SPEEDUP,
-                "met": speedup >= PHASE1_TARGET_SPEEDUP,
-            }
+    headline = [step for step in steps if step["part"] == "step_p1_mixed_xla_on"]
+    speedup = headline[0]["fed_speedup_vs_replica_as_run"] if headline else None
+    if speedup is not None:
+        summary["target_phase1_speedup_vs_replica_as_run"] = {
+            "value": speedup,
+            "limit": PHASE1_TARGET_SPEEDUP,
+            "met": speedup >= PHASE1_TARGET_SPEEDUP,
+        }
     return summary
 
 

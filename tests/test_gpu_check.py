@@ -20,7 +20,7 @@ SMOKE_PARTS = {
 }
 
 
-def _run_check(repo_root, *args, env=None, timeout=900):
+def _run_check(repo_root, *args, env=None, timeout=1500):
     # The timeout is a hang guard only.
     return subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu_check", *args],
@@ -120,6 +120,22 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(repo_root, tmp_path):
     assert not output.exists()
 
 
+def test_a_gpu_this_tensorflow_cannot_use_is_an_error_not_a_quiet_cpu_run(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    listed = [{"name": "NVIDIA H200", "memory_total": "143771 MiB", "driver_version": "570"}]
+    line, status = gpu_check.no_gpu_line(listed, "")
+    assert status == 1
+    assert "NVIDIA H200" in line and "GPU build" in line
+    # Hidden on purpose, it is a machine without a GPU.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    line, status = gpu_check.no_gpu_line(listed, "")
+    assert status == 0 and line.endswith("TensorFlow sees none): nothing measured")
+    assert gpu_check.no_gpu_line([], "nvidia-smi not found") == (
+        "gpu_check: no GPU visible (nvidia-smi not found; TensorFlow sees none): nothing measured",
+        0,
+    )
+
+
 def test_bad_part_name_is_one_line_and_exit_2(repo_root):
     result = _run_check(repo_root, "--smoke", "--parts=augment,bogus", timeout=120)
     assert result.returncode == 2
@@ -154,7 +170,8 @@ def test_a_failed_part_is_recorded_and_the_others_still_run(repo_root, tmp_path)
 
 def test_smoke_runs_every_part_and_records_finite_figures(repo_root, tmp_path):
     output = tmp_path / "gpu_check.json"
-    result = _run_check(repo_root, "--smoke", f"--output={output}")
+    # The default deadline is the GPU's budget; on shared CPU cores every part must run.
+    result = _run_check(repo_root, "--smoke", f"--output={output}", "--deadline_s=1200")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(output.read_text())
     parts = report["parts"]
@@ -169,6 +186,7 @@ def test_smoke_runs_every_part_and_records_finite_figures(repo_root, tmp_path):
 
     smoke_run = parts["smoke_run"]["figures"]
     assert {"top1", "top5", "loss", "train_images_per_sec"} <= set(smoke_run)
+    assert smoke_run["loss_scaling"] is True  # float16, forced on the CPU.
     assert smoke_run["xla"] is False  # --smoke runs it without XLA (slow on CPU).
     assert (tmp_path / "gpu_check_logs" / "smoke_run.metrics.json").exists()
 
