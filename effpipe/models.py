@@ -10,10 +10,14 @@ Heads:
   seed    BN -> Dropout -> GAP -> Dense (the original notebook's order)
 
 The Keras EfficientNets include their own rescaling and normalisation: they take
-0..255 floats. The base is one nested sub-model, named BASE_NAME, so phases can
-freeze and unfreeze it.
+0..255 floats. A pretrained base, from the download or a file, is the network Keras
+builds for weights="imagenet", whose stem scales once more after its Normalization;
+a base trained from scratch is the plain one. The base is one nested sub-model,
+named BASE_NAME, so phases can freeze and unfreeze it.
 """
 
+import json
+import math
 import os
 import re
 
@@ -26,9 +30,21 @@ BASE_NAME = "base"
 
 _BLOCK_PATTERN = re.compile(r"^block(\d+[a-z])_")
 
+# The Keras versions whose EfficientNet stem `_imagenet_network` is written against.
+SUPPORTED_KERAS = ">=3.15,<3.16"
+# ImageNet's per-channel standard deviations (R, G, B) of 0..1 pixels, as Keras'
+# EfficientNet uses them.
+_IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
 
-def make_base(variant: str, image_size: int, weights: str) -> keras.Model:
+
+def make_base(
+    variant: str, image_size: int, weights: str, *, random_weights: bool = False
+) -> keras.Model:
     """Builds the EfficientNet base without its top.
+
+    Every pretrained base, whatever the weights' source, is the network Keras builds
+    for `weights="imagenet"` (see `_imagenet_network`); `weights="none"` builds the
+    plain one, which lacks the stem's second ImageNet scaling.
 
     Args:
       variant: a key of `variants.VARIANTS`.
@@ -36,7 +52,10 @@ def make_base(variant: str, image_size: int, weights: str) -> keras.Model:
       weights: "imagenet" (downloaded by Keras on first use), "none" (random
         initialisation) or the path of a Keras weights file for this variant's
         no-top base (`.weights.h5`, or a legacy `.h5` such as Keras'
-        efficientnetb5_notop.h5).
+        efficientnetb5_notop.h5). A file is read as weights trained on inputs
+        normalised as ImageNet's: Keras' own, or a base saved from a pretrained one.
+      random_weights: build the network `weights` asks for, randomly initialised,
+        without fetching or reading any file.
 
     Returns:
       The base model, named BASE_NAME.
@@ -44,27 +63,32 @@ def make_base(variant: str, image_size: int, weights: str) -> keras.Model:
     Raises:
       UsageError: weights that cannot be fetched, found or loaded into this variant.
     """
-    constructor = getattr(keras.applications, variants.VARIANTS[variant].keras_constructor)
+    keras_name = variants.VARIANTS[variant].keras_constructor
+    constructor = getattr(keras.applications, keras_name)
     input_shape = (image_size, image_size, 3)
+    if weights == "none":
+        return constructor(include_top=False, weights=None, input_shape=input_shape, name=BASE_NAME)
+    if random_weights:
+        return _imagenet_network(constructor, input_shape)
     if weights == "imagenet":
         try:
-            return constructor(
-                include_top=False, weights="imagenet", input_shape=input_shape, name=BASE_NAME
-            )
+            # Keras names the file it downloads after the model ("<name>_notop.h5"),
+            # so the base keeps the constructor's name until its weights are in.
+            base = constructor(include_top=False, weights="imagenet", input_shape=input_shape)
         except Exception as error:  # Keras raises a bare Exception on a failed fetch.
             raise UsageError(
                 f"could not fetch the ImageNet weights for {variant} ({error}): download "
-                f"{variants.VARIANTS[variant].keras_constructor.lower()}_notop.h5 elsewhere "
-                "and pass --weights=PATH, or train from scratch with --weights=none"
+                f"{keras_name.lower()}_notop.h5 elsewhere and pass --weights=PATH, or "
+                "train from scratch with --weights=none"
             ) from error
-    base = constructor(include_top=False, weights=None, input_shape=input_shape, name=BASE_NAME)
-    if weights == "none":
+        base.name = BASE_NAME
         return base
     if not os.path.isfile(weights):
         raise UsageError(
             f"weights file {weights} does not exist: pass --weights=imagenet, none or the "
             "path of a no-top weights file"
         )
+    base = _imagenet_network(constructor, input_shape)
     try:
         base.load_weights(weights)
     except Exception as error:  # h5py and Keras raise several types for a bad file.
@@ -73,6 +97,66 @@ def make_base(variant: str, image_size: int, weights: str) -> keras.Model:
             f"({type(error).__name__}: {error}): pass the no-top weights of {variant}"
         ) from error
     return base
+
+
+def _imagenet_network(constructor, input_shape: tuple[int, int, int]) -> keras.Model:
+    """The base Keras builds for weights="imagenet", randomly initialised.
+
+    Keras' EfficientNet stem is Rescaling(1/255) -> Normalization -> stem_conv_pad.
+    Only when its constructor downloads the ImageNet weights does it insert, after
+    the Normalization, a Rescaling by 1/sqrt(stddev): the original models divide by
+    the variance, not the standard deviation (tensorflow/tensorflow#49930). The
+    pretrained tensors expect that scale wherever they come from; without it
+    stem_conv's output is off by half (measured: 52% relative difference).
+
+    The inserted layer has no weights, so this network stores the same tensors under
+    the same paths as the plain one, and any file of the base's tensors loads into it.
+    It is built from the plain base's config with that layer inserted: the public
+    config format, no download and no file.
+
+    Raises:
+      UsageError: a Keras whose EfficientNet stem is not laid out as above.
+    """
+    plain = constructor(include_top=False, weights=None, input_shape=input_shape, name=BASE_NAME)
+    # A JSON round trip turns the config's tuples into lists that can be edited.
+    config = json.loads(json.dumps(plain.get_config()))
+    layers = config["layers"]
+    normalizations = [i for i, layer in enumerate(layers) if layer["class_name"] == "Normalization"]
+    consumers = [layer for layer in layers if layer["name"] == "stem_conv_pad"]
+    if len(normalizations) != 1 or len(consumers) != 1:
+        raise _unsupported_keras("no single Normalization and stem_conv_pad")
+    normalization_name = layers[normalizations[0]]["name"]
+    histories = list(_keras_histories(consumers[0]["inbound_nodes"]))
+    if [history[0] for history in histories] != [normalization_name]:
+        raise _unsupported_keras(f"stem_conv_pad reads {histories}, not {normalization_name}")
+    rescaling = keras.layers.Rescaling([1.0 / math.sqrt(s) for s in _IMAGENET_STDDEV_RGB])
+    entry = keras.saving.serialize_keras_object(rescaling)
+    entry["name"] = rescaling.name
+    # The new layer reads what stem_conv_pad read; stem_conv_pad reads the new layer.
+    entry["inbound_nodes"] = json.loads(json.dumps(consumers[0]["inbound_nodes"]))
+    histories[0][0] = rescaling.name
+    layers.insert(normalizations[0] + 1, entry)
+    return keras.Model.from_config(config)
+
+
+def _keras_histories(value):
+    """The `keras_history` entries ([layer name, node, tensor]) in serialised inputs."""
+    if isinstance(value, dict):
+        if "keras_history" in value:
+            yield value["keras_history"]
+        for item in value.values():
+            yield from _keras_histories(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _keras_histories(item)
+
+
+def _unsupported_keras(detail: str) -> UsageError:
+    return UsageError(
+        f"keras {keras.__version__} lays out the EfficientNet stem differently ({detail}) "
+        f"from the keras {SUPPORTED_KERAS} effpipe builds its pretrained bases for: "
+        f"install keras {SUPPORTED_KERAS}"
+    )
 
 
 def make_model(
@@ -111,8 +195,9 @@ def make_model(
       compile_augmentation: let the augment + resize layer compile its sampling
         with XLA (False under --debug_numerics, whose checks XLA cannot run).
       random_weights: initialise the base randomly but build the model as
-        `weights` asks otherwise (a pretrained base runs in inference mode): the
-        same graph and memory without fetching weights (the batch-size tuner).
+        `weights` asks otherwise (the pretrained network, run in inference mode):
+        the same graph and memory without fetching or reading weights (the
+        batch-size tuner; a copy that `copy_weights` then fills).
       synchronized_batch_norm: the head's BatchNormalization takes its batch
         statistics over all replicas of a distribution strategy, so that several
         replicas train the head as one device does on the same global batch.
@@ -129,7 +214,7 @@ def make_model(
         compile_sampling=compile_augmentation,
         name="resize",
     )(inputs)
-    base = make_base(variant, image_size, "none" if random_weights else weights)
+    base = make_base(variant, image_size, weights, random_weights=random_weights)
     base.trainable = False
     if weights == "none":
         # Trained from scratch: the base follows the training flag, so the
@@ -236,6 +321,21 @@ class BatchNormCalibration(keras.callbacks.Callback):
 
     def on_test_begin(self, logs=None):
         calibrate_batch_norm(self.model, self.images, self.batch_size)
+
+
+def copy_weights(source: keras.Model, target: keras.Model) -> None:
+    """Gives `target`, a model built like `source`, the weights of `source`.
+
+    `target.set_weights(source.get_weights())` alone is not enough: Keras'
+    Normalization layer (the base's input statistics) computes with tensors it
+    derives from its variables when it is built or loads a file, and set_weights
+    assigns the variables only. A copy of a pretrained model would normalise its
+    inputs with the random base's mean 0 and variance 1 (measured on Keras 3.15).
+    """
+    target.set_weights(source.get_weights())
+    for layer in get_base(target).layers:
+        if isinstance(layer, keras.layers.Normalization):
+            layer.finalize_state()
 
 
 def get_base(model: keras.Model) -> keras.Model:

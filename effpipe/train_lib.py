@@ -603,7 +603,7 @@ def _copy_outside_strategy(model: keras.Model, config: TrainConfig, source) -> k
     copy = recipe.make_configured_model(
         config, source.source_image_size, source.num_classes, random_weights=True
     )
-    copy.set_weights(model.get_weights())
+    models.copy_weights(model, copy)
     return copy
 
 
