@@ -20,13 +20,23 @@ and classifies it. Outputs:
 
 The SavedModel holds the traced graph and the weights: loading it needs TensorFlow
 only, not effpipe or Keras.
+
+It computes in float32 without XLA, whatever the run's precision and --xla: the
+export traces a serving copy of the trained model (`make_serving_model`), the same
+layers and weights under the float32 dtype policy, with the resize layer's sampling
+left uncompiled. Why: TF Serving and CPU-only servers may be built without XLA's JIT
+and then cannot run a function marked `_XlaMustCompile` (the layer's compiled
+sampling); and on CPU float16 kernels are slow or missing, bfloat16 ones fast only
+with bfloat16 instructions. Keras keeps a mixed-precision model's variables in
+float32, so no weight is rounded; each layer of the copy computes what the trained
+model's does, without its float16/bfloat16 rounding.
 """
 
 import keras
 import tensorflow as tf
 from absl import logging
 
-from effpipe import data_sources, run_files
+from effpipe import augment, data_sources, run_files
 
 EXPORT_DIR = "export"
 
@@ -85,8 +95,67 @@ class ServingModule(tf.Module):
         }
 
 
+def make_serving_model(model: keras.Model) -> keras.Model:
+    """A float32 copy of `model` that runs without XLA, holding its weights.
+
+    Every layer, the nested base's included, is rebuilt from its config under the
+    float32 dtype policy, the resize layer with `compile_sampling=False`, and takes
+    the value of its counterpart's every weight (the resize layer's int64 step
+    counter too). The copy is not compiled: it has no optimizer, so the export
+    holds no optimizer state.
+
+    Args:
+      model: a model built by `models.make_model`, under any dtype policy; left
+        unchanged.
+
+    Returns:
+      The uncompiled copy; the global dtype policy is as before the call.
+    """
+    # A model of the same layers that was never compiled: clone_model compiles its
+    # copy like its argument, which would build optimizer slots into the export.
+    uncompiled = keras.Model(model.input, model.output, name=model.name)
+    previous_policy = keras.config.dtype_policy()
+    # The nested base's own Functional model takes the global policy, not a config.
+    keras.config.set_dtype_policy("float32")
+    try:
+        serving = keras.models.clone_model(
+            uncompiled, clone_function=_float32_uncompiled_layer, recursive=True
+        )
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+    trained, copied = model.weights, serving.weights
+    # Weights pair up by path, shape and dtype, not by position alone: set_weights
+    # checks shapes only, and a base's many equal-shaped BatchNormalization vectors
+    # would take each other's values silently.
+    mismatched = [
+        (a.path, b.path)
+        for a, b in zip(trained, copied)
+        if (a.path, tuple(a.shape), a.dtype) != (b.path, tuple(b.shape), b.dtype)
+    ]
+    if len(trained) != len(copied) or mismatched:
+        raise RuntimeError(
+            f"the serving copy's {len(copied)} weights do not match the model's "
+            f"{len(trained)}; first mismatches: {mismatched[:3]}"
+        )
+    for source, target in zip(trained, copied):
+        target.assign(source.value)
+    return serving
+
+
+def _float32_uncompiled_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+    """A new layer like `layer` under the float32 policy, its sampling not XLA-compiled."""
+    config = layer.get_config()
+    config["dtype"] = "float32"
+    if isinstance(layer, augment.AugmentResize):
+        config["compile_sampling"] = False
+    return layer.__class__.from_config(config)
+
+
 def export_model(model: keras.Model, class_names, path: str, top_k: int = 5) -> None:
     """Writes the SavedModel of `model` to the folder `path`, atomically.
+
+    The SavedModel traces `make_serving_model(model)`: float32 and free of XLA
+    whatever the policy `model` was built and trained under.
 
     Args:
       model: a trained model built by `models.make_model`.
@@ -94,7 +163,7 @@ def export_model(model: keras.Model, class_names, path: str, top_k: int = 5) -> 
       path: the export folder (replaced if it exists).
       top_k: classes each signature returns per image.
     """
-    module = ServingModule(model, class_names, top_k)
+    module = ServingModule(make_serving_model(model), class_names, top_k)
     signatures = {
         "serving_default": module.serve_bytes,
         "serve_images": module.serve_images,
