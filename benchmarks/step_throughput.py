@@ -20,7 +20,10 @@ base frozen; phase 2: --unfreeze_blocks unfrozen) with the trainer's shared
   seed/generator            the notebook fed by its ImageDataGenerator (augmenting)
   effpipe/noaug/feature_cache  phase 1 only (unless --phase1_feature_cache=off): the
                             head trained on the base's pooled features of the same
-                            images, computed once (the trainer's feature cache)
+                            images, computed once (the trainer's feature cache),
+                            one train step per compiled call
+  effpipe/noaug/feature_cache/multistep  the same with the steps per call the
+                            trainer's --steps_per_execution=0 picks for it
 
 --configurations times only the named ones (default: every one), and builds only
 the models they train: on a GPU each model costs a compilation, so a run that
@@ -37,7 +40,8 @@ Prints a table and, last, one JSON line: one object per configuration with
 ms_per_step, images_per_sec, peak_memory_mb (GPU; null on CPU) and speedup_vs_seed,
 and, in phase 1, phase1_feature_cache: the wall time of one epoch (--steps_per_repeat
 steps) on the full model against one on cached features, the one forward pass that
-computes the features of that epoch's images, and the ratio.
+computes the features of that epoch's images, and the ratio; and the cached epoch's
+ms/step at one step per call against the multistep one.
 """
 
 import dataclasses
@@ -123,48 +127,70 @@ def effpipe_model(config, phase: int, weights_path: str, num_classes: int, sourc
     return model
 
 
-def feature_cache_group(config, setup, train, num_classes, weights_path, steps, cache_build):
-    """Phase 1 on cached features: the head model trained on pooled features.
+def feature_cache_groups(config, setup, train, num_classes, weights_path, steps, cache_build):
+    """Phase 1 on cached features: the head model trained on pooled features, one train
+    step per compiled call (effpipe/noaug/feature_cache) and as many as the trainer's
+    --steps_per_execution=0 picks for it (effpipe/noaug/feature_cache/multistep).
 
-    Building it computes the features of the epoch's `steps` batches of training
-    images once, timed after a warm-up batch, into `cache_build`; the configuration
-    then fits the head model on them, fed as the trainer feeds it.
+    The first group built computes the features of the epoch's `steps` batches of
+    training images once, timed after a warm-up batch, into `cache_build`; both
+    configurations then fit a head model on them, fed as the trainer feeds it.
     """
-    configuration = Configuration("effpipe/noaug/feature_cache", {})
     batch_size, options = config.batch_size, recipe.pipeline_options_of(config)
     images, labels = train.images[: steps * batch_size], train.labels[: steps * batch_size]
+    computed = {}
 
-    def build():
-        noaug = dataclasses.replace(config, augment=False)
-        model = effpipe_model(noaug, 1, weights_path, num_classes, images.shape[1:3], setup)
-        feature_model = feature_cache.make_feature_model(model)
-        feature_model.compile(jit_compile=setup.xla)
-        batches = input_pipeline.make_dataset(
-            images, labels, batch_size=batch_size, is_training=False, options=options
-        )
-        feature_model.predict(batches.take(1), verbose=0)  # Tracing, not timed.
-        start = time.perf_counter()
-        features = feature_model.predict(batches, verbose=0).astype(np.float32)
-        cache_build.update(seconds=time.perf_counter() - start, images=len(images))
-        head = feature_cache.make_head_model(model)
-        recipe.compile_model(
-            head, config.phase1_learning_rate, jit_compile=setup.xla, optimizer=model.optimizer
-        )
-        configuration.fit_inputs = {
-            "x": input_pipeline.make_feature_dataset(
-                features,
-                labels,
-                batch_size=batch_size,
-                is_training=True,
-                seed=config.seed,
-                options=options,
-            ),  # fmt: skip
-            "steps_per_epoch": steps,
-            "shuffle": False,
-        }
-        return head
+    def features_of(model):
+        if "features" not in computed:
+            feature_model = feature_cache.make_feature_model(model)
+            feature_model.compile(jit_compile=setup.xla)
+            batches = input_pipeline.make_dataset(
+                images, labels, batch_size=batch_size, is_training=False, options=options
+            )
+            feature_model.predict(batches.take(1), verbose=0)  # Tracing, not timed.
+            start = time.perf_counter()
+            computed["features"] = feature_model.predict(batches, verbose=0).astype(np.float32)
+            cache_build.update(seconds=time.perf_counter() - start, images=len(images))
+        return computed["features"]
 
-    return Group(build, [configuration])
+    def group(name, steps_per_execution):
+        configuration = Configuration(name, {})
+
+        def build():
+            noaug = dataclasses.replace(config, augment=False)
+            model = effpipe_model(noaug, 1, weights_path, num_classes, images.shape[1:3], setup)
+            head = feature_cache.make_head_model(model)
+            recipe.compile_model(
+                head, config.phase1_learning_rate, jit_compile=setup.xla,
+                optimizer=model.optimizer, steps_per_execution=steps_per_execution,
+            )  # fmt: skip
+            configuration.fit_inputs = {
+                "x": input_pipeline.make_feature_dataset(
+                    features_of(model),
+                    labels,
+                    batch_size=batch_size,
+                    is_training=True,
+                    seed=config.seed,
+                    options=options,
+                ),  # fmt: skip
+                "steps_per_epoch": steps,
+                "shuffle": False,
+            }
+            return head
+
+        return Group(build, [configuration])
+
+    multistep, _ = recipe.resolve_steps_per_execution(
+        dataclasses.replace(config, steps_per_execution=0),
+        steps,
+        accelerator=setup.accelerator,
+        head_only=True,
+    )
+    cache_build["steps_per_execution"] = multistep
+    return [
+        group("effpipe/noaug/feature_cache", 1),
+        group("effpipe/noaug/feature_cache/multistep", multistep),
+    ]
 
 
 def seed_model(config, phase: int, num_classes: int, source_size: int) -> keras.Model:
@@ -225,8 +251,10 @@ def make_groups(
     # Phase 1 on cached features, unless turned off (the benchmark's base loads a
     # weights file, as a pretrained one: its features do not change between epochs).
     if phase == 1 and config.phase1_feature_cache != "off" and config.head == "pooled":
-        groups.append(
-            feature_cache_group(config, setup, train, num_classes, weights_path, steps, cache_build)
+        groups.extend(
+            feature_cache_groups(
+                config, setup, train, num_classes, weights_path, steps, cache_build
+            )
         )
     if not _SEED_BASELINE.value:
         return select_configurations(groups, _CONFIGURATIONS.value)
@@ -336,7 +364,11 @@ def main(argv):
             shapes_test_examples=4, unfreeze_blocks=2,
         )  # fmt: skip
         repeats, steps = 1, 3
-    setup = runtime.resolve_runtime(mixed_precision=config.mixed_precision, xla=config.xla)
+    setup = runtime.resolve_runtime(
+        mixed_precision=config.mixed_precision,
+        mixed_precision_dtype=config.mixed_precision_dtype,
+        xla=config.xla,
+    )
     gpu = setup.accelerator == "gpu"
     keras.utils.set_random_seed(config.seed)
     source = data_sources.load_configured_source(config)
@@ -398,6 +430,7 @@ def summarize(configurations: list[Configuration]) -> dict[str, dict]:
         ms_per_step = statistics.median(record["ms_per_step"] for record in timed)
         report[configuration.name] = {
             "seconds_per_repeat": statistics.median(record["seconds"] for record in timed),
+            "steps_per_repeat": timed[0]["steps"],
             "ms_per_step": ms_per_step,
             "images_per_sec": statistics.median(record["images_per_sec"] for record in timed),
             "peak_memory_mb": configuration.peak_memory_mb,
@@ -432,10 +465,18 @@ def summarize_feature_cache(report: dict, cache_build: dict) -> dict | None:
         return None
     without = report["effpipe/noaug/pipeline"]["seconds_per_repeat"]
     with_cache = cached["seconds_per_repeat"]
+    multistep = report.get("effpipe/noaug/feature_cache/multistep")
     return {
         "epoch_seconds_without_cache": without,
         "epoch_seconds_with_cache": with_cache,
         "epoch_time_ratio": with_cache / without,
+        "ms_per_step_with_cache": 1000.0 * with_cache / cached["steps_per_repeat"],
+        "steps_per_execution": cache_build["steps_per_execution"],
+        "ms_per_step_with_cache_multistep": (
+            1000.0 * multistep["seconds_per_repeat"] / multistep["steps_per_repeat"]
+            if multistep
+            else None
+        ),
         "cache_build_seconds": cache_build["seconds"],
         "cache_build_images": cache_build["images"],
         "ten_epochs_seconds_without_cache": 10 * without,
@@ -499,6 +540,12 @@ def print_report(report: dict, setup, feature_cache_report: dict | None = None) 
             f"10 epochs: {figures['ten_epochs_seconds_without_cache']:.1f} s against "
             f"{figures['ten_epochs_seconds_with_cache']:.1f} s"
         )
+        if figures["ms_per_step_with_cache_multistep"] is not None:
+            print(
+                f"phase-1 step on cached features: {figures['ms_per_step_with_cache']:.3f} ms "
+                f"at 1 step per call, {figures['ms_per_step_with_cache_multistep']:.3f} ms at "
+                f"{figures['steps_per_execution']} (--steps_per_execution=0)"
+            )
 
 
 if __name__ == "__main__":

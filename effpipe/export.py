@@ -36,7 +36,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from effpipe import augment, data_sources, run_files
+from effpipe import augment, data_sources, models, run_files
 
 EXPORT_DIR = "export"
 
@@ -139,6 +139,9 @@ def make_serving_model(model: keras.Model) -> keras.Model:
         )
     for source, target in zip(trained, copied):
         target.assign(source.value)
+    # Assigned variables alone leave the base's Normalization on its build-time
+    # statistics (mean 0, variance 1); the trained model's must serve.
+    models.refresh_input_statistics(serving)
     return serving
 
 

@@ -333,7 +333,16 @@ def copy_weights(source: keras.Model, target: keras.Model) -> None:
     inputs with the random base's mean 0 and variance 1 (measured on Keras 3.15).
     """
     target.set_weights(source.get_weights())
-    for layer in get_base(target).layers:
+    refresh_input_statistics(target)
+
+
+def refresh_input_statistics(model: keras.Model) -> None:
+    """Makes the base's Normalization compute with its variables' current values.
+
+    Call after assigning a model's weights other than by `load_weights` (see
+    `copy_weights`).
+    """
+    for layer in get_base(model).layers:
         if isinstance(layer, keras.layers.Normalization):
             layer.finalize_state()
 

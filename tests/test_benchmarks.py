@@ -58,7 +58,7 @@ def test_step_throughput_smoke(repo_root):
     assert set(configurations) == {
         "effpipe/noaug/synthetic", "effpipe/noaug/pipeline", "effpipe/aug/synthetic",
         "effpipe/aug/pipeline", "seed/synthetic", "seed/numpy", "seed/generator",
-        "effpipe/noaug/feature_cache",
+        "effpipe/noaug/feature_cache", "effpipe/noaug/feature_cache/multistep",
     }  # fmt: skip
     on_gpu = report["device"] != "CPU"
     for name, figures in configurations.items():
@@ -79,6 +79,8 @@ def test_step_throughput_smoke(repo_root):
         cache["epoch_seconds_with_cache"] / cache["epoch_seconds_without_cache"]
     )
     assert cache["cache_build_images"] == report["steps_per_repeat"] * report["batch_size"]
+    # The same cached epoch with the trainer's auto steps per call (3 smoke steps: 3).
+    assert cache["steps_per_execution"] == 3 and cache["ms_per_step_with_cache_multistep"] > 0
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,14 @@ def _in_process_probabilities(model, paths):
         )
         for path in paths
     ]
-    return model(tf.stack(sources), training=False).numpy()
+    return _traced(model)(tf.stack(sources)).numpy()
+
+
+def _traced(model):
+    """The model as a traced function, as the export runs it: eager kernels round
+    differently from a graph's fused ones, by up to 1.7e-4 in probabilities measured
+    through a random base, where the two graphs agree to float32 rounding."""
+    return tf.function(lambda images: model(images, training=False))
 
 
 PLAIN_TENSORFLOW = textwrap.dedent(
@@ -111,11 +118,11 @@ def test_the_uint8_signature_takes_images_of_any_size(exported):
     at_source = _blocky_images(rng, 2, SOURCE_SIZE, SOURCE_SIZE)
     served = loaded.signatures["serve_images"](images=tf.constant(at_source))
     # Images already at the source size reach the model unchanged (the resize is
-    # exactly the identity there); the saved graph and the eager model then agree up
-    # to float32 rounding, as in the test above.
+    # exactly the identity there); the saved graph and the traced model then agree
+    # up to float32 rounding, as in the test above.
     assert np.array_equal(data_sources.resize_to_source(at_source, SOURCE_SIZE), at_source)
     np.testing.assert_allclose(
-        served["all_probabilities"].numpy(), model(at_source, training=False).numpy(), atol=1e-5
+        served["all_probabilities"].numpy(), _traced(model)(at_source).numpy(), atol=1e-5
     )
     larger = rng.integers(0, 256, (2, 48, 30, 3), dtype=np.uint8)
     assert loaded.signatures["serve_images"](images=tf.constant(larger))["classes"].shape == (2, 3)
