@@ -1,18 +1,20 @@
 """Scaling out on TensorFlow's engines, for real on one machine over loopback.
 
 MirroredStrategy over two logical CPU devices against one device; a two-process
-MultiWorkerMirroredStrategy run on localhost ports; a tf.data service started by
-the test; a global batch that does not divide by the replicas.
+MultiWorkerMirroredStrategy run on localhost ports; a tf.data service started by the test, which must stop promptly
+after the trainer; a global batch that does not divide by the replicas.
 """
 
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
 
 import pytest
+from test_data_service import STOP_BOUND_SEC, free_port, start_data_service, stop_seconds
 
 from effpipe import cluster
 from effpipe.errors import UsageError
@@ -182,23 +184,21 @@ def test_two_workers_train_both_phases_and_only_the_chief_writes(tmp_path):
     ]
 
 
-def test_training_through_a_data_service_started_by_the_test(tmp_path):
-    (port,) = _free_ports(1)
-    service = subprocess.Popen(
-        [sys.executable, "-m", "effpipe.data_service", f"--port={port}", "--num_workers=1"],
-        cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+def test_training_through_a_data_service_started_by_the_test(tmp_path, record_property):
+    port, log_path = free_port(), tmp_path / "service.log"
+    service, ready = start_data_service(port, log_path)
     try:
-        ready = service.stdout.readline()
         assert f"serving at grpc://localhost:{port} with 1 worker(s)" in ready, ready
         workdir = tmp_path / "run"
         trainer = _train(f"--data_service=grpc://localhost:{port}", f"--workdir={workdir}")
         _, stderr = trainer.communicate(timeout=600)
         assert trainer.returncode == 0, stderr[-3000:]
     finally:
-        service.terminate()
-        service.wait(timeout=60)
-    assert service.returncode == 0
+        # Right after a trainer finished: the service must still exit promptly.
+        stop_sec = stop_seconds(service, signal.SIGTERM, log_path)
+    record_property("stop_seconds", round(stop_sec, 2))
+    assert service.returncode == 0, log_path.read_text()[-3000:]
+    assert stop_sec <= STOP_BOUND_SEC
     history = json.loads((workdir / "history.json").read_text())
     assert len(history["phase1"]) == len(history["phase2"]) == 1
     assert json.loads((workdir / "metrics.json").read_text())["top1"] >= 0.0
