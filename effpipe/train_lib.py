@@ -104,6 +104,7 @@ def _train_and_evaluate(
         mixed_precision=config.mixed_precision,
         mixed_precision_dtype=config.mixed_precision_dtype,
         xla=config.xla,
+        local_replicas=distribution.num_replicas // distribution.num_workers,
     )
     if config.debug_numerics and setup.xla:
         setup = dataclasses.replace(

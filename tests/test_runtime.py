@@ -161,3 +161,25 @@ def test_explicit_steps_per_execution_must_divide_the_epoch_and_profiling_takes_
     assert recipe.resolve_steps_per_execution(profiling, 64, accelerator="gpu")[0] == 1
     with pytest.raises(UsageError, match="--profile_steps=2,3 could not trace"):
         TrainConfig(profile_steps="2,3", steps_per_execution=2)
+
+
+def test_xla_on_with_several_cpu_replicas_is_refused():
+    # tests/test_distribution.py shows the failure: a compiled MirroredStrategy step
+    # over two logical CPUs reads another device's variables.
+    with pytest.raises(UsageError, match="--xla=on with 2 replicas on CPU devices fails"):
+        runtime.resolve_runtime(mixed_precision=False, xla="on", local_replicas=2)
+    assert not runtime.resolve_runtime(mixed_precision=False, xla="auto", local_replicas=2).xla
+
+
+def test_several_gpu_replicas_in_float16_keep_xla_off_unless_asked(fake_gpu):
+    fake_gpu(H200)
+    float16 = runtime.resolve_runtime(mixed_precision=True, xla="auto", local_replicas=4)
+    assert float16.precision == "mixed_float16" and not float16.xla
+    assert "keras-team/keras#21366" in float16.reasons[1]
+    bfloat16 = runtime.resolve_runtime(
+        mixed_precision=True, mixed_precision_dtype="bfloat16", xla="auto", local_replicas=4
+    )
+    assert bfloat16.xla and not bfloat16.warnings
+    forced = runtime.resolve_runtime(mixed_precision=True, xla="on", local_replicas=4)
+    assert forced.xla and "keras-team/keras#21366" in forced.warnings[0]
+    assert runtime.resolve_runtime(mixed_precision=True, xla="auto", local_replicas=1).xla
