@@ -83,7 +83,6 @@ XLA: step_p1_float32_xla_off (with the replica) and step_p2_mixed_xla_off. It to
 149 s on this project's 2 shared CPU cores (load average 5), 270-290 s at load 6-7.
 """
 
-import dataclasses
 import datetime
 import json
 import math
@@ -94,17 +93,16 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
 
 from absl import flags
 
-from benchmarks import harness
+from benchmarks import harness, part_runner
+from benchmarks.part_runner import Part, Runner
 
 PROGRAM = "benchmarks.gpu_check"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _OUTPUT = flags.DEFINE_string("output", "runs/gpu_check.json", "The JSON file of all figures.")
 _DEADLINE_S = flags.DEFINE_float(
@@ -116,11 +114,6 @@ _PARTS = flags.DEFINE_list("parts", [], "Run only these parts (names as in the d
 # benchmarks.step_throughput.GPU_PHASE1_TARGET_SPEEDUP (not imported: that module
 # loads TensorFlow): effpipe's phase-1 step, fed, against the replica as it ran.
 PHASE1_TARGET_SPEEDUP = 5.0
-# Fault injection for the tests: the parts named here (comma-separated) run a
-# command that fails instead of their own.
-FAIL_ENV = "EFFPIPE_GPU_CHECK_FAIL"
-# Lines of a failed part's stderr kept in the JSON file.
-STDERR_TAIL_LINES = 15
 # Seconds the untimed stage (smoke run, tuner) may take on a GPU, of the deadline.
 UNTIMED_STAGE_S = 200
 # The step benchmark's timing per configuration: one warm-up repeat, then these.
@@ -150,192 +143,6 @@ TIMED_ORDER = (
 )
 PART_NAMES = ["smoke_run", "tuner_estimate", "tuner_trial_phase1", "tuner_trial_phase2"]
 PART_NAMES += TIMED_ORDER
-
-
-# The parts' processes now running, and whether SIGTERM or SIGINT asked the check to
-# stop: it then kills them (their own sessions do not get the signal), skips the
-# rest, and still writes the file.
-_LIVE: set = set()
-_STOPPED_BY: list[int] = []
-
-
-@dataclasses.dataclass
-class Part:
-    """One subprocess of the check.
-
-    Attributes:
-      name: its key in the JSON file.
-      argv: the arguments after the Python interpreter (`-m module --flags`).
-      timeout_s: its own limit, cut to what is left of the deadline.
-      needs_s: it is skipped when less than this is left.
-      read: (its final JSON line or None) -> its figures; raises ValueError when the
-        output is not what a successful run prints.
-      env: environment variables added to the check's own.
-    """
-
-    name: str
-    argv: list[str]
-    timeout_s: float
-    needs_s: float
-    read: Callable[[dict | None], dict]
-    env: dict = dataclasses.field(default_factory=dict)
-
-
-def run_command(argv, *, timeout_s, env, log_prefix) -> dict:
-    """Runs `argv` in its own process group; stdout and stderr go to log files.
-
-    Returns:
-      {"status": "ok" | "failed" | "timed_out", "returncode", "wall_s",
-      "final_json": its last stdout line parsed (None if not a JSON object),
-      "stderr_tail": its last lines of stderr}.
-    """
-    start = time.monotonic()
-    with open(log_prefix + ".stdout", "w") as out, open(log_prefix + ".stderr", "w") as err:
-        # A session of its own, so a timeout kills the part's children too.
-        process = subprocess.Popen(
-            argv, stdout=out, stderr=err, env=env, cwd=REPO_ROOT, start_new_session=True
-        )
-        _LIVE.add(process)
-        try:
-            returncode = process.wait(timeout=max(timeout_s, 0.1))
-            status = "ok" if returncode == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            _kill_group(process)
-            returncode, status = process.returncode, "timed_out"
-        finally:
-            _LIVE.discard(process)
-    if _STOPPED_BY and status != "ok":
-        status = "interrupted"
-    wall_s = time.monotonic() - start
-    with open(log_prefix + ".stdout") as file:
-        lines = [line for line in file.read().splitlines() if line.strip()]
-    with open(log_prefix + ".stderr") as file:
-        stderr_tail = [line[:300] for line in file.read().splitlines()[-STDERR_TAIL_LINES:]]
-    final_json = None
-    if lines:
-        try:
-            final_json = json.loads(lines[-1])
-        except json.JSONDecodeError:
-            final_json = None
-    if not isinstance(final_json, dict):
-        final_json = None
-    return {
-        "status": status,
-        "returncode": returncode,
-        "wall_s": round(wall_s, 1),
-        "final_json": final_json,
-        "stderr_tail": stderr_tail,
-    }
-
-
-def _stop(signum, frame) -> None:
-    del frame
-    _STOPPED_BY.append(signum)
-    for process in list(_LIVE):
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    # SIGTERM first (TensorFlow exits cleanly), SIGKILL if it lingers.
-    for sig, grace_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-class Runner:
-    """Runs parts against one deadline and rewrites the JSON file after each.
-
-    Thread-safe: the untimed parts run side by side.
-    """
-
-    def __init__(self, output: str, deadline_s: float, report: dict, selected=None):
-        self.output = output
-        self.logs = os.path.splitext(output)[0] + "_logs"
-        os.makedirs(self.logs, exist_ok=True)
-        self.deadline = time.monotonic() + deadline_s
-        self.report = report
-        self.report.setdefault("parts", {})
-        self.selected = selected
-        self.failing = set(filter(None, os.environ.get(FAIL_ENV, "").split(",")))
-        self._lock = threading.Lock()
-        self.write()
-
-    def run(self, part: Part, by: float | None = None) -> dict:
-        """Runs `part` (or records why not); returns its record.
-
-        Args:
-          part: what to run.
-          by: a `time.monotonic()` it must end by, earlier than the deadline (a stage's).
-        """
-        left_s = min(self.deadline, by or self.deadline) - time.monotonic()
-        if self.selected is not None and part.name.removesuffix("_fallback") not in self.selected:
-            return self.skip(part.name, "not in --parts")
-        if _STOPPED_BY:
-            return self.skip(part.name, "the check was interrupted")
-        if left_s <= 0 or left_s < part.needs_s:
-            return self.skip(
-                part.name, f"{left_s:.0f} s left of the deadline; it needs {part.needs_s:.0f} s"
-            )
-        argv = [sys.executable, *part.argv]
-        if part.name in self.failing:
-            argv = [sys.executable, "-c", f"import sys; sys.exit('injected failure ({FAIL_ENV})')"]
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **part.env}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
-        print(f"{part.name}: running (at most {min(part.timeout_s, left_s):.0f} s)", flush=True)
-        outcome = run_command(
-            argv,
-            timeout_s=min(part.timeout_s, left_s),
-            env=env,
-            log_prefix=os.path.join(self.logs, part.name),
-        )
-        record = {
-            "status": outcome["status"],
-            "wall_s": outcome["wall_s"],
-            "command": shlex.join(["python", *part.argv]),
-            "log": os.path.join(self.logs, part.name) + ".{stdout,stderr}",
-        }
-        if outcome["status"] == "ok":
-            try:
-                record["figures"] = part.read(outcome["final_json"])
-            except (ValueError, KeyError, TypeError, OSError) as error:
-                record.update(status="failed", error=f"{type(error).__name__}: {error}")
-        if outcome["status"] != "ok" or record["status"] != "ok":
-            record["returncode"] = outcome["returncode"]
-            record["stderr_tail"] = outcome["stderr_tail"]
-        record["result"] = outcome["final_json"]
-        print(f"{part.name}: {record['status']} in {record['wall_s']:.0f} s", flush=True)
-        return self.record(part.name, record)
-
-    def skip(self, name: str, reason: str) -> dict:
-        print(f"{name}: skipped ({reason})", flush=True)
-        return self.record(name, {"status": "skipped", "wall_s": 0.0, "reason": reason})
-
-    def record(self, name: str, record: dict) -> dict:
-        with self._lock:
-            self.report["parts"][name] = record
-            self.write()
-        return record
-
-    def write(self) -> None:
-        # Write then rename: a reader (or a killed check) never sees half a file.
-        directory = os.path.dirname(self.output)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        temporary = self.output + ".tmp"
-        with open(temporary, "w") as file:
-            json.dump(self.report, file, indent=1, sort_keys=False)
-            file.write("\n")
-        os.replace(temporary, self.output)
 
 
 # --- What each part's output must hold. ---
@@ -651,8 +458,8 @@ def main(argv):
         "tensorflow_gpus": tf_gpus if not smoke else "not asked: --smoke",
         "finished": False,
     }
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, part_runner.stop)
+    signal.signal(signal.SIGINT, part_runner.stop)
     left_s = _DEADLINE_S.value - (time.monotonic() - started)
     runner = Runner(output, left_s, report, selected=set(_PARTS.value) or None)
     # Untimed parts side by side: the smoke run; the estimate, then the trials.
@@ -674,13 +481,13 @@ def main(argv):
         runner.run(part)
 
     report["summary"] = summarize(report["parts"])
-    report["finished"] = not _STOPPED_BY
+    report["finished"] = not part_runner.STOPPED_BY
     report["wall_s"] = round(time.monotonic() - started, 1)
     runner.write()
     print_summary(report)
     print(f"gpu_check: wrote {output} in {report['wall_s']:.0f} s")
-    if _STOPPED_BY:
-        sys.exit(128 + _STOPPED_BY[0])
+    if part_runner.STOPPED_BY:
+        sys.exit(128 + part_runner.STOPPED_BY[0])
 
 
 def summarize(parts: dict) -> dict:

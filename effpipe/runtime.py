@@ -192,8 +192,8 @@ def resolve_runtime(
     if xla == "on" and accelerator == "cpu" and local_replicas > 1:
         raise UsageError(
             f"--xla=on with {local_replicas} replicas on CPU devices fails: a compiled "
-            "MirroredStrategy step reads variables of another device (measured, with or "
-            "without loss scaling; tests/test_distribution.py): use --xla=auto or off"
+            "MirroredStrategy step reads variables of another device (measured with and "
+            "without loss scaling): use --xla=auto or off"
         )
     if xla == "auto":
         use_xla = accelerator in ("gpu", "tpu") and not several_gpu_replicas_in_float16

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from benchmarks import gpu_check
+from benchmarks import gpu_check, part_runner
 
 SMOKE_PARTS = {
     "smoke_run",
@@ -41,7 +41,7 @@ def _read_x(result):
 
 
 def test_run_command_keeps_a_failure_and_its_last_stderr_lines(tmp_path):
-    outcome = gpu_check.run_command(
+    outcome = part_runner.run_command(
         [sys.executable, "-c", "import sys; print('last words', file=sys.stderr); sys.exit(3)"],
         timeout_s=120,
         env=dict(os.environ),
@@ -54,7 +54,7 @@ def test_run_command_keeps_a_failure_and_its_last_stderr_lines(tmp_path):
 
 
 def test_run_command_kills_a_part_past_its_timeout(tmp_path):
-    outcome = gpu_check.run_command(
+    outcome = part_runner.run_command(
         [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(600)"],
         timeout_s=2,
         env=dict(os.environ),
@@ -67,14 +67,16 @@ def test_run_command_kills_a_part_past_its_timeout(tmp_path):
 
 def test_runner_records_each_outcome_and_goes_on(tmp_path):
     output = tmp_path / "check.json"
-    runner = gpu_check.Runner(str(output), deadline_s=600, report={})
+    runner = part_runner.Runner(str(output), deadline_s=600, report={})
     parts = [
-        gpu_check.Part("fails", _python("import sys; sys.exit('broken')"), 120, 0, _read_x),
-        gpu_check.Part("hangs", _python("import time; time.sleep(600)"), 2, 0, _read_x),
-        gpu_check.Part("too_long", _python("print(1)"), 120, 10**6, _read_x),
-        gpu_check.Part("not_finite", _python("print('{\"x\": NaN}')"), 120, 0, _read_x),
-        gpu_check.Part("no_json", _python("print('done')"), 120, 0, _read_x),
-        gpu_check.Part("works", _python("print('table'); print('{\"x\": 1.5}')"), 120, 0, _read_x),
+        part_runner.Part("fails", _python("import sys; sys.exit('broken')"), 120, 0, _read_x),
+        part_runner.Part("hangs", _python("import time; time.sleep(600)"), 2, 0, _read_x),
+        part_runner.Part("too_long", _python("print(1)"), 120, 10**6, _read_x),
+        part_runner.Part("not_finite", _python("print('{\"x\": NaN}')"), 120, 0, _read_x),
+        part_runner.Part("no_json", _python("print('done')"), 120, 0, _read_x),
+        part_runner.Part(
+            "works", _python("print('table'); print('{\"x\": 1.5}')"), 120, 0, _read_x
+        ),
     ]
     for part in parts:
         runner.run(part)
@@ -99,11 +101,11 @@ def test_runner_records_each_outcome_and_goes_on(tmp_path):
 
 
 def test_runner_injects_a_failure_into_the_named_part(tmp_path, monkeypatch):
-    monkeypatch.setenv(gpu_check.FAIL_ENV, "chosen")
-    runner = gpu_check.Runner(str(tmp_path / "check.json"), deadline_s=600, report={})
+    monkeypatch.setenv(part_runner.FAIL_ENV, "chosen")
+    runner = part_runner.Runner(str(tmp_path / "check.json"), deadline_s=600, report={})
     ok = _python("print('{\"x\": 2}')")
-    assert runner.run(gpu_check.Part("chosen", ok, 120, 0, _read_x))["status"] == "failed"
-    assert runner.run(gpu_check.Part("other", ok, 120, 0, _read_x))["status"] == "ok"
+    assert runner.run(part_runner.Part("chosen", ok, 120, 0, _read_x))["status"] == "failed"
+    assert runner.run(part_runner.Part("other", ok, 120, 0, _read_x))["status"] == "ok"
 
 
 def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(repo_root, tmp_path):
@@ -150,7 +152,7 @@ def test_a_failed_part_is_recorded_and_the_others_still_run(repo_root, tmp_path)
     result = _run_check(
         repo_root, "--smoke", f"--output={output}",
         "--parts=tuner_estimate,tuner_trial_phase1,augment",
-        env={gpu_check.FAIL_ENV: "tuner_estimate"},
+        env={part_runner.FAIL_ENV: "tuner_estimate"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(output.read_text())
