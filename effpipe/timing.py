@@ -103,5 +103,5 @@ class ThroughputMeter(keras.callbacks.Callback):
             # Reading the step counter waits for every update queued on the device.
             optimizer = getattr(self.model, "optimizer", None)
             if optimizer is not None:
-                int(optimizer.iterations)
+                keras.ops.convert_to_numpy(optimizer.iterations)
             self._train_end = time.perf_counter()
