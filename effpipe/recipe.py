@@ -12,10 +12,10 @@ from effpipe.config import TrainConfig
 from effpipe.errors import UsageError
 
 # The most train steps per compiled call that --steps_per_execution=0 (auto) picks.
-# Each call costs the host about 0.9 ms (Python, the tf.function call, Keras' logs
-# turned into floats after every call on the TensorFlow backend); measured on this
-# project's CPU, the phase-1 head on cached features ran at 1.6 ms/step one step per
-# call and 0.7-0.9 ms/step at 10 to 100 steps per call (WORKSPACE.md). A whole
+# Each call costs the host about 0.95 ms (Python, the tf.function call, Keras' logs
+# turned into floats after every call on the TensorFlow backend): measured by
+# benchmarks.step_throughput on this project's CPU, the phase-1 head on cached
+# features ran at 1.96 ms/step one step per call and 1.01 at 25 (WORKSPACE.md). A whole
 # EfficientNet step on a CPU (260 ms for B0 at 224 px) hides that overhead, so the
 # CPU keeps 1; a GPU or TPU step of a few milliseconds (B0 on a large GPU) does not.
 AUTO_STEPS_PER_EXECUTION = {"head": 32, "gpu": 8, "tpu": 8, "cpu": 1}
