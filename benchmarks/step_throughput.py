@@ -33,8 +33,9 @@ speedup_vs_seed pairs effpipe/noaug/synthetic with seed/synthetic,
 effpipe/noaug/pipeline with seed/numpy and effpipe/aug/pipeline with
 seed/generator. The base gets random weights saved to a file and loaded as a
 pretrained base is (the same compute as ImageNet weights, no download). effpipe
-uses the trainer's precision and XLA flags; the replica always runs float32 without
-XLA, as the notebook did. Each repeat is one epoch of --steps_per_repeat steps per
+uses the trainer's precision, XLA and steps per compiled call (--steps_per_execution,
+resolved for an epoch of --steps_per_repeat steps: 1 on a CPU); the replica always
+runs float32 without XLA, one step per call, as the notebook did. Each repeat is one epoch of --steps_per_repeat steps per
 configuration, interleaved; the first repeat is warm-up; median of the rest.
 Prints a table and, last, one JSON line: one object per configuration with
 ms_per_step, images_per_sec, peak_memory_mb (GPU; null on CPU) and speedup_vs_seed,
@@ -117,13 +118,18 @@ class Group:
     model: keras.Model | None = None
 
 
-def effpipe_model(config, phase: int, weights_path: str, num_classes: int, source_size, setup):
+def effpipe_model(
+    config, phase: int, weights_path: str, num_classes: int, source_size, setup,
+    steps_per_execution: int = 1,
+):  # fmt: skip
     """The trainer's model and compile for `phase` (config.augment says whether to augment)."""
     model = recipe.make_configured_model(config, source_size, num_classes, weights_path)
     if phase == 2:
         models.unfreeze_top_blocks(model, config.unfreeze_blocks)
     learning_rate = config.phase1_learning_rate if phase == 1 else config.phase2_learning_rate
-    recipe.compile_model(model, learning_rate, jit_compile=setup.xla)
+    recipe.compile_model(
+        model, learning_rate, jit_compile=setup.xla, steps_per_execution=steps_per_execution
+    )
     return model
 
 
@@ -209,9 +215,11 @@ def seed_model(config, phase: int, num_classes: int, source_size: int) -> keras.
 
 
 def make_groups(
-    config, phase, setup, train, num_classes, weights_path, steps, cache_build
-) -> list[Group]:
-    """Every configuration, grouped by the model it trains."""
+    config, phase, setup, train, num_classes, weights_path, steps, steps_per_execution,
+    cache_build,
+) -> list[Group]:  # fmt: skip
+    """Every configuration, grouped by the model it trains; effpipe's full models run
+    `steps_per_execution` train steps per compiled call, as the trainer would."""
     batch_size = config.batch_size
     source_size = train.images.shape[1:3]
     images, labels = train.images[:batch_size], train.labels[:batch_size].astype(np.int32)
@@ -238,6 +246,7 @@ def make_groups(
                     num_classes,
                     source_size,
                     setup,
+                    steps_per_execution,
                 ),  # fmt: skip
                 [
                     Configuration(
@@ -370,6 +379,10 @@ def main(argv):
         xla=config.xla,
     )
     gpu = setup.accelerator == "gpu"
+    # The trainer's steps per compiled call for an epoch of `steps` steps (a repeat).
+    steps_per_execution, steps_per_execution_reason = recipe.resolve_steps_per_execution(
+        config, steps, accelerator=setup.accelerator
+    )
     keras.utils.set_random_seed(config.seed)
     source = data_sources.load_configured_source(config)
     print(
@@ -377,7 +390,8 @@ def main(argv):
         f"px, batch {config.batch_size}, phase {phase} (effpipe unfreezes "
         f"{config.unfreeze_blocks} blocks, the replica its last 51 layers); effpipe "
         f"{setup.precision}, XLA {'on' if setup.xla else 'off'}; seed replica float32, no "
-        f"XLA; median of {repeats} repeats x {steps} steps after one warm-up repeat"
+        f"XLA; median of {repeats} repeats x {steps} steps after one warm-up repeat; "
+        f"effpipe's {steps_per_execution_reason}"
     )
 
     previous_policy = keras.mixed_precision.global_policy()
@@ -392,7 +406,7 @@ def main(argv):
             cache_build = {}
             groups = make_groups(
                 config, phase, setup, source.train, source.num_classes, weights_path, steps,
-                cache_build,
+                steps_per_execution, cache_build,
             )  # fmt: skip
             run_groups(groups, repeats, config.batch_size, gpu)
     finally:
@@ -415,6 +429,7 @@ def main(argv):
             "xla": setup.xla,
             "repeats": repeats,
             "steps_per_repeat": steps,
+            "steps_per_execution": steps_per_execution,
             "configurations": report,
             "targets": targets(report, setup),
             "phase1_feature_cache": feature_cache_report,

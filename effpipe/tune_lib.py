@@ -50,9 +50,12 @@ def make_phase_model(config: TrainConfig, phase: int) -> keras.Model:
 
 def gpu_precision(config: TrainConfig) -> str:
     """The dtype policy the run's model trains under on a GPU (the estimate's)."""
-    if not config.mixed_precision:
-        return "float32"
-    return "mixed_bfloat16" if config.mixed_precision_dtype == "bfloat16" else "mixed_float16"
+    return runtime.resolve_runtime(
+        mixed_precision=config.mixed_precision,
+        mixed_precision_dtype=config.mixed_precision_dtype,
+        xla="off",
+        devices=runtime.Devices("gpu", "GPU"),
+    ).precision
 
 
 def estimate_phase(

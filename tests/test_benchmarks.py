@@ -54,6 +54,8 @@ def test_input_throughput_smoke(repo_root):
 def test_step_throughput_smoke(repo_root):
     lines, report = _run_benchmark(repo_root, "benchmarks.step_throughput", "--smoke")
     assert report["benchmark"] == "step_throughput"
+    # The trainer's auto steps per call: one on a CPU, several on a GPU.
+    assert report["steps_per_execution"] == (1 if report["device"] == "CPU" else 3)
     configurations = report["configurations"]
     assert set(configurations) == {
         "effpipe/noaug/synthetic", "effpipe/noaug/pipeline", "effpipe/aug/synthetic",
