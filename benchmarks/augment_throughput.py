@@ -34,14 +34,16 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from absl import flags  # noqa: E402
+import keras
+import tensorflow as tf
+from absl import flags
 
-from benchmarks import harness  # noqa: E402
-from effpipe import augment, cli_flags, recipe, runtime, variants  # noqa: E402
-from effpipe.config import MAX_IMAGE_SIZE  # noqa: E402
-from effpipe.errors import UsageError  # noqa: E402
+from benchmarks import harness
+from effpipe import cli_flags, variants
+from effpipe.config import MAX_IMAGE_SIZE
+from effpipe.errors import UsageError
+from effpipe.model import augment, factory
+from effpipe.training import runtime
 
 flags.adopt_module_key_flags(cli_flags)
 _SIZES = flags.DEFINE_list("sizes", ["224", "456"], "Model resolutions to time, in pixels.")
@@ -123,7 +125,7 @@ def main(argv):
     if _SMOKE.value:
         sizes, batch_size, warmup_steps, repeats, steps_per_repeat = [48], 4, 1, 2, 2
     # The trainer's augmentation flags give the ranges (--augment itself is moot here).
-    augmentation = recipe.augment_config(dataclasses.replace(config, augment=True))
+    augmentation = factory.augment_config(dataclasses.replace(config, augment=True))
     setup = runtime.resolve_runtime(mixed_precision=config.mixed_precision, xla="auto")
     dtype = keras.DTypePolicy(setup.precision).compute_dtype
     print(

@@ -8,7 +8,7 @@ Both pipelines read the same uint8 train split, loaded as the trainer loads it
 (the trainer's data flags apply: --dataset, --data_dir, --source_size,
 --shapes_*), and deliver --batch_size batches to a consumer that does nothing else:
 
-  effpipe  the trainer's chain (input_pipeline.make_dataset, with the trainer's
+  effpipe  the trainer's chain (pipeline.make_dataset, with the trainer's
            --deterministic, --data_threads and --autotune): source -> cache ->
            shuffle -> batch -> repeat -> prefetch of uint8 images, and without cache; for a
            breakdown, also source -> batch and source -> shuffle -> batch (no
@@ -27,11 +27,12 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
-from absl import flags  # noqa: E402
+import tensorflow as tf
+from absl import flags
 
-from benchmarks import harness, seed_replica  # noqa: E402
-from effpipe import cli_flags, data_sources, input_pipeline, recipe  # noqa: E402
+from benchmarks import harness, seed_replica
+from effpipe import cli_flags
+from effpipe.data import pipeline, sources
 
 flags.adopt_module_key_flags(cli_flags)
 
@@ -48,14 +49,14 @@ TRAINER_CHAIN = "effpipe: cache -> shuffle -> batch -> repeat -> prefetch (the t
 
 
 def effpipe_stages(
-    images, labels, batch_size: int, seed: int, options: input_pipeline.PipelineOptions
+    images, labels, batch_size: int, seed: int, options: pipeline.PipelineOptions
 ) -> dict[str, tf.data.Dataset]:
     """The trainer's chain with and without cache, and two shorter chains for scale."""
     source = tf.data.Dataset.from_tensor_slices((images, labels))
     shuffled = source.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
 
     def trainer_chain(cache):
-        return input_pipeline.make_dataset(
+        return pipeline.make_dataset(
             images,
             labels,
             batch_size=batch_size,
@@ -106,7 +107,7 @@ def main(argv):
         config = _smoke_config(config)
         repeats, num_batches = 2, 4
     batch_size = config.batch_size
-    train = data_sources.load_configured_source(config).train
+    train = sources.load_configured_source(config).train
     print(
         f"input_throughput: {config.dataset}, {len(train)} train images "
         f"{train.images.shape[1]}x{train.images.shape[2]} uint8, batch {batch_size}, "
@@ -120,7 +121,7 @@ def main(argv):
             train.labels,
             batch_size,
             config.seed,
-            recipe.pipeline_options_of(config),
+            pipeline.pipeline_options_of(config),
         ).items()
     ]
     flow = seed_replica.make_image_generator().flow(

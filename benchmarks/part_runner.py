@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from effpipe import run_files
+from effpipe import run_dir
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Fault injection for the tests: the parts named here (comma-separated) run a
@@ -206,4 +206,4 @@ class Runner:
     def write(self) -> None:
         # Written atomically: a reader (or a killed check) never sees half a file.
         # The parts stay in the order they ran.
-        run_files.write_text(self.output, json.dumps(self.report, indent=1) + "\n")
+        run_dir.write_text(self.output, json.dumps(self.report, indent=1) + "\n")

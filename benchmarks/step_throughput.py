@@ -55,23 +55,17 @@ from collections.abc import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from absl import flags  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import flags
 
-from benchmarks import harness, seed_replica  # noqa: E402
-from effpipe import (  # noqa: E402
-    cli_flags,
-    data_sources,
-    feature_cache,
-    input_pipeline,
-    models,
-    recipe,
-    runtime,
-    timing,
-)
-from effpipe.errors import UsageError  # noqa: E402
+from benchmarks import harness, seed_replica
+from effpipe import cli_flags
+from effpipe.data import pipeline, sources
+from effpipe.errors import UsageError
+from effpipe.model import efficientnet, factory, freezing
+from effpipe.training import callbacks, feature_cache, runtime
 
 flags.adopt_module_key_flags(cli_flags)
 _PHASE = flags.DEFINE_enum("phase", "1", ["1", "2"], "1: base frozen; 2: top blocks unfrozen.")
@@ -123,11 +117,11 @@ def effpipe_model(
     steps_per_execution: int = 1,
 ):  # fmt: skip
     """The trainer's model and compile for `phase` (config.augment says whether to augment)."""
-    model = recipe.make_configured_model(config, source_size, num_classes, weights_path)
+    model = factory.make_configured_model(config, source_size, num_classes, weights_path)
     if phase == 2:
-        models.unfreeze_top_blocks(model, config.unfreeze_blocks)
+        freezing.unfreeze_top_blocks(model, config.unfreeze_blocks)
     learning_rate = config.phase1_learning_rate if phase == 1 else config.phase2_learning_rate
-    recipe.compile_model(
+    factory.compile_model(
         model, learning_rate, jit_compile=setup.xla, steps_per_execution=steps_per_execution
     )
     return model
@@ -142,7 +136,7 @@ def feature_cache_groups(config, setup, train, num_classes, weights_path, steps,
     training images once, timed after a warm-up batch, into `cache_build`; both
     configurations then fit a head model on them, fed as the trainer feeds it.
     """
-    batch_size, options = config.batch_size, recipe.pipeline_options_of(config)
+    batch_size, options = config.batch_size, pipeline.pipeline_options_of(config)
     images, labels = train.images[: steps * batch_size], train.labels[: steps * batch_size]
     computed = {}
 
@@ -150,7 +144,7 @@ def feature_cache_groups(config, setup, train, num_classes, weights_path, steps,
         if "features" not in computed:
             feature_model = feature_cache.make_feature_model(model)
             feature_model.compile(jit_compile=setup.xla)
-            batches = input_pipeline.make_dataset(
+            batches = pipeline.make_dataset(
                 images, labels, batch_size=batch_size, is_training=False, options=options
             )
             feature_model.predict(batches.take(1), verbose=0)  # Tracing, not timed.
@@ -166,12 +160,12 @@ def feature_cache_groups(config, setup, train, num_classes, weights_path, steps,
             noaug = dataclasses.replace(config, augment=False)
             model = effpipe_model(noaug, 1, weights_path, num_classes, images.shape[1:3], setup)
             head = feature_cache.make_head_model(model)
-            recipe.compile_model(
+            factory.compile_model(
                 head, config.phase1_learning_rate, jit_compile=setup.xla,
                 optimizer=model.optimizer, steps_per_execution=steps_per_execution,
             )  # fmt: skip
             configuration.fit_inputs = {
-                "x": input_pipeline.make_feature_dataset(
+                "x": pipeline.make_feature_dataset(
                     features_of(model),
                     labels,
                     batch_size=batch_size,
@@ -186,7 +180,7 @@ def feature_cache_groups(config, setup, train, num_classes, weights_path, steps,
 
         return Group(build, [configuration])
 
-    multistep, _ = recipe.resolve_steps_per_execution(
+    multistep, _ = runtime.resolve_steps_per_execution(
         dataclasses.replace(config, steps_per_execution=0),
         steps,
         accelerator=setup.accelerator,
@@ -224,13 +218,13 @@ def make_groups(
     source_size = train.images.shape[1:3]
     images, labels = train.images[:batch_size], train.labels[:batch_size].astype(np.int32)
     synthetic = tf.data.Dataset.from_tensors((images, labels)).repeat()
-    pipeline = input_pipeline.make_dataset(
+    pipeline_dataset = pipeline.make_dataset(
         train.images,
         train.labels,
         batch_size=batch_size,
         is_training=True,
         seed=config.seed,
-        options=recipe.pipeline_options_of(config),
+        options=pipeline.pipeline_options_of(config),
     ).repeat()
     groups = []
     for augment in (False, True):
@@ -253,7 +247,7 @@ def make_groups(
                         f"effpipe/{tag}/{feed}",
                         {"x": dataset, "steps_per_epoch": steps, "shuffle": False},
                     )
-                    for feed, dataset in (("synthetic", synthetic), ("pipeline", pipeline))
+                    for feed, dataset in (("synthetic", synthetic), ("pipeline", pipeline_dataset))
                 ],
             )
         )
@@ -330,7 +324,7 @@ def select_configurations(groups: list[Group], names: list[str]) -> list[Group]:
 
 def run_repeat(model: keras.Model, configuration: Configuration, batch_size: int, gpu: bool):
     """One epoch of `fit`, timed by the trainer's ThroughputMeter."""
-    meter = timing.ThroughputMeter(batch_size, log_every_epoch=False)
+    meter = callbacks.ThroughputMeter(batch_size, log_every_epoch=False)
     if gpu:
         tf.config.experimental.reset_memory_stats("GPU:0")
     model.fit(**configuration.fit_inputs, epochs=1, callbacks=[meter], verbose=0)
@@ -380,11 +374,11 @@ def main(argv):
     )
     gpu = setup.accelerator == "gpu"
     # The trainer's steps per compiled call for an epoch of `steps` steps (a repeat).
-    steps_per_execution, steps_per_execution_reason = recipe.resolve_steps_per_execution(
+    steps_per_execution, steps_per_execution_reason = runtime.resolve_steps_per_execution(
         config, steps, accelerator=setup.accelerator
     )
     keras.utils.set_random_seed(config.seed)
-    source = data_sources.load_configured_source(config)
+    source = sources.load_configured_source(config)
     print(
         f"step_throughput on {setup.device}: {config.variant} at {config.resolved_image_size} "
         f"px, batch {config.batch_size}, phase {phase} (effpipe unfreezes "
@@ -400,7 +394,7 @@ def main(argv):
         with tempfile.TemporaryDirectory() as scratch:
             # Random base weights loaded from a file take the pretrained-base path.
             weights_path = os.path.join(scratch, "base.weights.h5")
-            models.make_base(config.variant, config.resolved_image_size, "none").save_weights(
+            efficientnet.make_base(config.variant, config.resolved_image_size, "none").save_weights(
                 weights_path
             )
             cache_build = {}

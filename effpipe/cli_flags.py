@@ -91,7 +91,7 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_float("dropout", _DEFAULTS.dropout, "Dropout rate of the head.")
 
-# --- Augmentation: on the device, fused with the resize (effpipe.augment). ---
+# --- Augmentation: on the device, fused with the resize (effpipe.model.augment). ---
 flags.DEFINE_bool(
     "augment",
     _DEFAULTS.augment,
@@ -206,7 +206,7 @@ flags.DEFINE_enum(
     "augmentation or the seed head; off: every phase-1 epoch runs the whole model.",
 )
 
-# --- Distribution: replicas, machines and an input fleet (effpipe.distribution). ---
+# --- Distribution: replicas, machines and an input fleet (effpipe.training.distribution). ---
 flags.DEFINE_enum(
     "strategy",
     _DEFAULTS.strategy,

@@ -12,17 +12,17 @@ from effpipe.errors import UsageError
 
 HEADS = ("pooled", "seed")
 XLA_MODES = ("auto", "on", "off")
-# The 16-bit float of --mixed_precision (effpipe.runtime resolves auto per device).
+# The 16-bit float of --mixed_precision (effpipe.training.runtime resolves auto per device).
 MIXED_PRECISION_DTYPES = ("auto", "float16", "bfloat16")
 FEATURE_CACHE_MODES = ("auto", "on", "off")
 VALIDATION_SELECTIONS = ("random", "last")
 DATASET_KINDS = ("cifar100", "shapes", "folder:PATH")
 BAD_IMAGE_POLICIES = ("fail", "skip")
-# Where the replicas of a run come from (effpipe.distribution).
+# Where the replicas of a run come from (effpipe.training.distribution).
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 # Strategies that may run more than one replica; the phase-1 feature cache needs one.
 MULTI_REPLICA_STRATEGIES = ("mirrored", "multi_worker", "tpu")
-# How the augmentation fills samples outside the source image (effpipe.augment).
+# How the augmentation fills samples outside the source image (effpipe.model.augment).
 FILL_MODES = ("nearest", "reflect", "constant")
 
 # Fields a resumed run may change: they steer the remaining training or its speed,
@@ -70,7 +70,7 @@ class TrainConfig:
     weights: str = "imagenet"
     head: str = "pooled"
     dropout: float = 0.2
-    # Augmentation, on the device inside the train step (effpipe.augment).
+    # Augmentation, on the device inside the train step (effpipe.model.augment).
     augment: bool = True
     rotation_degrees: float = 40.0
     shift_fraction: float = 0.2
@@ -96,7 +96,7 @@ class TrainConfig:
     autotune: bool = True
     debug_numerics: bool = False
     phase1_feature_cache: str = "auto"
-    # Distribution (effpipe.distribution).
+    # Distribution (effpipe.training.distribution).
     strategy: str = "auto"
     base_batch_size: int = 0
     data_service: str = ""

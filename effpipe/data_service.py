@@ -18,10 +18,10 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
-from effpipe import cli_flags  # noqa: E402
-from effpipe.errors import UsageError  # noqa: E402
+from effpipe import cli_flags
+from effpipe.errors import UsageError
 
 PROGRAM = "effpipe.data_service"
 

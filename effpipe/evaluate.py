@@ -23,11 +23,14 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
-from effpipe import cli_flags, run_dir, run_files  # noqa: E402
-from effpipe.config import TrainConfig  # noqa: E402
-from effpipe.errors import UsageError  # noqa: E402
+from effpipe import (
+    cli_flags,
+    run_dir,
+)
+from effpipe.config import TrainConfig
+from effpipe.errors import UsageError
 
 PROGRAM = "effpipe.evaluate"
 
@@ -77,7 +80,7 @@ def _run_config(workdir: str) -> TrainConfig:
             f"{workdir} is not a finished run (no {run_dir.CONFIG_FILE} and metrics.json): "
             "point --model at the --workdir of a run that completed"
         )
-    recorded = run_files.read_json(path)
+    recorded = run_dir.read_json(path)
     known = {field.name for field in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in recorded.items() if k in known})
     given = {name: flags.FLAGS[name].value for name in DATA_FLAGS if flags.FLAGS[name].present}

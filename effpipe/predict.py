@@ -17,10 +17,10 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from effpipe import cli_flags  # noqa: E402
-from effpipe.errors import UsageError  # noqa: E402
+from effpipe import cli_flags
+from effpipe.errors import UsageError
 
 PROGRAM = "effpipe.predict"
 

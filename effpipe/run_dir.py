@@ -10,16 +10,20 @@ No TensorFlow import: the check runs before TensorFlow loads.
 """
 
 import dataclasses
+import json
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 
 from absl import logging
 
-from effpipe import run_files
 from effpipe.config import RESUMABLE_CHANGES, TrainConfig
 from effpipe.errors import UsageError
 
 CONFIG_FILE = "config.json"
+
+
 # Everything a run writes; --overwrite removes exactly these, nothing else.
 RUN_OUTPUTS = (
     CONFIG_FILE,
@@ -37,6 +41,8 @@ RUN_OUTPUTS = (
     "augmentations.png",
     "evaluation",
 )
+
+
 NEW, RESUME, COMPLETE = "new", "resume", "complete"
 
 
@@ -67,7 +73,7 @@ def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:
     # with corrected flags starts afresh without --overwrite.
     holds_work = any(name in present for name in ("state", "checkpoints", "metrics.json"))
     if os.path.exists(config_path) and not overwrite and holds_work:
-        recorded = run_files.read_json(config_path)
+        recorded = read_json(config_path)
         finished = os.path.exists(os.path.join(workdir, "metrics.json"))
         changed = sorted(
             name
@@ -81,7 +87,7 @@ def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:
                 "resuming with changed flags: %s",
                 ", ".join(f"--{n}={wanted[n]!r} (was {recorded.get(n)!r})" for n in changed),
             )
-            run_files.write_json(config_path, wanted)
+            write_json(config_path, wanted)
             return RESUME
         details = ", ".join(
             f"--{name}: {recorded.get(name)!r} there, {wanted.get(name)!r} now"
@@ -103,7 +109,7 @@ def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:
             shutil.rmtree(path)
         else:
             os.remove(path)
-    run_files.write_json(config_path, wanted)
+    write_json(config_path, wanted)
     return NEW
 
 
@@ -134,7 +140,7 @@ def is_complete(workdir: str, config: TrainConfig) -> bool:
     return (
         os.path.exists(os.path.join(workdir, "metrics.json"))
         and os.path.exists(config_path)
-        and run_files.read_json(config_path) == dataclasses.asdict(config)
+        and read_json(config_path) == dataclasses.asdict(config)
     )
 
 
@@ -147,9 +153,84 @@ def remove_temporaries(workdir: str) -> None:
     for folder in folders:
         if os.path.isdir(folder):
             for name in os.listdir(folder):
-                if name.startswith(run_files.TEMPORARY_PREFIX):
+                if name.startswith(TEMPORARY_PREFIX):
                     path = os.path.join(folder, name)
                     if os.path.isdir(path):
                         shutil.rmtree(path)
                     else:
                         os.remove(path)
+
+
+# Names of files being written; a killed writer can leave one behind.
+TEMPORARY_PREFIX = ".tmp-"
+
+
+def write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """Calls `write(temporary_path)`, then renames the result to `path`.
+
+    Args:
+      path: the final file path; its folder is created when missing.
+      write: writes the whole file at the path it is given.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = "." + os.path.basename(path)  # Keeps extensions that writers check.
+    handle, temporary_path = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX, suffix=suffix)
+    os.close(handle)
+    try:
+        write(temporary_path)
+        os.replace(temporary_path, path)
+    except BaseException:
+        if os.path.exists(temporary_path):
+            os.remove(temporary_path)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes a text file atomically."""
+
+    def write(temporary_path):
+        with open(temporary_path, "w", encoding="utf-8") as file:
+            file.write(text)
+
+    write_atomically(path, write)
+
+
+def write_json(path: str, value) -> None:
+    """Writes `value` as indented JSON, atomically."""
+    write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def write_directory_atomically(path: str, write: Callable[[str], None]) -> None:
+    """Calls `write(temporary_folder)`, then puts the folder in place of `path`.
+
+    A crash while writing leaves the previous folder intact. The old folder is
+    renamed aside before the new one takes its name and deleted after, so the
+    window in which `path` is missing is two renames long.
+
+    Args:
+      path: the final folder path.
+      write: fills the (empty, existing) folder it is given.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    name = os.path.basename(os.path.abspath(path))
+    temporary = tempfile.mkdtemp(dir=parent, prefix=f"{TEMPORARY_PREFIX}{name}-")
+    try:
+        write(temporary)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    previous = None
+    if os.path.exists(path):
+        previous = tempfile.mkdtemp(dir=parent, prefix=f"{TEMPORARY_PREFIX}{name}-old-")
+        os.rmdir(previous)
+        os.rename(path, previous)
+    os.rename(temporary, path)
+    if previous:
+        shutil.rmtree(previous, ignore_errors=True)

@@ -20,10 +20,14 @@ import sys
 # warnings and errors still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from effpipe import cli_flags, cluster, run_dir, run_files  # noqa: E402
-from effpipe.errors import TrainingInterrupted, UsageError  # noqa: E402
+from effpipe import (
+    cli_flags,
+    run_dir,
+)
+from effpipe.errors import TrainingInterrupted, UsageError
+from effpipe.training import distribution
 
 PROGRAM = "effpipe.train"
 
@@ -60,7 +64,7 @@ def main(argv):
             runtime.require_gpu()
         # In a multi-worker run (TF_CONFIG) the chief alone prepares --workdir and
         # writes the run's files; the other workers only read it.
-        if cluster.current_task(config.strategy).is_chief:
+        if distribution.current_task(config.strategy).is_chief:
             status = run_dir.prepare(WORKDIR.value, config, overwrite=OVERWRITE.value)
         else:
             complete = run_dir.is_complete(WORKDIR.value, config)
@@ -74,8 +78,8 @@ def main(argv):
         # Imported here so that a bad flag fails before TensorFlow loads.
         from effpipe import train_lib
 
-        if cluster.current_task(config.strategy).is_chief:
-            run_files.write_text(
+        if distribution.current_task(config.strategy).is_chief:
+            run_dir.write_text(
                 os.path.join(WORKDIR.value, "flags.txt"),
                 cli_flags.flagfile_text(PROGRAM, extra_flag_names=("workdir",)),
             )

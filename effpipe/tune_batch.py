@@ -15,7 +15,7 @@ phase 2 (top blocks unfrozen) or both:
   --trial_steps steps twice; its peak is TensorFlow's allocator peak. The search
   doubles from the estimate's answer, then bisects.
 - Without a GPU (method `estimated`): the analytical estimate of
-  `effpipe.memory_estimate`, from the real model's layer shapes and dtypes, and
+  `effpipe.tune.memory`, from the real model's layer shapes and dtypes, and
   one CPU trial at --cpu_trial_batch whose peak RSS is printed as a sanity figure.
   `--method=measured` without a GPU runs the measured search on the CPU: each trial
   trains the real step uncapped and fits when its process's peak RSS stays within
@@ -36,10 +36,11 @@ import sys
 # TensorFlow's C++ start-up chatter would bury the table; warnings still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from effpipe import cli_flags, tuning  # noqa: E402
-from effpipe.errors import UsageError  # noqa: E402
+from effpipe import cli_flags
+from effpipe.errors import UsageError
+from effpipe.tune import search
 
 PROGRAM = "effpipe.tune_batch"
 
@@ -102,7 +103,7 @@ def main(argv):
                 f"--memory_budget_gb={MEMORY_BUDGET_GB.value:g} must be a card's memory "
                 "in GB, above 0 (e.g. 8)"
             )
-        usable = tuning.usable_budget_bytes(MEMORY_BUDGET_GB.value, RESERVED_MIB.value)
+        usable = search.usable_budget_bytes(MEMORY_BUDGET_GB.value, RESERVED_MIB.value)
         if usable <= 0:
             raise UsageError(
                 f"--reserved_mib={RESERVED_MIB.value} leaves nothing of "

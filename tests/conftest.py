@@ -5,8 +5,8 @@ import pathlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import pytest  # noqa: E402
-from absl import flags  # noqa: E402
+import pytest
+from absl import flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

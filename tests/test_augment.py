@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from effpipe import augment
+from effpipe.model import augment
 
 RNG = np.random.default_rng(0)
 
@@ -307,7 +307,7 @@ import numpy as np
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from effpipe import augment
+from effpipe.model import augment
 config = augment.AugmentConfig(rotation_degrees=40, shift_fraction=0.2, horizontal_flip=True)
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from effpipe import checkpointing, resume
+from effpipe.training import checkpoints, run_state
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def _model_config():
 
 def test_saves_only_when_the_monitored_value_improves(tmp_path, model):
     path = str(tmp_path / "best.weights.h5")
-    checkpoint = checkpointing.BestCheckpoint(path, best=0.5)
+    checkpoint = checkpoints.BestCheckpoint(path, best=0.5)
     checkpoint.set_model(model)
     checkpoint.on_epoch_end(0, {"loss": 1.0, "val_accuracy": 0.4})
     assert not os.path.exists(path) and not checkpoint.saved
@@ -40,7 +40,7 @@ def test_saves_only_when_the_monitored_value_improves(tmp_path, model):
 
 def test_a_diverged_epoch_is_never_saved(tmp_path, model):
     path = str(tmp_path / "best.weights.h5")
-    checkpoint = checkpointing.BestCheckpoint(path)
+    checkpoint = checkpoints.BestCheckpoint(path)
     checkpoint.set_model(model)
     checkpoint.on_epoch_end(0, {"loss": float("nan"), "val_accuracy": 0.9})
     checkpoint.on_epoch_end(1, {"loss": 1.0, "val_accuracy": float("inf")})
@@ -49,7 +49,7 @@ def test_a_diverged_epoch_is_never_saved(tmp_path, model):
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, model, monkeypatch):
     path = str(tmp_path / "best.weights.h5")
-    checkpoint = checkpointing.BestCheckpoint(path)
+    checkpoint = checkpoints.BestCheckpoint(path)
     checkpoint.set_model(model)
     checkpoint.on_epoch_end(0, {"loss": 1.0, "val_accuracy": 0.5})
     saved_kernel = _kernel(path)
@@ -69,10 +69,10 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, model, mon
 
 def test_published_best_weights_never_run_ahead_of_the_saved_state(tmp_path, model, monkeypatch):
     path = tmp_path / "checkpoints" / "best.weights.h5"
-    state_dir = tmp_path / resume.STATE_DIR
-    checkpoint = checkpointing.BestCheckpoint(str(path), staging_dir=str(state_dir))
+    state_dir = tmp_path / run_state.STATE_DIR
+    checkpoint = checkpoints.BestCheckpoint(str(path), staging_dir=str(state_dir))
     meter = types.SimpleNamespace(records=[])
-    saver = resume.EpochStateSaver(
+    saver = run_state.EpochStateSaver(
         str(tmp_path), 1, {"phase1": [], "phase2": []}, meter, checkpoint, False
     )
     checkpoint.set_model(model)
@@ -85,7 +85,7 @@ def test_published_best_weights_never_run_ahead_of_the_saved_state(tmp_path, mod
 
     end_epoch(0, {"loss": 1.0, "val_accuracy": 0.5})
     first = _kernel(path)
-    assert resume.load_state(str(tmp_path)).best_weights_file == "best-epoch-0001.weights.h5"
+    assert run_state.load_state(str(tmp_path)).best_weights_file == "best-epoch-0001.weights.h5"
 
     # Killed after epoch 2's better weights were staged, before its state was saved:
     # the published checkpoint still agrees with the state (epoch 1).
@@ -102,8 +102,8 @@ def test_published_best_weights_never_run_ahead_of_the_saved_state(tmp_path, mod
     monkeypatch.setattr(checkpoint, "publish", killed)
     with pytest.raises(SystemExit):
         saver.on_epoch_end(1, better)
-    state = resume.load_state(str(tmp_path))
+    state = run_state.load_state(str(tmp_path))
     assert state.epochs_done == 2 and state.best_weights_file == "best-epoch-0002.weights.h5"
     np.testing.assert_array_equal(_kernel(path), first)
-    resume.publish_best(str(tmp_path), state, str(path))
+    run_state.publish_best(str(tmp_path), state, str(path))
     np.testing.assert_array_equal(_kernel(path), np.ones((3, 2), np.float32))

@@ -35,15 +35,17 @@ TRAINER_HANG_GUARD_SEC = 300
 _TRAINER = """
 import sys, time
 import numpy as np
-from effpipe import input_pipeline
+
+from effpipe.data import pipeline
+
 address, mode = sys.argv[1], sys.argv[2]
 rng = np.random.default_rng(0)
 images = rng.integers(0, 256, (160, 32, 32, 3), dtype=np.uint8)
 labels = rng.integers(0, 10, (160,))
 streams = [
-    iter(input_pipeline.make_dataset(
+    iter(pipeline.make_dataset(
         images, labels, batch_size=16, is_training=True,
-        data_service=input_pipeline.DataService(address, f"test-phase{phase}"),
+        data_service=pipeline.DataService(address, f"test-phase{phase}"),
     ))
     for phase in (1, 2)
 ]

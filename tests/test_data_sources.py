@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from effpipe import cifar100_names, data_sources
+from effpipe.data import cifar100_names, shapes, sources, splits
 from effpipe.errors import UsageError
 
 
@@ -25,9 +25,9 @@ def _check_split(split, size, num_classes):
 
 def test_shapes_is_deterministic_balanced_and_labelled():
     kwargs = dict(num_classes=4, train_examples=40, test_examples=12, image_size=24)
-    first = data_sources.make_shapes_source(seed=7, **kwargs)
-    second = data_sources.make_shapes_source(seed=7, **kwargs)
-    other = data_sources.make_shapes_source(seed=8, **kwargs)
+    first = shapes.make_shapes_source(seed=7, **kwargs)
+    second = shapes.make_shapes_source(seed=7, **kwargs)
+    other = shapes.make_shapes_source(seed=8, **kwargs)
     np.testing.assert_array_equal(first.train.images, second.train.images)
     np.testing.assert_array_equal(first.test.labels, second.test.labels)
     assert not np.array_equal(first.train.images, other.train.images)
@@ -41,7 +41,7 @@ def test_shapes_is_deterministic_balanced_and_labelled():
 
 
 def test_shapes_are_visible_against_their_background():
-    source = data_sources.make_shapes_source(
+    source = shapes.make_shapes_source(
         num_classes=10, train_examples=50, test_examples=1, image_size=32, seed=0
     )
     spread = source.train.images.reshape(50, -1, 3).astype(int)
@@ -53,13 +53,13 @@ def test_shapes_are_visible_against_their_background():
 
 
 def test_random_validation_split_is_seeded_and_disjoint():
-    split = data_sources.Split(
+    split = splits.Split(
         np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1).repeat(3, axis=-1),
         np.arange(100, dtype=np.int32),
     )
-    train, validation = data_sources.split_validation(split, 0.2, seed=3)
-    train_again, validation_again = data_sources.split_validation(split, 0.2, seed=3)
-    _, validation_other = data_sources.split_validation(split, 0.2, seed=4)
+    train, validation = splits.split_validation(split, 0.2, seed=3)
+    train_again, validation_again = splits.split_validation(split, 0.2, seed=3)
+    _, validation_other = splits.split_validation(split, 0.2, seed=4)
     assert len(train) == 80 and len(validation) == 20
     assert set(train.labels).isdisjoint(validation.labels)
     np.testing.assert_array_equal(validation.labels, validation_again.labels)
@@ -70,16 +70,16 @@ def test_random_validation_split_is_seeded_and_disjoint():
 
 
 def test_last_validation_split_takes_the_tail_like_keras():
-    split = data_sources.Split(np.zeros((10, 2, 2, 3), np.uint8), np.arange(10, dtype=np.int32))
-    train, validation = data_sources.split_validation(split, 0.3, seed=0, selection="last")
+    split = splits.Split(np.zeros((10, 2, 2, 3), np.uint8), np.arange(10, dtype=np.int32))
+    train, validation = splits.split_validation(split, 0.3, seed=0, selection="last")
     assert train.labels.tolist() == list(range(7))
     assert validation.labels.tolist() == [7, 8, 9]
 
 
 def test_validation_split_refuses_an_empty_part():
-    split = data_sources.Split(np.zeros((3, 2, 2, 3), np.uint8), np.arange(3, dtype=np.int32))
+    split = splits.Split(np.zeros((3, 2, 2, 3), np.uint8), np.arange(3, dtype=np.int32))
     with pytest.raises(UsageError, match="empty train or validation"):
-        data_sources.split_validation(split, 0.1, seed=0)
+        splits.split_validation(split, 0.1, seed=0)
 
 
 # --- folder:PATH ---
@@ -103,7 +103,7 @@ def _make_folder(root, with_test=True):
 
 def test_folder_loads_png_and_jpeg_resized_with_class_names(tmp_path):
     _make_folder(str(tmp_path))
-    source = data_sources.load_source(f"folder:{tmp_path}", source_size=16)
+    source = sources.load_source(f"folder:{tmp_path}", source_size=16)
     assert source.class_names == ("cat", "dog")
     _check_split(source.train, 16, 2)
     _check_split(source.test, 16, 2)
@@ -122,7 +122,7 @@ def test_folder_converts_grayscale_palette_and_rgba(tmp_path):
     palette = PIL.Image.new("P", (20, 20), 0)
     palette.putpalette([10, 20, 30] + [0] * 765)
     palette.save(tmp_path / "train" / "dog" / "zz_palette.png")
-    source = data_sources.load_folder(str(tmp_path), source_size=8)
+    source = sources.load_folder(str(tmp_path), source_size=8)
     assert source.test is None
     assert len(source.train) == 9
     np.testing.assert_array_equal(source.train.images[-1], np.full((8, 8, 3), [10, 20, 30]))
@@ -154,7 +154,7 @@ def test_folder_errors_name_the_problem(tmp_path, damage, fragment):
     elif damage == "corrupt":
         (root / "train" / "dog" / "broken.png").write_bytes(b"not an image at all")
     with pytest.raises(UsageError) as raised:
-        data_sources.load_source(f"folder:{root}", source_size=8)
+        sources.load_source(f"folder:{root}", source_size=8)
     assert fragment in str(raised.value)
     if damage == "corrupt":
         assert "broken.png" in str(raised.value)
@@ -164,9 +164,9 @@ def test_folder_can_skip_images_that_cannot_be_decoded(tmp_path, caplog):
     _make_folder(str(tmp_path), with_test=False)
     (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not an image at all")
     with pytest.raises(UsageError, match="--on_bad_image=skip"):
-        data_sources.load_folder(str(tmp_path), source_size=8)
+        sources.load_folder(str(tmp_path), source_size=8)
     with caplog.at_level("WARNING"):
-        source = data_sources.load_folder(str(tmp_path), source_size=8, on_bad_image="skip")
+        source = sources.load_folder(str(tmp_path), source_size=8, on_bad_image="skip")
     assert source.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert "skipped 1 of 7 images" in caplog.text and "broken.png" in caplog.text
 
@@ -176,7 +176,7 @@ def test_skipping_every_image_of_a_class_is_refused(tmp_path):
     for image in (tmp_path / "train" / "dog").iterdir():
         image.write_bytes(b"corrupt")
     with pytest.raises(UsageError, match="dog has no image that can be decoded"):
-        data_sources.load_folder(str(tmp_path), source_size=8, on_bad_image="skip")
+        sources.load_folder(str(tmp_path), source_size=8, on_bad_image="skip")
 
 
 # --- cifar100 ---
@@ -184,9 +184,9 @@ def test_skipping_every_image_of_a_class_is_refused(tmp_path):
 
 def test_cifar100_under_mock_data_has_fine_labels_and_names(tmp_path, monkeypatch):
     # mock_data replaces the download; the network check must not stop it first.
-    monkeypatch.setattr(data_sources, "_host_reachable", lambda host: True)
+    monkeypatch.setattr(sources, "_host_reachable", lambda host: True)
     with tfds.testing.mock_data(num_examples=24):
-        source = data_sources.load_source("cifar100", data_dir=str(tmp_path))
+        source = sources.load_source("cifar100", data_dir=str(tmp_path))
     _check_split(source.train, 32, 100)
     _check_split(source.test, 32, 100)
     assert len(source.train) == 24 and len(source.test) == 24
@@ -196,9 +196,9 @@ def test_cifar100_under_mock_data_has_fine_labels_and_names(tmp_path, monkeypatc
 
 
 def test_cifar100_without_data_or_network_says_how_to_prepare(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_sources, "_host_reachable", lambda host: False)
+    monkeypatch.setattr(sources, "_host_reachable", lambda host: False)
     with pytest.raises(UsageError) as raised:
-        data_sources.load_source("cifar100", data_dir=str(tmp_path))
+        sources.load_source("cifar100", data_dir=str(tmp_path))
     message = str(raised.value)
     assert "not prepared" in message and "--data_dir" in message
     assert "\n" not in message

@@ -18,8 +18,8 @@ import sys
 import pytest
 from test_data_service import STOP_BOUND_SEC, free_port, start_data_service, stop_seconds
 
-from effpipe import cluster
 from effpipe.errors import UsageError
+from effpipe.training import distribution
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -65,18 +65,18 @@ def test_the_chief_is_worker_0_unless_the_cluster_names_one():
                 {"cluster": cluster_spec, "task": {"type": task_type, "index": index}}
             )
         }
-        return cluster.current_task("multi_worker", environ)
+        return distribution.current_task("multi_worker", environ)
 
     workers = {"worker": ["a:1", "b:1"]}
-    assert task(workers, "worker", 0) == cluster.Task("worker", 0, 2, True)
+    assert task(workers, "worker", 0) == distribution.Task("worker", 0, 2, True)
     assert not task(workers, "worker", 1).is_chief
     with_chief = {"chief": ["c:1"], "worker": ["a:1", "b:1"]}
     assert task(with_chief, "chief", 0).is_chief and task(with_chief, "chief", 0).num_workers == 3
     assert not task(with_chief, "worker", 0).is_chief
     # Without --strategy=multi_worker a process is its own chief, TF_CONFIG or not.
-    assert cluster.current_task("default", {"TF_CONFIG": "x"}).is_chief
+    assert distribution.current_task("default", {"TF_CONFIG": "x"}).is_chief
     with pytest.raises(UsageError, match="needs TF_CONFIG"):
-        cluster.current_task("multi_worker", {})
+        distribution.current_task("multi_worker", {})
 
 
 def test_a_global_batch_that_does_not_divide_by_the_replicas_exits_2_with_one_line(tmp_path):
@@ -105,11 +105,11 @@ import json, sys, tempfile
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from effpipe import models, train_lib
+
 from effpipe.config import TrainConfig
 folder = tempfile.mkdtemp()
 weights = folder + "/b0_notop.weights.h5"
-models.make_base("b0", 32, "none").save_weights(weights)
+efficientnet.make_base("b0", 32, "none").save_weights(weights)
 histories = {}
 for strategy in ("default", "mirrored"):
     config = TrainConfig(
@@ -119,7 +119,7 @@ for strategy in ("default", "mirrored"):
         phase1_learning_rate=1e-3, phase2_learning_rate=1e-3, unfreeze_blocks=2,
         phase1_feature_cache="off", strategy=strategy,
     )
-    metrics = train_lib.train_and_evaluate(config, f"{folder}/{strategy}")
+    metrics = trainer.train_and_evaluate(config, f"{folder}/{strategy}")
     history = json.load(open(f"{folder}/{strategy}/history.json"))
     histories[strategy] = {
         "epochs": history["phase1"] + history["phase2"],
@@ -163,7 +163,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
-from effpipe import models, recipe
+
 strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
 rng = np.random.default_rng(0)
 images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
@@ -173,11 +173,11 @@ results = []
 for policy, jit_compile in (("mixed_float16", True), ("float32", True), ("mixed_float16", False)):
     keras.mixed_precision.set_global_policy(policy)
     with strategy.scope():
-        model = models.make_model(
+        model = efficientnet.make_model(
             variant="b0", image_size=32, source_size=(32, 32), num_classes=10,
             weights="none", augment_config=None,
         )
-        recipe.compile_model(model, 1e-3, jit_compile=jit_compile)
+        factory.compile_model(model, 1e-3, jit_compile=jit_compile)
     result = {
         "policy": policy,
         "jit_compile": bool(model.jit_compile),

@@ -11,7 +11,9 @@ import tensorflow as tf
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 
-from effpipe import data_sources, export, models
+from effpipe.data import sources
+from effpipe.model import batch_norm, efficientnet
+from effpipe.outputs import export
 
 CLASS_NAMES = ("apple", "bear", "cloud", "dolphin")
 SOURCE_SIZE = 16
@@ -39,7 +41,7 @@ def trained(request, tmp_path_factory):
     try:
         # compile_augmentation as the trainer leaves it: the resize layer's
         # sampling is an XLA function.
-        model = models.make_model(**MODEL_ARGS, compile_augmentation=True)
+        model = efficientnet.make_model(**MODEL_ARGS, compile_augmentation=True)
         images = _calibrate(model)
     finally:
         keras.config.set_dtype_policy(previous_policy)
@@ -55,15 +57,15 @@ def _calibrate(model):
     rng = np.random.default_rng(0)
     (normalization,) = [
         layer
-        for layer in models.get_base(model).layers
+        for layer in efficientnet.get_base(model).layers
         if isinstance(layer, keras.layers.Normalization)
     ]
     normalization.adapt_mean.assign([0.485, 0.456, 0.406])
     normalization.adapt_variance.assign(np.square([0.229, 0.224, 0.225]))
     normalization.finalize_state()
     blocks = rng.integers(0, 256, (32, 5, 7, 3), dtype=np.uint8)
-    images = data_sources.resize_to_source(blocks.repeat(8, 1).repeat(8, 2), SOURCE_SIZE).numpy()
-    models.calibrate_batch_norm(model, images, batch_size=16)
+    images = sources.resize_to_source(blocks.repeat(8, 1).repeat(8, 2), SOURCE_SIZE).numpy()
+    batch_norm.calibrate_batch_norm(model, images, batch_size=16)
     pooled = keras.Model(model.input, model.get_layer("head_pool").output)(images)
     pooled = keras.ops.convert_to_numpy(keras.ops.cast(pooled, "float32"))
     model.get_layer("head_bn").moving_mean.assign(pooled.mean(axis=0))
@@ -148,8 +150,8 @@ def test_the_export_computes_in_float32_whatever_the_policy(trained):
     # it computes, up to float32 rounding. Traced, as the export is: eager kernels
     # round differently from the graph's fused ones, and the random base amplifies
     # that (measured up to 1.7e-4 in probabilities against the eager model).
-    reference = models.make_model(**MODEL_ARGS, compile_augmentation=False)
-    models.copy_weights(model, reference)
+    reference = efficientnet.make_model(**MODEL_ARGS, compile_augmentation=False)
+    efficientnet.copy_weights(model, reference)
     expected = tf.function(lambda x: reference(x, training=False))(images).numpy()
     loaded = export.load(str(folder))
     served = loaded.signatures["serve_images"](images=tf.constant(images))
@@ -169,7 +171,7 @@ def test_the_serving_copy_is_the_model_in_float32_without_xla(trained):
     assert not serving.compiled
     assert serving.get_layer("resize").compile_sampling is False
     assert model.get_layer("resize").compile_sampling is True
-    assert model.get_layer(models.BASE_NAME).dtype_policy.name == policy
+    assert model.get_layer(efficientnet.BASE_NAME).dtype_policy.name == policy
     assert {layer.dtype_policy.name for layer in _all_layers(serving)} == {"float32"}
     copied = {weight.path: weight for weight in serving.weights}
     assert len(copied) == len(model.weights) and "resize/augment_step" in copied
@@ -217,7 +219,7 @@ def _layer_outputs(model, serving, images):
     # The outer model is one chain: resize -> base -> head layers.
     for layer in serving.layers[1:]:
         output = layer(x, training=False)
-        if layer.name == models.BASE_NAME:
+        if layer.name == efficientnet.BASE_NAME:
             yield from _graph_layer_outputs(model.get_layer(layer.name), layer, x)
         else:
             yield layer.name, model.get_layer(layer.name)(x, training=False), output

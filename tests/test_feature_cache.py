@@ -13,20 +13,21 @@ import keras
 import numpy as np
 import pytest
 
-from effpipe import feature_cache, models, recipe, resume, train_lib
 from effpipe.config import TrainConfig
+from effpipe.model import batch_norm, efficientnet, factory
+from effpipe.training import feature_cache, run_state, trainer
 
 
 @pytest.fixture(scope="module")
 def base_weights(tmp_path_factory):
     keras.utils.set_random_seed(0)
-    model = models.make_model(
+    model = efficientnet.make_model(
         variant="b0", image_size=32, source_size=(32, 32), num_classes=4, weights="none"
     )
     images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
-    models.calibrate_batch_norm(model, images, 16)
+    batch_norm.calibrate_batch_norm(model, images, 16)
     path = str(tmp_path_factory.mktemp("base") / "b0_notop.weights.h5")
-    models.get_base(model).save_weights(path)
+    efficientnet.get_base(model).save_weights(path)
     keras.backend.clear_session()
     return path
 
@@ -42,7 +43,7 @@ def _config(base_weights, cache, **overrides):
 
 
 def _train(config, workdir):
-    metrics = train_lib.train_and_evaluate(config, str(workdir))
+    metrics = trainer.train_and_evaluate(config, str(workdir))
     keras.backend.clear_session()
     history = json.loads((workdir / "history.json").read_text())
     return history, metrics
@@ -107,16 +108,16 @@ def test_a_resumed_run_reuses_the_cache_and_finishes_identically(
 ):
     _, _, (history_on, metrics_on) = uncached_and_cached
     config = _config(base_weights, "on")
-    save_epoch = resume.EpochStateSaver.on_epoch_end
+    save_epoch = run_state.EpochStateSaver.on_epoch_end
 
     def killed_after_the_first_epoch(self, epoch, logs=None):
         save_epoch(self, epoch, logs)
         raise _Killed()
 
     with monkeypatch.context() as patch:
-        patch.setattr(resume.EpochStateSaver, "on_epoch_end", killed_after_the_first_epoch)
+        patch.setattr(run_state.EpochStateSaver, "on_epoch_end", killed_after_the_first_epoch)
         with pytest.raises(_Killed):
-            train_lib.train_and_evaluate(config, str(tmp_path))
+            trainer.train_and_evaluate(config, str(tmp_path))
     keras.backend.clear_session()
     cache_file = tmp_path / feature_cache.CACHE_FILE
     assert json.loads((tmp_path / "state" / "state.json").read_text())["epochs_done"] == 1
@@ -165,16 +166,16 @@ def test_the_head_model_trains_the_full_models_head_under_bfloat16(base_weights)
         results, heads = [], []
         for use_cache in (False, True):
             keras.utils.set_random_seed(0)
-            model = models.make_model(
+            model = efficientnet.make_model(
                 variant="b0", image_size=32, source_size=(32, 32), num_classes=4,
                 weights=base_weights,
             )  # fmt: skip
-            recipe.compile_model(model, 1e-2, jit_compile=False)
+            factory.compile_model(model, 1e-2, jit_compile=False)
             if use_cache:
                 features = feature_cache.make_feature_model(model).predict(images, verbose=0)
                 assert features.dtype.name == "bfloat16"
                 head = feature_cache.make_head_model(model)
-                recipe.compile_model(head, 1e-2, jit_compile=False, optimizer=model.optimizer)
+                factory.compile_model(head, 1e-2, jit_compile=False, optimizer=model.optimizer)
                 results.append(head.train_on_batch(features.astype(np.float32), labels))
             else:
                 results.append(model.train_on_batch(images, labels))
@@ -187,7 +188,7 @@ def test_the_head_model_trains_the_full_models_head_under_bfloat16(base_weights)
 
 
 def test_the_seed_head_has_no_cacheable_features():
-    model = models.make_model(
+    model = efficientnet.make_model(
         variant="b0", image_size=32, source_size=(16, 16), num_classes=3, weights="none",
         head="seed",
     )  # fmt: skip

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from effpipe import input_pipeline
+from effpipe.data import pipeline
 
 
 def _arrays(count=50, size=8):
@@ -14,7 +14,7 @@ def _arrays(count=50, size=8):
 
 def test_training_batches_are_uint8_static_and_full():
     images, labels = _arrays()
-    dataset = input_pipeline.make_dataset(images, labels, batch_size=16, is_training=True)
+    dataset = pipeline.make_dataset(images, labels, batch_size=16, is_training=True)
     image_spec, label_spec = dataset.element_spec
     assert image_spec == tf.TensorSpec((16, 8, 8, 3), tf.uint8)
     assert label_spec == tf.TensorSpec((16,), tf.int32)
@@ -35,7 +35,7 @@ def _epochs(dataset, steps_per_epoch, epochs):
 
 def test_evaluation_keeps_order_and_the_last_partial_batch():
     images, labels = _arrays()
-    dataset = input_pipeline.make_dataset(images, labels, batch_size=16, is_training=False)
+    dataset = pipeline.make_dataset(images, labels, batch_size=16, is_training=False)
     assert dataset.element_spec[0].shape.as_list() == [None, 8, 8, 3]
     seen = np.concatenate([batch[1] for batch in dataset.as_numpy_iterator()])
     np.testing.assert_array_equal(seen, labels)
@@ -43,7 +43,7 @@ def test_evaluation_keeps_order_and_the_last_partial_batch():
 
 def test_each_epoch_reshuffles_and_images_follow_labels():
     images, labels = _arrays()
-    dataset = input_pipeline.make_dataset(images, labels, batch_size=10, is_training=True, seed=1)
+    dataset = pipeline.make_dataset(images, labels, batch_size=10, is_training=True, seed=1)
     first, second = _epochs(dataset, steps_per_epoch=5, epochs=2)
     assert sorted(first) == sorted(second) == list(range(50))
     assert not np.array_equal(first, second)
@@ -58,7 +58,7 @@ def test_a_fresh_stream_skipping_k_epochs_continues_an_uninterrupted_one():
     images, labels = _arrays()
 
     def stream():
-        return input_pipeline.make_dataset(images, labels, batch_size=10, is_training=True, seed=3)
+        return pipeline.make_dataset(images, labels, batch_size=10, is_training=True, seed=3)
 
     uninterrupted = _epochs(stream(), steps_per_epoch=5, epochs=4)
     _epochs(stream(), steps_per_epoch=5, epochs=2)
@@ -70,9 +70,7 @@ def test_same_seed_gives_the_same_order():
     images, labels = _arrays()
 
     def order(seed):
-        dataset = input_pipeline.make_dataset(
-            images, labels, batch_size=10, is_training=True, seed=seed
-        )
+        dataset = pipeline.make_dataset(images, labels, batch_size=10, is_training=True, seed=seed)
         return np.concatenate(_epochs(dataset, steps_per_epoch=5, epochs=2))
 
     np.testing.assert_array_equal(order(5), order(5))
@@ -81,8 +79,8 @@ def test_same_seed_gives_the_same_order():
 
 def test_options_reach_tf_data():
     images, labels = _arrays()
-    options = input_pipeline.PipelineOptions(deterministic=True, autotune=False, threads=2)
-    dataset = input_pipeline.make_dataset(
+    options = pipeline.PipelineOptions(deterministic=True, autotune=False, threads=2)
+    dataset = pipeline.make_dataset(
         images, labels, batch_size=10, is_training=True, options=options
     )
     applied = dataset.options()
@@ -94,9 +92,7 @@ def test_options_reach_tf_data():
 def test_float_images_are_refused():
     images, labels = _arrays()
     with pytest.raises(ValueError, match="uint8"):
-        input_pipeline.make_dataset(
-            images.astype(np.float32), labels, batch_size=10, is_training=True
-        )
+        pipeline.make_dataset(images.astype(np.float32), labels, batch_size=10, is_training=True)
 
 
 def test_features_stream_in_the_order_their_images_would():
@@ -104,10 +100,8 @@ def test_features_stream_in_the_order_their_images_would():
     # the same batches, epoch after epoch, features following their labels.
     images, labels = _arrays()
     features = np.stack([labels, -labels], axis=1).astype(np.float32)
-    image_stream = input_pipeline.make_dataset(
-        images, labels, batch_size=10, is_training=True, seed=5
-    )
-    feature_stream = input_pipeline.make_feature_dataset(
+    image_stream = pipeline.make_dataset(images, labels, batch_size=10, is_training=True, seed=5)
+    feature_stream = pipeline.make_feature_dataset(
         features, labels, batch_size=10, is_training=True, seed=5
     )
     assert feature_stream.element_spec[0] == tf.TensorSpec((10, 2), tf.float32)
@@ -117,8 +111,6 @@ def test_features_stream_in_the_order_their_images_would():
     )
     for batch_features, batch_labels in feature_stream.take(5).as_numpy_iterator():
         np.testing.assert_array_equal(batch_features[:, 0], batch_labels)
-    validation = input_pipeline.make_feature_dataset(
-        features, labels, batch_size=16, is_training=False
-    )
+    validation = pipeline.make_feature_dataset(features, labels, batch_size=16, is_training=False)
     seen = np.concatenate([batch[1] for batch in validation.as_numpy_iterator()])
     np.testing.assert_array_equal(seen, labels)

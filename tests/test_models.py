@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from effpipe import models, variants
+from effpipe import variants
 from effpipe.errors import UsageError
+from effpipe.model import batch_norm, efficientnet, freezing
 
 SMALL = dict(variant="b0", image_size=32, source_size=(16, 16), num_classes=5)
 
@@ -14,7 +15,7 @@ SMALL = dict(variant="b0", image_size=32, source_size=(16, 16), num_classes=5)
 @pytest.fixture
 def model():
     keras.utils.set_random_seed(0)
-    return models.make_model(weights="none", **SMALL)
+    return efficientnet.make_model(weights="none", **SMALL)
 
 
 @pytest.mark.parametrize("name", list(variants.VARIANTS))
@@ -41,7 +42,7 @@ def test_model_takes_uint8_source_images_and_returns_probabilities(model):
     probabilities = np.asarray(model(images))
     assert probabilities.shape == (3, 5)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
-    assert models.get_base(model).input_shape == (None, 32, 32, 3)
+    assert efficientnet.get_base(model).input_shape == (None, 32, 32, 3)
 
 
 def test_resize_layer_outside_training_equals_a_plain_bilinear_resize(model):
@@ -55,9 +56,9 @@ def test_resize_layer_outside_training_equals_a_plain_bilinear_resize(model):
 
 def test_heads_are_in_their_documented_order():
     def head_layers(head):
-        built = models.make_model(weights="none", head=head, **SMALL)
+        built = efficientnet.make_model(weights="none", head=head, **SMALL)
         names = [layer.name for layer in built.layers]
-        return names[names.index(models.BASE_NAME) + 1 :]
+        return names[names.index(efficientnet.BASE_NAME) + 1 :]
 
     assert head_layers("pooled") == ["head_pool", "head_bn", "head_dropout", "predictions"]
     assert head_layers("seed") == ["head_bn", "head_dropout", "head_pool", "predictions"]
@@ -67,24 +68,24 @@ def test_mixed_precision_keeps_the_softmax_in_float32():
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        built = models.make_model(weights="none", **SMALL)
+        built = efficientnet.make_model(weights="none", **SMALL)
     finally:
         keras.mixed_precision.set_global_policy(previous)
     assert built.get_layer("predictions").compute_dtype == "float32"
-    assert models.get_base(built).get_layer("stem_conv").compute_dtype == "bfloat16"
+    assert efficientnet.get_base(built).get_layer("stem_conv").compute_dtype == "bfloat16"
     images = np.zeros((1, 16, 16, 3), np.uint8)
     assert built(images).dtype == "float32"
 
 
 def test_weights_path_loads_exactly_the_saved_tensors(tmp_path):
     keras.utils.set_random_seed(1)
-    saved_base = models.make_base("b0", 32, "none")
+    saved_base = efficientnet.make_base("b0", 32, "none")
     path = str(tmp_path / "b0_notop.weights.h5")
     saved_base.save_weights(path)
     keras.utils.set_random_seed(2)
-    loaded = models.make_model(weights=path, **SMALL)
-    unloaded = models.make_model(weights="none", **SMALL)
-    loaded_weights = models.get_base(loaded).get_weights()
+    loaded = efficientnet.make_model(weights=path, **SMALL)
+    unloaded = efficientnet.make_model(weights="none", **SMALL)
+    loaded_weights = efficientnet.get_base(loaded).get_weights()
     saved_weights = saved_base.get_weights()
     assert len(loaded_weights) == len(saved_weights)
     for loaded_tensor, saved_tensor in zip(loaded_weights, saved_weights):
@@ -92,7 +93,7 @@ def test_weights_path_loads_exactly_the_saved_tensors(tmp_path):
     # A model that did not load the file differs, so the comparison can fail.
     assert any(
         not np.array_equal(a, b)
-        for a, b in zip(models.get_base(unloaded).get_weights(), saved_weights)
+        for a, b in zip(efficientnet.get_base(unloaded).get_weights(), saved_weights)
     )
 
 
@@ -100,11 +101,11 @@ def test_weights_path_loads_exactly_the_saved_tensors(tmp_path):
 @pytest.mark.filterwarnings("ignore:Skipping nested container")
 def test_weights_of_another_variant_or_a_missing_file_are_refused(tmp_path):
     path = str(tmp_path / "b1_notop.weights.h5")
-    models.make_base("b1", 32, "none").save_weights(path)
+    efficientnet.make_base("b1", 32, "none").save_weights(path)
     with pytest.raises(UsageError, match="does not fit the b0 base"):
-        models.make_base("b0", 32, path)
+        efficientnet.make_base("b0", 32, path)
     with pytest.raises(UsageError, match="does not exist"):
-        models.make_base("b0", 32, str(tmp_path / "missing.weights.h5"))
+        efficientnet.make_base("b0", 32, str(tmp_path / "missing.weights.h5"))
 
 
 def _trainable_layer_names(base):
@@ -112,17 +113,17 @@ def _trainable_layer_names(base):
 
 
 def test_phase1_freezes_the_whole_base(model):
-    models.freeze_base(model)
-    base = models.get_base(model)
+    freezing.freeze_base(model)
+    base = efficientnet.get_base(model)
     assert not base.trainable_weights
     assert {w.path.split("/")[0] for w in model.trainable_weights} == {"head_bn", "predictions"}
 
 
 def test_phase2_unfreezes_exactly_the_requested_blocks(model):
-    base = models.get_base(model)
-    blocks = models.block_names(base)
+    base = efficientnet.get_base(model)
+    blocks = freezing.block_names(base)
     assert len(blocks) == 16 and blocks[:3] == ["1a", "2a", "2b"] and blocks[-1] == "7a"
-    unfrozen = models.unfreeze_top_blocks(model, 3)
+    unfrozen = freezing.unfreeze_top_blocks(model, 3)
     assert unfrozen == ["6c", "6d", "7a"]
     trainable = _trainable_layer_names(base)
     assert "top_conv" in trainable
@@ -144,23 +145,23 @@ def test_phase2_unfreezes_exactly_the_requested_blocks(model):
 
 
 def test_phase2_can_let_batch_norm_train_for_a_base_from_scratch(model):
-    models.unfreeze_top_blocks(model, 1, freeze_batch_norm=False)
-    base = models.get_base(model)
+    freezing.unfreeze_top_blocks(model, 1, freeze_batch_norm=False)
+    base = efficientnet.get_base(model)
     assert base.get_layer("block7a_bn").trainable
     assert not base.get_layer("block6d_bn").trainable
 
 
 def test_unfreezing_more_blocks_than_the_base_has_is_refused(model):
     with pytest.raises(UsageError, match="more than the 16 blocks"):
-        models.unfreeze_top_blocks(model, 17)
+        freezing.unfreeze_top_blocks(model, 17)
 
 
 def test_calibration_averages_batch_statistics_and_restores_state(model):
-    base = models.get_base(model)
+    base = efficientnet.get_base(model)
     stem_bn = base.get_layer("stem_bn")
     before = np.asarray(stem_bn.moving_variance).copy()
     images = np.random.default_rng(0).integers(0, 255, (64, 16, 16, 3), dtype=np.uint8)
-    models.calibrate_batch_norm(model, images, batch_size=32)
+    batch_norm.calibrate_batch_norm(model, images, batch_size=32)
     assert not np.allclose(np.asarray(stem_bn.moving_variance), before)
     # Two equal batches: the moving mean is the mean of the stem conv's outputs.
     stem = keras.Model(base.input, base.get_layer("stem_conv").output)
@@ -174,11 +175,11 @@ def test_calibration_averages_batch_statistics_and_restores_state(model):
 
 
 def test_calibration_keeps_the_phase2_trainable_flags(model):
-    models.unfreeze_top_blocks(model, 2, freeze_batch_norm=False)
-    base = models.get_base(model)
+    freezing.unfreeze_top_blocks(model, 2, freeze_batch_norm=False)
+    base = efficientnet.get_base(model)
     before = {layer.name: layer.trainable for layer in base.layers}
     images = np.zeros((8, 16, 16, 3), np.uint8)
-    models.calibrate_batch_norm(model, images, batch_size=4)
+    batch_norm.calibrate_batch_norm(model, images, batch_size=4)
     assert {layer.name: layer.trainable for layer in base.layers} == before
     assert base.trainable
 
@@ -187,8 +188,8 @@ def test_a_pretrained_base_runs_in_inference_mode_when_training(tmp_path):
     # Keras 3 passes the outer training flag into a nested model; the base's
     # stochastic depth must stay off all the same, so its features never change.
     path = str(tmp_path / "b0_notop.weights.h5")
-    models.make_base("b0", 32, "none").save_weights(path)
-    model = models.make_model(weights=path, **SMALL)
+    efficientnet.make_base("b0", 32, "none").save_weights(path)
+    model = efficientnet.make_model(weights=path, **SMALL)
     features = keras.Model(model.input, model.get_layer("head_pool").output)
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     inference = features(images, training=False).numpy()

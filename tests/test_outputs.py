@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from effpipe import data_sources, evaluation, export, models, plots
+from effpipe.data import sources
+from effpipe.model import batch_norm, efficientnet
+from effpipe.outputs import evaluation, export, plots
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLASS_NAMES = ("apple", "bear", "cloud", "dolphin")
@@ -23,7 +25,7 @@ SOURCE_SIZE = 16
 def exported(tmp_path_factory):
     """A small model with peaked outputs, exported; and image files of other sizes."""
     folder = tmp_path_factory.mktemp("export")
-    model = models.make_model(
+    model = efficientnet.make_model(
         variant="b0", image_size=32, source_size=(SOURCE_SIZE, SOURCE_SIZE),
         num_classes=len(CLASS_NAMES), weights="none",
     )  # fmt: skip
@@ -32,8 +34,8 @@ def exported(tmp_path_factory):
     # computation.
     rng = np.random.default_rng(0)
     images = _blocky_images(rng, 32, 40, 56)
-    calibration = data_sources.resize_to_source(images, SOURCE_SIZE).numpy()
-    models.calibrate_batch_norm(model, calibration, batch_size=16)
+    calibration = sources.resize_to_source(images, SOURCE_SIZE).numpy()
+    batch_norm.calibrate_batch_norm(model, calibration, batch_size=16)
     pooled = keras.Model(model.input, model.get_layer("head_pool").output)(calibration).numpy()
     model.get_layer("head_bn").moving_mean.assign(pooled.mean(axis=0))
     model.get_layer("head_bn").moving_variance.assign(pooled.var(axis=0) + 1e-3)
@@ -59,7 +61,7 @@ def _blocky_images(rng, count, height, width):
 def _in_process_probabilities(model, paths):
     """The model on the files decoded and resized as the folder loader does, one batch."""
     sources = [
-        data_sources.resize_to_source(
+        sources.resize_to_source(
             tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False),
             SOURCE_SIZE,
         )
@@ -120,7 +122,7 @@ def test_the_uint8_signature_takes_images_of_any_size(exported):
     # Images already at the source size reach the model unchanged (the resize is
     # exactly the identity there); the saved graph and the traced model then agree
     # up to float32 rounding, as in the test above.
-    assert np.array_equal(data_sources.resize_to_source(at_source, SOURCE_SIZE), at_source)
+    assert np.array_equal(sources.resize_to_source(at_source, SOURCE_SIZE), at_source)
     np.testing.assert_allclose(
         served["all_probabilities"].numpy(), _traced(model)(at_source).numpy(), atol=1e-5
     )

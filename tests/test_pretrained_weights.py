@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from keras.src.applications import efficientnet as keras_efficientnet
 
-from effpipe import models
+from effpipe.model import efficientnet
 
 IMAGE_SIZE = 32
 # Keras names only the stem's first layers itself, after their class and a counter
@@ -117,8 +117,8 @@ def _relative_difference(a: np.ndarray, b: np.ndarray) -> float:
 def test_weights_path_builds_the_network_weights_imagenet_builds(
     answered_download, legacy_notop_file
 ):
-    from_download = models.make_base("b0", IMAGE_SIZE, "imagenet")
-    from_path = models.make_base("b0", IMAGE_SIZE, legacy_notop_file)
+    from_download = efficientnet.make_base("b0", IMAGE_SIZE, "imagenet")
+    from_path = efficientnet.make_base("b0", IMAGE_SIZE, legacy_notop_file)
     images = _images()
     for layer_name in ["stem_conv", "top_activation"]:
         expected = _activations(from_download, layer_name, images)
@@ -130,7 +130,7 @@ def test_weights_path_builds_the_network_weights_imagenet_builds(
     assert np.abs(expected).mean() > 1e-2
     assert [type(layer).__name__ for layer in from_path.layers[:5]] == IMAGENET_STEM
     assert _layer_list(from_path) == _layer_list(from_download)
-    assert from_download.name == from_path.name == models.BASE_NAME
+    assert from_download.name == from_path.name == efficientnet.BASE_NAME
     # Keras names the file it fetches after the model: the B0 file, not "base_notop.h5".
     assert [fname for fname, _ in answered_download] == ["efficientnetb0_notop.h5"]
     assert answered_download[0][1].endswith("/keras-applications/efficientnetb0_notop.h5")
@@ -142,7 +142,7 @@ def test_the_plain_network_on_the_same_file_computes_another_function(legacy_not
         include_top=False, weights=None, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3)
     )
     plain.load_weights(legacy_notop_file)
-    from_path = models.make_base("b0", IMAGE_SIZE, legacy_notop_file)
+    from_path = efficientnet.make_base("b0", IMAGE_SIZE, legacy_notop_file)
     images = _images()
     stem_difference = _relative_difference(
         _activations(from_path, "stem_conv", images), _activations(plain, "stem_conv", images)
@@ -151,10 +151,10 @@ def test_the_plain_network_on_the_same_file_computes_another_function(legacy_not
 
 
 def test_a_keras3_weights_file_of_a_pretrained_base_round_trips(tmp_path, legacy_notop_file):
-    saved = models.make_base("b0", IMAGE_SIZE, legacy_notop_file)
+    saved = efficientnet.make_base("b0", IMAGE_SIZE, legacy_notop_file)
     path = str(tmp_path / "saved.weights.h5")
     saved.save_weights(path)
-    loaded = models.make_base("b0", IMAGE_SIZE, path)
+    loaded = efficientnet.make_base("b0", IMAGE_SIZE, path)
     assert _layer_list(loaded) == _layer_list(saved)
     for loaded_tensor, saved_tensor in zip(loaded.get_weights(), saved.get_weights()):
         np.testing.assert_array_equal(loaded_tensor, saved_tensor)
@@ -169,17 +169,17 @@ def test_weights_files_load_across_the_two_structures(tmp_path):
     # The inserted Rescaling has no weights, so the two structures store the same
     # tensors under the same paths: a file of either loads into the other exactly.
     keras.utils.set_random_seed(4)
-    plain = models.make_base("b0", IMAGE_SIZE, "none")
+    plain = efficientnet.make_base("b0", IMAGE_SIZE, "none")
     plain_path = str(tmp_path / "plain.weights.h5")
     plain.save_weights(plain_path)
-    from_plain = models.make_base("b0", IMAGE_SIZE, plain_path)
+    from_plain = efficientnet.make_base("b0", IMAGE_SIZE, plain_path)
     assert [type(layer).__name__ for layer in from_plain.layers[:5]] == IMAGENET_STEM
     for loaded_tensor, saved_tensor in zip(from_plain.get_weights(), plain.get_weights()):
         np.testing.assert_array_equal(loaded_tensor, saved_tensor)
     # And back: a file saved from the ImageNet network into a plain one.
     imagenet_path = str(tmp_path / "imagenet.weights.h5")
     from_plain.save_weights(imagenet_path)
-    plain_again = models.make_base("b0", IMAGE_SIZE, "none")
+    plain_again = efficientnet.make_base("b0", IMAGE_SIZE, "none")
     plain_again.load_weights(imagenet_path)
     for loaded_tensor, saved_tensor in zip(plain_again.get_weights(), from_plain.get_weights()):
         np.testing.assert_array_equal(loaded_tensor, saved_tensor)
@@ -191,10 +191,12 @@ def test_random_weights_of_a_pretrained_config_build_the_imagenet_network(
 ):
     weights = legacy_notop_file if weights == "path" else weights
     small = dict(variant="b0", image_size=IMAGE_SIZE, source_size=(16, 16), num_classes=3)
-    random = models.get_base(models.make_model(weights=weights, random_weights=True, **small))
+    random = efficientnet.get_base(
+        efficientnet.make_model(weights=weights, random_weights=True, **small)
+    )
     # Nothing fetched or loaded: random weights in the pretrained network.
     assert answered_download == []
-    loaded = models.get_base(models.make_model(weights="imagenet", **small))
+    loaded = efficientnet.get_base(efficientnet.make_model(weights="imagenet", **small))
     assert _layer_list(random) == _layer_list(loaded)
     assert not np.array_equal(
         random.get_layer("stem_conv").get_weights()[0],
@@ -203,7 +205,7 @@ def test_random_weights_of_a_pretrained_config_build_the_imagenet_network(
 
 
 def test_weights_none_keeps_the_plain_network():
-    base = models.make_base("b0", IMAGE_SIZE, "none")
+    base = efficientnet.make_base("b0", IMAGE_SIZE, "none")
     plain = keras.applications.EfficientNetB0(
         include_top=False, weights=None, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3)
     )
@@ -219,8 +221,8 @@ def test_the_imagenet_network_follows_the_mixed_precision_policy(
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        from_download = models.make_base("b0", IMAGE_SIZE, "imagenet")
-        from_path = models.make_base("b0", IMAGE_SIZE, legacy_notop_file)
+        from_download = efficientnet.make_base("b0", IMAGE_SIZE, "imagenet")
+        from_path = efficientnet.make_base("b0", IMAGE_SIZE, legacy_notop_file)
     finally:
         keras.mixed_precision.set_global_policy(previous)
     assert _layer_list(from_path) == _layer_list(from_download)
@@ -229,14 +231,16 @@ def test_the_imagenet_network_follows_the_mixed_precision_policy(
 
 def test_copy_weights_carries_the_input_statistics(legacy_notop_file):
     small = dict(variant="b0", image_size=IMAGE_SIZE, source_size=(16, 16), num_classes=3)
-    trained = models.make_model(weights=legacy_notop_file, **small)
-    copy = models.make_model(weights=legacy_notop_file, random_weights=True, **small)
-    models.copy_weights(trained, copy)
+    trained = efficientnet.make_model(weights=legacy_notop_file, **small)
+    copy = efficientnet.make_model(weights=legacy_notop_file, random_weights=True, **small)
+    efficientnet.copy_weights(trained, copy)
     images = np.random.default_rng(5).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     np.testing.assert_array_equal(np.asarray(copy(images)), np.asarray(trained(images)))
     # set_weights alone leaves the Normalization computing with the random base's
     # statistics: the check above can fail.
-    stale = models.make_model(weights=legacy_notop_file, random_weights=True, **small)
+    stale = efficientnet.make_model(weights=legacy_notop_file, random_weights=True, **small)
     stale.set_weights(trained.get_weights())
-    features = [_activations(models.get_base(m), "stem_conv", _images()) for m in (trained, stale)]
+    features = [
+        _activations(efficientnet.get_base(m), "stem_conv", _images()) for m in (trained, stale)
+    ]
     assert _relative_difference(*features) > 0.1

@@ -6,12 +6,12 @@ import pathlib
 
 import pytest
 
-from effpipe import run_files
+from effpipe import run_dir
 
 
 def test_a_crash_during_a_write_leaves_the_previous_file_intact(tmp_path):
     path = tmp_path / "metrics.json"
-    run_files.write_json(path, {"top1": 0.5})
+    run_dir.write_json(path, {"top1": 0.5})
 
     def crashing_writer(temporary_path):
         with open(temporary_path, "w") as file:
@@ -19,15 +19,15 @@ def test_a_crash_during_a_write_leaves_the_previous_file_intact(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_files.write_atomically(str(path), crashing_writer)
+        run_dir.write_atomically(str(path), crashing_writer)
     assert json.loads(path.read_text()) == {"top1": 0.5}
     assert os.listdir(tmp_path) == ["metrics.json"]
 
 
 def test_a_write_creates_its_folder_and_replaces_the_file(tmp_path):
     path = tmp_path / "a" / "b" / "flags.txt"
-    run_files.write_text(str(path), "--seed=1\n")
-    run_files.write_text(str(path), "--seed=2\n")
+    run_dir.write_text(str(path), "--seed=1\n")
+    run_dir.write_text(str(path), "--seed=2\n")
     assert path.read_text() == "--seed=2\n"
     assert os.listdir(path.parent) == ["flags.txt"]
 
@@ -43,10 +43,10 @@ def test_a_crash_while_writing_a_folder_leaves_the_previous_folder_intact(tmp_pa
 
         return fill
 
-    run_files.write_directory_atomically(str(target), write("one"))
-    run_files.write_directory_atomically(str(target), write("two"))
+    run_dir.write_directory_atomically(str(target), write("one"))
+    run_dir.write_directory_atomically(str(target), write("two"))
     assert (target / "saved_model.pb").read_text() == "two"
     with pytest.raises(OSError, match="disk full"):
-        run_files.write_directory_atomically(str(target), write("crash"))
+        run_dir.write_directory_atomically(str(target), write("crash"))
     assert (target / "saved_model.pb").read_text() == "two"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]

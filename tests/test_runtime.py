@@ -10,9 +10,9 @@ import sys
 import pytest
 import tensorflow as tf
 
-from effpipe import recipe, runtime
 from effpipe.config import TrainConfig
 from effpipe.errors import UsageError
+from effpipe.training import runtime
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 H200 = {"device_name": "NVIDIA H200", "compute_capability": (9, 0)}
@@ -144,21 +144,21 @@ def test_require_gpu_stops_the_binary_before_anything_is_written(driver, tmp_pat
 def test_auto_steps_per_execution_divides_the_epoch(
     accelerator, head_only, steps_per_epoch, expected
 ):
-    steps, reason = recipe.resolve_steps_per_execution(
+    steps, reason = runtime.resolve_steps_per_execution(
         TrainConfig(), steps_per_epoch, accelerator=accelerator, head_only=head_only
     )
     assert steps == expected and steps_per_epoch % steps == 0
-    assert steps <= recipe.AUTO_STEPS_PER_EXECUTION["head" if head_only else accelerator]
+    assert steps <= runtime.AUTO_STEPS_PER_EXECUTION["head" if head_only else accelerator]
     assert reason.startswith(f"{expected} train step(s) per call (auto")
 
 
 def test_explicit_steps_per_execution_must_divide_the_epoch_and_profiling_takes_one():
     config = TrainConfig(steps_per_execution=4)
-    assert recipe.resolve_steps_per_execution(config, 12, accelerator="cpu")[0] == 4
+    assert runtime.resolve_steps_per_execution(config, 12, accelerator="cpu")[0] == 4
     with pytest.raises(UsageError, match="--steps_per_execution=4 must divide the 10 .* use 2"):
-        recipe.resolve_steps_per_execution(config, 10, accelerator="cpu")
+        runtime.resolve_steps_per_execution(config, 10, accelerator="cpu")
     profiling = TrainConfig(profile_steps="2,3")
-    assert recipe.resolve_steps_per_execution(profiling, 64, accelerator="gpu")[0] == 1
+    assert runtime.resolve_steps_per_execution(profiling, 64, accelerator="gpu")[0] == 1
     with pytest.raises(UsageError, match="--profile_steps=2,3 could not trace"):
         TrainConfig(profile_steps="2,3", steps_per_execution=2)
 

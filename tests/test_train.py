@@ -15,10 +15,11 @@ import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
-from effpipe import cli_flags, runtime, train_lib
+from effpipe import cli_flags
 from effpipe import config as config_lib
-from effpipe import train as train_binary  # noqa: F401  (defines --workdir)
+from effpipe import train as train_binary  # noqa: F401
 from effpipe.errors import UsageError
+from effpipe.training import runtime, trainer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAGFILES = sorted((REPO_ROOT / "flags").glob("*.flags"))
@@ -225,7 +226,7 @@ def test_every_kind_of_out_of_memory_is_one_line_naming_the_batch_and_the_tuner(
     config = config_lib.TrainConfig(variant="b5", batch_size=48, mixed_precision=True)
     setup = runtime.resolve_runtime(mixed_precision=True, xla="off")
     with pytest.raises(UsageError) as raised:
-        with train_lib._device_errors_as_usage_errors(config, setup, lambda: "Kept: nothing."):
+        with trainer._device_errors_as_usage_errors(config, setup, lambda: "Kept: nothing."):
             raise error
     message = str(raised.value)
     assert message.startswith("out of memory on CPU at --batch_size=48 (b5 at 456 px")
@@ -237,7 +238,7 @@ def test_other_device_errors_keep_their_type():
     config = config_lib.TrainConfig()
     setup = runtime.resolve_runtime(mixed_precision=False, xla="off")
     with pytest.raises(tf.errors.InternalError, match="a kernel failed"):
-        with train_lib._device_errors_as_usage_errors(config, setup, lambda: ""):
+        with trainer._device_errors_as_usage_errors(config, setup, lambda: ""):
             raise tf.errors.InternalError(None, None, "a kernel failed")
 
 
@@ -251,7 +252,7 @@ def test_running_out_of_device_memory_is_one_line_naming_the_batch_size(tmp_path
         image_size=32, weights="none", batch_size=8, phase1_epochs=1, phase2_epochs=1,
     )  # fmt: skip
     with pytest.raises(UsageError) as raised:
-        train_lib.train_and_evaluate(config, str(tmp_path))
+        trainer.train_and_evaluate(config, str(tmp_path))
     message = str(raised.value)
     assert "out of memory on CPU at --batch_size=8 (b0 at 32 px, float32)" in message
     assert "lower --batch_size" in message and "No checkpoint was written" in message

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from effpipe import config as config_lib
-from effpipe import memory_estimate, tune_lib, tuning
+from effpipe.tune import memory, search, tuner
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -24,8 +24,8 @@ def _estimate(batch_size=8, image_size=64, phase=1, mixed=False, unfreeze_blocks
     )
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     try:
-        model = tune_lib.make_phase_model(config, phase)
-        return memory_estimate.measure_model(model).estimate(batch_size).total
+        model = tuner.make_phase_model(config, phase)
+        return memory.measure_model(model).estimate(batch_size).total
     finally:
         keras.mixed_precision.set_global_policy("float32")
         keras.backend.clear_session()
@@ -48,8 +48,8 @@ def _estimated_max_batch(phase, unfreeze_blocks, mixed=False):
     config = config_lib.TrainConfig(
         variant="b5", unfreeze_blocks=unfreeze_blocks, mixed_precision=mixed
     )
-    usable = tuning.usable_budget_bytes(8, reserved_mib=1024)
-    best, _, _ = tune_lib.estimate_phase(config, phase, usable, max_batch=1024)
+    usable = search.usable_budget_bytes(8, reserved_mib=1024)
+    best, _, _ = tuner.estimate_phase(config, phase, usable, max_batch=1024)
     return best
 
 
@@ -70,9 +70,9 @@ def test_the_b5_estimate_at_456_px_lands_where_8_gb_users_report():
 @pytest.mark.parametrize("start", [1, 5, 64])
 def test_the_search_finds_the_boundary_of_a_fake_cost(boundary, start):
     def run_trial(batch_size):
-        return tuning.Trial(batch_size, fits=batch_size <= boundary)
+        return search.Trial(batch_size, fits=batch_size <= boundary)
 
-    best, trials = tuning.search_max_batch(run_trial, start=start, max_batch=1024)
+    best, trials = search.search_max_batch(run_trial, start=start, max_batch=1024)
     assert best == boundary
     tried = [trial.batch_size for trial in trials]
     assert len(tried) == len(set(tried)) and max(tried) <= 1024
@@ -98,11 +98,11 @@ FAKE_TRIAL = textwrap.dedent(
 @pytest.mark.parametrize("boundary", [3, 57, 200])
 def test_a_coarser_resolution_answers_at_most_that_far_below(boundary):
     def run_trial(batch_size):
-        return tuning.Trial(batch_size, fits=batch_size <= boundary)
+        return search.Trial(batch_size, fits=batch_size <= boundary)
 
-    best, trials = tuning.search_max_batch(run_trial, start=16, max_batch=1024, resolution=8)
+    best, trials = search.search_max_batch(run_trial, start=16, max_batch=1024, resolution=8)
     assert boundary - 8 < best <= boundary
-    assert len(trials) <= len(tuning.search_max_batch(run_trial, start=16)[1])
+    assert len(trials) <= len(search.search_max_batch(run_trial, start=16)[1])
 
 
 def test_the_search_survives_trials_that_run_out_of_memory_or_die(tmp_path):
@@ -111,9 +111,9 @@ def test_the_search_survives_trials_that_run_out_of_memory_or_die(tmp_path):
 
     def run_trial(batch_size):
         argv = [sys.executable, str(script), str(batch_size)]
-        return tuning.run_trial_subprocess(argv, batch_size, timeout_s=60)
+        return search.run_trial_subprocess(argv, batch_size, timeout_s=60)
 
-    best, trials = tuning.search_max_batch(run_trial, start=8, max_batch=256)
+    best, trials = search.search_max_batch(run_trial, start=8, max_batch=256)
     assert best == 12
     by_batch = {trial.batch_size: trial for trial in trials}
     assert by_batch[8].fits and by_batch[8].peak_mib == 80.0
@@ -125,7 +125,7 @@ def test_a_trial_failing_for_another_reason_stops_the_search(tmp_path):
     script = tmp_path / "trial.py"
     script.write_text('import json; print(json.dumps({"error": "unknown layer"}))')
     with pytest.raises(RuntimeError, match="batch 4 failed: unknown layer"):
-        tuning.run_trial_subprocess([sys.executable, str(script)], 4, timeout_s=60)
+        search.run_trial_subprocess([sys.executable, str(script)], 4, timeout_s=60)
 
 
 def _run(*args, cwd=REPO_ROOT):
@@ -221,5 +221,5 @@ def test_a_trial_that_runs_out_of_memory_in_any_words_does_not_fit(monkeypatch):
 
     monkeypatch.setattr(recipe, "compile_model", fails)
     config = dataclasses.replace(config_lib.TrainConfig(), variant="b0", image_size=32)
-    answer = tune_lib.run_trial(config, 1, 4, GIB, steps=1)
+    answer = tuner.run_trial(config, 1, 4, GIB, steps=1)
     assert answer == {"fits": False, "note": "out of memory (InternalError)"}

@@ -36,7 +36,9 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from effpipe import augment, data_sources, models, run_files
+from effpipe import run_dir
+from effpipe.data import sources
+from effpipe.model import augment, efficientnet
 
 EXPORT_DIR = "export"
 
@@ -45,7 +47,7 @@ class ServingModule(tf.Module):
     """The model with its pre- and post-processing, as traced TensorFlow functions.
 
     Args:
-      model: a model built by `models.make_model` (uint8 source images in).
+      model: a model built by `efficientnet.make_model` (uint8 source images in).
       class_names: one name per class.
       top_k: classes returned per image (at most the number of classes).
     """
@@ -71,7 +73,7 @@ class ServingModule(tf.Module):
         def decode(encoded):
             image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
             image.set_shape([None, None, 3])
-            return data_sources.resize_to_source(image, self.source_size)
+            return sources.resize_to_source(image, self.source_size)
 
         decoded = tf.map_fn(
             decode,
@@ -82,7 +84,7 @@ class ServingModule(tf.Module):
         return self.serve_images(decoded)
 
     def _serve_images(self, images):
-        return self._classify(data_sources.resize_to_source(images, self.source_size))
+        return self._classify(sources.resize_to_source(images, self.source_size))
 
     def _classify(self, images):
         probabilities = tf.cast(self.model(images, training=False), tf.float32)
@@ -105,7 +107,7 @@ def make_serving_model(model: keras.Model) -> keras.Model:
     holds no optimizer state.
 
     Args:
-      model: a model built by `models.make_model`, under any dtype policy; left
+      model: a model built by `efficientnet.make_model`, under any dtype policy; left
         unchanged.
 
     Returns:
@@ -141,7 +143,7 @@ def make_serving_model(model: keras.Model) -> keras.Model:
         target.assign(source.value)
     # Assigned variables alone leave the base's Normalization on its build-time
     # statistics (mean 0, variance 1); the trained model's must serve.
-    models.refresh_input_statistics(serving)
+    efficientnet.refresh_input_statistics(serving)
     return serving
 
 
@@ -161,7 +163,7 @@ def export_model(model: keras.Model, class_names, path: str, top_k: int = 5) -> 
     whatever the policy `model` was built and trained under.
 
     Args:
-      model: a trained model built by `models.make_model`.
+      model: a trained model built by `efficientnet.make_model`.
       class_names: one name per class, indexed by label.
       path: the export folder (replaced if it exists).
       top_k: classes each signature returns per image.
@@ -177,7 +179,7 @@ def export_model(model: keras.Model, class_names, path: str, top_k: int = 5) -> 
     previous_verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.WARNING)  # TensorFlow logs every saved function.
     try:
-        run_files.write_directory_atomically(
+        run_dir.write_directory_atomically(
             path,
             lambda folder: tf.saved_model.save(
                 module, folder, signatures=signatures, options=options

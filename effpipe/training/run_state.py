@@ -1,38 +1,20 @@
-"""Resuming an interrupted run from the state of its last completed epoch.
-
-    WORKDIR/state/state.json                 phase, epochs done, history, best so far
-    WORKDIR/state/epoch-0003.weights.h5      model and optimizer variables
-    WORKDIR/state/epoch-0003.seeds.npz       the random layers' RNG states (dropout,
-                                             stochastic depth), which save_weights
-                                             leaves out
-
-After every completed epoch `EpochStateSaver` writes the weights, then the seeds,
-then state.json, each atomically; state.json names the files it belongs to and the
-older epoch's files are deleted only after it moved on, so a kill at any moment
-leaves one consistent state. A resumed run loads it into the model of the right
-phase (phase 2: unfrozen and recompiled first, so the optimizer's slots match) and
-skips the batches already trained: the training stream is endless and seeded, so
-epoch k sees the same batches whether or not the run stopped before it.
-
-`StopOnSignal` turns SIGINT and SIGTERM into a clean stop: the current step (or
-compiled call of several steps) finishes, then `TrainingInterrupted` propagates; the partial epoch is not saved (a
-resumed run redoes it), which keeps a resumed --deterministic run identical to an
-uninterrupted one.
-"""
+"""TODO docstring for training.run_state."""
 
 import dataclasses
 import math
 import os
-import signal
 
 import keras
 import numpy as np
 from absl import logging
 
-from effpipe import checkpointing, run_files
-from effpipe.errors import TrainingInterrupted, UsageError
+from effpipe import run_dir
+from effpipe.errors import UsageError
+from effpipe.training import checkpoints
 
 STATE_DIR = "state"
+
+
 STATE_FILE = "state.json"
 
 
@@ -67,7 +49,7 @@ def load_state(workdir: str) -> RunState | None:
     path = os.path.join(workdir, STATE_DIR, STATE_FILE)
     if not os.path.exists(path):
         return None
-    return RunState(**run_files.read_json(path))
+    return RunState(**run_dir.read_json(path))
 
 
 def restore(model: keras.Model, workdir: str, state: RunState) -> None:
@@ -101,7 +83,7 @@ def publish_best(workdir: str, state: RunState, checkpoint_path: str) -> None:
     checkpoint one improvement behind; the resumed run calls this first.
     """
     if state.best_weights_file is not None:
-        checkpointing.publish_staged(
+        checkpoints.publish_staged(
             os.path.join(workdir, STATE_DIR, state.best_weights_file), checkpoint_path
         )
 
@@ -163,9 +145,9 @@ class EpochStateSaver(keras.callbacks.Callback):
         stem = f"epoch-{epoch + 1:04d}"
         weights_file, seeds_file = f"{stem}.weights.h5", f"{stem}.seeds.npz"
         model = self.model_to_save or self.model
-        run_files.write_atomically(os.path.join(self.folder, weights_file), model.save_weights)
+        run_dir.write_atomically(os.path.join(self.folder, weights_file), model.save_weights)
         seeds = {f"seed_{i}": np.asarray(v.numpy()) for i, v in enumerate(_seed_states(model))}
-        run_files.write_atomically(
+        run_dir.write_atomically(
             os.path.join(self.folder, seeds_file), lambda path: np.savez(path, **seeds)
         )
         state = RunState(
@@ -178,7 +160,7 @@ class EpochStateSaver(keras.callbacks.Callback):
             seeds_file=seeds_file,
             best_weights_file=self.best_checkpoint.staged_file,
         )
-        run_files.write_json(os.path.join(self.folder, STATE_FILE), dataclasses.asdict(state))
+        run_dir.write_json(os.path.join(self.folder, STATE_FILE), dataclasses.asdict(state))
         # The state now names the best weights: publishing them cannot run ahead of it.
         self.best_checkpoint.publish()
         for name in os.listdir(self.folder):
@@ -186,76 +168,3 @@ class EpochStateSaver(keras.callbacks.Callback):
             stale_best = name.startswith("best-epoch-") and name != state.best_weights_file
             if stale_epoch or stale_best:
                 os.remove(os.path.join(self.folder, name))
-
-
-class StopOnSignal(keras.callbacks.Callback):
-    """SIGINT or SIGTERM: finish the current step, then raise TrainingInterrupted.
-
-    Use as a context manager around all the training and evaluation work (the
-    handlers are installed on entry and always restored on exit) and as a callback
-    of every `fit`, `evaluate` and `predict` (it checks before each compiled call); call
-    `check()` between phases. A second SIGINT falls back to KeyboardInterrupt.
-    With `steps_per_execution` = N the current call's N steps finish first.
-
-    Args:
-      workdir: the run directory, named in the message.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, workdir: str):
-        super().__init__()
-        self.workdir = workdir
-        self.received = None
-        self.epoch = None
-        self._previous = {}
-
-    def __enter__(self):
-        self._previous = {number: signal.getsignal(number) for number in self.SIGNALS}
-        for number in self.SIGNALS:
-            signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc_info):
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        self._previous = {}
-        return False
-
-    def _handle(self, number, frame):
-        self.received = number
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch + 1
-
-    # Checked before each compiled call rather than after: Keras calls the begin
-    # hooks without the step's results, so the check adds no wait for the device.
-    def on_train_batch_begin(self, batch, logs=None):
-        self.check()
-
-    def on_test_batch_begin(self, batch, logs=None):
-        # Validation is part of the epoch: stopping in it loses only that epoch.
-        self.check()
-
-    def on_predict_batch_begin(self, batch, logs=None):
-        # Computing phase 1's cached features: nothing of them is saved yet.
-        self.check()
-
-    def check(self) -> None:
-        """Raises TrainingInterrupted if a signal arrived."""
-        if self.received is None:
-            return
-        name = signal.Signals(self.received).name
-        state = load_state(self.workdir)
-        saved = (
-            f"the state after epoch {state.epochs_done} is saved"
-            if state
-            else "no epoch had completed, so nothing is saved"
-        )
-        where = f" in epoch {self.epoch}" if self.epoch else ""
-        raise TrainingInterrupted(
-            f"stopped by {name}{where}; {saved} in "
-            f"{os.path.join(self.workdir, STATE_DIR)}: rerun the same command to resume",
-            self.received,
-        )

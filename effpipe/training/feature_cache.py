@@ -27,7 +27,8 @@ import keras
 import numpy as np
 from absl import logging
 
-from effpipe import models, run_files
+from effpipe import run_dir
+from effpipe.model import efficientnet
 
 FEATURE_LAYER = "head_pool"
 CACHE_FILE = os.path.join("cache", "phase1_features.npz")
@@ -78,7 +79,7 @@ def make_head_model(model: keras.Model) -> keras.Model:
     layers = model.layers
     pool = model.get_layer(FEATURE_LAYER)
     start = layers.index(pool) + 1
-    if layers[start - 2].name != models.BASE_NAME:
+    if layers[start - 2].name != efficientnet.BASE_NAME:
         raise ValueError(
             "only the pooled head (pooling right after the base) has cacheable features"
         )
@@ -109,7 +110,7 @@ def load_or_compute(path: str, fingerprint: dict, compute_train, compute_validat
         return Features(train, validation, True, time.perf_counter() - start)
     train = np.asarray(compute_train(), dtype=np.float32)
     validation = np.asarray(compute_validation(), dtype=np.float32)
-    run_files.write_atomically(
+    run_dir.write_atomically(
         path,
         lambda temporary: np.savez(
             temporary, train=train, validation=validation, fingerprint=np.array(expected)

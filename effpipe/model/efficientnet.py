@@ -1,37 +1,22 @@
-"""The model: uint8 source images in, class probabilities out.
-
-    uint8 (S, S, 3) -> augment + resize to the model resolution, in one bilinear
-    pass (identity when not training) -> EfficientNet base -> head
-    -> Dense softmax (float32)
-
-Heads:
-  pooled  GAP -> BN -> Dropout -> Dense (keras-io's order; cheaper, and its pooled
-          features can be cached)
-  seed    BN -> Dropout -> GAP -> Dense (the original notebook's order)
-
-The Keras EfficientNets include their own rescaling and normalisation: they take
-0..255 floats. A pretrained base, from the download or a file, is the network Keras
-builds for weights="imagenet", whose stem scales once more after its Normalization;
-a base trained from scratch is the plain one. The base is one nested sub-model,
-named BASE_NAME, so phases can freeze and unfreeze it.
-"""
+"""TODO docstring for model.efficientnet."""
 
 import json
 import math
 import os
-import re
 
 import keras
 
-from effpipe import augment, variants
+from effpipe import variants
 from effpipe.errors import UsageError
+from effpipe.model import augment
 
 BASE_NAME = "base"
 
-_BLOCK_PATTERN = re.compile(r"^block(\d+[a-z])_")
 
 # The Keras versions whose EfficientNet stem `_imagenet_network` is written against.
 SUPPORTED_KERAS = ">=3.15,<3.16"
+
+
 # ImageNet's per-channel standard deviations (R, G, B) of 0..1 pixels, as Keras'
 # EfficientNet uses them.
 _IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
@@ -261,68 +246,6 @@ def disable_stochastic_depth(base: keras.Model) -> None:
             layer.rate = 0.0
 
 
-def calibrate_batch_norm(model: keras.Model, images, batch_size: int = 32) -> None:
-    """Sets the base's BatchNormalization statistics to their average over `images`.
-
-    For a base trained from scratch (`--weights=none`) only; pretrained bases are
-    never recalibrated. A random base's BatchNormalization layers start with moving
-    mean 0 and variance 1; frozen like that they let the signal shrink about 10x per
-    stage (B0's top features measured ~1e-6), so phase 1 would train the head on
-    zeros. While the base trains from scratch, its moving statistics (momentum 0.99)
-    lag far behind the changing weights and validation swings (measured on the demo:
-    0.36 then 0.19 validation accuracy in consecutive epochs, train rising steadily).
-    Recomputing them before each validation ("precise BatchNorm") fixes both.
-
-    Forward passes in training mode over `images` in batches, with momentum set so
-    each layer's moving statistics become the mean of its batch statistics; every
-    layer's `trainable` flag and momentum are restored afterwards.
-
-    Args:
-      model: a model built by `make_model`.
-      images: (N, H, W, 3) uint8 source images; a few hundred is plenty.
-      batch_size: images per forward pass (the training batch size fits).
-    """
-    base = get_base(model)
-    trainable_flags = [(layer, layer.trainable) for layer in [base, *base.layers]]
-    batch_norms = [
-        layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)
-    ]
-    momenta = [layer.momentum for layer in batch_norms]
-    # Frozen BatchNormalization ignores training=True, so unfreeze for the passes.
-    base.trainable = True
-    resize = model.get_layer("resize")
-    for index, start in enumerate(range(0, len(images), batch_size)):
-        # moving = momentum * moving + (1 - momentum) * batch: with momentum i/(i+1)
-        # the moving value is the running mean of the first i+1 batches.
-        for layer in batch_norms:
-            layer.momentum = index / (index + 1)
-        base(resize(images[start : start + batch_size]), training=True)
-    for layer, momentum in zip(batch_norms, momenta):
-        layer.momentum = momentum
-    for layer, trainable in trainable_flags:
-        layer.trainable = trainable
-
-
-class BatchNormCalibration(keras.callbacks.Callback):
-    """Recalibrates a from-scratch base's BatchNormalization before each validation.
-
-    See `calibrate_batch_norm`. Validation, the best-checkpoint choice and the saved
-    weights then all use statistics that match the current weights.
-
-    Args:
-      images: (N, H, W, 3) uint8 training images to compute the statistics on.
-      batch_size: images per forward pass.
-    """
-
-    def __init__(self, images, batch_size: int):
-        super().__init__()
-        self.images = images
-        self.batch_size = batch_size
-
-    def on_test_begin(self, logs=None):
-        calibrate_batch_norm(self.model, self.images, self.batch_size)
-
-
 def copy_weights(source: keras.Model, target: keras.Model) -> None:
     """Gives `target`, a model built like `source`, the weights of `source`.
 
@@ -350,77 +273,3 @@ def refresh_input_statistics(model: keras.Model) -> None:
 def get_base(model: keras.Model) -> keras.Model:
     """The nested EfficientNet base of a model built by `make_model`."""
     return model.get_layer(BASE_NAME)
-
-
-def block_names(base: keras.Model) -> list[str]:
-    """The base's blocks ("1a", "2a", "2b", ..., "7a") in input-to-output order.
-
-    A block is one MBConv unit with its skip connection; unfreezing whole blocks
-    keeps a residual branch and its shortcut in the same state.
-    """
-    names = []
-    for layer in base.layers:
-        match = _BLOCK_PATTERN.match(layer.name)
-        if match and match.group(1) not in names:
-            names.append(match.group(1))
-    return names
-
-
-def check_unfreeze_blocks(model: keras.Model, num_blocks: int) -> list[str]:
-    """Returns the base's blocks; raises UsageError when `num_blocks` exceeds them.
-
-    The trainer calls it before phase 1, so a bad --unfreeze_blocks fails in
-    seconds, not after hours of phase 1.
-    """
-    blocks = block_names(get_base(model))
-    if not 0 <= num_blocks <= len(blocks):
-        raise UsageError(
-            f"--unfreeze_blocks={num_blocks} is more than the {len(blocks)} blocks of "
-            f"this base: use 0..{len(blocks)}"
-        )
-    return blocks
-
-
-def freeze_base(model: keras.Model) -> None:
-    """Phase 1: the whole base frozen; frozen BatchNormalization runs in inference mode."""
-    get_base(model).trainable = False
-
-
-def unfreeze_top_blocks(
-    model: keras.Model, num_blocks: int, *, freeze_batch_norm: bool = True
-) -> list[str]:
-    """Phase 2: unfreezes the top `num_blocks` blocks and the top conv of the base.
-
-    Every BatchNormalization layer stays frozen (inference mode, pretrained moving
-    statistics kept), as the recipe requires; everything below the unfrozen blocks
-    stays frozen. The caller must recompile the model afterwards.
-
-    Args:
-      model: a model built by `make_model`.
-      num_blocks: how many blocks to unfreeze, counted from the top.
-      freeze_batch_norm: keep BatchNormalization frozen. Only a base trained from
-        scratch (`--weights=none`) passes False: it has no pretrained statistics to
-        protect, and a deep EfficientNet whose untrained BatchNormalization is
-        frozen does not learn (measured on the shapes demo: chance accuracy after
-        3 epochs of 10,000 images, against 31% with BatchNormalization training).
-
-    Returns:
-      The names of the unfrozen blocks.
-
-    Raises:
-      UsageError: when num_blocks exceeds the base's block count.
-    """
-    base = get_base(model)
-    blocks = check_unfreeze_blocks(model, num_blocks)
-    unfrozen = blocks[len(blocks) - num_blocks :]
-    # Setting trainable on the nested model recurses into every layer; the loop
-    # then freezes again what must stay frozen.
-    base.trainable = True
-    for layer in base.layers:
-        match = _BLOCK_PATTERN.match(layer.name)
-        in_unfrozen_region = layer.name.startswith("top_") or (
-            match is not None and match.group(1) in unfrozen
-        )
-        is_batch_norm = isinstance(layer, keras.layers.BatchNormalization)
-        layer.trainable = in_unfrozen_region and not (is_batch_norm and freeze_batch_norm)
-    return unfrozen

@@ -34,7 +34,7 @@ import math
 import keras
 import tensorflow as tf
 
-from effpipe import models
+from effpipe.model import efficientnet
 
 # Adam keeps two float32 slots (first and second moment) per trainable weight.
 OPTIMIZER_SLOTS = 2
@@ -112,10 +112,10 @@ class ModelMemory:
 
 
 def measure_model(model: keras.Model) -> ModelMemory:
-    """Reads the quantities of `ModelMemory` off a model built by `models.make_model`.
+    """Reads the quantities of `ModelMemory` off a model built by `efficientnet.make_model`.
 
     The model's trainable flags must be those of the phase to estimate
-    (`models.freeze_base` or `models.unfreeze_top_blocks`).
+    (`freezing.freeze_base` or `freezing.unfreeze_top_blocks`).
     """
     layers = _flat_layers(model)
     first_trainable = next(
@@ -130,7 +130,7 @@ def measure_model(model: keras.Model) -> ModelMemory:
         default=0,
     )
     weight_bytes = sum(_variable_bytes(v) for v in model.weights)
-    compute_bytes = _itemsize(model.get_layer(models.BASE_NAME).compute_dtype)
+    compute_bytes = _itemsize(model.get_layer(efficientnet.BASE_NAME).compute_dtype)
     cast_copy_bytes = 0
     if compute_bytes < 4:
         cast_copy_bytes = sum(math.prod(v.shape) * compute_bytes for v in model.weights)

@@ -1,84 +1,22 @@
-"""Data sources: uint8 images at source resolution, integer labels, metadata.
+"""TODO docstring for data.sources."""
 
-Every source returns a `DataSource` of in-memory numpy arrays (N, H, W, 3) uint8
-and (N,) int32 labels. Images stay small and uint8 on the host: resizing to the
-model resolution happens on the device, inside the compiled step.
-
-Sources:
-  cifar100     CIFAR-100 fine labels through tensorflow-datasets (`data_dir`).
-  folder:PATH  PATH/train/<class>/*.png|jpg|jpeg and optional PATH/test/<class>/.
-  shapes       coloured geometric shapes generated in-process: seeded, learnable,
-               offline; what the demo and the tests train on.
-"""
-
-import dataclasses
 import os
 import socket
 
 import numpy as np
 from absl import logging
 
-from effpipe import cifar100_names
 from effpipe.config import TrainConfig
+from effpipe.data import cifar100_names, shapes
+from effpipe.data.splits import DataSource, Split
 from effpipe.errors import UsageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
-# The ten kinds of shape the synthetic source draws; a class is a kind of shape,
-# whatever its colour, size and position.
-SHAPE_NAMES = (
-    "circle",
-    "square",
-    "triangle",
-    "plus",
-    "ring",
-    "diamond",
-    "horizontal_bar",
-    "vertical_bar",
-    "x_cross",
-    "half_disc",
-)
 
 # The host tensorflow-datasets downloads CIFAR-100 from. Only used to fail fast
 # (seconds instead of minutes of retries) when there is no network.
 CIFAR100_DOWNLOAD_HOST = "www.cs.toronto.edu"
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """Images (N, H, W, 3) uint8 and labels (N,) int32."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSource:
-    """A loaded source: its splits and what the model needs to know about it.
-
-    Attributes:
-      name: the `--dataset` value it was loaded from.
-      train: the training split, before validation is split off.
-      test: the test split, or None when the source has none.
-      class_names: one name per class, indexed by label.
-    """
-
-    name: str
-    train: Split
-    test: Split | None
-    class_names: tuple[str, ...]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def source_image_size(self) -> tuple[int, int]:
-        """(height, width) in pixels of the images as stored on the host."""
-        return tuple(self.train.images.shape[1:3])
 
 
 def load_configured_source(config: TrainConfig) -> DataSource:
@@ -138,7 +76,7 @@ def load_source(
     if dataset == "cifar100":
         return load_cifar100(data_dir)
     if dataset == "shapes":
-        return make_shapes_source(
+        return shapes.make_shapes_source(
             num_classes=shapes_num_classes,
             train_examples=shapes_train_examples,
             test_examples=shapes_test_examples,
@@ -150,66 +88,6 @@ def load_source(
             dataset[len("folder:") :], source_size=source_size, on_bad_image=on_bad_image
         )
     raise UsageError(f"unknown dataset {dataset!r}: choose cifar100, shapes or folder:PATH")
-
-
-def split_validation(
-    split: Split, fraction: float, *, seed: int, selection: str = "random"
-) -> tuple[Split, Split]:
-    """Splits a validation set off a train split, deterministically.
-
-    Args:
-      split: the full train split.
-      fraction: share of examples that go to validation, in (0, 1).
-      seed: seeds the shuffle for `selection="random"`.
-      selection: "random" takes a seeded random subset; "last" takes the last
-        examples in stored order, as Keras `validation_split` does.
-
-    Returns:
-      (train, validation).
-
-    Raises:
-      UsageError: when either part would be empty.
-    """
-    num_examples = len(split)
-    num_validation = int(round(num_examples * fraction))
-    if not 0 < num_validation < num_examples:
-        raise UsageError(
-            f"--validation_fraction={fraction} of {num_examples} examples leaves an empty "
-            "train or validation split: use more examples or another fraction"
-        )
-    if selection == "last":
-        order = np.arange(num_examples)
-    else:
-        order = np.random.default_rng(seed).permutation(num_examples)
-    train_index = np.sort(order[: num_examples - num_validation])
-    validation_index = np.sort(order[num_examples - num_validation :])
-    return (
-        Split(split.images[train_index], split.labels[train_index]),
-        Split(split.images[validation_index], split.labels[validation_index]),
-    )
-
-
-def configured_splits(config: TrainConfig, source: DataSource) -> tuple[Split, Split, Split, str]:
-    """The run's train and validation splits, and the split its evaluation reads.
-
-    The trainer and `effpipe.evaluate` share it, so both evaluate the same images:
-    the test split, or the validation split when the source has none.
-
-    Returns:
-      (train, validation, evaluated split, "test" or "validation").
-    """
-    train, validation = split_validation(
-        source.train,
-        config.validation_fraction,
-        seed=config.seed,
-        selection=config.validation_selection,
-    )
-    if source.test is None:
-        return train, validation, validation, "validation"
-    return train, validation, source.test, "test"
-
-
-# --- cifar100 -----------------------------------------------------------------
 
 
 def load_cifar100(data_dir: str | None) -> DataSource:
@@ -262,9 +140,6 @@ def _host_reachable(host: str, port: int = 443, timeout_sec: float = 10.0) -> bo
             return True
     except OSError:
         return False
-
-
-# --- folder:PATH ----------------------------------------------------------------
 
 
 def load_folder(path: str, *, source_size: int, on_bad_image: str = "fail") -> DataSource:
@@ -403,74 +278,3 @@ def _progress(paths: list[str]):
     for index, path in enumerate(paths):
         yield path
         bar.update(index + 1)
-
-
-# --- shapes -----------------------------------------------------------------------
-
-
-def make_shapes_source(
-    *, num_classes: int, train_examples: int, test_examples: int, image_size: int, seed: int
-) -> DataSource:
-    """The synthetic shapes source: train and test drawn from independent seeds."""
-    train_seed, test_seed = np.random.SeedSequence(seed).spawn(2)
-    return DataSource(
-        "shapes",
-        make_shapes(train_examples, num_classes, image_size, np.random.default_rng(train_seed)),
-        make_shapes(test_examples, num_classes, image_size, np.random.default_rng(test_seed)),
-        SHAPE_NAMES[:num_classes],
-    )
-
-
-def make_shapes(
-    num_examples: int, num_classes: int, image_size: int, rng: np.random.Generator
-) -> Split:
-    """Draws balanced, labelled images of coloured shapes.
-
-    Each image has a random background colour with pixel noise and one shape of a
-    random foreground colour (at least 80 levels away from the background, so the
-    shape is always visible), random centre and random size.
-    """
-    labels = rng.permutation(np.arange(num_examples) % num_classes).astype(np.int32)
-    grid = np.arange(image_size, dtype=np.float32) + 0.5
-    rows, cols = np.meshgrid(grid, grid, indexing="ij")
-    images = np.empty((num_examples, image_size, image_size, 3), np.uint8)
-    for index, label in enumerate(labels):
-        radius = rng.uniform(0.22, 0.36) * image_size
-        center_row, center_col = rng.uniform(radius, image_size - radius, size=2)
-        mask = _shape_mask(
-            SHAPE_NAMES[label], (cols - center_col) / radius, (rows - center_row) / radius
-        )
-        background = rng.uniform(0, 255, size=3)
-        foreground = rng.uniform(0, 255, size=3)
-        while np.abs(foreground - background).max() < 80:
-            foreground = rng.uniform(0, 255, size=3)
-        image = np.where(mask[..., None], foreground, background)
-        image = image + rng.normal(0, 8, size=image.shape)
-        images[index] = np.clip(image, 0, 255).astype(np.uint8)
-    return Split(images, labels)
-
-
-def _shape_mask(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Boolean mask of a shape in coordinates scaled by its radius (v points down)."""
-    distance = np.sqrt(u * u + v * v)
-    if kind == "circle":
-        return distance <= 1.0
-    if kind == "square":
-        return np.maximum(np.abs(u), np.abs(v)) <= 0.8
-    if kind == "triangle":
-        return (v <= 0.8) & (np.abs(u) <= 0.55 * (v + 0.9))
-    if kind == "plus":
-        return ((np.abs(u) <= 0.3) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 1.0))
-    if kind == "ring":
-        return (distance <= 1.0) & (distance >= 0.55)
-    if kind == "diamond":
-        return np.abs(u) + np.abs(v) <= 1.0
-    if kind == "horizontal_bar":
-        return (np.abs(u) <= 1.0) & (np.abs(v) <= 0.3)
-    if kind == "vertical_bar":
-        return (np.abs(v) <= 1.0) & (np.abs(u) <= 0.3)
-    if kind == "x_cross":
-        return ((np.abs(u - v) <= 0.4) | (np.abs(u + v) <= 0.4)) & (distance <= 1.0)
-    if kind == "half_disc":
-        return (distance <= 1.0) & (v >= -0.1)
-    raise AssertionError(f"no mask for shape {kind}")

@@ -4,7 +4,7 @@ Keras' ModelCheckpoint writes the weights file in place, so a kill mid-write lea
 a truncated file that the final evaluation (or a later resume) would load, and it
 saves an epoch whose loss became NaN if that epoch's validation metric still
 improved. `BestCheckpoint` writes to a temporary name and renames
-(`run_files.write_atomically`), and skips epochs whose training loss or monitored
+(`run_dir.write_atomically`), and skips epochs whose training loss or monitored
 metric is not finite.
 
 In a training run the best weights first go to the resume state's folder
@@ -22,7 +22,7 @@ import shutil
 import keras
 from absl import logging
 
-from effpipe import run_files
+from effpipe import run_dir
 
 
 class BestCheckpoint(keras.callbacks.Callback):
@@ -73,10 +73,10 @@ class BestCheckpoint(keras.callbacks.Callback):
             return
         model = self.model_to_save or self.model
         if self.staging_dir is None:
-            run_files.write_atomically(self.path, model.save_weights)
+            run_dir.write_atomically(self.path, model.save_weights)
         else:
             self.staged_file = f"best-epoch-{epoch + 1:04d}.weights.h5"
-            run_files.write_atomically(
+            run_dir.write_atomically(
                 os.path.join(self.staging_dir, self.staged_file), model.save_weights
             )
         previous, self.best, self.saved = self.best, float(value), True
@@ -99,4 +99,4 @@ class BestCheckpoint(keras.callbacks.Callback):
 
 def publish_staged(staged_path: str, path: str) -> None:
     """Copies a staged weights file to the published checkpoint path, atomically."""
-    run_files.write_atomically(path, lambda temporary: shutil.copyfile(staged_path, temporary))
+    run_dir.write_atomically(path, lambda temporary: shutil.copyfile(staged_path, temporary))

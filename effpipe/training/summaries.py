@@ -20,7 +20,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from effpipe import augment, timing
+from effpipe.model import augment
+from effpipe.training import callbacks
 
 TENSORBOARD_DIR = "tensorboard"
 # Training images drawn through the augmentation into each phase's log.
@@ -34,7 +35,7 @@ def phase_log_dir(workdir: str, phase: int) -> str:
 def make_callbacks(
     workdir: str,
     phase: int,
-    meter: timing.ThroughputMeter,
+    meter: callbacks.ThroughputMeter,
     model: keras.Model,
     sample_images: np.ndarray,
     profile_steps: tuple[int, int] | None,
@@ -76,7 +77,7 @@ class TrainingSummaries(keras.callbacks.Callback):
     def __init__(
         self,
         log_dir: str,
-        meter: timing.ThroughputMeter,
+        meter: callbacks.ThroughputMeter,
         full_model: keras.Model,
         sample_images: np.ndarray,
     ):

@@ -17,6 +17,8 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+from effpipe.config import TrainConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class PipelineOptions:
@@ -168,3 +170,10 @@ def _tf_data_options(options: PipelineOptions) -> tf.data.Options:
     if options.threads:
         tf_options.threading.private_threadpool_size = options.threads
     return tf_options
+
+
+def pipeline_options_of(config: TrainConfig) -> PipelineOptions:
+    """The input pipeline's knobs from the run's flags (trainer and benchmarks)."""
+    return PipelineOptions(
+        deterministic=config.deterministic, autotune=config.autotune, threads=config.data_threads
+    )

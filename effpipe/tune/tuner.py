@@ -2,7 +2,7 @@
 
 `tune` answers, per phase, the largest batch that trains inside a memory budget:
 measured by trials in subprocesses on a GPU, estimated analytically elsewhere (see
-`effpipe.tune_batch` for the command and `effpipe.memory_estimate` for the
+`effpipe.tune_batch` for the command and `effpipe.tune.memory` for the
 formula). `run_trial` is one trial: the trainer's model, phase set-up, compile and
 `fit`, on random uint8 images of the source size, timed by the trainer's meter.
 """
@@ -18,11 +18,13 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from effpipe import memory_estimate, models, recipe, runtime, timing, tuning
 from effpipe.config import TrainConfig
 from effpipe.errors import UsageError, is_out_of_memory
+from effpipe.model import factory, freezing
+from effpipe.training import callbacks, runtime
+from effpipe.tune import memory, search
 
-MIB = tuning.MIB
+MIB = search.MIB
 
 
 def num_classes_of(config: TrainConfig) -> int:
@@ -40,11 +42,11 @@ def num_classes_of(config: TrainConfig) -> int:
 def make_phase_model(config: TrainConfig, phase: int) -> keras.Model:
     """The trainer's model for `config`, random base weights, set up for `phase`."""
     source_size = (config.source_size, config.source_size)
-    model = recipe.make_configured_model(
+    model = factory.make_configured_model(
         config, source_size, num_classes_of(config), random_weights=True
     )
-    models.check_unfreeze_blocks(model, config.unfreeze_blocks)
-    recipe.set_phase(model, config, phase)
+    freezing.check_unfreeze_blocks(model, config.unfreeze_blocks)
+    freezing.set_phase(model, config, phase)
     return model
 
 
@@ -60,7 +62,7 @@ def gpu_precision(config: TrainConfig) -> str:
 
 def estimate_phase(
     config: TrainConfig, phase: int, usable_bytes: int, max_batch: int
-) -> tuple[int, list[tuning.Trial], memory_estimate.ModelMemory]:
+) -> tuple[int, list[search.Trial], memory.ModelMemory]:
     """The estimated largest batch of `phase` on a GPU, with the search's probes.
 
     The model is built under the GPU's policy (mixed_float16 with
@@ -70,16 +72,16 @@ def estimate_phase(
     keras.mixed_precision.set_global_policy(gpu_precision(config))
     try:
         model = make_phase_model(config, phase)
-        measured = memory_estimate.measure_model(model)
+        measured = memory.measure_model(model)
     finally:
         keras.mixed_precision.set_global_policy(previous)
         keras.backend.clear_session()
 
-    def estimate(batch_size: int) -> tuning.Trial:
+    def estimate(batch_size: int) -> search.Trial:
         fits = measured.estimate(batch_size).total <= usable_bytes
-        return tuning.Trial(batch_size, fits, note="estimated")
+        return search.Trial(batch_size, fits, note="estimated")
 
-    best, trials = tuning.search_max_batch(estimate, start=1, max_batch=max_batch)
+    best, trials = search.search_max_batch(estimate, start=1, max_batch=max_batch)
     return best, trials, measured
 
 
@@ -109,11 +111,11 @@ def run_trial(
     rng = np.random.default_rng(config.seed)
     images = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, classes, (batch_size,), dtype=np.int64)
-    meter = timing.ThroughputMeter(batch_size, log_every_epoch=False)
+    meter = callbacks.ThroughputMeter(batch_size, log_every_epoch=False)
     try:
         model = make_phase_model(config, phase)
         learning_rate = config.phase1_learning_rate if phase == 1 else config.phase2_learning_rate
-        recipe.compile_model(model, learning_rate, jit_compile=setup.xla)
+        factory.compile_model(model, learning_rate, jit_compile=setup.xla)
         rss_before_fit = _current_rss_mib()
         # The first epoch compiles and warms up; the second is timed.
         model.fit(
@@ -125,7 +127,7 @@ def run_trial(
         )
     except UsageError as error:
         return {"error": str(error)}
-    except Exception as error:  # noqa: BLE001 - every failure must answer one line.
+    except Exception as error:
         text = str(error)
         if is_out_of_memory(error):
             return {"fits": False, "note": f"out of memory ({type(error).__name__})"}
@@ -164,7 +166,7 @@ def tune(
       usable_bytes: the allocator's budget.
       method: "auto", "measured" or "estimated".
       max_batch: the search's ceiling.
-      resolution: the measured search's resolution (`tuning.search_max_batch`).
+      resolution: the measured search's resolution (`search.search_max_batch`).
       cpu_trial_batch: without a GPU, the batch of the sanity trial (0: none).
       trial_command: (batch, phase, flagfile) -> the argv of one trial subprocess.
       trial_flagfile_text: this run's flags, written for the trial subprocesses.
@@ -199,11 +201,11 @@ def tune(
 
         def trial_in_subprocess(
             phase: int, judge_rss: bool = False
-        ) -> Callable[[int], tuning.Trial]:
-            def run(batch_size: int) -> tuning.Trial:
+        ) -> Callable[[int], search.Trial]:
+            def run(batch_size: int) -> search.Trial:
                 logging.info("phase %d: trying batch %d", phase, batch_size)
                 try:
-                    trial = tuning.run_trial_subprocess(
+                    trial = search.run_trial_subprocess(
                         trial_command(batch_size, phase, flagfile), batch_size, trial_timeout_s
                     )
                 except RuntimeError as error:
@@ -227,7 +229,7 @@ def tune(
                 ),
             }
             if measured:
-                best, trials = tuning.search_max_batch(
+                best, trials = search.search_max_batch(
                     trial_in_subprocess(phase, judge_rss=not gpus),
                     start=max(estimated_best, 1),
                     max_batch=max_batch,

@@ -4,9 +4,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import matplotlib.pyplot as plt
 
-from effpipe import run_files  # noqa: E402
+from effpipe import run_dir
 
 
 def plot_history(history: dict, path: str) -> None:
@@ -44,7 +44,7 @@ def plot_history(history: dict, path: str) -> None:
         axes.grid(alpha=0.3)
         axes.legend()
     figure.tight_layout()
-    run_files.write_atomically(
+    run_dir.write_atomically(
         path, lambda temporary: figure.savefig(temporary, dpi=100, format="png")
     )
     plt.close(figure)
@@ -172,7 +172,7 @@ def plot_per_class(per_class_accuracy: dict, path: str, worst: int = 10) -> None
 
 
 def _save(figure, path: str) -> None:
-    run_files.write_atomically(
+    run_dir.write_atomically(
         path, lambda temporary: figure.savefig(temporary, dpi=100, format="png")
     )
     plt.close(figure)

@@ -11,9 +11,9 @@ Outputs under the run directory (`workdir`):
   history.png               loss and accuracy over both phases
   checkpoints/best.weights.h5  the best weights by validation accuracy
   cache/phase1_features.npz    the pooled features phase 1 trains on, when the
-                               feature cache is on (effpipe.feature_cache)
+                               feature cache is on (effpipe.training.feature_cache)
 
-Under a distribution strategy (effpipe.distribution) every worker trains; only the
+Under a distribution strategy (effpipe.training.distribution) every worker trains; only the
 chief writes these. The others write theirs to a temporary directory, deleted at
 the end, and read the run's resume state from `workdir` like the chief.
 """
@@ -35,27 +35,15 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from effpipe import (
-    checkpointing,
-    data_sources,
-    evaluation,
-    export,
-    feature_cache,
-    input_pipeline,
-    models,
-    plots,
-    recipe,
-    resume,
-    run_dir,
-    run_files,
-    runtime,
-    summaries,
-    timing,
-)
 from effpipe import config as config_lib
-from effpipe import distribution as distribution_lib
+from effpipe import run_dir
 from effpipe.config import TrainConfig
+from effpipe.data import pipeline, sources, splits
 from effpipe.errors import UsageError, is_out_of_memory
+from effpipe.model import batch_norm, efficientnet, factory, freezing
+from effpipe.outputs import evaluation, export, plots
+from effpipe.training import callbacks, checkpoints, feature_cache, run_state, runtime, summaries
+from effpipe.training import distribution as distribution_lib
 
 BEST_CHECKPOINT = os.path.join("checkpoints", "best.weights.h5")
 # Images used to calibrate the BatchNormalization statistics of a random base.
@@ -126,8 +114,8 @@ def _train_and_evaluate(
         logging.info("--debug_numerics: TensorFlow's numeric checks are on (slow)")
 
     # --- Data: source arrays, validation split, tf.data pipelines. ---
-    source = data_sources.load_configured_source(config)
-    train_split, validation_split, test_split, evaluated_on = data_sources.configured_splits(
+    source = sources.load_configured_source(config)
+    train_split, validation_split, test_split, evaluated_on = splits.configured_splits(
         config, source
     )
     if source.test is None:
@@ -147,10 +135,10 @@ def _train_and_evaluate(
         source.num_classes,
         *source.source_image_size,
     )
-    pipeline_options = recipe.pipeline_options_of(config)
+    pipeline_options = pipeline.pipeline_options_of(config)
 
     def make_dataset(split, is_training):
-        return input_pipeline.make_dataset(
+        return pipeline.make_dataset(
             split.images,
             split.labels,
             batch_size=config.batch_size,
@@ -182,13 +170,13 @@ def _train_and_evaluate(
             # Workers of one run share one job per phase start; another run (another
             # directory) or another start gets its own.
             run_key = zlib.crc32(os.path.abspath(workdir).encode())
-            service = input_pipeline.DataService(
+            service = pipeline.DataService(
                 config.data_service, f"effpipe-{run_key:08x}-phase{phase}-from{initial_epoch}"
             )
 
         def stream(batch_size, shard):
             # Through a service the workers share one job instead of sharding.
-            dataset = input_pipeline.make_dataset(
+            dataset = pipeline.make_dataset(
                 train_split.images,
                 train_split.labels,
                 batch_size=batch_size,
@@ -214,14 +202,14 @@ def _train_and_evaluate(
     keras.mixed_precision.set_global_policy(setup.precision)
     # From here to the end of the evaluation, SIGINT and SIGTERM stop cleanly at the
     # next step or phase boundary; the handlers are restored however this ends.
-    stop_on_signal = resume.StopOnSignal(workdir).__enter__()
+    stop_on_signal = callbacks.StopOnSignal(workdir).__enter__()
     # Variables made from here to the end of training are the strategy's (mirrored
     # on its replicas); the default strategy's scope changes nothing.
     strategy_scope = strategy.scope()
     strategy_scope.__enter__()
     try:
         with _device_errors_as_usage_errors(config, setup, lambda: "Nothing was trained yet."):
-            model = recipe.make_configured_model(
+            model = factory.make_configured_model(
                 config,
                 source.source_image_size,
                 source.num_classes,
@@ -229,16 +217,16 @@ def _train_and_evaluate(
             )
             if distribution.is_distributed:
                 distribution_lib.use_strategy_of_scope(model)
-            models.check_unfreeze_blocks(model, config.unfreeze_blocks)
+            freezing.check_unfreeze_blocks(model, config.unfreeze_blocks)
             # A base trained from scratch gets BatchNormalization statistics computed
             # from training images, now and before every validation (models.py says
             # why).
             calibration_callbacks = []
             if config.weights == "none":
                 calibration_images = train_split.images[:CALIBRATION_EXAMPLES]
-                models.calibrate_batch_norm(model, calibration_images, config.batch_size)
+                batch_norm.calibrate_batch_norm(model, calibration_images, config.batch_size)
                 calibration_callbacks.append(
-                    models.BatchNormCalibration(calibration_images, config.batch_size)
+                    batch_norm.BatchNormCalibration(calibration_images, config.batch_size)
                 )
                 logging.info(
                     "random base: BatchNormalization statistics calibrated on %d training "
@@ -251,7 +239,7 @@ def _train_and_evaluate(
             config.resolved_image_size,
             config.head,
             model.count_params(),
-            recipe.describe_augmentation(config),
+            factory.describe_augmentation(config),
         )
         use_feature_cache, reason = config_lib.resolve_phase1_feature_cache(
             config, distributed=distribution.is_distributed
@@ -266,8 +254,8 @@ def _train_and_evaluate(
 
         # --- Phases 1 and 2, resumed from the last completed epoch if any. ---
         checkpoint_path = os.path.join(output_dir, BEST_CHECKPOINT)
-        meter = timing.ThroughputMeter(config.batch_size)
-        state = resume.load_state(workdir)
+        meter = callbacks.ThroughputMeter(config.batch_size)
+        state = run_state.load_state(workdir)
         if state is None:
             history = {"phase1": [], "phase2": []}
             best_validation_accuracy, checkpoint_written, epochs_done = None, False, 0
@@ -279,7 +267,7 @@ def _train_and_evaluate(
             best_staged = state.best_weights_file
             # A kill between state.json and publishing left the checkpoint behind.
             if distribution.is_chief:
-                resume.publish_best(workdir, state, checkpoint_path)
+                run_state.publish_best(workdir, state, checkpoint_path)
         # Workers that resumed from different states would deadlock: check first.
         distribution_lib.check_same_on_every_worker(
             distribution,
@@ -295,7 +283,7 @@ def _train_and_evaluate(
             stop_on_signal.check()
             if state is not None and state.phase > phase:
                 continue  # Finished before the interruption.
-            unfrozen = recipe.set_phase(model, config, phase)
+            unfrozen = freezing.set_phase(model, config, phase)
             if phase == 2:
                 logging.info(
                     "phase 2 unfreezes blocks %s and the top conv; BatchNormalization %s",
@@ -306,11 +294,11 @@ def _train_and_evaluate(
                 logging.info("phase %d: 0 epochs, skipped", phase)
                 continue
             head_only = phase == 1 and use_feature_cache
-            steps_per_execution[f"phase{phase}"], reason = recipe.resolve_steps_per_execution(
+            steps_per_execution[f"phase{phase}"], reason = runtime.resolve_steps_per_execution(
                 config, steps_per_epoch, accelerator=setup.accelerator, head_only=head_only
             )
             logging.info("phase %d: %s", phase, reason)
-            recipe.compile_model(
+            factory.compile_model(
                 model,
                 learning_rate,
                 jit_compile=setup.xla,
@@ -321,7 +309,7 @@ def _train_and_evaluate(
                 # lazily inside the first replicated step.
                 model.optimizer.build(model.trainable_variables)
             if state is not None and state.phase == phase:
-                resume.restore(model, workdir, state)
+                run_state.restore(model, workdir, state)
                 # The saved optimizer holds the learning rate it ran with; a resumed
                 # run may lower it (after a NaN loss, say: run_dir allows that).
                 model.optimizer.learning_rate.assign(learning_rate)
@@ -360,15 +348,15 @@ def _train_and_evaluate(
                 # stochastic-depth draws, and would make the stored features stale.
                 phase_callbacks = []
             # The checkpoint and the state hold the full model, whichever model fits.
-            checkpoint = checkpointing.BestCheckpoint(
+            checkpoint = checkpoints.BestCheckpoint(
                 checkpoint_path,
                 monitor="val_accuracy",
                 best=best_validation_accuracy,
                 model_to_save=model,
-                staging_dir=os.path.join(output_dir, resume.STATE_DIR),
+                staging_dir=os.path.join(output_dir, run_state.STATE_DIR),
                 staged_file=best_staged,
             )
-            saver = resume.EpochStateSaver(
+            saver = run_state.EpochStateSaver(
                 output_dir,
                 phase,
                 history,
@@ -502,7 +490,7 @@ def _train_and_evaluate(
         "dataset": source.name,
         "num_classes": source.num_classes,
     }
-    run_files.write_json(os.path.join(workdir, "metrics.json"), metrics)
+    run_dir.write_json(os.path.join(workdir, "metrics.json"), metrics)
     logging.info(
         "%s top-1 %.4f, top-5 %.4f, loss %.4f (best validation accuracy %s at epoch %s)",
         evaluated_on,
@@ -531,7 +519,7 @@ def _cached_phase1_inputs(
     computed now (progress shown) and saved. The head model shares the full model's
     head layers and optimizer (the model must be compiled, and restored on resume),
     so fitting it trains the full model's head; its training stream is the images'
-    stream over the features, in the same order (`input_pipeline.make_feature_dataset`).
+    stream over the features, in the same order (`pipeline.make_feature_dataset`).
 
     Returns:
       (head model, endless training dataset, validation dataset).
@@ -539,10 +527,10 @@ def _cached_phase1_inputs(
     feature_model = feature_cache.make_feature_model(model)
     # Compiled for the run's XLA setting, as the phase-1 step computes the features.
     feature_model.compile(jit_compile=setup.xla)
-    options = recipe.pipeline_options_of(config)
+    options = pipeline.pipeline_options_of(config)
 
     def compute(split):
-        images = input_pipeline.make_dataset(
+        images = pipeline.make_dataset(
             split.images,
             split.labels,
             batch_size=config.batch_size,
@@ -572,7 +560,7 @@ def _cached_phase1_inputs(
     )
     feature_cache.log_features(features, path)
     head_model = feature_cache.make_head_model(model)
-    recipe.compile_model(
+    factory.compile_model(
         head_model,
         config.learning_rate(1),
         jit_compile=setup.xla,
@@ -581,7 +569,7 @@ def _cached_phase1_inputs(
     )
 
     def make_dataset(features_of_split, split, is_training):
-        return input_pipeline.make_feature_dataset(
+        return pipeline.make_feature_dataset(
             features_of_split,
             split.labels,
             batch_size=config.batch_size,
@@ -601,15 +589,15 @@ def _copy_outside_strategy(model: keras.Model, config: TrainConfig, source) -> k
     """The trained model rebuilt outside the strategy, for the chief's evaluation and
     export: a prediction pass alone on the chief, and a SavedModel of plain variables
     that serves on one device."""
-    copy = recipe.make_configured_model(
+    copy = factory.make_configured_model(
         config, source.source_image_size, source.num_classes, random_weights=True
     )
-    models.copy_weights(model, copy)
+    efficientnet.copy_weights(model, copy)
     return copy
 
 
 def _write_history(workdir: str, history: dict) -> None:
-    run_files.write_json(os.path.join(workdir, "history.json"), history)
+    run_dir.write_json(os.path.join(workdir, "history.json"), history)
     plots.plot_history(history, os.path.join(workdir, "history.png"))
 
 
@@ -642,7 +630,7 @@ def _device_errors_as_usage_errors(config: TrainConfig, setup, describe_kept_wei
         raise UsageError(
             f"out of memory on {setup.device} at --batch_size={config.batch_size} "
             f"({config.variant} at {config.resolved_image_size} px, {setup.precision}): "
-            f"find the largest batch that fits with `{recipe.tuner_command(config)}` (your card's "
+            f"find the largest batch that fits with `{runtime.tuner_command(config)}` (your card's "
             "memory in GB), or lower --batch_size. " + describe_kept_weights()
         ) from error
 

@@ -6,11 +6,16 @@ its first `steps_per_execution` steps), which includes tracing and compilation, 
 NVIDIA's EfficientNet benchmarks drop their warm-up.
 """
 
+import os
+import signal
 import threading
 import time
 
 import keras
 from absl import logging
+
+from effpipe.errors import TrainingInterrupted
+from effpipe.training import run_state
 
 
 def _wait_for(logs) -> None:
@@ -105,3 +110,76 @@ class ThroughputMeter(keras.callbacks.Callback):
             if optimizer is not None:
                 keras.ops.convert_to_numpy(optimizer.iterations)
             self._train_end = time.perf_counter()
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """SIGINT or SIGTERM: finish the current step, then raise TrainingInterrupted.
+
+    Use as a context manager around all the training and evaluation work (the
+    handlers are installed on entry and always restored on exit) and as a callback
+    of every `fit`, `evaluate` and `predict` (it checks before each compiled call); call
+    `check()` between phases. A second SIGINT falls back to KeyboardInterrupt.
+    With `steps_per_execution` = N the current call's N steps finish first.
+
+    Args:
+      workdir: the run directory, named in the message.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, workdir: str):
+        super().__init__()
+        self.workdir = workdir
+        self.received = None
+        self.epoch = None
+        self._previous = {}
+
+    def __enter__(self):
+        self._previous = {number: signal.getsignal(number) for number in self.SIGNALS}
+        for number in self.SIGNALS:
+            signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+        return False
+
+    def _handle(self, number, frame):
+        self.received = number
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+
+    # Checked before each compiled call rather than after: Keras calls the begin
+    # hooks without the step's results, so the check adds no wait for the device.
+    def on_train_batch_begin(self, batch, logs=None):
+        self.check()
+
+    def on_test_batch_begin(self, batch, logs=None):
+        # Validation is part of the epoch: stopping in it loses only that epoch.
+        self.check()
+
+    def on_predict_batch_begin(self, batch, logs=None):
+        # Computing phase 1's cached features: nothing of them is saved yet.
+        self.check()
+
+    def check(self) -> None:
+        """Raises TrainingInterrupted if a signal arrived."""
+        if self.received is None:
+            return
+        name = signal.Signals(self.received).name
+        state = run_state.load_state(self.workdir)
+        saved = (
+            f"the state after epoch {state.epochs_done} is saved"
+            if state
+            else "no epoch had completed, so nothing is saved"
+        )
+        where = f" in epoch {self.epoch}" if self.epoch else ""
+        raise TrainingInterrupted(
+            f"stopped by {name}{where}; {saved} in "
+            f"{os.path.join(self.workdir, run_state.STATE_DIR)}: rerun the same command to resume",
+            self.received,
+        )

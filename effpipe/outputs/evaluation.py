@@ -7,24 +7,40 @@ The trainer (after its final evaluation) and `effpipe.evaluate` share these:
     augmentations.png  one training image under several draws of the train step's
                        augmentation (trainer only)
 
-and the per-class figures that go into metrics.json (and evaluation.json).
+and the per-class figures that go into metrics.json (and json).
 """
 
 import os
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from effpipe import augment, input_pipeline, plots
-from effpipe.data_sources import Split
+from effpipe import run_dir
+from effpipe.config import TrainConfig
+from effpipe.data import pipeline, sources, splits
+from effpipe.data.splits import Split
+from effpipe.errors import UsageError
+from effpipe.model import augment
+from effpipe.outputs import export, plots
 
 PREDICTIONS_PNG = "predictions.png"
+
+
 PER_CLASS_PNG = "per_class.png"
+
+
 AUGMENTATIONS_PNG = "augmentations.png"
+
+
 # Classes listed by name in metrics.json as the worst.
 WORST_CLASSES = 10
+
+
 # Keras clips probabilities to [epsilon, 1 - epsilon] in its cross-entropy.
 KERAS_EPSILON = 1e-7
+
+
 # Images in predictions.png, drawn from the split with the run's seed.
 PREDICTION_IMAGES = 16
 
@@ -36,7 +52,7 @@ def predict_probabilities(
 
     Batches of `batch_size` in order, as the evaluate binary feeds the export.
     """
-    dataset = input_pipeline.make_dataset(
+    dataset = pipeline.make_dataset(
         split.images, split.labels, batch_size=batch_size, is_training=False, seed=0
     )
     return np.asarray(
@@ -106,3 +122,51 @@ def write_augmentations(model: keras.Model, image: np.ndarray, path: str, count:
     note = None if resize.augment is not None else "augmentation off (--noaugment)"
     views = augment.draw(resize, np.repeat(image[None], count, axis=0))
     plots.plot_augmentations(image, views, path, note=note)
+
+
+def evaluate_export(config: TrainConfig, workdir: str, output_dir: str) -> dict:
+    """Evaluates WORKDIR/export on the config's dataset; writes the outputs.
+
+    Args:
+      config: the run's configuration, data flags possibly replaced.
+      workdir: the run directory (its export/ is evaluated).
+      output_dir: where json and the plots go.
+
+    Returns:
+      The summary written to json.
+
+    Raises:
+      UsageError: no export, or a dataset whose classes differ from the model's.
+    """
+    export_dir = os.path.join(workdir, export.EXPORT_DIR)
+    if not os.path.isfile(os.path.join(export_dir, "saved_model.pb")):
+        raise UsageError(
+            f"{workdir} has no {export.EXPORT_DIR}/ SavedModel: the run did not finish, or ran "
+            "with --noexport; rerun its command with --export to write it"
+        )
+    exported = export.load(export_dir)
+    model_names = [n.decode() for n in exported.signatures["class_names"]()["class_names"].numpy()]
+    source = sources.load_configured_source(config)
+    if len(source.class_names) != len(model_names):
+        raise UsageError(
+            f"{config.dataset} has {len(source.class_names)} classes and the model "
+            f"{len(model_names)}: evaluate on data with the model's classes"
+        )
+    _, _, split, evaluated_on = splits.configured_splits(config, source)
+    serve = exported.signatures["serve_images"]
+    probabilities = np.concatenate(
+        [
+            serve(images=tf.constant(split.images[start : start + config.batch_size]))[
+                "all_probabilities"
+            ].numpy()
+            for start in range(0, len(split), config.batch_size)
+        ]
+    )
+    summary = summarize(probabilities, split.labels, source.class_names)
+    summary.update(
+        evaluated_on=evaluated_on, dataset=source.name, examples=len(split), model=export_dir
+    )
+    os.makedirs(output_dir, exist_ok=True)
+    write_plots(output_dir, split, probabilities, summary, source.class_names, seed=config.seed)
+    run_dir.write_json(os.path.join(output_dir, "json"), summary)
+    return summary

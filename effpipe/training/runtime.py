@@ -23,10 +23,13 @@ import subprocess
 
 import tensorflow as tf
 
+from effpipe.config import TrainConfig
 from effpipe.errors import UsageError
 
 # bfloat16 tensor-core arithmetic arrived with Ampere (compute capability 8.0).
 BFLOAT16_MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
 # How a user gets TensorFlow's CUDA build (setup.cfg's gpu extra).
 GPU_INSTALL_HINT = "install TensorFlow's GPU build: make venv GPU=1, or pip install -e '.[gpu]'"
 
@@ -246,3 +249,69 @@ def _check_precision_fits_device(dtype: str, devices: Devices) -> None:
         raise UsageError(
             "--mixed_precision_dtype=float16 does not run on a TPU: use bfloat16 (or auto)"
         )
+
+
+# The most train steps per compiled call that --steps_per_execution=0 (auto) picks.
+# Each call costs the host about 0.95 ms (Python, the tf.function call, Keras' logs
+# turned into floats after every call on the TensorFlow backend): measured by
+# benchmarks.step_throughput on this project's CPU, the phase-1 head on cached
+# features ran at 1.96 ms/step one step per call and 1.01 at 25 (WORKSPACE.md). A whole
+# EfficientNet step on a CPU (260 ms for B0 at 224 px) hides that overhead, so the
+# CPU keeps 1; a GPU or TPU step of a few milliseconds (B0 on a large GPU) does not.
+AUTO_STEPS_PER_EXECUTION = {"head": 32, "gpu": 8, "tpu": 8, "cpu": 1}
+
+
+def tuner_command(config: TrainConfig) -> str:
+    """The batch-size tuner's command for this run's model, for messages."""
+    flags = [f"--variant={config.variant}", f"--image_size={config.resolved_image_size}"]
+    if config.mixed_precision:
+        flags.append("--mixed_precision")
+        if config.mixed_precision_dtype != "auto":
+            flags.append(f"--mixed_precision_dtype={config.mixed_precision_dtype}")
+    flags.append(f"--unfreeze_blocks={config.unfreeze_blocks}")
+    return " ".join(["python -m effpipe.tune_batch", *flags, "--memory_budget_gb=GB"])
+
+
+def resolve_steps_per_execution(
+    config: TrainConfig, steps_per_epoch: int, *, accelerator: str, head_only: bool = False
+) -> tuple[int, str]:
+    """The train steps per compiled call of one phase, with the reason for the log.
+
+    An epoch must be a whole number of calls: Keras runs every call's N steps on an
+    endless stream, so a call that crossed the epoch's end would train steps of the
+    next epoch and break the resume arithmetic.
+
+    Args:
+      config: the run configuration (--steps_per_execution, --profile_steps).
+      steps_per_epoch: train steps of one epoch.
+      accelerator: "gpu", "tpu" or "cpu".
+      head_only: the phase fits the head alone (phase 1 on cached features).
+
+    Returns:
+      (steps per call, reason).
+
+    Raises:
+      UsageError: an explicit --steps_per_execution that does not divide the epoch.
+    """
+    requested = config.steps_per_execution
+    if requested:
+        if steps_per_epoch % requested:
+            raise UsageError(
+                f"--steps_per_execution={requested} must divide the {steps_per_epoch} train "
+                f"steps of an epoch: use {_largest_divisor(steps_per_epoch, requested)}, or "
+                "0 (auto)"
+            )
+        return requested, f"{requested} train step(s) per call (--steps_per_execution)"
+    if config.profile_steps:
+        return 1, "1 train step per call (auto: --profile_steps traces single steps)"
+    kind = "head" if head_only else accelerator
+    steps = _largest_divisor(steps_per_epoch, AUTO_STEPS_PER_EXECUTION[kind])
+    what = "the head on cached features" if head_only else f"the whole model on {kind.upper()}"
+    return steps, (
+        f"{steps} train step(s) per call (auto: up to {AUTO_STEPS_PER_EXECUTION[kind]} for "
+        f"{what}, dividing the {steps_per_epoch} steps of an epoch)"
+    )
+
+
+def _largest_divisor(number: int, at_most: int) -> int:
+    return max(d for d in range(1, max(min(number, at_most), 1) + 1) if number % d == 0)
