@@ -29,7 +29,6 @@ keras_chain_images_per_sec (each the faster of its modes that compile), speedup
 (their ratio) and xla_compiles per path.
 """
 
-import dataclasses
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -118,15 +117,15 @@ def main(argv):
     del argv
     config = cli_flags.config_from_flags()
     sizes = _parse_sizes(_SIZES.value)
-    batch_size, source_size = config.batch_size, config.source_size
+    batch_size, source_size = config.batch_size, config.data.source_size
     warmup_steps = _WARMUP_STEPS.value
     repeats, steps_per_repeat = _REPEATS.value, _STEPS_PER_REPEAT.value
     harness.require_positive(repeats=repeats, steps_per_repeat=steps_per_repeat)
     if _SMOKE.value:
         sizes, batch_size, warmup_steps, repeats, steps_per_repeat = [48], 4, 1, 2, 2
     # The trainer's augmentation flags give the ranges (--augment itself is moot here).
-    augmentation = factory.augment_config(dataclasses.replace(config, augment=True))
-    setup = runtime.resolve_runtime(mixed_precision=config.mixed_precision, xla="auto")
+    augmentation = factory.augment_config(config.replace(augment=True))
+    setup = runtime.resolve_runtime(mixed_precision=config.runtime.mixed_precision, xla="auto")
     dtype = keras.DTypePolicy(setup.precision).compute_dtype
     print(
         f"augment_throughput on {setup.device}: batch {batch_size}, {source_size} px uint8 "

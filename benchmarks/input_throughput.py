@@ -109,7 +109,7 @@ def main(argv):
     batch_size = config.batch_size
     train = sources.load_configured_source(config).train
     print(
-        f"input_throughput: {config.dataset}, {len(train)} train images "
+        f"input_throughput: {config.data.dataset}, {len(train)} train images "
         f"{train.images.shape[1]}x{train.images.shape[2]} uint8, batch {batch_size}, "
         f"median of {repeats} repeats x {num_batches} batches"
     )
@@ -151,7 +151,7 @@ def main(argv):
     harness.print_json_line(
         {
             "benchmark": "input_throughput",
-            "dataset": config.dataset,
+            "dataset": config.data.dataset,
             "train_images": len(train),
             "batch_size": batch_size,
             "repeats": repeats,

@@ -116,11 +116,13 @@ def effpipe_model(
     config, phase: int, weights_path: str, num_classes: int, source_size, setup,
     steps_per_execution: int = 1,
 ):  # fmt: skip
-    """The trainer's model and compile for `phase` (config.augment says whether to augment)."""
+    """The trainer's model and compile for `phase` (config.augmentation.augment says whether to augment)."""
     model = factory.make_configured_model(config, source_size, num_classes, weights_path)
     if phase == 2:
-        freezing.unfreeze_top_blocks(model, config.unfreeze_blocks)
-    learning_rate = config.phase1_learning_rate if phase == 1 else config.phase2_learning_rate
+        freezing.unfreeze_top_blocks(model, config.phases.unfreeze_blocks)
+    learning_rate = (
+        config.phases.phase1_learning_rate if phase == 1 else config.phases.phase2_learning_rate
+    )
     factory.compile_model(
         model, learning_rate, jit_compile=setup.xla, steps_per_execution=steps_per_execution
     )
@@ -157,11 +159,11 @@ def feature_cache_groups(config, setup, train, num_classes, weights_path, steps,
         configuration = Configuration(name, {})
 
         def build():
-            noaug = dataclasses.replace(config, augment=False)
+            noaug = config.replace(augment=False)
             model = effpipe_model(noaug, 1, weights_path, num_classes, images.shape[1:3], setup)
             head = feature_cache.make_head_model(model)
             factory.compile_model(
-                head, config.phase1_learning_rate, jit_compile=setup.xla,
+                head, config.phases.phase1_learning_rate, jit_compile=setup.xla,
                 optimizer=model.optimizer, steps_per_execution=steps_per_execution,
             )  # fmt: skip
             configuration.fit_inputs = {
@@ -181,7 +183,7 @@ def feature_cache_groups(config, setup, train, num_classes, weights_path, steps,
         return Group(build, [configuration])
 
     multistep, _ = runtime.resolve_steps_per_execution(
-        dataclasses.replace(config, steps_per_execution=0),
+        config.replace(steps_per_execution=0),
         steps,
         accelerator=setup.accelerator,
         head_only=True,
@@ -199,7 +201,7 @@ def seed_model(config, phase: int, num_classes: int, source_size: int) -> keras.
     keras.mixed_precision.set_global_policy("float32")
     try:
         model = seed_replica.make_model(
-            config.variant, config.resolved_image_size, num_classes, source_size
+            config.model.variant, config.model.resolved_image_size, num_classes, source_size
         )
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -229,7 +231,7 @@ def make_groups(
     groups = []
     for augment in (False, True):
         tag = "aug" if augment else "noaug"
-        variant_config = dataclasses.replace(config, augment=augment)
+        variant_config = config.replace(augment=augment)
         groups.append(
             Group(
                 functools.partial(
@@ -253,7 +255,7 @@ def make_groups(
         )
     # Phase 1 on cached features, unless turned off (the benchmark's base loads a
     # weights file, as a pretrained one: its features do not change between epochs).
-    if phase == 1 and config.phase1_feature_cache != "off" and config.head == "pooled":
+    if phase == 1 and config.phases.phase1_feature_cache != "off" and config.model.head == "pooled":
         groups.extend(
             feature_cache_groups(
                 config, setup, train, num_classes, weights_path, steps, cache_build
@@ -368,9 +370,9 @@ def main(argv):
         )  # fmt: skip
         repeats, steps = 1, 3
     setup = runtime.resolve_runtime(
-        mixed_precision=config.mixed_precision,
-        mixed_precision_dtype=config.mixed_precision_dtype,
-        xla=config.xla,
+        mixed_precision=config.runtime.mixed_precision,
+        mixed_precision_dtype=config.runtime.mixed_precision_dtype,
+        xla=config.runtime.xla,
     )
     gpu = setup.accelerator == "gpu"
     # The trainer's steps per compiled call for an epoch of `steps` steps (a repeat).
@@ -380,9 +382,9 @@ def main(argv):
     keras.utils.set_random_seed(config.seed)
     source = sources.load_configured_source(config)
     print(
-        f"step_throughput on {setup.device}: {config.variant} at {config.resolved_image_size} "
+        f"step_throughput on {setup.device}: {config.model.variant} at {config.model.resolved_image_size} "
         f"px, batch {config.batch_size}, phase {phase} (effpipe unfreezes "
-        f"{config.unfreeze_blocks} blocks, the replica its last 51 layers); effpipe "
+        f"{config.phases.unfreeze_blocks} blocks, the replica its last 51 layers); effpipe "
         f"{setup.precision}, XLA {'on' if setup.xla else 'off'}; seed replica float32, no "
         f"XLA; median of {repeats} repeats x {steps} steps after one warm-up repeat; "
         f"effpipe's {steps_per_execution_reason}"
@@ -394,9 +396,9 @@ def main(argv):
         with tempfile.TemporaryDirectory() as scratch:
             # Random base weights loaded from a file take the pretrained-base path.
             weights_path = os.path.join(scratch, "base.weights.h5")
-            efficientnet.make_base(config.variant, config.resolved_image_size, "none").save_weights(
-                weights_path
-            )
+            efficientnet.make_base(
+                config.model.variant, config.model.resolved_image_size, "none"
+            ).save_weights(weights_path)
             cache_build = {}
             groups = make_groups(
                 config, phase, setup, source.train, source.num_classes, weights_path, steps,
@@ -414,11 +416,11 @@ def main(argv):
         {
             "benchmark": "step_throughput",
             "device": setup.device,
-            "variant": config.variant,
-            "image_size": config.resolved_image_size,
+            "variant": config.model.variant,
+            "image_size": config.model.resolved_image_size,
             "batch_size": config.batch_size,
             "phase": phase,
-            "unfreeze_blocks": config.unfreeze_blocks,
+            "unfreeze_blocks": config.phases.unfreeze_blocks,
             "precision": setup.precision,
             "xla": setup.xla,
             "repeats": repeats,

@@ -5,7 +5,6 @@ Binaries import this module, call `flags.adopt_module_key_flags(cli_flags)` so
 This module imports neither TensorFlow nor Keras: a bad flag fails in a second.
 """
 
-import dataclasses
 import datetime
 import sys
 
@@ -15,134 +14,134 @@ from effpipe import config as config_lib
 from effpipe import variants
 from effpipe.errors import UsageError
 
-_DEFAULTS = config_lib.TrainConfig()
+_DEFAULTS = config_lib.TrainConfig().to_flat()
 
 # --- Data. ---
 flags.DEFINE_string(
     "dataset",
-    _DEFAULTS.dataset,
+    _DEFAULTS["dataset"],
     "Data source: cifar100 (tensorflow-datasets), shapes (synthetic, offline) or "
     "folder:PATH (PATH/train/<class>/*.png|jpg|jpeg and optional PATH/test/<class>/).",
 )
 flags.DEFINE_string(
     "data_dir",
-    _DEFAULTS.data_dir,
+    _DEFAULTS["data_dir"],
     "tensorflow-datasets data directory for cifar100 (default ~/tensorflow_datasets).",
 )
 flags.DEFINE_integer(
     "source_size",
-    _DEFAULTS.source_size,
+    _DEFAULTS["source_size"],
     "Side in pixels that folder and shapes images are stored at on the host.",
 )
 flags.DEFINE_enum(
     "on_bad_image",
-    _DEFAULTS.on_bad_image,
+    _DEFAULTS["on_bad_image"],
     config_lib.BAD_IMAGE_POLICIES,
     "A folder image that cannot be decoded: fail (stop, naming the file) or skip "
     "(leave it out and log how many were skipped).",
 )
 flags.DEFINE_float(
     "validation_fraction",
-    _DEFAULTS.validation_fraction,
+    _DEFAULTS["validation_fraction"],
     "Share of the train split held out for validation, in (0, 1).",
 )
 flags.DEFINE_enum(
     "validation_selection",
-    _DEFAULTS.validation_selection,
+    _DEFAULTS["validation_selection"],
     config_lib.VALIDATION_SELECTIONS,
     "random: a seeded random subset; last: the last examples in stored order (Keras "
     "validation_split, as the original notebook did).",
 )
 flags.DEFINE_integer(
     "shapes_num_classes",
-    _DEFAULTS.shapes_num_classes,
+    _DEFAULTS["shapes_num_classes"],
     "Kinds of shape in --dataset=shapes (2..10).",
 )
 flags.DEFINE_integer(
     "shapes_train_examples",
-    _DEFAULTS.shapes_train_examples,
+    _DEFAULTS["shapes_train_examples"],
     "Train examples generated for --dataset=shapes (validation is split off them).",
 )
 flags.DEFINE_integer(
     "shapes_test_examples",
-    _DEFAULTS.shapes_test_examples,
+    _DEFAULTS["shapes_test_examples"],
     "Test examples generated for --dataset=shapes.",
 )
 
 # --- Model. ---
-flags.DEFINE_enum("variant", _DEFAULTS.variant, list(variants.VARIANTS), "EfficientNet variant.")
+flags.DEFINE_enum("variant", _DEFAULTS["variant"], list(variants.VARIANTS), "EfficientNet variant.")
 flags.DEFINE_integer(
     "image_size",
-    _DEFAULTS.image_size,
+    _DEFAULTS["image_size"],
     "Model resolution in pixels; 0 means the variant's native size (456 for b5).",
 )
 flags.DEFINE_string(
     "weights",
-    _DEFAULTS.weights,
+    _DEFAULTS["weights"],
     "imagenet (Keras download), none (random initialisation) or the PATH of a Keras "
     "weights file of the variant's no-top base.",
 )
 flags.DEFINE_enum(
     "head",
-    _DEFAULTS.head,
+    _DEFAULTS["head"],
     config_lib.HEADS,
     "pooled: GAP -> BN -> Dropout -> Dense; seed: BN -> Dropout -> GAP -> Dense "
     "(the original notebook's order).",
 )
-flags.DEFINE_float("dropout", _DEFAULTS.dropout, "Dropout rate of the head.")
+flags.DEFINE_float("dropout", _DEFAULTS["dropout"], "Dropout rate of the head.")
 
 # --- Augmentation: on the device, fused with the resize (effpipe.model.augment). ---
 flags.DEFINE_bool(
     "augment",
-    _DEFAULTS.augment,
+    _DEFAULTS["augment"],
     "Random affine augmentation of training images, sampled straight at the model "
     "resolution inside the compiled train step; evaluation is never augmented.",
 )
 flags.DEFINE_float(
-    "rotation_degrees", _DEFAULTS.rotation_degrees, "Rotation drawn from [-r, r] degrees."
+    "rotation_degrees", _DEFAULTS["rotation_degrees"], "Rotation drawn from [-r, r] degrees."
 )
 flags.DEFINE_float(
     "shift_fraction",
-    _DEFAULTS.shift_fraction,
+    _DEFAULTS["shift_fraction"],
     "Shifts drawn from [-s, s] times the image height and width.",
 )
 flags.DEFINE_float(
     "shear_degrees",
-    _DEFAULTS.shear_degrees,
+    _DEFAULTS["shear_degrees"],
     "Shear angle drawn from [-s, s] degrees. The default is the original notebook's "
     "shear_range=0.2, which ImageDataGenerator reads as degrees: a negligible shear "
     "(0.2 radians would be 11.5).",
 )
 flags.DEFINE_float(
     "zoom_fraction",
-    _DEFAULTS.zoom_fraction,
+    _DEFAULTS["zoom_fraction"],
     "Row and column zoom drawn independently from [1 - z, 1 + z].",
 )
 flags.DEFINE_bool(
-    "horizontal_flip", _DEFAULTS.horizontal_flip, "Mirror half of the training images."
+    "horizontal_flip", _DEFAULTS["horizontal_flip"], "Mirror half of the training images."
 )
 flags.DEFINE_enum(
     "fill_mode",
-    _DEFAULTS.fill_mode,
+    _DEFAULTS["fill_mode"],
     config_lib.FILL_MODES,
     "Samples outside the source: nearest (repeat the edge), reflect or constant (0).",
 )
 
 # --- Training recipe. ---
-flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Global batch size, in images.")
-flags.DEFINE_integer("phase1_epochs", _DEFAULTS.phase1_epochs, "Epochs with the base frozen.")
+flags.DEFINE_integer("batch_size", _DEFAULTS["batch_size"], "Global batch size, in images.")
+flags.DEFINE_integer("phase1_epochs", _DEFAULTS["phase1_epochs"], "Epochs with the base frozen.")
 flags.DEFINE_float(
-    "phase1_learning_rate", _DEFAULTS.phase1_learning_rate, "Adam learning rate of phase 1."
+    "phase1_learning_rate", _DEFAULTS["phase1_learning_rate"], "Adam learning rate of phase 1."
 )
 flags.DEFINE_integer(
-    "phase2_epochs", _DEFAULTS.phase2_epochs, "Epochs with the top blocks unfrozen."
+    "phase2_epochs", _DEFAULTS["phase2_epochs"], "Epochs with the top blocks unfrozen."
 )
 flags.DEFINE_float(
-    "phase2_learning_rate", _DEFAULTS.phase2_learning_rate, "Adam learning rate of phase 2."
+    "phase2_learning_rate", _DEFAULTS["phase2_learning_rate"], "Adam learning rate of phase 2."
 )
 flags.DEFINE_integer(
     "unfreeze_blocks",
-    _DEFAULTS.unfreeze_blocks,
+    _DEFAULTS["unfreeze_blocks"],
     "Blocks of the base unfrozen in phase 2, counted from the top (b0 has 16, b5 39), "
     "plus the top conv; BatchNormalization layers always stay frozen.",
 )
@@ -150,12 +149,12 @@ flags.DEFINE_integer(
 # --- Performance and reproducibility. ---
 flags.DEFINE_bool(
     "mixed_precision",
-    _DEFAULTS.mixed_precision,
+    _DEFAULTS["mixed_precision"],
     "Mixed precision: 16-bit float compute, float32 variables (--mixed_precision_dtype).",
 )
 flags.DEFINE_enum(
     "mixed_precision_dtype",
-    _DEFAULTS.mixed_precision_dtype,
+    _DEFAULTS["mixed_precision_dtype"],
     config_lib.MIXED_PRECISION_DTYPES,
     "The 16-bit float of --mixed_precision. auto: float16 with dynamic loss scaling "
     "on GPU, bfloat16 on CPU and TPU; float16: with loss scaling, anywhere (on a CPU "
@@ -164,40 +163,40 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum(
     "xla",
-    _DEFAULTS.xla,
+    _DEFAULTS["xla"],
     config_lib.XLA_MODES,
     "Compile the train step with XLA; auto: on for GPU/TPU, off on CPU.",
 )
 flags.DEFINE_integer(
     "steps_per_execution",
-    _DEFAULTS.steps_per_execution,
+    _DEFAULTS["steps_per_execution"],
     "Train steps per compiled call (Keras' steps_per_execution): fewer round trips "
     "from Python to the device. 0 (auto): as many as divide an epoch, up to 32 for "
     "the phase-1 head on cached features and 8 for the whole model on a GPU or TPU; "
     "1 on CPU and while profiling. Must divide the steps of an epoch.",
 )
-flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seeds data order, splits and initialisation.")
+flags.DEFINE_integer("seed", _DEFAULTS["seed"], "Seeds data order, splits and initialisation.")
 flags.DEFINE_bool(
     "deterministic",
-    _DEFAULTS.deterministic,
+    _DEFAULTS["deterministic"],
     "Deterministic ops and data order: repeatable runs, somewhat slower.",
 )
 flags.DEFINE_integer(
     "data_threads",
-    _DEFAULTS.data_threads,
+    _DEFAULTS["data_threads"],
     "Private thread pool size of the input pipeline; 0 uses TensorFlow's shared pool.",
 )
-flags.DEFINE_bool("autotune", _DEFAULTS.autotune, "Let tf.data tune parallelism and buffers.")
+flags.DEFINE_bool("autotune", _DEFAULTS["autotune"], "Let tf.data tune parallelism and buffers.")
 flags.DEFINE_bool(
     "debug_numerics",
-    _DEFAULTS.debug_numerics,
+    _DEFAULTS["debug_numerics"],
     "TensorFlow's numeric checks: stop at the first op that makes a NaN or infinity "
     "and name it (much slower; for debugging a diverging run).",
 )
 
 flags.DEFINE_enum(
     "phase1_feature_cache",
-    _DEFAULTS.phase1_feature_cache,
+    _DEFAULTS["phase1_feature_cache"],
     config_lib.FEATURE_CACHE_MODES,
     "Compute the frozen base's pooled features of the train and validation images "
     "once (saved under WORKDIR/cache/) and train phase 1's head on them. auto: on "
@@ -209,7 +208,7 @@ flags.DEFINE_enum(
 # --- Distribution: replicas, machines and an input fleet (effpipe.training.distribution). ---
 flags.DEFINE_enum(
     "strategy",
-    _DEFAULTS.strategy,
+    _DEFAULTS["strategy"],
     config_lib.STRATEGIES,
     "tf.distribute strategy. auto: mirrored when more than one GPU is visible, else "
     "default (one device); mirrored: every local GPU; multi_worker: the machines of "
@@ -218,14 +217,14 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_integer(
     "base_batch_size",
-    _DEFAULTS.base_batch_size,
+    _DEFAULTS["base_batch_size"],
     "The batch size the learning rates were tuned for: when set, both phases' "
     "learning rates are multiplied by --batch_size / --base_batch_size (the linear "
     "scaling rule); 0 leaves them as given.",
 )
 flags.DEFINE_string(
     "data_service",
-    _DEFAULTS.data_service,
+    _DEFAULTS["data_service"],
     "grpc://HOST:PORT of a tf.data service dispatcher (python -m effpipe.data_service): "
     "the training input pipeline runs on its workers. Empty: in this process.",
 )
@@ -233,13 +232,13 @@ flags.DEFINE_string(
 # --- Outputs. ---
 flags.DEFINE_string(
     "profile_steps",
-    _DEFAULTS.profile_steps,
+    _DEFAULTS["profile_steps"],
     "START,END: trace train steps START..END of each phase with TensorFlow's profiler "
     "(TensorBoard's Profile tab, under WORKDIR/tensorboard/); empty for none.",
 )
 flags.DEFINE_bool(
     "export",
-    _DEFAULTS.export,
+    _DEFAULTS["export"],
     "Write WORKDIR/export/, the serving SavedModel that effpipe.predict and "
     "effpipe.evaluate use (a few seconds at the end of the run).",
 )
@@ -253,10 +252,8 @@ def config_from_flags() -> config_lib.TrainConfig:
     Raises:
       UsageError: a flag value that the config refuses.
     """
-    values = {
-        field.name: FLAGS[field.name].value for field in dataclasses.fields(config_lib.TrainConfig)
-    }
-    return config_lib.TrainConfig(**values)
+    values = {name: FLAGS[name].value for name in config_lib.FIELD_SLICES}
+    return config_lib.TrainConfig.from_flat(**values)
 
 
 def flagfile_text(program: str, extra_flag_names: tuple[str, ...] = ()) -> str:

@@ -17,7 +17,6 @@ when it has no test split) and writes to --output_dir (default WORKDIR/evaluatio
 and prints the top-1 and top-5 line. Bad input: one line on stderr, exit status 2.
 """
 
-import dataclasses
 import os
 import sys
 
@@ -29,7 +28,7 @@ from effpipe import (
     cli_flags,
     run_dir,
 )
-from effpipe.config import TrainConfig
+from effpipe.config import FIELD_SLICES, TrainConfig
 from effpipe.errors import UsageError
 
 PROGRAM = "effpipe.evaluate"
@@ -59,9 +58,9 @@ def main(argv):
         config = _run_config(MODEL.value)
         output_dir = OUTPUT_DIR.value or os.path.join(MODEL.value, "evaluation")
         # Imported here so that a bad flag fails before TensorFlow loads.
-        from effpipe import evaluate_lib
+        from effpipe.outputs import evaluation
 
-        summary = evaluate_lib.evaluate_export(config, MODEL.value, output_dir)
+        summary = evaluation.evaluate_export(config, MODEL.value, output_dir)
     except UsageError as error:
         cli_flags.exit_with_usage_error(PROGRAM, error)
     print(
@@ -81,12 +80,12 @@ def _run_config(workdir: str) -> TrainConfig:
             "point --model at the --workdir of a run that completed"
         )
     recorded = run_dir.read_json(path)
-    known = {field.name for field in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in recorded.items() if k in known})
+    known = set(FIELD_SLICES)
+    config = TrainConfig.from_flat(**{k: v for k, v in recorded.items() if k in known})
     given = {name: flags.FLAGS[name].value for name in DATA_FLAGS if flags.FLAGS[name].present}
     if given:
         logging.info("data flags from the command line: %s", given)
-    return dataclasses.replace(config, **given)
+    return config.replace(**given)
 
 
 if __name__ == "__main__":

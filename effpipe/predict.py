@@ -41,7 +41,7 @@ def main(argv):
         import numpy as np
         import tensorflow as tf
 
-        from effpipe import export
+        from effpipe.outputs import export
 
         exported = export.load(export_dir)
         serve = exported.signatures["serving_default"]

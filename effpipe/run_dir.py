@@ -9,7 +9,6 @@ lower learning rate after a NaN loss; thread counts): config.json takes them.
 No TensorFlow import: the check runs before TensorFlow loads.
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -65,7 +64,7 @@ def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:
         and `overwrite` is off.
     """
     create(workdir)
-    wanted = dataclasses.asdict(config)
+    wanted = config.to_flat()
     config_path = os.path.join(workdir, CONFIG_FILE)
     present = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(workdir, name))]
     remove_temporaries(workdir)
@@ -140,7 +139,7 @@ def is_complete(workdir: str, config: TrainConfig) -> bool:
     return (
         os.path.exists(os.path.join(workdir, "metrics.json"))
         and os.path.exists(config_path)
-        and read_json(config_path) == dataclasses.asdict(config)
+        and read_json(config_path) == config.to_flat()
     )
 
 

@@ -27,7 +27,7 @@ from effpipe import (
     run_dir,
 )
 from effpipe.errors import TrainingInterrupted, UsageError
-from effpipe.training import distribution
+from effpipe.training import cluster
 
 PROGRAM = "effpipe.train"
 
@@ -59,12 +59,12 @@ def main(argv):
         config = cli_flags.config_from_flags()
         if REQUIRE_GPU.value:
             # Loads TensorFlow before the run directory is touched.
-            from effpipe import runtime
+            from effpipe.training import runtime
 
             runtime.require_gpu()
         # In a multi-worker run (TF_CONFIG) the chief alone prepares --workdir and
         # writes the run's files; the other workers only read it.
-        if distribution.current_task(config.strategy).is_chief:
+        if cluster.current_task(config.distribution.strategy).is_chief:
             status = run_dir.prepare(WORKDIR.value, config, overwrite=OVERWRITE.value)
         else:
             complete = run_dir.is_complete(WORKDIR.value, config)
@@ -76,14 +76,14 @@ def main(argv):
             )
             return
         # Imported here so that a bad flag fails before TensorFlow loads.
-        from effpipe import train_lib
+        from effpipe.training import trainer
 
-        if distribution.current_task(config.strategy).is_chief:
+        if cluster.current_task(config.distribution.strategy).is_chief:
             run_dir.write_text(
                 os.path.join(WORKDIR.value, "flags.txt"),
                 cli_flags.flagfile_text(PROGRAM, extra_flag_names=("workdir",)),
             )
-        train_lib.train_and_evaluate(config, workdir=WORKDIR.value)
+        trainer.train_and_evaluate(config, workdir=WORKDIR.value)
     except UsageError as error:
         cli_flags.exit_with_usage_error(PROGRAM, error)
     except TrainingInterrupted as interruption:

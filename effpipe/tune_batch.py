@@ -112,16 +112,16 @@ def main(argv):
         if min(MAX_BATCH.value, TRIAL_STEPS.value, RESOLUTION.value) < 1:
             raise UsageError("--max_batch, --trial_steps and --resolution must be at least 1")
         # Imported here so that a bad flag fails before TensorFlow loads.
-        from effpipe import tune_lib
+        from effpipe.tune import tuner
 
         if TRIAL_BATCH.value:
             phase = 1 if PHASE.value == "both" else int(PHASE.value)
-            trial = tune_lib.run_trial(
+            trial = tuner.run_trial(
                 config, phase, TRIAL_BATCH.value, usable, steps=TRIAL_STEPS.value
             )
             print(json.dumps(trial))
             return
-        report = tune_lib.tune(
+        report = tuner.tune(
             config,
             phases=[1, 2] if PHASE.value == "both" else [int(PHASE.value)],
             usable_bytes=usable,
@@ -138,10 +138,12 @@ def main(argv):
     except UsageError as error:
         cli_flags.exit_with_usage_error(PROGRAM, error)
     report["memory_budget_gb"] = MEMORY_BUDGET_GB.value
-    tune_lib.print_report(report)
+    tuner.print_report(report)
     output = OUTPUT.value
     if output is None:
-        output = os.path.join("flags", f"tuned_{config.variant}_{MEMORY_BUDGET_GB.value:g}gb.flags")
+        output = os.path.join(
+            "flags", f"tuned_{config.model.variant}_{MEMORY_BUDGET_GB.value:g}gb.flags"
+        )
     batch_size = _flagfile_batch(report)
     if output:
         if batch_size:
@@ -175,7 +177,7 @@ def _flagfile_batch(report: dict) -> int:
 
 def _write_flagfile(path: str, report: dict, batch_size: int) -> None:
     """The model flags the answer holds for, and --batch_size, as a trainer flagfile."""
-    from effpipe import run_files
+    from effpipe import run_dir
 
     command = shlex.join(["python", "-m", PROGRAM, *sys.argv[1:]])
     per_phase = ", ".join(
@@ -212,7 +214,7 @@ def _write_flagfile(path: str, report: dict, batch_size: int) -> None:
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
-    run_files.write_text(path, "\n".join(header + lines) + "\n")
+    run_dir.write_text(path, "\n".join(header + lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ from effpipe.errors import UsageError
 
 
 def test_defaults_are_valid_and_resolve_native_size():
-    config = TrainConfig()
-    assert config.resolved_image_size == 224
-    assert TrainConfig(variant="b5").resolved_image_size == 456
-    assert TrainConfig(variant="b5", image_size=300).resolved_image_size == 300
+    config = TrainConfig.from_flat()
+    assert config.model.resolved_image_size == 224
+    assert TrainConfig.from_flat(variant="b5").model.resolved_image_size == 456
+    assert TrainConfig.from_flat(variant="b5", image_size=300).model.resolved_image_size == 300
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,7 @@ def test_defaults_are_valid_and_resolve_native_size():
 )
 def test_bad_values_raise_usage_error(overrides, fragment):
     with pytest.raises(UsageError, match=None) as raised:
-        TrainConfig(**overrides)
+        TrainConfig.from_flat(**overrides)
     assert fragment in str(raised.value)
 
 
@@ -57,18 +57,20 @@ def test_bad_values_raise_usage_error(overrides, fragment):
 def test_auto_feature_cache_needs_no_augmentation_a_pooled_head_and_a_pretrained_base(
     augment, head, weights, expected
 ):
-    config = TrainConfig(augment=augment, head=head, weights=weights)
-    assert config.phase1_feature_cache == "auto"
+    config = TrainConfig.from_flat(augment=augment, head=head, weights=weights)
+    assert config.phases.phase1_feature_cache == "auto"
     assert config.uses_phase1_feature_cache is expected
     # "off" always wins; "on" is taken wherever it is valid (a random base included).
     assert (
-        TrainConfig(
+        TrainConfig.from_flat(
             augment=augment, head=head, phase1_feature_cache="off"
         ).uses_phase1_feature_cache
         is False
     )
     if not augment and head == "pooled":
-        on = TrainConfig(augment=augment, head=head, weights=weights, phase1_feature_cache="on")
+        on = TrainConfig.from_flat(
+            augment=augment, head=head, weights=weights, phase1_feature_cache="on"
+        )
         assert on.uses_phase1_feature_cache is True
 
 
@@ -88,11 +90,11 @@ def test_auto_feature_cache_needs_no_augmentation_a_pooled_head_and_a_pretrained
 )
 def test_a_feature_cache_forced_on_where_it_cannot_apply_is_refused(overrides, fragments):
     with pytest.raises(UsageError) as raised:
-        TrainConfig(phase1_feature_cache="on", **overrides)
+        TrainConfig.from_flat(phase1_feature_cache="on", **overrides)
     for fragment in fragments:
         assert fragment in str(raised.value)
 
 
 def test_an_unknown_feature_cache_mode_is_refused():
     with pytest.raises(UsageError, match="unknown phase1_feature_cache 'yes'"):
-        TrainConfig(phase1_feature_cache="yes")
+        TrainConfig.from_flat(phase1_feature_cache="yes")

@@ -19,7 +19,7 @@ import pytest
 from test_data_service import STOP_BOUND_SEC, free_port, start_data_service, stop_seconds
 
 from effpipe.errors import UsageError
-from effpipe.training import distribution
+from effpipe.training import cluster, distribution
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -65,7 +65,7 @@ def test_the_chief_is_worker_0_unless_the_cluster_names_one():
                 {"cluster": cluster_spec, "task": {"type": task_type, "index": index}}
             )
         }
-        return distribution.current_task("multi_worker", environ)
+        return cluster.current_task("multi_worker", environ)
 
     workers = {"worker": ["a:1", "b:1"]}
     assert task(workers, "worker", 0) == distribution.Task("worker", 0, 2, True)
@@ -74,9 +74,9 @@ def test_the_chief_is_worker_0_unless_the_cluster_names_one():
     assert task(with_chief, "chief", 0).is_chief and task(with_chief, "chief", 0).num_workers == 3
     assert not task(with_chief, "worker", 0).is_chief
     # Without --strategy=multi_worker a process is its own chief, TF_CONFIG or not.
-    assert distribution.current_task("default", {"TF_CONFIG": "x"}).is_chief
+    assert cluster.current_task("default", {"TF_CONFIG": "x"}).is_chief
     with pytest.raises(UsageError, match="needs TF_CONFIG"):
-        distribution.current_task("multi_worker", {})
+        cluster.current_task("multi_worker", {})
 
 
 def test_a_global_batch_that_does_not_divide_by_the_replicas_exits_2_with_one_line(tmp_path):
@@ -112,7 +112,7 @@ weights = folder + "/b0_notop.weights.h5"
 efficientnet.make_base("b0", 32, "none").save_weights(weights)
 histories = {}
 for strategy in ("default", "mirrored"):
-    config = TrainConfig(
+    config = TrainConfig.from_flat(
         dataset="shapes", shapes_train_examples=80, shapes_test_examples=16,
         validation_fraction=0.2, variant="b0", image_size=32, weights=weights,
         augment=False, dropout=0.0, batch_size=8, phase1_epochs=1, phase2_epochs=1,

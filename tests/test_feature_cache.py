@@ -33,7 +33,7 @@ def base_weights(tmp_path_factory):
 
 
 def _config(base_weights, cache, **overrides):
-    return TrainConfig(
+    return TrainConfig.from_flat(
         dataset="shapes", shapes_num_classes=4, shapes_train_examples=48,
         shapes_test_examples=8, variant="b0", image_size=32, weights=base_weights,
         augment=False, batch_size=8, phase1_epochs=2, phase1_learning_rate=1e-2,

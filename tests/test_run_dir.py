@@ -1,14 +1,12 @@
 """Reusing a run directory: same flags resume, other flags are refused or overwritten."""
 
-import dataclasses
-
 import pytest
 
 from effpipe import run_dir
 from effpipe.config import TrainConfig
 from effpipe.errors import UsageError
 
-CONFIG = TrainConfig(dataset="shapes", variant="b0", weights="none")
+CONFIG = TrainConfig.from_flat(dataset="shapes", variant="b0", weights="none")
 
 
 def test_a_new_directory_records_the_config_and_the_same_flags_resume(tmp_path):
@@ -24,7 +22,7 @@ def test_other_flags_are_refused_naming_them_unless_overwrite(tmp_path):
     run_dir.prepare(str(tmp_path), CONFIG, overwrite=False)
     (tmp_path / "state").mkdir()
     (tmp_path / "notes.txt").write_text("mine")
-    other = dataclasses.replace(CONFIG, batch_size=64)
+    other = CONFIG.replace(batch_size=64)
     with pytest.raises(UsageError, match="--batch_size: 32 there, 64 now.*--overwrite"):
         run_dir.prepare(str(tmp_path), other, overwrite=False)
     assert run_dir.prepare(str(tmp_path), other, overwrite=True) == run_dir.NEW
@@ -41,7 +39,7 @@ def test_outputs_without_a_config_are_refused(tmp_path):
 def test_a_run_that_failed_before_its_first_epoch_takes_corrected_flags(tmp_path):
     run_dir.prepare(str(tmp_path), CONFIG, overwrite=False)
     (tmp_path / "flags.txt").write_text("--batch_size=32\n")
-    corrected = dataclasses.replace(CONFIG, batch_size=8)
+    corrected = CONFIG.replace(batch_size=8)
     assert run_dir.prepare(str(tmp_path), corrected, overwrite=False) == run_dir.NEW
 
 
@@ -59,7 +57,7 @@ def test_half_written_files_of_a_killed_run_are_removed(tmp_path):
 def test_an_unfinished_run_resumes_with_a_lower_learning_rate(tmp_path):
     run_dir.prepare(str(tmp_path), CONFIG, overwrite=False)
     (tmp_path / "state").mkdir()
-    lower = dataclasses.replace(CONFIG, phase2_learning_rate=1e-6, data_threads=2)
+    lower = CONFIG.replace(phase2_learning_rate=1e-6, data_threads=2)
     assert run_dir.prepare(str(tmp_path), lower, overwrite=False) == run_dir.RESUME
     # config.json now holds the values the run goes on with.
     assert run_dir.prepare(str(tmp_path), lower, overwrite=False) == run_dir.RESUME

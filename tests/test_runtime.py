@@ -145,7 +145,7 @@ def test_auto_steps_per_execution_divides_the_epoch(
     accelerator, head_only, steps_per_epoch, expected
 ):
     steps, reason = runtime.resolve_steps_per_execution(
-        TrainConfig(), steps_per_epoch, accelerator=accelerator, head_only=head_only
+        TrainConfig.from_flat(), steps_per_epoch, accelerator=accelerator, head_only=head_only
     )
     assert steps == expected and steps_per_epoch % steps == 0
     assert steps <= runtime.AUTO_STEPS_PER_EXECUTION["head" if head_only else accelerator]
@@ -153,14 +153,14 @@ def test_auto_steps_per_execution_divides_the_epoch(
 
 
 def test_explicit_steps_per_execution_must_divide_the_epoch_and_profiling_takes_one():
-    config = TrainConfig(steps_per_execution=4)
+    config = TrainConfig.from_flat(steps_per_execution=4)
     assert runtime.resolve_steps_per_execution(config, 12, accelerator="cpu")[0] == 4
     with pytest.raises(UsageError, match="--steps_per_execution=4 must divide the 10 .* use 2"):
         runtime.resolve_steps_per_execution(config, 10, accelerator="cpu")
-    profiling = TrainConfig(profile_steps="2,3")
+    profiling = TrainConfig.from_flat(profile_steps="2,3")
     assert runtime.resolve_steps_per_execution(profiling, 64, accelerator="gpu")[0] == 1
     with pytest.raises(UsageError, match="--profile_steps=2,3 could not trace"):
-        TrainConfig(profile_steps="2,3", steps_per_execution=2)
+        TrainConfig.from_flat(profile_steps="2,3", steps_per_execution=2)
 
 
 def test_xla_on_with_several_cpu_replicas_is_refused():

@@ -57,13 +57,21 @@ def test_seed_flagfile_is_the_notebook_recipe(monkeypatch):
     with flagsaver.flagsaver():
         flags.FLAGS(["effpipe.train", "--flagfile=flags/seed_b5_rtx3070.flags", "--workdir=x"])
         config = cli_flags.config_from_flags()
-    assert (config.variant, config.resolved_image_size, config.head) == ("b5", 456, "seed")
-    assert (config.validation_fraction, config.validation_selection) == (0.3, "last")
-    assert (config.phase1_epochs, config.phase1_learning_rate) == (10, 1e-4)
-    assert (config.phase2_epochs, config.phase2_learning_rate) == (10, 1e-5)
-    assert (config.batch_size, config.mixed_precision, config.xla) == (32, False, "off")
+    assert (config.model.variant, config.model.resolved_image_size, config.model.head) == (
+        "b5",
+        456,
+        "seed",
+    )
+    assert (config.data.validation_fraction, config.data.validation_selection) == (0.3, "last")
+    assert (config.phases.phase1_epochs, config.phases.phase1_learning_rate) == (10, 1e-4)
+    assert (config.phases.phase2_epochs, config.phases.phase2_learning_rate) == (10, 1e-5)
+    assert (config.batch_size, config.runtime.mixed_precision, config.runtime.xla) == (
+        32,
+        False,
+        "off",
+    )
     # The notebook defined an augmentation but never applied it.
-    assert config.augment is False
+    assert config.augmentation.augment is False
 
 
 def test_production_flagfile_applies_the_notebooks_intended_augmentation(monkeypatch):
@@ -71,10 +79,14 @@ def test_production_flagfile_applies_the_notebooks_intended_augmentation(monkeyp
     with flagsaver.flagsaver():
         flags.FLAGS(["effpipe.train", "--flagfile=flags/b5_rtx3070.flags", "--workdir=x"])
         config = cli_flags.config_from_flags()
-    assert config.augment and config.horizontal_flip
-    assert (config.rotation_degrees, config.shift_fraction, config.zoom_fraction) == (40, 0.2, 0.2)
+    assert config.augmentation.augment and config.augmentation.horizontal_flip
+    assert (
+        config.augmentation.rotation_degrees,
+        config.augmentation.shift_fraction,
+        config.augmentation.zoom_fraction,
+    ) == (40, 0.2, 0.2)
     # ImageDataGenerator's shear_range=0.2 is in degrees.
-    assert (config.shear_degrees, config.fill_mode) == (0.2, "nearest")
+    assert (config.augmentation.shear_degrees, config.augmentation.fill_mode) == (0.2, "nearest")
 
 
 @pytest.mark.parametrize(
@@ -223,7 +235,7 @@ OUT_OF_MEMORY_ERRORS = [
 
 @pytest.mark.parametrize("error", OUT_OF_MEMORY_ERRORS, ids=lambda e: type(e).__name__)
 def test_every_kind_of_out_of_memory_is_one_line_naming_the_batch_and_the_tuner(error):
-    config = config_lib.TrainConfig(variant="b5", batch_size=48, mixed_precision=True)
+    config = config_lib.TrainConfig.from_flat(variant="b5", batch_size=48, mixed_precision=True)
     setup = runtime.resolve_runtime(mixed_precision=True, xla="off")
     with pytest.raises(UsageError) as raised:
         with trainer._device_errors_as_usage_errors(config, setup, lambda: "Kept: nothing."):
@@ -235,7 +247,7 @@ def test_every_kind_of_out_of_memory_is_one_line_naming_the_batch_and_the_tuner(
 
 
 def test_other_device_errors_keep_their_type():
-    config = config_lib.TrainConfig()
+    config = config_lib.TrainConfig.from_flat()
     setup = runtime.resolve_runtime(mixed_precision=False, xla="off")
     with pytest.raises(tf.errors.InternalError, match="a kernel failed"):
         with trainer._device_errors_as_usage_errors(config, setup, lambda: ""):
@@ -247,7 +259,7 @@ def test_running_out_of_device_memory_is_one_line_naming_the_batch_size(tmp_path
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
 
     monkeypatch.setattr(keras.Model, "fit", out_of_memory)
-    config = config_lib.TrainConfig(
+    config = config_lib.TrainConfig.from_flat(
         dataset="shapes", shapes_train_examples=40, shapes_test_examples=8, variant="b0",
         image_size=32, weights="none", batch_size=8, phase1_epochs=1, phase2_epochs=1,
     )  # fmt: skip
@@ -404,9 +416,9 @@ def test_demo_learns_well_above_chance(tmp_path):
     for name in ("predictions.png", "augmentations.png", "per_class.png"):
         _check_png(workdir / name)
     # The export answers for an image file from the command line ...
-    from effpipe import data_sources
+    from effpipe.data import shapes
 
-    source = data_sources.make_shapes_source(
+    source = shapes.make_shapes_source(
         num_classes=10, train_examples=20, test_examples=1, image_size=32, seed=7
     )
     image_path = tmp_path / "shape.png"

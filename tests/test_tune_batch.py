@@ -1,6 +1,5 @@
 """The batch-size tuner: the estimate, the search, its trials and the command."""
 
-import dataclasses
 import json
 import pathlib
 import subprocess
@@ -19,7 +18,7 @@ GIB = 2**30
 
 
 def _estimate(batch_size=8, image_size=64, phase=1, mixed=False, unfreeze_blocks=3):
-    config = config_lib.TrainConfig(
+    config = config_lib.TrainConfig.from_flat(
         variant="b0", image_size=image_size, mixed_precision=mixed, unfreeze_blocks=unfreeze_blocks
     )
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
@@ -45,7 +44,7 @@ def test_the_estimate_grows_with_batch_and_resolution_and_phase_and_shrinks_with
 
 
 def _estimated_max_batch(phase, unfreeze_blocks, mixed=False):
-    config = config_lib.TrainConfig(
+    config = config_lib.TrainConfig.from_flat(
         variant="b5", unfreeze_blocks=unfreeze_blocks, mixed_precision=mixed
     )
     usable = search.usable_budget_bytes(8, reserved_mib=1024)
@@ -211,7 +210,7 @@ def test_the_measured_search_runs_real_trials_on_the_cpu_against_host_memory():
 
 
 def test_a_trial_that_runs_out_of_memory_in_any_words_does_not_fit(monkeypatch):
-    from effpipe import recipe
+    from effpipe.model import factory
 
     def fails(*args, **kwargs):
         raise tf.errors.InternalError(
@@ -219,7 +218,7 @@ def test_a_trial_that_runs_out_of_memory_in_any_words_does_not_fit(monkeypatch):
             "failed to initialize"
         )  # fmt: skip
 
-    monkeypatch.setattr(recipe, "compile_model", fails)
-    config = dataclasses.replace(config_lib.TrainConfig(), variant="b0", image_size=32)
+    monkeypatch.setattr(factory, "compile_model", fails)
+    config = config_lib.TrainConfig.from_flat().replace(variant="b0", image_size=32)
     answer = tuner.run_trial(config, 1, 4, GIB, steps=1)
     assert answer == {"fits": False, "note": "out of memory (InternalError)"}

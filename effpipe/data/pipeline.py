@@ -175,5 +175,7 @@ def _tf_data_options(options: PipelineOptions) -> tf.data.Options:
 def pipeline_options_of(config: TrainConfig) -> PipelineOptions:
     """The input pipeline's knobs from the run's flags (trainer and benchmarks)."""
     return PipelineOptions(
-        deterministic=config.deterministic, autotune=config.autotune, threads=config.data_threads
+        deterministic=config.runtime.deterministic,
+        autotune=config.runtime.autotune,
+        threads=config.runtime.data_threads,
     )

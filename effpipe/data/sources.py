@@ -33,14 +33,14 @@ def load_configured_source(config: TrainConfig) -> DataSource:
       UsageError: see `load_source`.
     """
     return load_source(
-        config.dataset,
-        data_dir=config.data_dir,
-        source_size=config.source_size,
+        config.data.dataset,
+        data_dir=config.data.data_dir,
+        source_size=config.data.source_size,
         seed=config.seed,
-        shapes_num_classes=config.shapes_num_classes,
-        shapes_train_examples=config.shapes_train_examples,
-        shapes_test_examples=config.shapes_test_examples,
-        on_bad_image=config.on_bad_image,
+        shapes_num_classes=config.data.shapes_num_classes,
+        shapes_train_examples=config.data.shapes_train_examples,
+        shapes_test_examples=config.data.shapes_test_examples,
+        on_bad_image=config.data.on_bad_image,
     )
 
 

@@ -93,9 +93,9 @@ def configured_splits(config: TrainConfig, source: DataSource) -> tuple[Split, S
     """
     train, validation = split_validation(
         source.train,
-        config.validation_fraction,
+        config.data.validation_fraction,
         seed=config.seed,
-        selection=config.validation_selection,
+        selection=config.data.validation_selection,
     )
     if source.test is None:
         return train, validation, validation, "validation"

@@ -20,7 +20,7 @@ def make_configured_model(
       config: the run configuration.
       source_size: (height, width) of the uint8 source images.
       num_classes: outputs of the classifier.
-      weights: overrides `config.weights` (the benchmarks pass a local file).
+      weights: overrides `config.model.weights` (the benchmarks pass a local file).
       random_weights: the same model with a randomly initialised base (the
         batch-size tuner: no download, the same graph and memory).
       synchronized_batch_norm: the head's BatchNormalization computes its batch
@@ -30,16 +30,16 @@ def make_configured_model(
       The uncompiled model, base frozen.
     """
     return efficientnet.make_model(
-        variant=config.variant,
-        image_size=config.resolved_image_size,
+        variant=config.model.variant,
+        image_size=config.model.resolved_image_size,
         source_size=source_size,
         num_classes=num_classes,
-        weights=config.weights if weights is None else weights,
-        head=config.head,
-        dropout=config.dropout,
+        weights=config.model.weights if weights is None else weights,
+        head=config.model.head,
+        dropout=config.model.dropout,
         augment_config=augment_config(config),
         seed=config.seed,
-        compile_augmentation=not config.debug_numerics,
+        compile_augmentation=not config.runtime.debug_numerics,
         random_weights=random_weights,
         synchronized_batch_norm=synchronized_batch_norm,
     )
@@ -54,26 +54,26 @@ def augment_config(config: TrainConfig) -> augment.AugmentConfig | None:
     Returns:
       The AugmentConfig of its augmentation flags, or None with --noaugment.
     """
-    if not config.augment:
+    if not config.augmentation.augment:
         return None
     return augment.AugmentConfig(
-        rotation_degrees=config.rotation_degrees,
-        shift_fraction=config.shift_fraction,
-        shear_degrees=config.shear_degrees,
-        zoom_fraction=config.zoom_fraction,
-        horizontal_flip=config.horizontal_flip,
-        fill_mode=config.fill_mode,
+        rotation_degrees=config.augmentation.rotation_degrees,
+        shift_fraction=config.augmentation.shift_fraction,
+        shear_degrees=config.augmentation.shear_degrees,
+        zoom_fraction=config.augmentation.zoom_fraction,
+        horizontal_flip=config.augmentation.horizontal_flip,
+        fill_mode=config.augmentation.fill_mode,
     )
 
 
 def describe_augmentation(config: TrainConfig) -> str:
-    if not config.augment:
+    if not config.augmentation.augment:
         return "off"
     return (
-        f"on the device: rotation +-{config.rotation_degrees:g} deg, shift "
-        f"+-{config.shift_fraction:g}, shear +-{config.shear_degrees:g} deg, zoom "
-        f"+-{config.zoom_fraction:g}, flip {'on' if config.horizontal_flip else 'off'}, "
-        f"fill {config.fill_mode}"
+        f"on the device: rotation +-{config.augmentation.rotation_degrees:g} deg, shift "
+        f"+-{config.augmentation.shift_fraction:g}, shear +-{config.augmentation.shear_degrees:g} deg, zoom "
+        f"+-{config.augmentation.zoom_fraction:g}, flip {'on' if config.augmentation.horizontal_flip else 'off'}, "
+        f"fill {config.augmentation.fill_mode}"
     )
 
 

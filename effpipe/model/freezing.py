@@ -100,5 +100,5 @@ def set_phase(model: keras.Model, config: TrainConfig, phase: int) -> list[str]:
         freeze_base(model)
         return []
     return unfreeze_top_blocks(
-        model, config.unfreeze_blocks, freeze_batch_norm=config.weights != "none"
+        model, config.phases.unfreeze_blocks, freeze_batch_norm=config.model.weights != "none"
     )

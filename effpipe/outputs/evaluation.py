@@ -149,7 +149,7 @@ def evaluate_export(config: TrainConfig, workdir: str, output_dir: str) -> dict:
     source = sources.load_configured_source(config)
     if len(source.class_names) != len(model_names):
         raise UsageError(
-            f"{config.dataset} has {len(source.class_names)} classes and the model "
+            f"{config.data.dataset} has {len(source.class_names)} classes and the model "
             f"{len(model_names)}: evaluate on data with the model's classes"
         )
     _, _, split, evaluated_on = splits.configured_splits(config, source)

@@ -15,8 +15,6 @@ global batch: every step trains on that many images over all replicas together.
 """
 
 import dataclasses
-import json
-import os
 from collections.abc import Callable
 
 import keras
@@ -25,6 +23,7 @@ import tensorflow as tf
 from absl import logging
 
 from effpipe.errors import UsageError
+from effpipe.training import cluster
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +91,7 @@ def resolve(kind: str, batch_size: int) -> Distribution:
         reason = f"strategy {kind} (--strategy=auto with {len(gpus)} GPU(s))"
     else:
         reason = f"strategy {kind} (--strategy={kind})"
-    task = current_task(kind)
+    task = cluster.current_task(kind)
     if kind == "default":
         strategy = tf.distribute.get_strategy()
     elif kind == "mirrored":
@@ -218,47 +217,3 @@ def check_same_on_every_worker(distribution: Distribution, values: list[int], wh
             "run directory's state, so --workdir must be on a filesystem they all share"
         )
     logging.info("every worker agrees on %s: %s", what, values)
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """One process of a run.
-
-    Attributes:
-      type: "chief" or "worker" ("worker" for a run on one machine).
-      index: the task's index within its type.
-      num_workers: processes that train (chief included).
-      is_chief: whether this process writes the run's outputs.
-    """
-
-    type: str
-    index: int
-    num_workers: int
-    is_chief: bool
-
-
-def current_task(strategy: str, environ=os.environ) -> Task:
-    """This process's task: from TF_CONFIG under --strategy=multi_worker, else alone.
-
-    Raises:
-      UsageError: multi_worker without a TF_CONFIG that names this task.
-    """
-    if strategy != "multi_worker":
-        return Task("worker", 0, 1, True)
-    text = environ.get("TF_CONFIG", "")
-    try:
-        tf_config = json.loads(text)
-        cluster, task = tf_config["cluster"], tf_config["task"]
-        task_type, index = task["type"], int(task["index"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise UsageError(
-            "--strategy=multi_worker needs TF_CONFIG, the JSON that names the cluster and "
-            'this task, e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-            '"task": {"type": "worker", "index": 0}}'
-            f" (got {text!r}: {error})"
-        ) from error
-    num_workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
-    is_chief = task_type == "chief" or (
-        task_type == "worker" and index == 0 and not cluster.get("chief")
-    )
-    return Task(task_type, index, num_workers, is_chief)

@@ -263,12 +263,15 @@ AUTO_STEPS_PER_EXECUTION = {"head": 32, "gpu": 8, "tpu": 8, "cpu": 1}
 
 def tuner_command(config: TrainConfig) -> str:
     """The batch-size tuner's command for this run's model, for messages."""
-    flags = [f"--variant={config.variant}", f"--image_size={config.resolved_image_size}"]
-    if config.mixed_precision:
+    flags = [
+        f"--variant={config.model.variant}",
+        f"--image_size={config.model.resolved_image_size}",
+    ]
+    if config.runtime.mixed_precision:
         flags.append("--mixed_precision")
-        if config.mixed_precision_dtype != "auto":
-            flags.append(f"--mixed_precision_dtype={config.mixed_precision_dtype}")
-    flags.append(f"--unfreeze_blocks={config.unfreeze_blocks}")
+        if config.runtime.mixed_precision_dtype != "auto":
+            flags.append(f"--mixed_precision_dtype={config.runtime.mixed_precision_dtype}")
+    flags.append(f"--unfreeze_blocks={config.phases.unfreeze_blocks}")
     return " ".join(["python -m effpipe.tune_batch", *flags, "--memory_budget_gb=GB"])
 
 
@@ -293,7 +296,7 @@ def resolve_steps_per_execution(
     Raises:
       UsageError: an explicit --steps_per_execution that does not divide the epoch.
     """
-    requested = config.steps_per_execution
+    requested = config.runtime.steps_per_execution
     if requested:
         if steps_per_epoch % requested:
             raise UsageError(
@@ -302,7 +305,7 @@ def resolve_steps_per_execution(
                 "0 (auto)"
             )
         return requested, f"{requested} train step(s) per call (--steps_per_execution)"
-    if config.profile_steps:
+    if config.outputs.profile_steps:
         return 1, "1 train step per call (auto: --profile_steps traces single steps)"
     kind = "head" if head_only else accelerator
     steps = _largest_divisor(steps_per_epoch, AUTO_STEPS_PER_EXECUTION[kind])

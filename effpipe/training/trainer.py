@@ -66,7 +66,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     """
     # First: a multi-worker strategy must configure collective ops before TensorFlow
     # initialises its devices.
-    distribution = distribution_lib.resolve(config.strategy, config.batch_size)
+    distribution = distribution_lib.resolve(config.distribution.strategy, config.batch_size)
     if distribution.is_chief:
         run_dir.create(workdir)
         return _train_and_evaluate(config, workdir, workdir, distribution)
@@ -89,12 +89,12 @@ def _train_and_evaluate(
 
     # --- Runtime: device, precision, XLA, seeds. ---
     setup = runtime.resolve_runtime(
-        mixed_precision=config.mixed_precision,
-        mixed_precision_dtype=config.mixed_precision_dtype,
-        xla=config.xla,
+        mixed_precision=config.runtime.mixed_precision,
+        mixed_precision_dtype=config.runtime.mixed_precision_dtype,
+        xla=config.runtime.xla,
         local_replicas=distribution.num_replicas // distribution.num_workers,
     )
-    if config.debug_numerics and setup.xla:
+    if config.runtime.debug_numerics and setup.xla:
         setup = dataclasses.replace(
             setup,
             xla=False,
@@ -106,9 +106,9 @@ def _train_and_evaluate(
     for reason in setup.reasons:
         logging.info("%s", reason)
     keras.utils.set_random_seed(config.seed)
-    if config.deterministic:
+    if config.runtime.deterministic:
         tf.config.experimental.enable_op_determinism()
-    if config.debug_numerics:
+    if config.runtime.debug_numerics:
         # Raises at the first op whose output holds a NaN or infinity, naming it.
         tf.debugging.enable_check_numerics()
         logging.info("--debug_numerics: TensorFlow's numeric checks are on (slow)")
@@ -166,12 +166,13 @@ def _train_and_evaluate(
 
     def make_training_stream(phase: int, initial_epoch: int):
         service = None
-        if config.data_service:
+        if config.distribution.data_service:
             # Workers of one run share one job per phase start; another run (another
             # directory) or another start gets its own.
             run_key = zlib.crc32(os.path.abspath(workdir).encode())
             service = pipeline.DataService(
-                config.data_service, f"effpipe-{run_key:08x}-phase{phase}-from{initial_epoch}"
+                config.distribution.data_service,
+                f"effpipe-{run_key:08x}-phase{phase}-from{initial_epoch}",
             )
 
         def stream(batch_size, shard):
@@ -217,12 +218,12 @@ def _train_and_evaluate(
             )
             if distribution.is_distributed:
                 distribution_lib.use_strategy_of_scope(model)
-            freezing.check_unfreeze_blocks(model, config.unfreeze_blocks)
+            freezing.check_unfreeze_blocks(model, config.phases.unfreeze_blocks)
             # A base trained from scratch gets BatchNormalization statistics computed
             # from training images, now and before every validation (models.py says
             # why).
             calibration_callbacks = []
-            if config.weights == "none":
+            if config.model.weights == "none":
                 calibration_images = train_split.images[:CALIBRATION_EXAMPLES]
                 batch_norm.calibrate_batch_norm(model, calibration_images, config.batch_size)
                 calibration_callbacks.append(
@@ -235,9 +236,9 @@ def _train_and_evaluate(
                 )
         logging.info(
             "model %s at %d px, head %s, %d parameters; augmentation %s",
-            config.variant,
-            config.resolved_image_size,
-            config.head,
+            config.model.variant,
+            config.model.resolved_image_size,
+            config.model.head,
             model.count_params(),
             factory.describe_augmentation(config),
         )
@@ -245,7 +246,7 @@ def _train_and_evaluate(
             config, distributed=distribution.is_distributed
         )
         logging.info("%s", reason)
-        if use_feature_cache and config.weights == "none":
+        if use_feature_cache and config.model.weights == "none":
             logging.info(
                 "random base: the cached features are its inference output (stochastic "
                 "depth off, as validation sees them); without the cache phase 1 would "
@@ -276,8 +277,8 @@ def _train_and_evaluate(
         )
         steps_per_execution = {}
         phases = [
-            (1, 0, config.phase1_epochs, config.learning_rate(1)),
-            (2, config.phase1_epochs, config.phase2_epochs, config.learning_rate(2)),
+            (1, 0, config.phases.phase1_epochs, config.learning_rate(1)),
+            (2, config.phases.phase1_epochs, config.phases.phase2_epochs, config.learning_rate(2)),
         ]
         for phase, first_epoch, epochs, learning_rate in phases:
             stop_on_signal.check()
@@ -288,7 +289,7 @@ def _train_and_evaluate(
                 logging.info(
                     "phase 2 unfreezes blocks %s and the top conv; BatchNormalization %s",
                     ", ".join(unfrozen),
-                    "trains (--weights=none)" if config.weights == "none" else "stays frozen",
+                    "trains (--weights=none)" if config.model.weights == "none" else "stays frozen",
                 )
             if epochs == 0:
                 logging.info("phase %d: 0 epochs, skipped", phase)
@@ -386,7 +387,7 @@ def _train_and_evaluate(
                             meter,
                             model,
                             train_split.images[: summaries.AUGMENTED_IMAGES],
-                            config.profile_step_range,
+                            config.outputs.profile_step_range,
                         ),
                         *phase_callbacks,
                         checkpoint,
@@ -407,7 +408,7 @@ def _train_and_evaluate(
                     f"phase {phase}: the training loss became {last_loss} in epoch "
                     f"{history[f'phase{phase}'][-1]['epoch']}; training stopped: lower "
                     f"--phase{phase}_learning_rate (now "
-                    f"{getattr(config, f'phase{phase}_learning_rate'):g}) and rerun: the run "
+                    f"{getattr(config.phases, f'phase{phase}_learning_rate'):g}) and rerun: the run "
                     "resumes from its last good epoch. "
                     + _kept_weights(checkpoint_path, checkpoint_written, best_validation_accuracy)
                 )
@@ -446,7 +447,7 @@ def _train_and_evaluate(
             evaluation.write_augmentations(
                 model, train_split.images[0], os.path.join(workdir, evaluation.AUGMENTATIONS_PNG)
             )
-            if config.export:
+            if config.outputs.export:
                 export_dir = os.path.join(workdir, export.EXPORT_DIR)
                 export.export_model(model, source.class_names, export_dir)
                 logging.info("exported the model to %s", export_dir)
@@ -475,14 +476,14 @@ def _train_and_evaluate(
         "phase1_feature_cache": use_feature_cache,
         "per_class_accuracy": evaluated["per_class_accuracy"],
         "worst_classes": evaluated["worst_classes"],
-        "variant": config.variant,
-        "image_size": config.resolved_image_size,
+        "variant": config.model.variant,
+        "image_size": config.model.resolved_image_size,
         "batch_size": config.batch_size,
         "precision": setup.precision,
         "loss_scaling": loss_scaling,
         "xla": setup.xla,
         "steps_per_execution": steps_per_execution,
-        "augment": config.augment,
+        "augment": config.augmentation.augment,
         "device": setup.device,
         "strategy": distribution.kind,
         "replicas": distribution.num_replicas,
@@ -543,7 +544,7 @@ def _cached_phase1_inputs(
         # Flags a resumed run may change do not change the features.
         "config": {
             name: value
-            for name, value in dataclasses.asdict(config).items()
+            for name, value in config.to_flat().items()
             if name not in config_lib.RESUMABLE_CHANGES
         },
         "precision": setup.precision,
@@ -629,7 +630,7 @@ def _device_errors_as_usage_errors(config: TrainConfig, setup, describe_kept_wei
             raise
         raise UsageError(
             f"out of memory on {setup.device} at --batch_size={config.batch_size} "
-            f"({config.variant} at {config.resolved_image_size} px, {setup.precision}): "
+            f"({config.model.variant} at {config.model.resolved_image_size} px, {setup.precision}): "
             f"find the largest batch that fits with `{runtime.tuner_command(config)}` (your card's "
             "memory in GB), or lower --batch_size. " + describe_kept_weights()
         ) from error
@@ -638,7 +639,7 @@ def _device_errors_as_usage_errors(config: TrainConfig, setup, describe_kept_wei
 def _raise_numerics_finding(config: TrainConfig, error, describe_kept_weights) -> None:
     """Raises a --debug_numerics finding as one UsageError line; returns otherwise."""
     if not (
-        config.debug_numerics
+        config.runtime.debug_numerics
         and isinstance(error, tf.errors.InvalidArgumentError)
         and "Infinity or NaN" in str(error)
     ):

@@ -29,10 +29,10 @@ MIB = search.MIB
 
 def num_classes_of(config: TrainConfig) -> int:
     """The classifier's outputs for the run's dataset (memory barely depends on it)."""
-    if config.dataset == "shapes":
-        return config.shapes_num_classes
-    if config.dataset.startswith("folder:"):
-        train = os.path.join(config.dataset.removeprefix("folder:"), "train")
+    if config.data.dataset == "shapes":
+        return config.data.shapes_num_classes
+    if config.data.dataset.startswith("folder:"):
+        train = os.path.join(config.data.dataset.removeprefix("folder:"), "train")
         if os.path.isdir(train):
             count = sum(os.path.isdir(os.path.join(train, name)) for name in os.listdir(train))
             return max(count, 2)
@@ -41,11 +41,11 @@ def num_classes_of(config: TrainConfig) -> int:
 
 def make_phase_model(config: TrainConfig, phase: int) -> keras.Model:
     """The trainer's model for `config`, random base weights, set up for `phase`."""
-    source_size = (config.source_size, config.source_size)
+    source_size = (config.data.source_size, config.data.source_size)
     model = factory.make_configured_model(
         config, source_size, num_classes_of(config), random_weights=True
     )
-    freezing.check_unfreeze_blocks(model, config.unfreeze_blocks)
+    freezing.check_unfreeze_blocks(model, config.phases.unfreeze_blocks)
     freezing.set_phase(model, config, phase)
     return model
 
@@ -53,8 +53,8 @@ def make_phase_model(config: TrainConfig, phase: int) -> keras.Model:
 def gpu_precision(config: TrainConfig) -> str:
     """The dtype policy the run's model trains under on a GPU (the estimate's)."""
     return runtime.resolve_runtime(
-        mixed_precision=config.mixed_precision,
-        mixed_precision_dtype=config.mixed_precision_dtype,
+        mixed_precision=config.runtime.mixed_precision,
+        mixed_precision_dtype=config.runtime.mixed_precision_dtype,
         xla="off",
         devices=runtime.Devices("gpu", "GPU"),
     ).precision
@@ -102,19 +102,21 @@ def run_trial(
             gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=usable_bytes // MIB)]
         )
     setup = runtime.resolve_runtime(
-        mixed_precision=config.mixed_precision,
-        mixed_precision_dtype=config.mixed_precision_dtype,
-        xla=config.xla,
+        mixed_precision=config.runtime.mixed_precision,
+        mixed_precision_dtype=config.runtime.mixed_precision_dtype,
+        xla=config.runtime.xla,
     )
     keras.mixed_precision.set_global_policy(setup.precision)
-    size, classes = config.source_size, num_classes_of(config)
+    size, classes = config.data.source_size, num_classes_of(config)
     rng = np.random.default_rng(config.seed)
     images = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, classes, (batch_size,), dtype=np.int64)
     meter = callbacks.ThroughputMeter(batch_size, log_every_epoch=False)
     try:
         model = make_phase_model(config, phase)
-        learning_rate = config.phase1_learning_rate if phase == 1 else config.phase2_learning_rate
+        learning_rate = (
+            config.phases.phase1_learning_rate if phase == 1 else config.phases.phase2_learning_rate
+        )
         factory.compile_model(model, learning_rate, jit_compile=setup.xla)
         rss_before_fit = _current_rss_mib()
         # The first epoch compiles and warms up; the second is timed.
