@@ -84,9 +84,9 @@ flags.DEFINE_string(
 flags.DEFINE_enum(
     "head",
     _DEFAULTS["head"],
-    config_lib.HEADS,
-    "pooled: GAP -> BN -> Dropout -> Dense; seed: BN -> Dropout -> GAP -> Dense "
-    "(the original notebook's order).",
+    (*config_lib.HEADS, *config_lib.HEAD_ALIASES),
+    "pooled: GAP -> BN -> Dropout -> Dense; notebook: BN -> Dropout -> GAP -> Dense "
+    "(the original notebook's order; seed is an older name of it).",
 )
 flags.DEFINE_float("dropout", _DEFAULTS["dropout"], "Dropout rate of the head.")
 
@@ -202,7 +202,7 @@ flags.DEFINE_enum(
     "once (saved under WORKDIR/cache/) and train phase 1's head on them. auto: on "
     "with --noaugment, --head=pooled and a pretrained base (with --weights=none the "
     "base's stochastic depth varies the features); on: required, refused with "
-    "augmentation or the seed head; off: every phase-1 epoch runs the whole model.",
+    "augmentation or the notebook head; off: every phase-1 epoch runs the whole model.",
 )
 
 # --- Distribution: replicas, machines and an input fleet (effpipe.training.distribution). ---

@@ -10,7 +10,10 @@ import dataclasses
 from effpipe import variants
 from effpipe.errors import UsageError
 
-HEADS = ("pooled", "seed")
+# pooled: GAP -> BN -> Dropout -> Dense; notebook: BN -> Dropout -> GAP -> Dense, the
+# original notebook's order, which --head=seed names too.
+HEADS = ("pooled", "notebook")
+HEAD_ALIASES = {"seed": "notebook"}
 XLA_MODES = ("auto", "on", "off")
 # The 16-bit float of --mixed_precision (effpipe.training.runtime resolves auto per device).
 MIXED_PRECISION_DTYPES = ("auto", "float16", "bfloat16")
@@ -28,13 +31,8 @@ FILL_MODES = ("nearest", "reflect", "constant")
 # Fields a resumed run may change: they steer the remaining training or its speed,
 # not what the finished epochs mean (a lower learning rate after a NaN loss, say).
 RESUMABLE_CHANGES = (
-    "phase1_learning_rate",
-    "phase2_learning_rate",
-    "data_threads",
-    "autotune",
-    "debug_numerics",
-    "profile_steps",
-    "export",
+    *("phase1_learning_rate", "phase2_learning_rate", "data_threads", "autotune"),
+    *("debug_numerics", "profile_steps", "export"),
     # Steps per compiled call: the same steps in the same order, fewer host round trips.
     "steps_per_execution",
     # Through a data service the training order is the service's, not the seed's:
@@ -60,6 +58,9 @@ class DataConfig:
     shapes_test_examples: int = 600
     on_bad_image: str = "fail"
 
+    def __post_init__(self):
+        _check_data(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -70,6 +71,11 @@ class ModelConfig:
     weights: str = "imagenet"
     head: str = "pooled"
     dropout: float = 0.2
+
+    def __post_init__(self):
+        # The notebook's head was first called seed; old flagfiles and run directories say so.
+        object.__setattr__(self, "head", HEAD_ALIASES.get(self.head, self.head))
+        _check_model(self)
 
     @property
     def resolved_image_size(self) -> int:
@@ -89,6 +95,9 @@ class AugmentationConfig:
     horizontal_flip: bool = True
     fill_mode: str = "nearest"
 
+    def __post_init__(self):
+        _check_augmentation(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class PhasesConfig:
@@ -102,6 +111,9 @@ class PhasesConfig:
     unfreeze_blocks: int = 3
     base_batch_size: int = 0
     phase1_feature_cache: str = "auto"
+
+    def __post_init__(self):
+        _check_phases(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +130,9 @@ class RuntimeConfig:
     autotune: bool = True
     debug_numerics: bool = False
 
+    def __post_init__(self):
+        _check_runtime(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class DistributionConfig:
@@ -126,6 +141,9 @@ class DistributionConfig:
     strategy: str = "auto"
     data_service: str = ""
 
+    def __post_init__(self):
+        _check_distribution(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class OutputsConfig:
@@ -133,6 +151,9 @@ class OutputsConfig:
 
     profile_steps: str = ""
     export: bool = True
+
+    def __post_init__(self):
+        _check_outputs(self)
 
     @property
     def profile_step_range(self) -> tuple[int, int] | None:
@@ -156,14 +177,9 @@ SLICES = {
 # Fields that every layer needs, kept at the top: the global batch and the RNG seed.
 TOP_LEVEL_FIELDS = ("batch_size", "seed")
 # Flag name -> the slice that holds it (None: top level).
-FIELD_SLICES = {
-    **{name: None for name in TOP_LEVEL_FIELDS},
-    **{
-        field.name: slice_name
-        for slice_name, cls in SLICES.items()
-        for field in dataclasses.fields(cls)
-    },
-}
+FIELD_SLICES = dict.fromkeys(TOP_LEVEL_FIELDS)
+for _slice_name, _slice in SLICES.items():
+    FIELD_SLICES.update(dict.fromkeys((f.name for f in dataclasses.fields(_slice)), _slice_name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,18 +192,18 @@ class TrainConfig:
     to the flat {flag name: value} dict that flags, flagfiles and config.json hold.
     """
 
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    augmentation: AugmentationConfig = AugmentationConfig()
-    phases: PhasesConfig = PhasesConfig()
-    runtime: RuntimeConfig = RuntimeConfig()
-    distribution: DistributionConfig = DistributionConfig()
-    outputs: OutputsConfig = OutputsConfig()
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    augmentation: AugmentationConfig = dataclasses.field(default_factory=AugmentationConfig)
+    phases: PhasesConfig = dataclasses.field(default_factory=PhasesConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    distribution: DistributionConfig = dataclasses.field(default_factory=DistributionConfig)
+    outputs: OutputsConfig = dataclasses.field(default_factory=OutputsConfig)
     batch_size: int = 32
     seed: int = 0
 
     def __post_init__(self):
-        _validate(self)
+        _check_across_slices(self)
 
     @classmethod
     def from_flat(cls, **values) -> "TrainConfig":
@@ -224,236 +240,157 @@ class TrainConfig:
         base = self.phases.base_batch_size
         return rate * self.batch_size / base if base else rate
 
-    @property
-    def uses_phase1_feature_cache(self) -> bool:
-        """Whether phase 1 trains the head on cached pooled features (see `feature_cache`)."""
-        return resolve_phase1_feature_cache(self)[0]
-
-
-def resolve_phase1_feature_cache(
-    config: TrainConfig, distributed: bool = False
-) -> tuple[bool, str]:
-    """Resolves --phase1_feature_cache, with the reason for the log.
-
-    The cache applies when the base's pooled output of an image is the same in every
-    phase-1 epoch: no random augmentation before the base, and a head that pools
-    first (pooled). "on" where it cannot apply is refused at validation. auto also
-    leaves it off for a base trained from scratch (--weights=none): that base follows
-    the training flag, so its stochastic depth changes the features every epoch and
-    the cache (its inference output) would train another head; "on" accepts that.
-    Under a distribution strategy it is off: the cache's head model, which shares
-    the full model's layers, is built and tested on one device only.
-
-    Args:
-      config: the run configuration.
-      distributed: the run resolved to a strategy other than the default one.
-
-    Returns:
-      (on, reason).
-    """
-    if config.phases.phase1_feature_cache == "off":
-        return False, "phase-1 feature cache off (--phase1_feature_cache=off)"
-    if config.phases.phase1_feature_cache == "on":
-        if distributed:
-            raise UsageError(
-                f"--phase1_feature_cache=on needs one device, and --strategy={config.distribution.strategy} "
-                "resolved to several replicas: pass --phase1_feature_cache=auto or off"
-            )
-        return True, "phase-1 feature cache on (--phase1_feature_cache=on)"
-    if distributed:
-        return False, "phase-1 feature cache off (auto: it runs on one device, without a strategy)"
-    if config.augmentation.augment:
-        return False, "phase-1 feature cache off (auto: augmentation changes the features)"
-    if config.model.head != "pooled":
-        return False, f"phase-1 feature cache off (auto: the {config.model.head} head pools last)"
-    if config.model.weights == "none":
-        return False, (
-            "phase-1 feature cache off (auto: a base trained from scratch draws stochastic "
-            "depth in training, so its features change every epoch)"
-        )
-    return True, "phase-1 feature cache on (auto: no augmentation, pooled head, pretrained base)"
-
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise UsageError(message)
 
 
-def _validate(config: TrainConfig) -> None:
-    """Raises UsageError for the first bad field, with the fix in the message."""
+def _require_choice(flag: str, value, choices) -> None:
+    _require(value in choices, f"unknown {flag} {value!r}: choose one of {', '.join(choices)}")
+
+
+def _require_range(flag: str, value, low, high, *, high_open: bool = False, why: str = "") -> None:
+    """Requires low <= value <= high (value < high when `high_open`)."""
+    inside = low <= value and (value < high if high_open else value <= high)
+    bracket = f"[{low}, {high})" if high_open else f"{low}..{high}"
+    _require(inside, f"--{flag}={value} must be in {bracket}{why}")
+
+
+def _check_data(data: DataConfig) -> None:
+    dataset = data.dataset
     _require(
-        config.model.variant in variants.VARIANTS,
-        f"unknown variant {config.model.variant!r}: choose one of {', '.join(variants.VARIANTS)}",
+        dataset in ("cifar100", "shapes")
+        or (dataset.startswith("folder:") and len(dataset) > len("folder:")),
+        f"unknown dataset {dataset!r}: choose one of {', '.join(DATASET_KINDS)}",
     )
+    _require_range("source_size", data.source_size, 8, MAX_IMAGE_SIZE, why=" pixels")
+    _require_choice("on_bad_image", data.on_bad_image, BAD_IMAGE_POLICIES)
     _require(
-        config.model.image_size == 0
-        or variants.MIN_IMAGE_SIZE <= config.model.image_size <= MAX_IMAGE_SIZE,
-        f"--image_size={config.model.image_size} is out of range: use 0 for the variant's "
-        f"native size, or {variants.MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels",
+        0.0 < data.validation_fraction < 1.0,
+        f"--validation_fraction={data.validation_fraction} must be strictly between 0 and 1",
     )
+    _require_choice("validation_selection", data.validation_selection, VALIDATION_SELECTIONS)
+    why = " (the shapes dataset draws ten kinds of shape)"
+    _require_range("shapes_num_classes", data.shapes_num_classes, 2, 10, why=why)
     _require(
-        config.data.dataset in ("cifar100", "shapes")
-        or (
-            config.data.dataset.startswith("folder:") and len(config.data.dataset) > len("folder:")
-        ),
-        f"unknown dataset {config.data.dataset!r}: choose one of {', '.join(DATASET_KINDS)}",
-    )
-    _require(
-        8 <= config.data.source_size <= MAX_IMAGE_SIZE,
-        f"--source_size={config.data.source_size} is out of range: use 8..{MAX_IMAGE_SIZE} pixels",
-    )
-    _require(
-        config.data.on_bad_image in BAD_IMAGE_POLICIES,
-        f"unknown on_bad_image {config.data.on_bad_image!r}: choose fail or skip",
-    )
-    _require(
-        0.0 < config.data.validation_fraction < 1.0,
-        f"--validation_fraction={config.data.validation_fraction} must be strictly between 0 and 1",
-    )
-    _require(
-        config.data.validation_selection in VALIDATION_SELECTIONS,
-        f"unknown validation_selection {config.data.validation_selection!r}: "
-        f"choose one of {', '.join(VALIDATION_SELECTIONS)}",
-    )
-    _require(
-        2 <= config.data.shapes_num_classes <= 10,
-        f"--shapes_num_classes={config.data.shapes_num_classes} must be in 2..10 "
-        "(the shapes dataset draws ten kinds of shape)",
-    )
-    _require(
-        config.data.shapes_train_examples >= 2 * config.data.shapes_num_classes
-        and config.data.shapes_test_examples >= 1,
+        data.shapes_train_examples >= 2 * data.shapes_num_classes
+        and data.shapes_test_examples >= 1,
         "--shapes_train_examples must be at least twice --shapes_num_classes and "
         "--shapes_test_examples at least 1",
     )
+
+
+def _check_model(model: ModelConfig) -> None:
+    _require_choice("variant", model.variant, tuple(variants.VARIANTS))
     _require(
-        config.model.head in HEADS,
-        f"unknown head {config.model.head!r}: choose one of {', '.join(HEADS)}",
+        model.image_size == 0 or variants.MIN_IMAGE_SIZE <= model.image_size <= MAX_IMAGE_SIZE,
+        f"--image_size={model.image_size} is out of range: use 0 for the variant's "
+        f"native size, or {variants.MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels",
     )
-    _require(
-        0.0 <= config.model.dropout < 1.0, f"--dropout={config.model.dropout} must be in [0, 1)"
+    _require_choice("head", model.head, HEADS)
+    _require_range("dropout", model.dropout, 0.0, 1.0, high_open=True)
+
+
+def _check_augmentation(augmentation: AugmentationConfig) -> None:
+    _require_range("rotation_degrees", augmentation.rotation_degrees, 0.0, 180.0)
+    _require_range(
+        "shift_fraction", augmentation.shift_fraction, 0.0, 1.0, why=" (a share of the image side)"
     )
-    _require(
-        0.0 <= config.augmentation.rotation_degrees <= 180.0,
-        f"--rotation_degrees={config.augmentation.rotation_degrees} must be in 0..180",
+    _require_range(
+        "shear_degrees", augmentation.shear_degrees, 0.0, 90.0, high_open=True, why=" degrees"
     )
-    _require(
-        0.0 <= config.augmentation.shift_fraction <= 1.0,
-        f"--shift_fraction={config.augmentation.shift_fraction} must be in 0..1 (a share of the image side)",
-    )
-    _require(
-        0.0 <= config.augmentation.shear_degrees < 90.0,
-        f"--shear_degrees={config.augmentation.shear_degrees} must be in [0, 90) degrees",
-    )
-    _require(
-        0.0 <= config.augmentation.zoom_fraction < 1.0,
-        f"--zoom_fraction={config.augmentation.zoom_fraction} must be in [0, 1) (zoom is drawn from "
-        "1 - z to 1 + z)",
-    )
-    _require(
-        config.augmentation.fill_mode in FILL_MODES,
-        f"unknown fill_mode {config.augmentation.fill_mode!r}: choose one of {', '.join(FILL_MODES)}",
-    )
-    _require(config.batch_size >= 1, f"--batch_size={config.batch_size} must be at least 1")
+    zoom, why = augmentation.zoom_fraction, " (zoom is drawn from 1 - z to 1 + z)"
+    _require_range("zoom_fraction", zoom, 0.0, 1.0, high_open=True, why=why)
+    _require_choice("fill_mode", augmentation.fill_mode, FILL_MODES)
+
+
+def _check_phases(phases: PhasesConfig) -> None:
     for phase in (1, 2):
-        epochs = getattr(config.phases, f"phase{phase}_epochs")
-        learning_rate = getattr(config.phases, f"phase{phase}_learning_rate")
+        epochs = getattr(phases, f"phase{phase}_epochs")
+        learning_rate = getattr(phases, f"phase{phase}_learning_rate")
         _require(epochs >= 0, f"--phase{phase}_epochs={epochs} must be 0 or more")
         _require(
             learning_rate > 0, f"--phase{phase}_learning_rate={learning_rate} must be positive"
         )
     _require(
-        config.phases.unfreeze_blocks >= 0,
-        f"--unfreeze_blocks={config.phases.unfreeze_blocks} must be 0 or more",
+        phases.unfreeze_blocks >= 0, f"--unfreeze_blocks={phases.unfreeze_blocks} must be 0 or more"
     )
     _require(
-        config.runtime.xla in XLA_MODES,
-        f"unknown xla mode {config.runtime.xla!r}: choose one of auto, on, off",
+        phases.base_batch_size >= 0,
+        f"--base_batch_size={phases.base_batch_size} must be 0 (no scaling) or more",
     )
+    _require_choice("phase1_feature_cache", phases.phase1_feature_cache, FEATURE_CACHE_MODES)
+
+
+def _check_runtime(runtime: RuntimeConfig) -> None:
+    _require_choice("xla mode", runtime.xla, XLA_MODES)
+    _require_choice("mixed_precision_dtype", runtime.mixed_precision_dtype, MIXED_PRECISION_DTYPES)
     _require(
-        config.runtime.mixed_precision_dtype in MIXED_PRECISION_DTYPES,
-        f"unknown mixed_precision_dtype {config.runtime.mixed_precision_dtype!r}: choose one of "
-        f"{', '.join(MIXED_PRECISION_DTYPES)}",
-    )
-    _require(
-        config.runtime.mixed_precision or config.runtime.mixed_precision_dtype == "auto",
-        f"--mixed_precision_dtype={config.runtime.mixed_precision_dtype} chooses the 16-bit float of "
+        runtime.mixed_precision or runtime.mixed_precision_dtype == "auto",
+        f"--mixed_precision_dtype={runtime.mixed_precision_dtype} chooses the 16-bit float of "
         "--mixed_precision, which is off: add --mixed_precision, or drop "
         "--mixed_precision_dtype",
     )
     _require(
-        config.runtime.steps_per_execution >= 0,
-        f"--steps_per_execution={config.runtime.steps_per_execution} must be 0 (auto) or more",
+        runtime.steps_per_execution >= 0,
+        f"--steps_per_execution={runtime.steps_per_execution} must be 0 (auto) or more",
+    )
+    _require(runtime.data_threads >= 0, f"--data_threads={runtime.data_threads} must be 0 or more")
+
+
+def _check_distribution(distribution: DistributionConfig) -> None:
+    _require_choice("strategy", distribution.strategy, STRATEGIES)
+    service = distribution.data_service
+    host, _, port = service.removeprefix("grpc://").rpartition(":")
+    _require(
+        not service or (service.startswith("grpc://") and bool(host) and port.isdigit()),
+        f"--data_service={service} must be grpc://HOST:PORT (a tf.data service dispatcher, "
+        "e.g. from python -m effpipe.data_service), or empty",
+    )
+
+
+def _check_outputs(outputs: OutputsConfig) -> None:
+    parts = outputs.profile_steps.split(",") if outputs.profile_steps else []
+    well_formed = not parts or (
+        len(parts) == 2
+        and all(part.strip().isdigit() for part in parts)
+        and 1 <= int(parts[0]) <= int(parts[1])
     )
     _require(
-        config.runtime.steps_per_execution <= 1 or not config.outputs.profile_steps,
-        f"--steps_per_execution={config.runtime.steps_per_execution} runs several steps per call, "
-        f"so --profile_steps={config.outputs.profile_steps} could not trace exactly those steps: "
+        well_formed,
+        f"--profile_steps={outputs.profile_steps} must be START,END: the first and last train "
+        "steps of each phase to trace, 1 <= START <= END (e.g. 10,20); empty for no trace",
+    )
+
+
+def _check_across_slices(config: TrainConfig) -> None:
+    """The checks that span slices; each slice has checked its own fields."""
+    _require(config.batch_size >= 1, f"--batch_size={config.batch_size} must be at least 1")
+    runtime, outputs = config.runtime, config.outputs
+    _require(
+        runtime.steps_per_execution <= 1 or not outputs.profile_steps,
+        f"--steps_per_execution={runtime.steps_per_execution} runs several steps per call, "
+        f"so --profile_steps={outputs.profile_steps} could not trace exactly those steps: "
         "pass --steps_per_execution=0 (auto: 1 while profiling) or drop --profile_steps",
     )
+    if config.phases.phase1_feature_cache != "on":
+        return
     _require(
-        config.phases.phase1_feature_cache in FEATURE_CACHE_MODES,
-        f"unknown phase1_feature_cache {config.phases.phase1_feature_cache!r}: choose one of "
-        "auto, on, off",
+        not config.augmentation.augment,
+        "--phase1_feature_cache=on needs phase 1 without augmentation (a random "
+        "transform changes the base's features every epoch, so they cannot be "
+        "computed once): pass --noaugment, or --phase1_feature_cache=auto",
     )
-    if config.phases.phase1_feature_cache == "on":
-        _require(
-            not config.augmentation.augment,
-            "--phase1_feature_cache=on needs phase 1 without augmentation (a random "
-            "transform changes the base's features every epoch, so they cannot be "
-            "computed once): pass --noaugment, or --phase1_feature_cache=auto",
-        )
-        _require(
-            config.distribution.strategy not in MULTI_REPLICA_STRATEGIES,
-            f"--phase1_feature_cache=on needs one replica, not --strategy={config.distribution.strategy}: "
-            "pass --strategy=default, or --phase1_feature_cache=auto",
-        )
-        _require(
-            config.model.head == "pooled",
-            f"--phase1_feature_cache=on needs --head=pooled (the {config.model.head} head runs "
-            "BatchNormalization and Dropout before pooling, so there are no pooled "
-            "features to cache): pass --head=pooled, or --phase1_feature_cache=auto",
-        )
+    strategy = config.distribution.strategy
     _require(
-        config.distribution.strategy in STRATEGIES,
-        f"unknown strategy {config.distribution.strategy!r}: choose one of {', '.join(STRATEGIES)}",
+        strategy not in MULTI_REPLICA_STRATEGIES,
+        f"--phase1_feature_cache=on needs one replica, not --strategy={strategy}: "
+        "pass --strategy=default, or --phase1_feature_cache=auto",
     )
     _require(
-        config.phases.base_batch_size >= 0,
-        f"--base_batch_size={config.phases.base_batch_size} must be 0 (no scaling) or more",
+        config.model.head == "pooled",
+        f"--phase1_feature_cache=on needs --head=pooled (the {config.model.head} head runs "
+        "BatchNormalization and Dropout before pooling, so there are no pooled "
+        "features to cache): pass --head=pooled, or --phase1_feature_cache=auto",
     )
-    _require(
-        not config.distribution.data_service
-        or _valid_service_address(config.distribution.data_service),
-        f"--data_service={config.distribution.data_service} must be grpc://HOST:PORT (a tf.data service "
-        "dispatcher, e.g. from python -m effpipe.data_service), or empty",
-    )
-    _require(
-        config.runtime.data_threads >= 0,
-        f"--data_threads={config.runtime.data_threads} must be 0 or more",
-    )
-    _require(
-        _valid_profile_steps(config.outputs.profile_steps),
-        _PROFILE_STEPS_MESSAGE % config.outputs.profile_steps,
-    )
-
-
-_PROFILE_STEPS_MESSAGE = (
-    "--profile_steps=%s must be START,END: the first and last train steps of each "
-    "phase to trace, 1 <= START <= END (e.g. 10,20); empty for no trace"
-)
-
-
-def _valid_profile_steps(value: str) -> bool:
-    if not value:
-        return True
-    parts = value.split(",")
-    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
-        return False
-    first, last = (int(part) for part in parts)
-    return 1 <= first <= last
-
-
-def _valid_service_address(value: str) -> bool:
-    host, _, port = value.removeprefix("grpc://").rpartition(":")
-    return value.startswith("grpc://") and bool(host) and port.isdigit()

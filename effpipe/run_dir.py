@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from absl import logging
 
-from effpipe.config import RESUMABLE_CHANGES, TrainConfig
+from effpipe.config import HEAD_ALIASES, RESUMABLE_CHANGES, TrainConfig
 from effpipe.errors import UsageError
 
 CONFIG_FILE = "config.json"
@@ -72,7 +72,7 @@ def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:
     # with corrected flags starts afresh without --overwrite.
     holds_work = any(name in present for name in ("state", "checkpoints", "metrics.json"))
     if os.path.exists(config_path) and not overwrite and holds_work:
-        recorded = read_json(config_path)
+        recorded = _read_config(config_path)
         finished = os.path.exists(os.path.join(workdir, "metrics.json"))
         changed = sorted(
             name
@@ -139,8 +139,17 @@ def is_complete(workdir: str, config: TrainConfig) -> bool:
     return (
         os.path.exists(os.path.join(workdir, "metrics.json"))
         and os.path.exists(config_path)
-        and read_json(config_path) == config.to_flat()
+        and _read_config(config_path) == config.to_flat()
     )
+
+
+def _read_config(path: str) -> dict:
+    """config.json's flat flags; a run recorded with the notebook head's older name,
+    seed, reads as notebook, so it resumes under the new name."""
+    recorded = read_json(path)
+    if "head" in recorded:
+        recorded["head"] = HEAD_ALIASES.get(recorded["head"], recorded["head"])
+    return recorded
 
 
 def remove_temporaries(workdir: str) -> None:

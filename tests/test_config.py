@@ -4,6 +4,7 @@ import pytest
 
 from effpipe.config import TrainConfig
 from effpipe.errors import UsageError
+from effpipe.training import feature_cache
 
 
 def test_defaults_are_valid_and_resolve_native_size():
@@ -47,11 +48,11 @@ def test_bad_values_raise_usage_error(overrides, fragment):
         (False, "pooled", "base.weights.h5", True),
         (False, "pooled", "none", False),
         (True, "pooled", "imagenet", False),
-        (False, "seed", "imagenet", False),
-        (True, "seed", "imagenet", False),
+        (False, "notebook", "imagenet", False),
+        (True, "notebook", "imagenet", False),
         (True, "pooled", "none", False),
-        (False, "seed", "none", False),
-        (True, "seed", "none", False),
+        (False, "notebook", "none", False),
+        (True, "notebook", "none", False),
     ],
 )
 def test_auto_feature_cache_needs_no_augmentation_a_pooled_head_and_a_pretrained_base(
@@ -59,19 +60,15 @@ def test_auto_feature_cache_needs_no_augmentation_a_pooled_head_and_a_pretrained
 ):
     config = TrainConfig.from_flat(augment=augment, head=head, weights=weights)
     assert config.phases.phase1_feature_cache == "auto"
-    assert config.uses_phase1_feature_cache is expected
+    assert feature_cache.resolve(config)[0] is expected
     # "off" always wins; "on" is taken wherever it is valid (a random base included).
-    assert (
-        TrainConfig.from_flat(
-            augment=augment, head=head, phase1_feature_cache="off"
-        ).uses_phase1_feature_cache
-        is False
-    )
+    off = TrainConfig.from_flat(augment=augment, head=head, phase1_feature_cache="off")
+    assert feature_cache.resolve(off)[0] is False
     if not augment and head == "pooled":
         on = TrainConfig.from_flat(
             augment=augment, head=head, weights=weights, phase1_feature_cache="on"
         )
-        assert on.uses_phase1_feature_cache is True
+        assert feature_cache.resolve(on)[0] is True
 
 
 @pytest.mark.parametrize(
@@ -82,10 +79,10 @@ def test_auto_feature_cache_needs_no_augmentation_a_pooled_head_and_a_pretrained
             ("--phase1_feature_cache=on needs phase 1 without augmentation", "--noaugment"),
         ),
         (
-            {"augment": False, "head": "seed"},
+            {"augment": False, "head": "notebook"},
             ("--phase1_feature_cache=on needs --head=pooled", "pass --head=pooled"),
         ),
-        ({"augment": True, "head": "seed"}, ("without augmentation",)),
+        ({"augment": True, "head": "notebook"}, ("without augmentation",)),
     ],
 )
 def test_a_feature_cache_forced_on_where_it_cannot_apply_is_refused(overrides, fragments):
@@ -93,6 +90,11 @@ def test_a_feature_cache_forced_on_where_it_cannot_apply_is_refused(overrides, f
         TrainConfig.from_flat(phase1_feature_cache="on", **overrides)
     for fragment in fragments:
         assert fragment in str(raised.value)
+
+
+def test_the_notebook_head_is_also_accepted_by_its_older_name_seed():
+    assert TrainConfig.from_flat(head="seed").model.head == "notebook"
+    assert TrainConfig.from_flat(head="seed") == TrainConfig.from_flat(head="notebook")
 
 
 def test_an_unknown_feature_cache_mode_is_refused():

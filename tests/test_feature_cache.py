@@ -190,7 +190,7 @@ def test_the_head_model_trains_the_full_models_head_under_bfloat16(base_weights)
 def test_the_seed_head_has_no_cacheable_features():
     model = efficientnet.make_model(
         variant="b0", image_size=32, source_size=(16, 16), num_classes=3, weights="none",
-        head="seed",
+        head="notebook",
     )  # fmt: skip
     with pytest.raises(ValueError, match="pooled head"):
         feature_cache.make_head_model(model)

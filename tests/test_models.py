@@ -61,7 +61,7 @@ def test_heads_are_in_their_documented_order():
         return names[names.index(efficientnet.BASE_NAME) + 1 :]
 
     assert head_layers("pooled") == ["head_pool", "head_bn", "head_dropout", "predictions"]
-    assert head_layers("seed") == ["head_bn", "head_dropout", "head_pool", "predictions"]
+    assert head_layers("notebook") == ["head_bn", "head_dropout", "head_pool", "predictions"]
 
 
 def test_mixed_precision_keeps_the_softmax_in_float32():

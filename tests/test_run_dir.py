@@ -65,3 +65,12 @@ def test_an_unfinished_run_resumes_with_a_lower_learning_rate(tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
     with pytest.raises(UsageError, match="--phase2_learning_rate"):
         run_dir.prepare(str(tmp_path), CONFIG, overwrite=False)
+
+
+def test_a_run_recorded_with_the_notebook_heads_older_name_resumes(tmp_path):
+    notebook = CONFIG.replace(head="notebook")
+    run_dir.prepare(str(tmp_path), notebook, overwrite=False)
+    (tmp_path / "state").mkdir()
+    recorded = run_dir.read_json(str(tmp_path / run_dir.CONFIG_FILE))
+    run_dir.write_json(str(tmp_path / run_dir.CONFIG_FILE), {**recorded, "head": "seed"})
+    assert run_dir.prepare(str(tmp_path), notebook, overwrite=False) == run_dir.RESUME

@@ -60,7 +60,7 @@ def test_seed_flagfile_is_the_notebook_recipe(monkeypatch):
     assert (config.model.variant, config.model.resolved_image_size, config.model.head) == (
         "b5",
         456,
-        "seed",
+        "notebook",
     )
     assert (config.data.validation_fraction, config.data.validation_selection) == (0.3, "last")
     assert (config.phases.phase1_epochs, config.phases.phase1_learning_rate) == (10, 1e-4)

@@ -172,7 +172,7 @@ def make_model(
       source_size: (height, width) of the uint8 input images.
       num_classes: outputs of the final Dense layer.
       weights: see `make_base`.
-      head: "pooled" or "seed" (see the module docstring).
+      head: "pooled" or "notebook" (see the module docstring).
       dropout: dropout rate of the head.
       augment_config: the random transform applied to training batches on the
         device, or None for a plain resize in training too.
@@ -221,14 +221,14 @@ def make_model(
         x = keras.layers.GlobalAveragePooling2D(name="head_pool")(features)
         x = keras.layers.BatchNormalization(name="head_bn", synchronized=synchronized_batch_norm)(x)
         x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    elif head == "seed":
+    elif head == "notebook":
         x = keras.layers.BatchNormalization(name="head_bn", synchronized=synchronized_batch_norm)(
             features
         )
         x = keras.layers.Dropout(dropout, name="head_dropout")(x)
         x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
     else:
-        raise UsageError(f"unknown head {head!r}: choose pooled or seed")
+        raise UsageError(f"unknown head {head!r}: choose pooled or notebook")
     outputs = keras.layers.Dense(
         num_classes, activation="softmax", dtype="float32", name="predictions"
     )(x)

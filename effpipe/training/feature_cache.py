@@ -28,6 +28,8 @@ import numpy as np
 from absl import logging
 
 from effpipe import run_dir
+from effpipe.config import TrainConfig
+from effpipe.errors import UsageError
 from effpipe.model import efficientnet
 
 FEATURE_LAYER = "head_pool"
@@ -74,7 +76,7 @@ def make_head_model(model: keras.Model) -> keras.Model:
 
     Raises:
       ValueError: the model's head does not start with FEATURE_LAYER on the base
-        (the seed head pools last).
+        (the notebook head pools last).
     """
     layers = model.layers
     pool = model.get_layer(FEATURE_LAYER)
@@ -143,3 +145,45 @@ def log_features(features: Features, path: str) -> None:
         path,
         features.seconds,
     )
+
+
+def resolve(config: TrainConfig, distributed: bool = False) -> tuple[bool, str]:
+    """Resolves --phase1_feature_cache, with the reason for the log.
+
+    The cache applies when the base's pooled output of an image is the same in every
+    phase-1 epoch: no random augmentation before the base, and a head that pools
+    first (pooled). "on" where it cannot apply is refused at validation. auto also
+    leaves it off for a base trained from scratch (--weights=none): that base follows
+    the training flag, so its stochastic depth changes the features every epoch and
+    the cache (its inference output) would train another head; "on" accepts that.
+    Under a distribution strategy it is off: the cache's head model, which shares
+    the full model's layers, is built and tested on one device only.
+
+    Args:
+      config: the run configuration.
+      distributed: the run resolved to a strategy other than the default one.
+
+    Returns:
+      (on, reason).
+    """
+    if config.phases.phase1_feature_cache == "off":
+        return False, "phase-1 feature cache off (--phase1_feature_cache=off)"
+    if config.phases.phase1_feature_cache == "on":
+        if distributed:
+            raise UsageError(
+                f"--phase1_feature_cache=on needs one device, and --strategy={config.distribution.strategy} "
+                "resolved to several replicas: pass --phase1_feature_cache=auto or off"
+            )
+        return True, "phase-1 feature cache on (--phase1_feature_cache=on)"
+    if distributed:
+        return False, "phase-1 feature cache off (auto: it runs on one device, without a strategy)"
+    if config.augmentation.augment:
+        return False, "phase-1 feature cache off (auto: augmentation changes the features)"
+    if config.model.head != "pooled":
+        return False, f"phase-1 feature cache off (auto: the {config.model.head} head pools last)"
+    if config.model.weights == "none":
+        return False, (
+            "phase-1 feature cache off (auto: a base trained from scratch draws stochastic "
+            "depth in training, so its features change every epoch)"
+        )
+    return True, "phase-1 feature cache on (auto: no augmentation, pooled head, pretrained base)"

@@ -242,7 +242,7 @@ def _train_and_evaluate(
             model.count_params(),
             factory.describe_augmentation(config),
         )
-        use_feature_cache, reason = config_lib.resolve_phase1_feature_cache(
+        use_feature_cache, reason = feature_cache.resolve(
             config, distributed=distribution.is_distributed
         )
         logging.info("%s", reason)
