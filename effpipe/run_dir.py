@@ -7,6 +7,10 @@ naming the flags that differ, unless --overwrite discards the old run's outputs.
 An unfinished run may resume with other values of `config.RESUMABLE_CHANGES` (a
 lower learning rate after a NaN loss; thread counts): config.json takes them.
 No TensorFlow import: the check runs before TensorFlow loads.
+
+Every output is written atomically: a temporary name in the same folder, then a
+rename, so a crash or a kill mid-write leaves the previous file or none, never half
+of one.
 """
 
 import json

@@ -1,4 +1,8 @@
-"""TODO docstring for data.shapes."""
+"""The synthetic shapes dataset: coloured geometric shapes drawn in-process.
+
+Seeded, learnable and offline: what the demo and the tests train on. A class is a
+kind of shape, whatever its colour, size and position.
+"""
 
 import numpy as np
 

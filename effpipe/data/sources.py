@@ -1,4 +1,14 @@
-"""TODO docstring for data.sources."""
+"""Data sources: uint8 images at source resolution, integer labels, metadata.
+
+Every source returns a `DataSource` of in-memory numpy arrays (N, H, W, 3) uint8
+and (N,) int32 labels. Images stay small and uint8 on the host: resizing to the
+model resolution happens on the device, inside the compiled step.
+
+Sources:
+  cifar100     CIFAR-100 fine labels through tensorflow-datasets (`data_dir`).
+  folder:PATH  PATH/train/<class>/*.png|jpg|jpeg and optional PATH/test/<class>/.
+  shapes       the synthetic shapes (`effpipe.data.shapes`).
+"""
 
 import os
 import socket

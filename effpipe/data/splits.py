@@ -1,4 +1,5 @@
-"""TODO docstring for data.splits."""
+"""A loaded source and its splits: train, validation carved from train, test.
+"""
 
 import dataclasses
 

@@ -1,4 +1,9 @@
-"""TODO docstring for model.batch_norm."""
+"""BatchNormalization statistics for a base trained from scratch.
+
+A random base has no pretrained moving statistics, and those it accumulates while
+training lag its weights; the calibration recomputes them from forward passes over
+training images, once before training and again before every validation.
+"""
 
 import keras
 

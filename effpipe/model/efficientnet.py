@@ -1,4 +1,20 @@
-"""TODO docstring for model.efficientnet."""
+"""The model: uint8 source images in, class probabilities out.
+
+    uint8 (S, S, 3) -> augment + resize to the model resolution, in one bilinear
+    pass (identity when not training) -> EfficientNet base -> head
+    -> Dense softmax (float32)
+
+Heads:
+  pooled    GAP -> BN -> Dropout -> Dense (keras-io's order; cheaper, and its pooled
+            features can be cached)
+  notebook  BN -> Dropout -> GAP -> Dense (the original notebook's order)
+
+The Keras EfficientNets include their own rescaling and normalisation: they take
+0..255 floats. A pretrained base, from the download or a file, is the network Keras
+builds for weights="imagenet", whose stem scales once more after its Normalization;
+a base trained from scratch is the plain one. The base is one nested sub-model,
+named BASE_NAME, so phases can freeze and unfreeze it (`effpipe.model.freezing`).
+"""
 
 import json
 import math

@@ -1,4 +1,8 @@
-"""TODO docstring for model.factory."""
+"""The recipe's model and step from a run's config, shared by the trainer, the
+batch-size tuner and the benchmarks, so that all three build and compile the same
+thing: the model (`make_configured_model`), the augmentation, and the compiled step
+(`compile_model`).
+"""
 
 import keras
 

@@ -1,4 +1,9 @@
-"""TODO docstring for model.freezing."""
+"""Which layers each phase trains: the base's blocks, frozen and unfrozen.
+
+Phase 1 freezes the whole base. Phase 2 unfreezes whole blocks from the top (a
+block's skip connection spans its layers) and the top conv; BatchNormalization stays
+frozen, in inference mode, except in a base trained from scratch.
+"""
 
 import re
 

@@ -8,6 +8,7 @@ formula). `run_trial` is one trial: the trainer's model, phase set-up, compile a
 """
 
 import dataclasses
+import functools
 import os
 import resource
 import tempfile
@@ -201,24 +202,15 @@ def tune(
         with open(flagfile, "w") as file:
             file.write(trial_flagfile_text)
 
-        def trial_in_subprocess(
-            phase: int, judge_rss: bool = False
-        ) -> Callable[[int], search.Trial]:
-            def run(batch_size: int) -> search.Trial:
-                logging.info("phase %d: trying batch %d", phase, batch_size)
-                try:
-                    trial = search.run_trial_subprocess(
-                        trial_command(batch_size, phase, flagfile), batch_size, trial_timeout_s
-                    )
-                except RuntimeError as error:
-                    raise UsageError(str(error)) from error
-                if judge_rss and trial.fits and trial.peak_mib > usable_bytes / MIB:
-                    # A CPU step cannot be capped: it fits if its RSS stayed in budget.
-                    trial.fits = False
-                    trial.note += f"; over the {usable_bytes / MIB:.0f} MiB budget"
-                return trial
-
-            return run
+        def trial_of(phase: int, judge_rss: bool = False) -> Callable[[int], search.Trial]:
+            return functools.partial(
+                _subprocess_trial,
+                lambda batch_size: trial_command(batch_size, phase, flagfile),
+                phase=phase,
+                usable_bytes=usable_bytes,
+                timeout_s=trial_timeout_s,
+                judge_rss=judge_rss,
+            )
 
         for phase in phases:
             estimated_best, estimated_trials, model_memory = estimate_phase(
@@ -232,7 +224,7 @@ def tune(
             }
             if measured:
                 best, trials = search.search_max_batch(
-                    trial_in_subprocess(phase, judge_rss=not gpus),
+                    trial_of(phase, judge_rss=not gpus),
                     start=max(estimated_best, 1),
                     max_batch=max_batch,
                     resolution=resolution,
@@ -247,7 +239,7 @@ def tune(
                 report["trials"].append(_rounded(record))
         if not measured and cpu_trial_batch:
             phase = phases[-1]
-            trial = trial_in_subprocess(phase)(cpu_trial_batch)
+            trial = trial_of(phase)(cpu_trial_batch)
             report["cpu_trial"] = _rounded(
                 {
                     "phase": phase,
@@ -256,6 +248,25 @@ def tune(
                 }
             )
     return report
+
+
+def _subprocess_trial(
+    command_of, batch_size: int, *, phase: int, usable_bytes: int, timeout_s: float, judge_rss: bool
+) -> search.Trial:
+    """One trial of `batch_size` in a subprocess (`command_of(batch_size)` is its argv).
+
+    With `judge_rss` (a CPU trial) it fits only if its peak RSS stayed in the budget:
+    a CPU step cannot be capped like a GPU allocator.
+    """
+    logging.info("phase %d: trying batch %d", phase, batch_size)
+    try:
+        trial = search.run_trial_subprocess(command_of(batch_size), batch_size, timeout_s)
+    except RuntimeError as error:
+        raise UsageError(str(error)) from error
+    if judge_rss and trial.fits and trial.peak_mib > usable_bytes / MIB:
+        trial.fits = False
+        trial.note += f"; over the {usable_bytes / MIB:.0f} MiB budget"
+    return trial
 
 
 def print_report(report: dict) -> None:
