@@ -190,7 +190,7 @@ def _write_flagfile(path: str, report: dict, batch_size: int) -> None:
             else "measured: trials of the real train step on the CPU, peak RSS against the budget"
         )
         if report["method"] == "measured"
-        else "estimated: the analytical estimate of WORKSPACE.md, no GPU measured"
+        else "estimated: the analytical estimate of effpipe/tune/memory.py, no GPU measured"
     )
     header = [
         f"# Batch size for a card of {MEMORY_BUDGET_GB.value:g} GB, tuned "

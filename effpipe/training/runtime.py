@@ -255,7 +255,7 @@ def _check_precision_fits_device(dtype: str, devices: Devices) -> None:
 # Each call costs the host about 0.95 ms (Python, the tf.function call, Keras' logs
 # turned into floats after every call on the TensorFlow backend): measured by
 # benchmarks.step_throughput on this project's CPU, the phase-1 head on cached
-# features ran at 1.96 ms/step one step per call and 1.01 at 25 (WORKSPACE.md). A whole
+# features ran at 1.96 ms/step one step per call and 1.01 at 25 (README.md, Performance). A whole
 # EfficientNet step on a CPU (260 ms for B0 at 224 px) hides that overhead, so the
 # CPU keeps 1; a GPU or TPU step of a few milliseconds (B0 on a large GPU) does not.
 AUTO_STEPS_PER_EXECUTION = {"head": 32, "gpu": 8, "tpu": 8, "cpu": 1}

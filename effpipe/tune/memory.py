@@ -24,8 +24,8 @@ Each term grows linearly in the batch but weights, gradients and optimizer, so t
 largest batch under a budget follows in closed form; the tuner still searches it
 like a measured one. The estimate is of the memory TensorFlow's allocator needs;
 what XLA fuses away, allocator fragmentation and the skip tensors a block keeps live
-are not modelled (the margin covers them). WORKSPACE.md compares it with a GPU's
-measured peak where one was measured.
+are not modelled (the margin covers them). `make tune-gpu` measures the real peak
+on a GPU to compare it with.
 """
 
 import dataclasses
