@@ -123,7 +123,7 @@ TUNER_FLAGS = ["--flagfile=flags/b5_rtx3070.flags", "--memory_budget_gb=8"]
 SMOKE_TUNER_FLAGS = ["--variant=b0", "--image_size=32", "--memory_budget_gb=8", "--max_batch=4"]
 NOAUG = ["effpipe/noaug/synthetic", "effpipe/noaug/pipeline"]
 AUG = ["effpipe/aug/synthetic", "effpipe/aug/pipeline"]
-REPLICA = ["seed/synthetic", "seed/numpy", "seed/generator"]
+REPLICA = ["notebook/synthetic", "notebook/numpy", "notebook/generator"]
 # name, phase, mixed precision, XLA, configurations, (timeout s, least s worth starting).
 STEP_SETTINGS = [
     ("step_p1_mixed_xla_on", 1, True, "on", NOAUG + AUG, (240, 100)),
@@ -507,9 +507,9 @@ def summarize(parts: dict) -> dict:
         figures, phase = record["figures"], result["phase"]
         compute = figures["effpipe/noaug/synthetic/ms_per_step"]
         fed = figures.get("effpipe/noaug/pipeline/ms_per_step")
-        seed_compute, seed_fed = (
-            replica.get((phase, "seed/synthetic")),
-            replica.get((phase, "seed/numpy")),
+        notebook_compute, notebook_fed = (
+            replica.get((phase, "notebook/synthetic")),
+            replica.get((phase, "notebook/numpy")),
         )
         steps.append(
             {
@@ -521,8 +521,10 @@ def summarize(parts: dict) -> dict:
                 "images_per_sec": figures["effpipe/noaug/synthetic/images_per_sec"],
                 "peak_memory_mb": figures.get("effpipe/noaug/synthetic/peak_memory_mb"),
                 "fed_ms_per_step": fed,
-                "speedup_vs_replica": seed_compute / compute if seed_compute else None,
-                "fed_speedup_vs_replica_as_run": seed_fed / fed if seed_fed and fed else None,
+                "speedup_vs_replica": notebook_compute / compute if notebook_compute else None,
+                "fed_speedup_vs_replica_as_run": notebook_fed / fed
+                if notebook_fed and fed
+                else None,
                 "augment_share_of_step": figures.get("target/augment_share_of_step"),
             }
         )

@@ -213,7 +213,7 @@ def test_smoke_runs_every_part_and_records_finite_figures(repo_root, tmp_path):
     assert set(steps) == {"step_p1_float32_xla_off", "step_p2_mixed_xla_off"}
     one = steps["step_p1_float32_xla_off"]
     assert one["speedup_vs_replica"] == (
-        report["summary"]["replica_ms_per_step"]["phase1/seed/synthetic"] / one["ms_per_step"]
+        report["summary"]["replica_ms_per_step"]["phase1/notebook/synthetic"] / one["ms_per_step"]
     )
     assert steps["step_p2_mixed_xla_off"]["speedup_vs_replica"] is None  # No phase-2 replica.
     assert result.stdout.strip().splitlines()[-1].startswith(f"gpu_check: wrote {output}")
