@@ -171,8 +171,8 @@ def main(argv):
 
 
 def _smoke_config(config):
-    return dataclasses.replace(
-        config, dataset="shapes", shapes_train_examples=200, shapes_test_examples=10, batch_size=8
+    return config.replace(
+        dataset="shapes", shapes_train_examples=200, shapes_test_examples=10, batch_size=8
     )
 
 
