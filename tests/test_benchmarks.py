@@ -8,6 +8,10 @@ import sys
 import pytest
 
 
+def _env(repo_root):
+    return {**os.environ, "PYTHONPATH": str(repo_root), "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
 def _run_benchmark(repo_root, module, *args):
     result = subprocess.run(
         [sys.executable, "-m", module, *args],
@@ -15,7 +19,7 @@ def _run_benchmark(repo_root, module, *args):
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "PYTHONPATH": str(repo_root), "TF_CPP_MIN_LOG_LEVEL": "2"},
+        env=_env(repo_root),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
@@ -101,10 +105,29 @@ def test_bad_flag_of_a_benchmark_is_one_line_and_exit_2(repo_root, module, flag)
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": str(repo_root), "TF_CPP_MIN_LOG_LEVEL": "2"},
+        env=_env(repo_root),
     )
     assert result.returncode == 2
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"{module}: error:"), result.stderr[-2000:]
     assert flag.split("=")[0] in last_line
     assert "Traceback" not in result.stderr
+
+
+def test_seed_baseline_still_names_the_notebook_baseline(repo_root):
+    # --seed_baseline is --notebook_baseline's earlier name: old command lines still run.
+    check = (
+        "from absl import flags; from benchmarks import step_throughput as s; "
+        "flags.FLAGS(['s', '--noseed_baseline']); assert s._NOTEBOOK_BASELINE.value is False; "
+        "flags.FLAGS.unparse_flags(); flags.FLAGS(['s', '--seed_baseline']); "
+        "assert s._NOTEBOOK_BASELINE.value is True"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(repo_root),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
