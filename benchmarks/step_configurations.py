@@ -18,7 +18,9 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks import harness, notebook_replica
+from effpipe.config import TrainConfig
 from effpipe.data import pipeline
+from effpipe.data.splits import Split
 from effpipe.errors import UsageError
 from effpipe.model import factory, freezing
 from effpipe.training import feature_cache, runtime
@@ -58,10 +60,10 @@ class StepSetting:
       steps_per_execution: effpipe's full models' train steps per compiled call.
     """
 
-    config: object
+    config: TrainConfig
     phase: int
-    setup: object
-    train: object
+    setup: runtime.Runtime
+    train: Split
     num_classes: int
     weights_path: str
     steps: int
