@@ -11,81 +11,28 @@ recorded as skipped. After every part it rewrites --output, a JSON file with, pe
 part: status (ok, failed with its last stderr lines, timed_out, skipped with the
 reason, interrupted), wall seconds, the command, the part's figures (finite
 numbers) and its final JSON line as printed; each part's full stdout and stderr are
-kept in <output>_logs/. It ends with a summary table. SIGTERM or Ctrl-C kills the
-running parts and still writes the file. Without a GPU (and without --smoke) it says
-so in one line and exits 0; a GPU that nvidia-smi lists but this TensorFlow cannot
-use (a CPU-only build) is one line on stderr and exit status 1, not a run on the CPU.
+kept in <output>_logs/. It ends with a summary table: each step setting against the
+notebook replica of its phase, on the same GPU. SIGTERM or Ctrl-C kills the running
+parts and still writes the file. Without a GPU (and without --smoke) it says so in
+one line and exits 0; a GPU that nvidia-smi lists but this TensorFlow cannot use (a
+CPU-only build) is one line on stderr and exit status 1, not a run on the CPU.
 
-The parts, in the order they run (B5 at 456 px, batch 32, --unfreeze_blocks=4 as
-flags/b5_rtx3070.flags; random weights and the offline shapes data, since the
-GPU machine has no network):
+The parts, in the order they run (benchmarks.gpu_check_parts defines each): the
+untimed stage together, cut at 200 s (smoke_run; tuner_estimate, then
+tuner_trial_phase1 and tuner_trial_phase2), then one at a time step_p1_mixed_xla_on,
+step_p1_float32_xla_off, step_p2_mixed_xla_on, augment, step_p2_float32_xla_off,
+step_p1_mixed_xla_off, step_p2_mixed_xla_off, step_p1_float32_xla_on,
+step_p2_float32_xla_on.
 
-  smoke_run          effpipe.train on flags/smoke.flags (B0 at 64 px, one epoch per
-                     phase) with float16 (loss scaling) and XLA: metrics.json's top1 and
-                     loss must be finite, its precision mixed_float16 with loss scaling,
-                     its xla true.
-  tuner_estimate     effpipe.tune_batch --method=estimated for flags/b5_rtx3070.flags
-                     (mixed precision, augmentation) under an 8 GB card: each phase's
-                     largest batch by the analytical estimate (host only, GPU hidden).
-  tuner_trial_phase1 one measured trial per phase (--trial_batch), capped at the 8 GB
-  tuner_trial_phase2 budget, at the estimate's answer: measured allocator peak against
-                     the estimate's MiB (estimate_error = estimated / measured - 1) and
-                     whether it fit. If it does not, a *_fallback trial at the largest
-                     power of two below, whose estimate the search also probed.
-  step_*             benchmarks.step_throughput, one process per phase x precision x
-                     XLA, timing only the configurations it needs (--configurations):
-                     the headline settings time compute (synthetic) and fed (pipeline)
-                     steps, phase 1 mixed + XLA also augmentation's share; the float32,
-                     XLA-off settings (the notebook's own) also time the notebook replica
-                     (its base in host memory, float32, no XLA); the other four settings
-                     time the compute step only. The summary divides the replica's
-                     ms/step by each setting's, on the same GPU.
-  augment            benchmarks.augment_throughput at its defaults (224 and 456 px).
-
-The smoke run and the tuner do not time anything that the others could disturb
-(the smoke run's figures are accuracy and finiteness, a trial's its own process's
-allocator peak), so they run together first, with the smoke run's GPU memory
-allowed to grow so the trials' 8 GB caps always fit beside it; every timed part runs
-alone after them.
-
-Time plan, for one H200 (no GPU has been lent to this project's sessions yet, so
-these are estimates to be replaced by the wall seconds this command records; the
-deadline, not the plan, keeps the whole under 8 minutes). Each process pays ~10 s
-of TensorFlow import, CUDA start and B5 build; a B5 train step costs ~15 s of
-tracing and, with XLA, up to a minute or more of compilation at 456 px (less in
-phase 1, whose frozen base has no backward pass); the timed steps themselves are
-seconds (2 repeats x 6 steps after a warm-up repeat, per configuration):
-
-  GPU names: nvidia-smi, and TensorFlow in a subprocess             ~10 s
-  untimed stage, together, cut at 200 s: smoke_run ~60 s | tuner_estimate
-    ~20 s, then the two trials side by side (B5 + XLA at the estimate's
-    batch: 213 for phase 1, 57 for phase 2, as estimated here)   ~120 s
-  step_p1_mixed_xla_on     two models (plain, augmenting), XLA        ~100 s
-  step_p1_float32_xla_off  one model + the replica, no XLA             ~60 s
-  step_p2_mixed_xla_on     one model, XLA through 4 blocks             ~80 s
-  augment                  7 small compiled steps x 2 sizes            ~40 s
-  (about 410 s so far)
-  step_p2_float32_xla_off  one model + the replica                     ~60 s
-  step_p1_mixed_xla_off, step_p2_mixed_xla_off                      ~40 s each
-  step_p1_float32_xla_on, step_p2_float32_xla_on                    ~70 s each
-
-so at the default --deadline_s=450 the last settings are likely skipped on a first
-run; --parts reruns exactly those. The order puts first what the README's "GPU: not
-measured yet" paragraphs need: the 5x target (phase-1 effpipe, mixed + XLA, fed,
-against the replica as the notebook ran it), the phase-2 step, augmentation, the
-tuner's error; then the remaining precision x XLA cells.
-
---smoke runs the same code at a tiny scale on the CPU: the smoke run at 32 px, batch
-4, without XLA (8x slower on a CPU); a B0 estimate and CPU trials at batch 4 (their
-"peak" is the process's RSS, so their error means nothing); the benchmarks' own
---smoke modes (B0 at 32 px, batch 4), of the step settings only two, both without
-XLA: step_p1_float32_xla_off (with the replica) and step_p2_mixed_xla_off. It took
-149 s on this project's 2 shared CPU cores (load average 5), 270-290 s at load 6-7.
+The deadline, not a plan, keeps the whole under 8 minutes: on a first run at the
+default --deadline_s=450 the last settings are likely skipped (each B5 setting with
+XLA takes a minute or more to compile); --parts reruns exactly those. --smoke runs
+every kind of part at a tiny scale on the CPU: a few minutes on 2 shared cores
+(149 s at load 5, 270-290 s at load 6-7).
 """
 
 import datetime
 import json
-import math
 import os
 import shlex
 import shutil
@@ -94,13 +41,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent import futures
 
 from absl import flags
 
-from benchmarks import harness, part_runner
-from benchmarks.part_runner import Part, Runner
+from benchmarks import gpu_check_parts, harness, part_runner, step_report
+from benchmarks.gpu_check_parts import PART_NAMES, REPLICA
+from benchmarks.part_runner import Runner
 
 PROGRAM = "benchmarks.gpu_check"
 
@@ -111,243 +58,11 @@ _DEADLINE_S = flags.DEFINE_float(
 _SMOKE = flags.DEFINE_bool("smoke", False, "Every kind of part at a tiny scale, on any machine.")
 _PARTS = flags.DEFINE_list("parts", [], "Run only these parts (names as in the docstring).")
 
-# benchmarks.step_throughput.GPU_PHASE1_TARGET_SPEEDUP (not imported: that module
-# loads TensorFlow): effpipe's phase-1 step, fed, against the replica as it ran.
-PHASE1_TARGET_SPEEDUP = 5.0
+# effpipe's phase-1 step, fed, against the replica as it ran (step_report imports no
+# TensorFlow, so this process still never loads it).
+PHASE1_TARGET_SPEEDUP = step_report.GPU_PHASE1_TARGET_SPEEDUP
 # Seconds the untimed stage (smoke run, tuner) may take on a GPU, of the deadline.
 UNTIMED_STAGE_S = 200
-# The step benchmark's timing per configuration: one warm-up repeat, then these.
-STEP_REPEATS, STEP_STEPS_PER_REPEAT = 2, 6
-STEP_MODEL_FLAGS = ["--variant=b5", "--image_size=456", "--batch_size=32", "--unfreeze_blocks=4"]
-TUNER_FLAGS = ["--flagfile=flags/b5_rtx3070.flags", "--memory_budget_gb=8"]
-SMOKE_TUNER_FLAGS = ["--variant=b0", "--image_size=32", "--memory_budget_gb=8", "--max_batch=4"]
-NOAUG = ["effpipe/noaug/synthetic", "effpipe/noaug/pipeline"]
-AUG = ["effpipe/aug/synthetic", "effpipe/aug/pipeline"]
-REPLICA = ["seed/synthetic", "seed/numpy", "seed/generator"]
-# name, phase, mixed precision, XLA, configurations, (timeout s, least s worth starting).
-STEP_SETTINGS = [
-    ("step_p1_mixed_xla_on", 1, True, "on", NOAUG + AUG, (240, 100)),
-    ("step_p1_float32_xla_off", 1, False, "off", NOAUG + REPLICA, (180, 60)),
-    ("step_p2_mixed_xla_on", 2, True, "on", NOAUG, (240, 80)),
-    ("step_p2_float32_xla_off", 2, False, "off", NOAUG + REPLICA, (180, 60)),
-    ("step_p1_mixed_xla_off", 1, True, "off", NOAUG[:1], (120, 35)),
-    ("step_p2_mixed_xla_off", 2, True, "off", NOAUG[:1], (120, 40)),
-    ("step_p1_float32_xla_on", 1, False, "on", NOAUG[:1], (180, 60)),
-    ("step_p2_float32_xla_on", 2, False, "on", NOAUG[:1], (180, 70)),
-]
-SMOKE_STEP_PARTS = ("step_p1_float32_xla_off", "step_p2_mixed_xla_off")
-TIMED_ORDER = (
-    [name for name, *_ in STEP_SETTINGS[:3]]
-    + ["augment"]
-    + [name for name, *_ in STEP_SETTINGS[3:]]
-)
-PART_NAMES = ["smoke_run", "tuner_estimate", "tuner_trial_phase1", "tuner_trial_phase2"]
-PART_NAMES += TIMED_ORDER
-
-
-# --- What each part's output must hold. ---
-
-
-def finite(name: str, value) -> float:
-    """`value` if it is a finite number; ValueError naming `name` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} is {value!r}, not a finite number")
-    return value
-
-
-def require_json(result: dict | None, benchmark: str | None = None) -> dict:
-    if result is None:
-        raise ValueError("no JSON object on its last stdout line")
-    if benchmark and result.get("benchmark") != benchmark:
-        raise ValueError(f"its JSON line is not {benchmark}'s")
-    return result
-
-
-def read_step(result: dict | None) -> dict:
-    """ms/step, images/s and (GPU) peak MB per configuration; the targets' values."""
-    result = require_json(result, "step_throughput")
-    figures = {}
-    for name, values in result["configurations"].items():
-        for key in ("ms_per_step", "images_per_sec", "peak_memory_mb", "input_bound_fraction"):
-            if values.get(key) is not None:
-                figures[f"{name}/{key}"] = finite(f"{name} {key}", values[key])
-    for name, check in result["targets"].items():
-        figures[f"target/{name}"] = finite(name, check["value"])
-    return figures
-
-
-def read_augment(result: dict | None) -> dict:
-    """Per size: the fused path's and Keras' chain's images/s and their ratio."""
-    result = require_json(result, "augment_throughput")
-    figures = {}
-    for size, values in result["sizes"].items():
-        for key in ("fused_images_per_sec", "keras_chain_images_per_sec", "speedup"):
-            figures[f"{size}px/{key}"] = finite(f"{size} px {key}", values[key])
-    return figures
-
-
-def read_estimate(result: dict | None) -> dict:
-    """Each phase's estimated largest batch and the estimate's MiB at it."""
-    result = require_json(result)
-    figures = {"usable_mib": finite("usable_mib", result["usable_mib"])}
-    for phase in (1, 2):
-        estimate = result["estimate"][f"phase{phase}"]
-        figures[f"phase{phase}_max_batch"] = finite("max_batch", estimate["max_batch"])
-        terms = estimate["mib_at_max_batch"]
-        if terms:
-            figures[f"phase{phase}_estimated_mib"] = finite("estimated MiB", terms["total"])
-            # The share of the estimate kept for fragmentation and workspaces.
-            figures[f"phase{phase}_estimated_margin_mib"] = finite("margin", terms["margin"])
-    return figures
-
-
-def estimated_mib_at(estimate: dict, phase: int, batch_size: int) -> float | None:
-    """The estimate's MiB for `phase` at `batch_size`, if its search probed that batch."""
-    for trial in estimate["trials"]:
-        if trial["phase"] == phase and trial["batch_size"] == batch_size:
-            return trial["estimated_mib"]
-    return None
-
-
-def make_trial_reader(batch_size: int, estimated_mib: float) -> Callable[[dict | None], dict]:
-    def read(result: dict | None) -> dict:
-        result = require_json(result)
-        if "error" in result:
-            raise ValueError(f"the trial failed: {result['error']}")
-        figures = {"batch_size": batch_size, "fits": bool(result["fits"])}
-        figures["estimated_mib"] = finite("estimated_mib", estimated_mib)
-        # A trial out of GPU memory has no peak; one on a CPU always has one.
-        if result["fits"] or result.get("peak_mib") is not None:
-            peak = finite("peak_mib", result["peak_mib"])
-            figures["peak_mib"] = peak
-            # Above 0: the estimate asks for more than the step took (the safe side).
-            figures["estimate_error"] = estimated_mib / peak - 1.0
-        return figures
-
-    return read
-
-
-def make_smoke_reader(workdir: str, copy_to: str, expected_xla: bool):
-    """Reads the trainer's metrics.json (the trainer prints no JSON line) and keeps a
-    copy at `copy_to`; the run directory itself is deleted after the part."""
-
-    def read(result: dict | None) -> dict:
-        del result
-        with open(os.path.join(workdir, "metrics.json")) as file:
-            metrics = json.load(file)
-        with open(copy_to, "w") as file:
-            json.dump(metrics, file, indent=1)
-        figures = {key: finite(key, metrics[key]) for key in ("top1", "top5", "loss")}
-        figures["train_images_per_sec"] = finite("images/s", metrics["train_images_per_sec"])
-        ran = (metrics["precision"], metrics["loss_scaling"], metrics["xla"])
-        if ran != ("mixed_float16", True, expected_xla):
-            raise ValueError(
-                f"metrics.json says precision {ran[0]}, loss scaling {ran[1]}, xla {ran[2]}; "
-                f"asked mixed_float16 with loss scaling, xla {expected_xla}"
-            )
-        figures["loss_scaling"], figures["xla"] = metrics["loss_scaling"], metrics["xla"]
-        return figures
-
-    return read
-
-
-# --- The plan. ---
-
-
-def step_part(name, phase, mixed, xla, configurations, limits, smoke) -> Part:
-    scale = ["--smoke"] if smoke else [
-        *STEP_MODEL_FLAGS, f"--repeats={STEP_REPEATS}",
-        f"--steps_per_repeat={STEP_STEPS_PER_REPEAT}",
-    ]  # fmt: skip
-    argv = ["-m", "benchmarks.step_throughput", *scale, f"--phase={phase}"]
-    argv += ["--mixed_precision" if mixed else "--nomixed_precision", f"--xla={xla}"]
-    argv += [f"--configurations={','.join(configurations)}"]
-    timeout_s, needs_s = (300, 0) if smoke else limits
-    return Part(name, argv, timeout_s, needs_s, read_step)
-
-
-def make_timed_parts(smoke: bool) -> list[Part]:
-    """The parts that time steps, in the order they run (each alone)."""
-    steps = {
-        setting[0]: step_part(*setting, smoke)
-        for setting in STEP_SETTINGS
-        if not smoke or setting[0] in SMOKE_STEP_PARTS
-    }
-    augment = Part(
-        "augment",
-        ["-m", "benchmarks.augment_throughput", *(["--smoke"] if smoke else [])],
-        300 if smoke else 120,
-        0 if smoke else 40,
-        read_augment,
-    )
-    return [augment if name == "augment" else steps[name] for name in TIMED_ORDER if
-            name == "augment" or name in steps]  # fmt: skip
-
-
-def make_smoke_run_part(smoke: bool, workdir: str, logs: str) -> Part:
-    xla = "off" if smoke else "on"
-    argv = ["-m", "effpipe.train", "--flagfile=flags/smoke.flags", "--mixed_precision"]
-    argv += ["--mixed_precision_dtype=float16", f"--xla={xla}", f"--workdir={workdir}"]
-    if smoke:
-        argv += ["--image_size=32", "--batch_size=4", "--shapes_train_examples=40"]
-        argv += ["--shapes_test_examples=8", "--noexport"]
-    # Its memory grows as needed: the tuner's capped trials run beside it.
-    env = {"TF_FORCE_GPU_ALLOW_GROWTH": "true"}
-    return Part(
-        "smoke_run", argv, 300 if smoke else 150, 0 if smoke else 60,
-        make_smoke_reader(workdir, os.path.join(logs, "smoke_run.metrics.json"), xla == "on"),
-        env,
-    )  # fmt: skip
-
-
-def make_estimate_part(smoke: bool) -> Part:
-    argv = ["-m", "effpipe.tune_batch", *(SMOKE_TUNER_FLAGS if smoke else TUNER_FLAGS)]
-    argv += ["--method=estimated", "--phase=both", "--cpu_trial_batch=0", "--output="]
-    return Part(
-        "tuner_estimate", argv, 300 if smoke else 90, 0 if smoke else 30, read_estimate,
-        {"TF_FORCE_GPU_ALLOW_GROWTH": "true"},
-    )  # fmt: skip
-
-
-def make_trial_part(smoke, name, phase, batch_size, estimated_mib) -> Part:
-    argv = ["-m", "effpipe.tune_batch", *(SMOKE_TUNER_FLAGS if smoke else TUNER_FLAGS)]
-    argv += [f"--trial_batch={batch_size}", f"--phase={phase}", "--trial_steps=3"]
-    return Part(
-        name, argv, 300 if smoke else 180, 0 if smoke else 90,
-        make_trial_reader(batch_size, estimated_mib),
-    )  # fmt: skip
-
-
-def run_tuner_trials(runner: Runner, smoke: bool, estimate: dict, by: float) -> None:
-    """Per phase, side by side: a trial at the estimate's answer, and a fallback below
-    it when that one does not fit; all ending by `by` (time.monotonic())."""
-
-    def trials_of(phase: int) -> None:
-        name = f"tuner_trial_phase{phase}"
-        if estimate["status"] != "ok":
-            runner.skip(name, f"needs tuner_estimate ({estimate['status']})")
-            return
-        batch_size = int(estimate["figures"][f"phase{phase}_max_batch"])
-        if batch_size < 1:
-            runner.skip(name, "the estimate says no batch fits")
-            return
-        mib = estimate["figures"][f"phase{phase}_estimated_mib"]
-        record = runner.run(make_trial_part(smoke, name, phase, batch_size, mib), by)
-        # Below it only when it did not fit, or died without an answer (the kernel's
-        # OOM killer); not after a timeout, an interruption or a reported error.
-        did_not_fit = record["status"] == "ok" and not record["figures"]["fits"]
-        died = record["status"] == "failed" and record["result"] is None
-        if not (did_not_fit or died):
-            return
-        # The doubling search probed every power of two up to its answer.
-        fallback = 2 ** ((batch_size - 1).bit_length() - 1) if batch_size > 1 else 0
-        mib = estimated_mib_at(estimate["result"], phase, fallback) if fallback else None
-        if mib is None:
-            return
-        runner.run(make_trial_part(smoke, f"{name}_fallback", phase, fallback, mib), by)
-
-    with futures.ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(trials_of, (1, 2)))
 
 
 # --- The GPU. ---
@@ -466,18 +181,18 @@ def main(argv):
     smoke_workdir = tempfile.mkdtemp(prefix="gpu_check_smoke_run_")
     try:
         with futures.ThreadPoolExecutor(max_workers=1) as pool:
-            smoke_part = make_smoke_run_part(smoke, smoke_workdir, runner.logs)
+            smoke_part = gpu_check_parts.make_smoke_run_part(smoke, smoke_workdir, runner.logs)
             # The untimed stage ends by then, however its parts go, so that the timed
             # parts keep their share of the deadline.
             by = None if smoke else time.monotonic() + UNTIMED_STAGE_S
             smoke_run = pool.submit(runner.run, smoke_part, by)
-            estimate = runner.run(make_estimate_part(smoke), by)
-            run_tuner_trials(runner, smoke, estimate, by)
+            estimate = runner.run(gpu_check_parts.make_estimate_part(smoke), by)
+            gpu_check_parts.run_tuner_trials(runner, smoke, estimate, by)
             smoke_run.result()
     finally:
         shutil.rmtree(smoke_workdir, ignore_errors=True)
     # Timed parts, one at a time.
-    for part in make_timed_parts(smoke):
+    for part in gpu_check_parts.make_timed_parts(smoke):
         runner.run(part)
 
     report["summary"] = summarize(report["parts"])
@@ -507,9 +222,9 @@ def summarize(parts: dict) -> dict:
         figures, phase = record["figures"], result["phase"]
         compute = figures["effpipe/noaug/synthetic/ms_per_step"]
         fed = figures.get("effpipe/noaug/pipeline/ms_per_step")
-        seed_compute, seed_fed = (
-            replica.get((phase, "seed/synthetic")),
-            replica.get((phase, "seed/numpy")),
+        notebook_compute, notebook_fed = (
+            replica.get((phase, "notebook/synthetic")),
+            replica.get((phase, "notebook/numpy")),
         )
         steps.append(
             {
@@ -521,8 +236,10 @@ def summarize(parts: dict) -> dict:
                 "images_per_sec": figures["effpipe/noaug/synthetic/images_per_sec"],
                 "peak_memory_mb": figures.get("effpipe/noaug/synthetic/peak_memory_mb"),
                 "fed_ms_per_step": fed,
-                "speedup_vs_replica": seed_compute / compute if seed_compute else None,
-                "fed_speedup_vs_replica_as_run": seed_fed / fed if seed_fed and fed else None,
+                "speedup_vs_replica": notebook_compute / compute if notebook_compute else None,
+                "fed_speedup_vs_replica_as_run": notebook_fed / fed
+                if notebook_fed and fed
+                else None,
                 "augment_share_of_step": figures.get("target/augment_share_of_step"),
             }
         )

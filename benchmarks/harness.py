@@ -6,6 +6,7 @@ that also absorb tracing and XLA compilation, and reports the median of the
 repeats. Results are a table for people and, last, one JSON line for tools.
 """
 
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -104,6 +105,19 @@ def require_positive(**counts: int) -> None:
     for name, value in counts.items():
         if value < 1:
             raise UsageError(f"--{name}={value} must be at least 1")
+
+
+@contextlib.contextmanager
+def precision_policy(name: str):
+    """Keras' global dtype policy set to `name` inside the block, restored after it."""
+    import keras
+
+    previous_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
 
 
 def run_main(program: str, main) -> None:

@@ -8,6 +8,10 @@ import sys
 import pytest
 
 
+def _env(repo_root):
+    return {**os.environ, "PYTHONPATH": str(repo_root), "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
 def _run_benchmark(repo_root, module, *args):
     result = subprocess.run(
         [sys.executable, "-m", module, *args],
@@ -15,7 +19,7 @@ def _run_benchmark(repo_root, module, *args):
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "PYTHONPATH": str(repo_root), "TF_CPP_MIN_LOG_LEVEL": "2"},
+        env=_env(repo_root),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
@@ -43,10 +47,10 @@ def test_input_throughput_smoke(repo_root):
     lines, report = _run_benchmark(repo_root, "benchmarks.input_throughput", "--smoke")
     assert any(line.startswith("target: effpipe >=") for line in lines)
     assert report["benchmark"] == "input_throughput"
-    for key in ("effpipe_images_per_sec", "seed_images_per_sec", "speedup"):
+    for key in ("effpipe_images_per_sec", "notebook_images_per_sec", "speedup"):
         assert report[key] > 0, key
-    assert report["speedup"] == report["effpipe_images_per_sec"] / report["seed_images_per_sec"]
-    # Every stage of the chain and the seed pipeline were timed.
+    assert report["speedup"] == report["effpipe_images_per_sec"] / report["notebook_images_per_sec"]
+    # Every stage of the chain and the notebook pipeline were timed.
     assert len(report["stages_images_per_sec"]) == 5
     assert all(rate > 0 for rate in report["stages_images_per_sec"].values())
 
@@ -59,7 +63,7 @@ def test_step_throughput_smoke(repo_root):
     configurations = report["configurations"]
     assert set(configurations) == {
         "effpipe/noaug/synthetic", "effpipe/noaug/pipeline", "effpipe/aug/synthetic",
-        "effpipe/aug/pipeline", "seed/synthetic", "seed/numpy", "seed/generator",
+        "effpipe/aug/pipeline", "notebook/synthetic", "notebook/numpy", "notebook/generator",
         "effpipe/noaug/feature_cache", "effpipe/noaug/feature_cache/multistep",
     }  # fmt: skip
     on_gpu = report["device"] != "CPU"
@@ -67,13 +71,13 @@ def test_step_throughput_smoke(repo_root):
         assert figures["ms_per_step"] > 0 and figures["images_per_sec"] > 0, name
         assert (figures["peak_memory_mb"] > 0) if on_gpu else figures["peak_memory_mb"] is None
     for name in ("effpipe/noaug/synthetic", "effpipe/noaug/pipeline", "effpipe/aug/pipeline"):
-        assert configurations[name]["speedup_vs_seed"] > 0, name
+        assert configurations[name]["speedup_vs_notebook"] > 0, name
     # Every configuration fed by an input pipeline has its compute-only counterpart.
     fed = {name for name, figures in configurations.items() if "input_bound_fraction" in figures}
     assert fed == {
-        "effpipe/noaug/pipeline", "effpipe/aug/pipeline", "seed/numpy", "seed/generator",
+        "effpipe/noaug/pipeline", "effpipe/aug/pipeline", "notebook/numpy", "notebook/generator",
     }  # fmt: skip
-    assert set(report["targets"]) == {"augment_share_of_step", "noaug_speedup_vs_seed_as_run"}
+    assert set(report["targets"]) == {"augment_share_of_step", "noaug_speedup_vs_notebook_as_run"}
     # Phase 1 on cached features against the full model, per epoch of the same steps.
     cache = report["phase1_feature_cache"]
     assert cache["epoch_seconds_with_cache"] > 0 and cache["cache_build_seconds"] > 0
@@ -101,10 +105,29 @@ def test_bad_flag_of_a_benchmark_is_one_line_and_exit_2(repo_root, module, flag)
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": str(repo_root), "TF_CPP_MIN_LOG_LEVEL": "2"},
+        env=_env(repo_root),
     )
     assert result.returncode == 2
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"{module}: error:"), result.stderr[-2000:]
     assert flag.split("=")[0] in last_line
     assert "Traceback" not in result.stderr
+
+
+def test_seed_baseline_still_names_the_notebook_baseline(repo_root):
+    # --seed_baseline is --notebook_baseline's earlier name: old command lines still run.
+    check = (
+        "from absl import flags; from benchmarks import step_throughput as s; "
+        "flags.FLAGS(['s', '--noseed_baseline']); assert s._NOTEBOOK_BASELINE.value is False; "
+        "flags.FLAGS.unparse_flags(); flags.FLAGS(['s', '--seed_baseline']); "
+        "assert s._NOTEBOOK_BASELINE.value is True"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(repo_root),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from benchmarks import gpu_check, part_runner
+from benchmarks import gpu_check, gpu_check_parts, part_runner
 
 SMOKE_PARTS = {
     "smoke_run",
@@ -37,7 +37,7 @@ def _python(code: str) -> list[str]:
 
 
 def _read_x(result):
-    return {"x": gpu_check.finite("x", gpu_check.require_json(result)["x"])}
+    return {"x": gpu_check_parts.finite("x", gpu_check_parts.require_json(result)["x"])}
 
 
 def test_run_command_keeps_a_failure_and_its_last_stderr_lines(tmp_path):
@@ -201,7 +201,7 @@ def test_smoke_runs_every_part_and_records_finite_figures(repo_root, tmp_path):
         assert trial["estimate_error"] == trial["estimated_mib"] / trial["peak_mib"] - 1
 
     replica_phase = parts["step_p1_float32_xla_off"]["figures"]
-    for name in gpu_check.NOAUG + gpu_check.REPLICA:
+    for name in gpu_check_parts.NOAUG + gpu_check_parts.REPLICA:
         assert replica_phase[f"{name}/ms_per_step"] > 0, name
     # Only the named configurations were timed.
     mixed_phase = parts["step_p2_mixed_xla_off"]
@@ -213,7 +213,7 @@ def test_smoke_runs_every_part_and_records_finite_figures(repo_root, tmp_path):
     assert set(steps) == {"step_p1_float32_xla_off", "step_p2_mixed_xla_off"}
     one = steps["step_p1_float32_xla_off"]
     assert one["speedup_vs_replica"] == (
-        report["summary"]["replica_ms_per_step"]["phase1/seed/synthetic"] / one["ms_per_step"]
+        report["summary"]["replica_ms_per_step"]["phase1/notebook/synthetic"] / one["ms_per_step"]
     )
     assert steps["step_p2_mixed_xla_off"]["speedup_vs_replica"] is None  # No phase-2 replica.
     assert result.stdout.strip().splitlines()[-1].startswith(f"gpu_check: wrote {output}")

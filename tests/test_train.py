@@ -55,7 +55,7 @@ def test_flagfiles_say_what_they_are_for():
 def test_seed_flagfile_is_the_notebook_recipe(monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     with flagsaver.flagsaver():
-        flags.FLAGS(["effpipe.train", "--flagfile=flags/seed_b5_rtx3070.flags", "--workdir=x"])
+        flags.FLAGS(["effpipe.train", "--flagfile=flags/notebook_b5_rtx3070.flags", "--workdir=x"])
         config = cli_flags.config_from_flags()
     assert (config.model.variant, config.model.resolved_image_size, config.model.head) == (
         "b5",

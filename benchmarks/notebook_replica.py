@@ -81,7 +81,7 @@ def make_model(
     x = keras.layers.Dropout(0.2)(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
-    model = keras.Model(inputs, outputs, name="seed_replica")
+    model = keras.Model(inputs, outputs, name="notebook_replica")
     _compile(model, learning_rate=1e-4)
     return model
 
