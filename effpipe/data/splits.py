@@ -1,5 +1,4 @@
-"""A loaded source and its splits: train, validation carved from train, test.
-"""
+"""A loaded source and its splits: train, validation carved from train, test."""
 
 import dataclasses
 
