@@ -7,7 +7,7 @@ The trainer (after its final evaluation) and `effpipe.evaluate` share these:
     augmentations.png  one training image under several draws of the train step's
                        augmentation (trainer only)
 
-and the per-class figures that go into metrics.json (and json).
+and the per-class figures that go into metrics.json (and evaluation.json).
 """
 
 import os
@@ -130,10 +130,10 @@ def evaluate_export(config: TrainConfig, workdir: str, output_dir: str) -> dict:
     Args:
       config: the run's configuration, data flags possibly replaced.
       workdir: the run directory (its export/ is evaluated).
-      output_dir: where json and the plots go.
+      output_dir: where evaluation.json and the plots go.
 
     Returns:
-      The summary written to json.
+      The summary written to evaluation.json.
 
     Raises:
       UsageError: no export, or a dataset whose classes differ from the model's.
@@ -168,5 +168,5 @@ def evaluate_export(config: TrainConfig, workdir: str, output_dir: str) -> dict:
     )
     os.makedirs(output_dir, exist_ok=True)
     write_plots(output_dir, split, probabilities, summary, source.class_names, seed=config.seed)
-    run_dir.write_json(os.path.join(output_dir, "json"), summary)
+    run_dir.write_json(os.path.join(output_dir, "evaluation.json"), summary)
     return summary
