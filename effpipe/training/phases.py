@@ -298,7 +298,12 @@ def _check_finite_loss(phase: Phase, state: run_state.RunState, context: PhaseCo
 
 
 def write_history(output_dir: str, history: dict) -> None:
-    """Writes history.json and its plot, history.png, to `output_dir`."""
+    """Writes history.json and its plot, history.png, to `output_dir`.
+
+    Args:
+      output_dir: where this process writes.
+      history: {"phase1": [...], "phase2": [...]}, the epoch records.
+    """
     run_dir.write_json(os.path.join(output_dir, "history.json"), history)
     plots.plot_history(history, os.path.join(output_dir, "history.png"))
 

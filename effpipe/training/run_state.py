@@ -102,7 +102,14 @@ def batches_to_skip(initial_epoch: int, steps_per_epoch: int, batches_per_step: 
 
 
 def load_state(workdir: str) -> RunState | None:
-    """The saved state of a run, or None when no epoch has completed."""
+    """The saved state of a run.
+
+    Args:
+      workdir: the run directory.
+
+    Returns:
+      The state of its last completed epoch, or None when no epoch has completed.
+    """
     path = os.path.join(workdir, STATE_DIR, STATE_FILE)
     if not os.path.exists(path):
         return None
@@ -110,7 +117,12 @@ def load_state(workdir: str) -> RunState | None:
 
 
 def save_state(workdir: str, state: RunState) -> None:
-    """Writes `state` to the run's state file, atomically."""
+    """Writes `state` to the run's state file, atomically.
+
+    Args:
+      workdir: the folder holding the state folder (this process's output folder).
+      state: the state to write.
+    """
     run_dir.write_json(os.path.join(workdir, STATE_DIR, STATE_FILE), dataclasses.asdict(state))
 
 
@@ -119,6 +131,14 @@ def restore(model: keras.Model, workdir: str, state: RunState) -> None:
 
     The model must be in the state's phase and compiled: its optimizer is built
     here so that its slot variables exist to load into.
+
+    Args:
+      model: the full model.
+      workdir: the run directory holding the state folder.
+      state: the state whose files to load.
+
+    Raises:
+      UsageError: the state's RNG states belong to another model.
     """
     folder = os.path.join(workdir, STATE_DIR)
     if model.optimizer is not None and not model.optimizer.built:
@@ -143,6 +163,11 @@ def publish_best(workdir: str, state: RunState, checkpoint_path: str) -> None:
 
     A run killed after writing state.json and before publishing left the published
     checkpoint one improvement behind; the resumed run calls this first.
+
+    Args:
+      workdir: the run directory holding the state folder.
+      state: the loaded state; a fresh one publishes nothing.
+      checkpoint_path: the published best-weights checkpoint.
     """
     if state.best_weights_file is not None:
         checkpoints.publish_staged(
