@@ -73,7 +73,7 @@ def test_published_best_weights_never_run_ahead_of_the_saved_state(tmp_path, mod
     checkpoint = checkpoints.BestCheckpoint(str(path), staging_dir=str(state_dir))
     meter = types.SimpleNamespace(records=[])
     saver = run_state.EpochStateSaver(
-        str(tmp_path), 1, {"phase1": [], "phase2": []}, meter, checkpoint, False
+        str(tmp_path), 1, run_state.RunState.fresh(), meter, checkpoint
     )
     checkpoint.set_model(model)
     saver.set_model(model)

@@ -8,6 +8,7 @@ NVIDIA's EfficientNet benchmarks drop their warm-up.
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -16,6 +17,12 @@ from absl import logging
 
 from effpipe.errors import TrainingInterrupted
 from effpipe.training import run_state
+
+
+def keras_verbosity() -> int:
+    """The `verbose` of `fit` and `predict`: a live progress bar on a terminal, one
+    line per epoch in a log file."""
+    return 1 if sys.stdout.isatty() else 2
 
 
 def _wait_for(logs) -> None:

@@ -11,7 +11,7 @@ In a training run the best weights first go to the resume state's folder
 (`staging_dir`), under a name the epoch's state.json then records; only after that
 does `publish()` copy them to checkpoints/best.weights.h5. A kill between the two
 leaves the published file and the state agreeing on the previous best, or the state
-ahead, which a resumed run publishes again (`resume.publish_best`): the published
+ahead, which a resumed run publishes again (`run_state.publish_best`): the published
 checkpoint is never from an epoch the run's history does not hold.
 """
 
@@ -23,6 +23,9 @@ import keras
 from absl import logging
 
 from effpipe import run_dir
+
+# The published best weights, under the run directory.
+BEST_CHECKPOINT = os.path.join("checkpoints", "best.weights.h5")
 
 
 class BestCheckpoint(keras.callbacks.Callback):

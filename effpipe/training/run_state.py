@@ -1,4 +1,13 @@
-"""TODO docstring for training.run_state."""
+"""The resume state of a run: the single record of its progress, saved every epoch.
+
+`RunState` says what a run has finished: the phase and epochs done, the history,
+the best validation accuracy and its weights. `EpochStateSaver` updates it and
+saves it (with the epoch's weights, optimizer variables and RNG states) under
+WORKDIR/state after every finite epoch; a rerun of the same command loads it
+(`load_state`), restores the model (`restore`) and continues from `resume_point`,
+skipping `batches_to_skip` batches of its seeded stream so that it sees the
+batches an uninterrupted run sees.
+"""
 
 import dataclasses
 import math
@@ -13,8 +22,6 @@ from effpipe.errors import UsageError
 from effpipe.training import checkpoints
 
 STATE_DIR = "state"
-
-
 STATE_FILE = "state.json"
 
 
@@ -23,13 +30,13 @@ class RunState:
     """What a run has finished, as of its last completed epoch.
 
     Attributes:
-      phase: the phase of that epoch (1 or 2).
+      phase: the phase of that epoch (1 or 2); 0 before any epoch completed.
       epochs_done: epochs completed over both phases.
       history: per phase, the epoch records so far (as in history.json).
       best_val_accuracy: best validation accuracy so far, or None.
       checkpoint_written: whether checkpoints/best.weights.h5 is this run's.
-      weights_file: the weights file of that epoch, in the state folder.
-      seeds_file: the RNG-state file of that epoch, in the state folder.
+      weights_file: the weights file of that epoch, in the state folder, or None.
+      seeds_file: the RNG-state file of that epoch, in the state folder, or None.
       best_weights_file: the best weights so far, in the state folder (published
         to checkpoints/best.weights.h5 after this state is written), or None.
     """
@@ -39,17 +46,84 @@ class RunState:
     history: dict
     best_val_accuracy: float | None
     checkpoint_written: bool
-    weights_file: str
-    seeds_file: str
+    weights_file: str | None
+    seeds_file: str | None
     best_weights_file: str | None = None
+
+    @classmethod
+    def fresh(cls) -> "RunState":
+        """The state of a run that has completed no epoch."""
+        return cls(
+            phase=0,
+            epochs_done=0,
+            history={"phase1": [], "phase2": []},
+            best_val_accuracy=None,
+            checkpoint_written=False,
+            weights_file=None,
+            seeds_file=None,
+        )
+
+
+def resume_point(state: RunState, phase: int, first_epoch: int, epochs: int) -> int | None:
+    """The epoch a phase starts from, or None when the state has finished it.
+
+    Epochs count over both phases from 0, as Keras' `initial_epoch` does: phase 2
+    of a 10 + 10 epoch run is epochs 10..19.
+
+    Args:
+      state: the run's state.
+      phase: the phase (1 or 2).
+      first_epoch: the phase's first epoch over both phases.
+      epochs: the phase's epochs.
+
+    Returns:
+      The phase's `initial_epoch` for `fit`, or None when it has nothing left.
+    """
+    if state.phase > phase:
+        return None
+    initial_epoch = max(first_epoch, state.epochs_done)
+    return None if initial_epoch >= first_epoch + epochs else initial_epoch
+
+
+def batches_to_skip(initial_epoch: int, steps_per_epoch: int, batches_per_step: int) -> int:
+    """Batches of a seeded endless stream that the epochs before `initial_epoch` took.
+
+    Skipping them gives a resumed run the batches an uninterrupted one sees.
+
+    Args:
+      initial_epoch: the epoch the run resumes at (0-based, over both phases).
+      steps_per_epoch: training steps per epoch.
+      batches_per_step: batches of this stream one step takes (one per local replica).
+
+    Returns:
+      The number of batches to skip.
+    """
+    return initial_epoch * steps_per_epoch * batches_per_step
 
 
 def load_state(workdir: str) -> RunState | None:
-    """The saved state of a run, or None when no epoch has completed."""
+    """The saved state of a run.
+
+    Args:
+      workdir: the run directory.
+
+    Returns:
+      The state of its last completed epoch, or None when no epoch has completed.
+    """
     path = os.path.join(workdir, STATE_DIR, STATE_FILE)
     if not os.path.exists(path):
         return None
     return RunState(**run_dir.read_json(path))
+
+
+def save_state(workdir: str, state: RunState) -> None:
+    """Writes `state` to the run's state file, atomically.
+
+    Args:
+      workdir: the folder holding the state folder (this process's output folder).
+      state: the state to write.
+    """
+    run_dir.write_json(os.path.join(workdir, STATE_DIR, STATE_FILE), dataclasses.asdict(state))
 
 
 def restore(model: keras.Model, workdir: str, state: RunState) -> None:
@@ -57,6 +131,14 @@ def restore(model: keras.Model, workdir: str, state: RunState) -> None:
 
     The model must be in the state's phase and compiled: its optimizer is built
     here so that its slot variables exist to load into.
+
+    Args:
+      model: the full model.
+      workdir: the run directory holding the state folder.
+      state: the state whose files to load.
+
+    Raises:
+      UsageError: the state's RNG states belong to another model.
     """
     folder = os.path.join(workdir, STATE_DIR)
     if model.optimizer is not None and not model.optimizer.built:
@@ -81,6 +163,11 @@ def publish_best(workdir: str, state: RunState, checkpoint_path: str) -> None:
 
     A run killed after writing state.json and before publishing left the published
     checkpoint one improvement behind; the resumed run calls this first.
+
+    Args:
+      workdir: the run directory holding the state folder.
+      state: the loaded state; a fresh one publishes nothing.
+      checkpoint_path: the published best-weights checkpoint.
     """
     if state.best_weights_file is not None:
         checkpoints.publish_staged(
@@ -98,48 +185,38 @@ def _ordered(seeds) -> list:
 
 
 class EpochStateSaver(keras.callbacks.Callback):
-    """Records each completed epoch in `history` and saves the run's state.
+    """Records each completed epoch in the run's `RunState` and saves it.
 
-    Epochs whose loss is not finite are recorded but not saved: a resumed run starts
-    from the last finite one.
+    Epochs whose loss is not finite are recorded in the history but not saved: a
+    resumed run starts from the last finite one.
 
     Args:
       workdir: the run directory.
       phase: the phase being trained.
-      history: {"phase1": [...], "phase2": [...]}, appended to in place.
+      state: the run's state, updated in place (its history appended to).
       meter: the run's ThroughputMeter (its last record is the epoch's timing).
       best_checkpoint: the phase's BestCheckpoint (best value, whether it saved).
-      checkpoint_written: whether an earlier phase or run wrote the best checkpoint.
       model_to_save: the model whose weights, optimizer and RNG states are saved; by
         default the model being fit (phase 1 on cached features fits a head model
         that shares the full model's head layers and optimizer, and saves the full
         one, so the state is the same whether or not the cache is on).
     """
 
-    def __init__(
-        self,
-        workdir,
-        phase,
-        history,
-        meter,
-        best_checkpoint,
-        checkpoint_written,
-        model_to_save=None,
-    ):
+    def __init__(self, workdir, phase, state, meter, best_checkpoint, model_to_save=None):
         super().__init__()
         self.model_to_save = model_to_save
+        self.workdir = workdir
         self.folder = os.path.join(workdir, STATE_DIR)
         self.phase = phase
-        self.history = history
+        self.state = state
         self.meter = meter
         self.best_checkpoint = best_checkpoint
-        self.checkpoint_written = checkpoint_written
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
         # The meter's record carries the epoch number and its timings.
         record = {**{k: float(v) for k, v in logs.items()}, **self.meter.records[-1]}
-        self.history[f"phase{self.phase}"].append(record)
+        self.state.history[f"phase{self.phase}"].append(record)
         if not math.isfinite(logs.get("loss", math.nan)):
             return
         stem = f"epoch-{epoch + 1:04d}"
@@ -150,19 +227,15 @@ class EpochStateSaver(keras.callbacks.Callback):
         run_dir.write_atomically(
             os.path.join(self.folder, seeds_file), lambda path: np.savez(path, **seeds)
         )
-        state = RunState(
-            phase=self.phase,
-            epochs_done=epoch + 1,
-            history=self.history,
-            best_val_accuracy=self.best_checkpoint.best,
-            checkpoint_written=self.checkpoint_written or self.best_checkpoint.saved,
-            weights_file=weights_file,
-            seeds_file=seeds_file,
-            best_weights_file=self.best_checkpoint.staged_file,
-        )
-        run_dir.write_json(os.path.join(self.folder, STATE_FILE), dataclasses.asdict(state))
+        state, checkpoint = self.state, self.best_checkpoint
+        state.phase, state.epochs_done = self.phase, epoch + 1
+        state.best_val_accuracy = checkpoint.best
+        state.checkpoint_written = state.checkpoint_written or checkpoint.saved
+        state.weights_file, state.seeds_file = weights_file, seeds_file
+        state.best_weights_file = checkpoint.staged_file
+        save_state(self.workdir, state)
         # The state now names the best weights: publishing them cannot run ahead of it.
-        self.best_checkpoint.publish()
+        checkpoint.publish()
         for name in os.listdir(self.folder):
             stale_epoch = name.startswith("epoch-") and not name.startswith(stem)
             stale_best = name.startswith("best-epoch-") and name != state.best_weights_file
