@@ -29,6 +29,7 @@ keras_chain_images_per_sec (each the faster of its modes that compile), speedup
 (their ratio) and xla_compiles per path.
 """
 
+import dataclasses
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -124,7 +125,7 @@ def main(argv):
     if _SMOKE.value:
         sizes, batch_size, warmup_steps, repeats, steps_per_repeat = [48], 4, 1, 2, 2
     # The trainer's augmentation flags give the ranges (--augment itself is moot here).
-    augmentation = factory.augment_config(config.replace(augment=True))
+    augmentation = factory.augment_config(dataclasses.replace(config.augmentation, augment=True))
     setup = runtime.resolve_runtime(mixed_precision=config.runtime.mixed_precision, xla="auto")
     dtype = keras.DTypePolicy(setup.precision).compute_dtype
     print(

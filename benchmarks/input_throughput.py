@@ -107,7 +107,7 @@ def main(argv):
         config = _smoke_config(config)
         repeats, num_batches = 2, 4
     batch_size = config.batch_size
-    train = sources.load_configured_source(config).train
+    train = sources.load_configured_source(config.data, seed=config.seed).train
     print(
         f"input_throughput: {config.data.dataset}, {len(train)} train images "
         f"{train.images.shape[1]}x{train.images.shape[2]} uint8, batch {batch_size}, "
@@ -121,7 +121,7 @@ def main(argv):
             train.labels,
             batch_size,
             config.seed,
-            pipeline.pipeline_options_of(config),
+            pipeline.pipeline_options_of(config.runtime),
         ).items()
     ]
     flow = notebook_replica.make_image_generator().flow(

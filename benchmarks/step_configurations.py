@@ -78,7 +78,13 @@ def effpipe_model(setting: StepSetting, config, steps_per_execution: int) -> ker
     """The trainer's model and compile for the setting's phase; `config` (the setting's,
     with or without augmentation) says whether to augment."""
     model = factory.make_configured_model(
-        config, setting.source_size, setting.num_classes, setting.weights_path
+        config.model,
+        config.augmentation,
+        setting.source_size,
+        setting.num_classes,
+        seed=config.seed,
+        compile_augmentation=not config.runtime.debug_numerics,
+        weights=setting.weights_path,
     )
     if setting.phase == 2:
         freezing.unfreeze_top_blocks(model, config.phases.unfreeze_blocks)
@@ -108,7 +114,7 @@ def effpipe_groups(setting: StepSetting) -> list[Group]:
         batch_size=batch_size,
         is_training=True,
         seed=config.seed,
-        options=pipeline.pipeline_options_of(config),
+        options=pipeline.pipeline_options_of(config.runtime),
     ).repeat()
     groups = []
     for augment in (False, True):
@@ -136,7 +142,7 @@ def feature_cache_groups(setting: StepSetting, cache_build: dict) -> list[Group]
     configurations then fit a head model on them, fed as the trainer feeds it.
     """
     config, setup, steps = setting.config, setting.setup, setting.steps
-    batch_size, options = config.batch_size, pipeline.pipeline_options_of(config)
+    batch_size, options = config.batch_size, pipeline.pipeline_options_of(config.runtime)
     examples = steps * batch_size
     images, labels = setting.train.images[:examples], setting.train.labels[:examples]
     computed = {}

@@ -60,7 +60,9 @@ def main(argv):
         # Imported here so that a bad flag fails before TensorFlow loads.
         from effpipe.outputs import evaluation
 
-        summary = evaluation.evaluate_export(config, MODEL.value, output_dir)
+        summary = evaluation.evaluate_export(
+            config.data, MODEL.value, output_dir, batch_size=config.batch_size, seed=config.seed
+        )
     except UsageError as error:
         cli_flags.exit_with_usage_error(PROGRAM, error)
     print(

@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from effpipe.config import TrainConfig
+from effpipe.config import RuntimeConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,10 +172,8 @@ def _tf_data_options(options: PipelineOptions) -> tf.data.Options:
     return tf_options
 
 
-def pipeline_options_of(config: TrainConfig) -> PipelineOptions:
-    """The input pipeline's knobs from the run's flags (trainer and benchmarks)."""
+def pipeline_options_of(runtime: RuntimeConfig) -> PipelineOptions:
+    """The input pipeline's knobs from the run's runtime slice (trainer and benchmarks)."""
     return PipelineOptions(
-        deterministic=config.runtime.deterministic,
-        autotune=config.runtime.autotune,
-        threads=config.runtime.data_threads,
+        deterministic=runtime.deterministic, autotune=runtime.autotune, threads=runtime.data_threads
     )

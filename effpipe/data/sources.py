@@ -16,7 +16,7 @@ import socket
 import numpy as np
 from absl import logging
 
-from effpipe.config import TrainConfig
+from effpipe.config import DataConfig
 from effpipe.data import cifar100_names, shapes
 from effpipe.data.splits import DataSource, Split
 from effpipe.errors import UsageError
@@ -29,12 +29,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CIFAR100_DOWNLOAD_HOST = "www.cs.toronto.edu"
 
 
-def load_configured_source(config: TrainConfig) -> DataSource:
-    """`load_source` with the data fields of a run's config (trainer and benchmarks).
+def load_configured_source(data: DataConfig, *, seed: int) -> DataSource:
+    """`load_source` with a run's data slice (trainer, evaluation and benchmarks).
 
     Args:
-      config: the run configuration; its dataset, data_dir, source_size, seed and
-        shapes_* fields are used.
+      data: the run's data slice.
+      seed: seeds the shapes dataset's draws.
 
     Returns:
       The loaded DataSource.
@@ -43,14 +43,14 @@ def load_configured_source(config: TrainConfig) -> DataSource:
       UsageError: see `load_source`.
     """
     return load_source(
-        config.data.dataset,
-        data_dir=config.data.data_dir,
-        source_size=config.data.source_size,
-        seed=config.seed,
-        shapes_num_classes=config.data.shapes_num_classes,
-        shapes_train_examples=config.data.shapes_train_examples,
-        shapes_test_examples=config.data.shapes_test_examples,
-        on_bad_image=config.data.on_bad_image,
+        data.dataset,
+        data_dir=data.data_dir,
+        source_size=data.source_size,
+        seed=seed,
+        shapes_num_classes=data.shapes_num_classes,
+        shapes_train_examples=data.shapes_train_examples,
+        shapes_test_examples=data.shapes_test_examples,
+        on_bad_image=data.on_bad_image,
     )
 
 

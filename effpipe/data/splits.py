@@ -4,7 +4,7 @@ import dataclasses
 
 import numpy as np
 
-from effpipe.config import TrainConfig
+from effpipe.config import DataConfig
 from effpipe.errors import UsageError
 
 
@@ -82,7 +82,9 @@ def split_validation(
     )
 
 
-def configured_splits(config: TrainConfig, source: DataSource) -> tuple[Split, Split, Split, str]:
+def configured_splits(
+    data: DataConfig, source: DataSource, *, seed: int
+) -> tuple[Split, Split, Split, str]:
     """The run's train and validation splits, and the split its evaluation reads.
 
     The trainer and `effpipe.evaluate` share it, so both evaluate the same images:
@@ -93,9 +95,9 @@ def configured_splits(config: TrainConfig, source: DataSource) -> tuple[Split, S
     """
     train, validation = split_validation(
         source.train,
-        config.data.validation_fraction,
-        seed=config.seed,
-        selection=config.data.validation_selection,
+        data.validation_fraction,
+        seed=seed,
+        selection=data.validation_selection,
     )
     if source.test is None:
         return train, validation, validation, "validation"

@@ -6,14 +6,18 @@ thing: the model (`make_configured_model`), the augmentation, and the compiled s
 
 import keras
 
-from effpipe.config import TrainConfig
+from effpipe.config import AugmentationConfig, ModelConfig
 from effpipe.model import augment, efficientnet
 
 
 def make_configured_model(
-    config: TrainConfig,
+    model: ModelConfig,
+    augmentation: AugmentationConfig,
     source_size,
     num_classes: int,
+    *,
+    seed: int,
+    compile_augmentation: bool = True,
     weights: str | None = None,
     random_weights: bool = False,
     synchronized_batch_norm: bool = False,
@@ -21,10 +25,14 @@ def make_configured_model(
     """`efficientnet.make_model` with the run's flags (trainer, tuner and benchmarks).
 
     Args:
-      config: the run configuration.
+      model: the run's model slice.
+      augmentation: the run's augmentation slice.
       source_size: (height, width) of the uint8 source images.
       num_classes: outputs of the classifier.
-      weights: overrides `config.model.weights` (the benchmarks pass a local file).
+      seed: keys the augmentation's random draws.
+      compile_augmentation: compile the augmentation's sampling (off under
+        --debug_numerics, whose checks XLA cannot run).
+      weights: overrides `model.weights` (the benchmarks pass a local file).
       random_weights: the same model with a randomly initialised base (the
         batch-size tuner: no download, the same graph and memory).
       synchronized_batch_norm: the head's BatchNormalization computes its batch
@@ -34,50 +42,48 @@ def make_configured_model(
       The uncompiled model, base frozen.
     """
     return efficientnet.make_model(
-        variant=config.model.variant,
-        image_size=config.model.resolved_image_size,
+        variant=model.variant,
+        image_size=model.resolved_image_size,
         source_size=source_size,
         num_classes=num_classes,
-        weights=config.model.weights if weights is None else weights,
-        head=config.model.head,
-        dropout=config.model.dropout,
-        augment_config=augment_config(config),
-        seed=config.seed,
-        compile_augmentation=not config.runtime.debug_numerics,
+        weights=model.weights if weights is None else weights,
+        head=model.head,
+        dropout=model.dropout,
+        augment_config=augment_config(augmentation),
+        seed=seed,
+        compile_augmentation=compile_augmentation,
         random_weights=random_weights,
         synchronized_batch_norm=synchronized_batch_norm,
     )
 
 
-def augment_config(config: TrainConfig) -> augment.AugmentConfig | None:
-    """The random transform of training batches from the run's flags.
-
-    Args:
-      config: the run configuration.
+def augment_config(augmentation: AugmentationConfig) -> augment.AugmentConfig | None:
+    """The random transform of training batches from the augmentation slice.
 
     Returns:
       The AugmentConfig of its augmentation flags, or None with --noaugment.
     """
-    if not config.augmentation.augment:
+    if not augmentation.augment:
         return None
     return augment.AugmentConfig(
-        rotation_degrees=config.augmentation.rotation_degrees,
-        shift_fraction=config.augmentation.shift_fraction,
-        shear_degrees=config.augmentation.shear_degrees,
-        zoom_fraction=config.augmentation.zoom_fraction,
-        horizontal_flip=config.augmentation.horizontal_flip,
-        fill_mode=config.augmentation.fill_mode,
+        rotation_degrees=augmentation.rotation_degrees,
+        shift_fraction=augmentation.shift_fraction,
+        shear_degrees=augmentation.shear_degrees,
+        zoom_fraction=augmentation.zoom_fraction,
+        horizontal_flip=augmentation.horizontal_flip,
+        fill_mode=augmentation.fill_mode,
     )
 
 
-def describe_augmentation(config: TrainConfig) -> str:
-    if not config.augmentation.augment:
+def describe_augmentation(augmentation: AugmentationConfig) -> str:
+    """The augmentation in words, for the log."""
+    if not augmentation.augment:
         return "off"
     return (
-        f"on the device: rotation +-{config.augmentation.rotation_degrees:g} deg, shift "
-        f"+-{config.augmentation.shift_fraction:g}, shear +-{config.augmentation.shear_degrees:g} deg, zoom "
-        f"+-{config.augmentation.zoom_fraction:g}, flip {'on' if config.augmentation.horizontal_flip else 'off'}, "
-        f"fill {config.augmentation.fill_mode}"
+        f"on the device: rotation +-{augmentation.rotation_degrees:g} deg, shift "
+        f"+-{augmentation.shift_fraction:g}, shear +-{augmentation.shear_degrees:g} deg, zoom "
+        f"+-{augmentation.zoom_fraction:g}, flip {'on' if augmentation.horizontal_flip else 'off'}, "
+        f"fill {augmentation.fill_mode}"
     )
 
 

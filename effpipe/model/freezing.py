@@ -9,7 +9,6 @@ import re
 
 import keras
 
-from effpipe.config import TrainConfig
 from effpipe.errors import UsageError
 from effpipe.model import efficientnet
 
@@ -90,13 +89,15 @@ def unfreeze_top_blocks(
     return unfrozen
 
 
-def set_phase(model: keras.Model, config: TrainConfig, phase: int) -> list[str]:
+def set_phase(
+    model: keras.Model, phase: int, *, unfreeze_blocks: int, from_scratch: bool
+) -> list[str]:
     """Sets the trainable flags of `phase` (trainer and batch-size tuner).
 
-    Phase 1 freezes the whole base. Phase 2 unfreezes the top --unfreeze_blocks
+    Phase 1 freezes the whole base. Phase 2 unfreezes the top `unfreeze_blocks`
     blocks and the top conv; BatchNormalization stays frozen, except in a base
-    trained from scratch, which has no pretrained statistics to keep. Recompile
-    afterwards.
+    trained from scratch (`from_scratch`, --weights=none), which has no pretrained
+    statistics to keep. Recompile afterwards.
 
     Returns:
       The unfrozen blocks (none in phase 1).
@@ -104,6 +105,4 @@ def set_phase(model: keras.Model, config: TrainConfig, phase: int) -> list[str]:
     if phase == 1:
         freeze_base(model)
         return []
-    return unfreeze_top_blocks(
-        model, config.phases.unfreeze_blocks, freeze_batch_norm=config.model.weights != "none"
-    )
+    return unfreeze_top_blocks(model, unfreeze_blocks, freeze_batch_norm=not from_scratch)

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from effpipe import run_dir
-from effpipe.config import TrainConfig
+from effpipe.config import DataConfig
 from effpipe.data import pipeline, sources, splits
 from effpipe.data.splits import Split
 from effpipe.errors import UsageError
@@ -124,11 +124,15 @@ def write_augmentations(model: keras.Model, image: np.ndarray, path: str, count:
     plots.plot_augmentations(image, views, path, note=note)
 
 
-def evaluate_export(config: TrainConfig, workdir: str, output_dir: str) -> dict:
+def evaluate_export(
+    data: DataConfig, workdir: str, output_dir: str, *, batch_size: int, seed: int
+) -> dict:
     """Evaluates WORKDIR/export on the config's dataset; writes the outputs.
 
     Args:
-      config: the run's configuration, data flags possibly replaced.
+      data: the run's data slice, flags given on the command line replaced.
+      batch_size: images per serving call.
+      seed: the run's seed (its validation split, and the plots' choice of images).
       workdir: the run directory (its export/ is evaluated).
       output_dir: where evaluation.json and the plots go.
 
@@ -146,20 +150,20 @@ def evaluate_export(config: TrainConfig, workdir: str, output_dir: str) -> dict:
         )
     exported = export.load(export_dir)
     model_names = [n.decode() for n in exported.signatures["class_names"]()["class_names"].numpy()]
-    source = sources.load_configured_source(config)
+    source = sources.load_configured_source(data, seed=seed)
     if len(source.class_names) != len(model_names):
         raise UsageError(
-            f"{config.data.dataset} has {len(source.class_names)} classes and the model "
+            f"{data.dataset} has {len(source.class_names)} classes and the model "
             f"{len(model_names)}: evaluate on data with the model's classes"
         )
-    _, _, split, evaluated_on = splits.configured_splits(config, source)
+    _, _, split, evaluated_on = splits.configured_splits(data, source, seed=seed)
     serve = exported.signatures["serve_images"]
     probabilities = np.concatenate(
         [
-            serve(images=tf.constant(split.images[start : start + config.batch_size]))[
+            serve(images=tf.constant(split.images[start : start + batch_size]))[
                 "all_probabilities"
             ].numpy()
-            for start in range(0, len(split), config.batch_size)
+            for start in range(0, len(split), batch_size)
         ]
     )
     summary = summarize(probabilities, split.labels, source.class_names)
@@ -167,6 +171,6 @@ def evaluate_export(config: TrainConfig, workdir: str, output_dir: str) -> dict:
         evaluated_on=evaluated_on, dataset=source.name, examples=len(split), model=export_dir
     )
     os.makedirs(output_dir, exist_ok=True)
-    write_plots(output_dir, split, probabilities, summary, source.class_names, seed=config.seed)
+    write_plots(output_dir, split, probabilities, summary, source.class_names, seed=seed)
     run_dir.write_json(os.path.join(output_dir, "evaluation.json"), summary)
     return summary

@@ -44,10 +44,21 @@ def make_phase_model(config: TrainConfig, phase: int) -> keras.Model:
     """The trainer's model for `config`, random base weights, set up for `phase`."""
     source_size = (config.data.source_size, config.data.source_size)
     model = factory.make_configured_model(
-        config, source_size, num_classes_of(config), random_weights=True
+        config.model,
+        config.augmentation,
+        source_size,
+        num_classes_of(config),
+        seed=config.seed,
+        compile_augmentation=not config.runtime.debug_numerics,
+        random_weights=True,
     )
     freezing.check_unfreeze_blocks(model, config.phases.unfreeze_blocks)
-    freezing.set_phase(model, config, phase)
+    freezing.set_phase(
+        model,
+        phase,
+        unfreeze_blocks=config.phases.unfreeze_blocks,
+        from_scratch=config.model.weights == "none",
+    )
     return model
 
 
