@@ -35,9 +35,9 @@ def load_data(config: TrainConfig):
     Raises:
       UsageError: the batch is larger than the training split.
     """
-    source = sources.load_configured_source(config)
+    source = sources.load_configured_source(config.data, seed=config.seed)
     train_split, validation_split, test_split, evaluated_on = splits.configured_splits(
-        config, source
+        config.data, source, seed=config.seed
     )
     if source.test is None:
         logging.warning("%s has no test split: the final evaluation uses validation", source.name)
@@ -186,7 +186,7 @@ def cached_phase1_inputs(
     feature_model = feature_cache.make_feature_model(model)
     # Compiled for the run's XLA setting, as the phase-1 step computes the features.
     feature_model.compile(jit_compile=setup.xla)
-    options = pipeline.pipeline_options_of(config)
+    options = pipeline.pipeline_options_of(config.runtime)
 
     def compute(split):
         images = pipeline.make_dataset(

@@ -128,7 +128,12 @@ def run_phase(
     context.stop_on_signal.check()
     if state.phase > phase.number:
         return None  # Finished before the interruption.
-    unfrozen = freezing.set_phase(model, config, phase.number)
+    unfrozen = freezing.set_phase(
+        model,
+        phase.number,
+        unfreeze_blocks=config.phases.unfreeze_blocks,
+        from_scratch=config.model.weights == "none",
+    )
     if phase.number == 2:
         logging.info(
             "phase 2 unfreezes blocks %s and the top conv; BatchNormalization %s",

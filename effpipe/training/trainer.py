@@ -35,7 +35,7 @@ from effpipe.config import TrainConfig
 from effpipe.data import pipeline
 from effpipe.model import batch_norm, efficientnet, factory, freezing
 from effpipe.outputs import evaluation, export
-from effpipe.training import callbacks, inputs, phases, run_state, runtime
+from effpipe.training import callbacks, feature_cache, inputs, phases, run_state, runtime
 from effpipe.training import distribution as distribution_lib
 
 # Images used to calibrate the BatchNormalization statistics of a random base.
@@ -72,7 +72,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
 
         # --- Data: source arrays, validation split, tf.data pipelines. ---
         source, train_split, validation_split, test_split, evaluated_on = inputs.load_data(config)
-        pipeline_options = pipeline.pipeline_options_of(config)
+        pipeline_options = pipeline.pipeline_options_of(config.runtime)
         # Training streams are endless (input_pipeline says why); an epoch is this many
         # steps. Each fit gets a fresh stream from the seed, so epoch k's batches do not
         # depend on what ran before in this process (a resumed run sees the same ones).
@@ -110,14 +110,6 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             config, setup, lambda: "Nothing was trained yet."
         ):
             model, calibration_callbacks = _make_model(config, distribution, source, train_split)
-        logging.info(
-            "model %s at %d px, head %s, %d parameters; augmentation %s",
-            config.model.variant,
-            config.model.resolved_image_size,
-            config.model.head,
-            model.count_params(),
-            factory.describe_augmentation(config),
-        )
         use_feature_cache = _resolve_feature_cache(config, distribution)
 
         # --- Run state: what an earlier start of this run finished, if any. ---
@@ -160,22 +152,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         kept = functools.partial(phases.kept_weights_message, context.checkpoint_path, state)
         with phases.device_errors_as_usage_errors(config, setup, kept):
             stop_on_signal.check()
-            # One pass gives the loss, top-1, top-5 and per-class figures.
-            probabilities = evaluation.predict_probabilities(
-                model, test_split, config.batch_size, callbacks=[stop_on_signal]
+            evaluated = _evaluate_and_write_outputs(
+                model, config, workdir, source, train_split, test_split, stop_on_signal
             )
-            evaluated = evaluation.summarize(probabilities, test_split.labels, source.class_names)
-            # --- What people look at and use: plots and the export. ---
-            evaluation.write_plots(
-                workdir, test_split, probabilities, evaluated, source.class_names, config.seed
-            )
-            evaluation.write_augmentations(
-                model, train_split.images[0], os.path.join(workdir, evaluation.AUGMENTATIONS_PNG)
-            )
-            if config.outputs.export:
-                export_dir = os.path.join(workdir, export.EXPORT_DIR)
-                export.export_model(model, source.class_names, export_dir)
-                logging.info("exported the model to %s", export_dir)
 
     # --- Metrics: metrics.json and one line for the log. ---
     metrics = _make_metrics(
@@ -193,14 +172,33 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     run_dir.write_json(os.path.join(workdir, "metrics.json"), metrics)
     logging.info(
         "%s top-1 %.4f, top-5 %.4f, loss %.4f (best validation accuracy %s at epoch %s)",
-        evaluated_on,
-        metrics["top1"],
-        metrics["top5"],
-        metrics["loss"],
-        state.best_val_accuracy,
-        metrics["best_epoch"],
+        *(evaluated_on, metrics["top1"], metrics["top5"], metrics["loss"]),
+        *(state.best_val_accuracy, metrics["best_epoch"]),
     )
     return metrics
+
+
+def _evaluate_and_write_outputs(
+    model, config: TrainConfig, workdir: str, source, train_split, test_split, stop_on_signal
+) -> dict:
+    """The final evaluation on the evaluated split, then what people look at and use:
+    the plots and the export. Returns the evaluation's summary."""
+    # One pass gives the loss, top-1, top-5 and per-class figures.
+    probabilities = evaluation.predict_probabilities(
+        model, test_split, config.batch_size, callbacks=[stop_on_signal]
+    )
+    evaluated = evaluation.summarize(probabilities, test_split.labels, source.class_names)
+    evaluation.write_plots(
+        workdir, test_split, probabilities, evaluated, source.class_names, config.seed
+    )
+    evaluation.write_augmentations(
+        model, train_split.images[0], os.path.join(workdir, evaluation.AUGMENTATIONS_PNG)
+    )
+    if config.outputs.export:
+        export_dir = os.path.join(workdir, export.EXPORT_DIR)
+        export.export_model(model, source.class_names, export_dir)
+        logging.info("exported the model to %s", export_dir)
+    return evaluated
 
 
 def _make_output_dir(
@@ -254,15 +252,15 @@ def _resolve_runtime(
 def _make_model(config, distribution, source, train_split) -> tuple[keras.Model, tuple]:
     """The full model in the current scope, and the calibration callbacks of a base
     trained from scratch (none for a pretrained one)."""
-    model = factory.make_configured_model(
-        config,
-        source.source_image_size,
-        source.num_classes,
-        synchronized_batch_norm=distribution.num_replicas > 1,
-    )
+    model = _configured_model(config, source, synchronized_batch_norm=distribution.num_replicas > 1)
     if distribution.is_distributed:
         distribution_lib.use_strategy_of_scope(model)
     freezing.check_unfreeze_blocks(model, config.phases.unfreeze_blocks)
+    logging.info(
+        "model %s at %d px, head %s, %d parameters; augmentation %s",
+        *(config.model.variant, config.model.resolved_image_size, config.model.head),
+        *(model.count_params(), factory.describe_augmentation(config.augmentation)),
+    )
     if config.model.weights != "none":
         return model, ()
     # A base trained from scratch gets BatchNormalization statistics computed
@@ -354,7 +352,9 @@ def _make_metrics(
         "loss": evaluated["loss"],
         "evaluated_on": evaluated_on,
         "best_val_accuracy": state.best_val_accuracy,
-        "best_epoch": _best_epoch(all_epochs),
+        "best_epoch": (
+            max(all_epochs, key=lambda e: e["val_accuracy"])["epoch"] if all_epochs else None
+        ),
         "train_images_per_sec": (
             statistics.median(e["images_per_sec"] for e in full_model_epochs or all_epochs)
             if all_epochs
@@ -380,18 +380,23 @@ def _make_metrics(
     }
 
 
+def _configured_model(config: TrainConfig, source, **options) -> keras.Model:
+    """`factory.make_configured_model` from the run's slices for `source`'s images."""
+    return factory.make_configured_model(
+        config.model,
+        config.augmentation,
+        source.source_image_size,
+        source.num_classes,
+        seed=config.seed,
+        compile_augmentation=not config.runtime.debug_numerics,
+        **options,
+    )
+
+
 def _copy_outside_strategy(model: keras.Model, config: TrainConfig, source) -> keras.Model:
     """The trained model rebuilt outside the strategy, for the chief's evaluation and
     export: a prediction pass alone on the chief, and a SavedModel of plain variables
     that serves on one device."""
-    copy = factory.make_configured_model(
-        config, source.source_image_size, source.num_classes, random_weights=True
-    )
+    copy = _configured_model(config, source, random_weights=True)
     efficientnet.copy_weights(model, copy)
     return copy
-
-
-def _best_epoch(epochs: list[dict]) -> int | None:
-    if not epochs:
-        return None
-    return max(epochs, key=lambda e: e["val_accuracy"])["epoch"]
