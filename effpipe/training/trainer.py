@@ -1,9 +1,8 @@
 """The two-phase transfer-learning trainer.
 
-Phase 1 trains the head on a frozen base; phase 2 unfreezes the top blocks of the
-base (BatchNormalization stays frozen), recompiles with a lower learning rate and
-trains on. The best weights by validation accuracy over both phases are kept and
-evaluated once on the test split.
+Phase 1 trains the head on a frozen base; phase 2 unfreezes the top blocks
+(`effpipe.training.phases`). The best weights by validation accuracy over both
+phases are evaluated once on the test split.
 
 Outputs under the run directory (`workdir`):
   history.json              per phase, per epoch: metrics, seconds, images/s
@@ -13,9 +12,9 @@ Outputs under the run directory (`workdir`):
   cache/phase1_features.npz    the pooled features phase 1 trains on, when the
                                feature cache is on (effpipe.training.feature_cache)
 
-Under a distribution strategy (effpipe.training.distribution) every worker trains; only the
-chief writes these. The others write theirs to a temporary directory, deleted at
-the end, and read the run's resume state from `workdir` like the chief.
+Under a distribution strategy (effpipe.training.distribution) every worker trains;
+only the chief writes these. The others write theirs to a temporary directory,
+deleted at the end, and read the run's resume state from `workdir` like the chief.
 """
 
 import contextlib
