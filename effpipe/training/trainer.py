@@ -9,8 +9,7 @@ Outputs under the run directory (`workdir`):
   metrics.json              test top1/top5/loss, throughput, the resolved setup
   history.png               loss and accuracy over both phases
   checkpoints/best.weights.h5  the best weights by validation accuracy
-  cache/phase1_features.npz    the pooled features phase 1 trains on, when the
-                               feature cache is on (effpipe.training.feature_cache)
+  cache/phase1_features.npz    phase 1's pooled features (effpipe.training.feature_cache)
 
 Under a distribution strategy (effpipe.training.distribution) every worker trains;
 only the chief writes these. The others write theirs to a temporary directory,
