@@ -19,7 +19,7 @@ import pytest
 from test_data_service import STOP_BOUND_SEC, free_port, start_data_service, stop_seconds
 
 from effpipe.errors import UsageError
-from effpipe.training import cluster, distribution
+from effpipe.training import cluster
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -68,7 +68,7 @@ def test_the_chief_is_worker_0_unless_the_cluster_names_one():
         return cluster.current_task("multi_worker", environ)
 
     workers = {"worker": ["a:1", "b:1"]}
-    assert task(workers, "worker", 0) == distribution.Task("worker", 0, 2, True)
+    assert task(workers, "worker", 0) == cluster.Task("worker", 0, 2, True)
     assert not task(workers, "worker", 1).is_chief
     with_chief = {"chief": ["c:1"], "worker": ["a:1", "b:1"]}
     assert task(with_chief, "chief", 0).is_chief and task(with_chief, "chief", 0).num_workers == 3
@@ -105,7 +105,8 @@ import json, sys, tempfile
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-
+from effpipe.model import efficientnet
+from effpipe.training import trainer
 from effpipe.config import TrainConfig
 folder = tempfile.mkdtemp()
 weights = folder + "/b0_notop.weights.h5"
@@ -163,7 +164,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
-
+from effpipe.model import efficientnet, factory
 strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
 rng = np.random.default_rng(0)
 images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)

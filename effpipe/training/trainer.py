@@ -39,9 +39,6 @@ from effpipe.training import distribution as distribution_lib
 # Images used to calibrate the BatchNormalization statistics of a random base.
 CALIBRATION_EXAMPLES = 256
 
-# tests/test_train.py reaches the device-errors context manager under this name.
-_device_errors_as_usage_errors = phases.device_errors_as_usage_errors
-
 
 def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     """Runs both phases and the final evaluation, writing every output to `workdir`.
