@@ -7,8 +7,11 @@ the base's pooled features instead (`cached_phase1_inputs`), streamed in the sam
 order.
 """
 
+import dataclasses
+import functools
 import os
 import zlib
+from collections.abc import Callable
 
 import tensorflow as tf
 from absl import logging
@@ -20,6 +23,69 @@ from effpipe.errors import UsageError
 from effpipe.model import factory
 from effpipe.training import callbacks, feature_cache, run_state
 from effpipe.training import distribution as distribution_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """The run's data, made once: the source, its splits, and what the phases read.
+
+    Attributes:
+      source: the loaded source (class names, image size).
+      train_split, validation_split, test_split: the examples of each split.
+      evaluated_on: "test", or "validation" when the source has no test split.
+      steps_per_epoch: training steps per epoch.
+      validation_dataset: the batched validation images, one pass.
+      make_training_stream: (phase, initial_epoch) -> the endless training stream,
+        its first `initial_epoch` epochs skipped.
+    """
+
+    source: object
+    train_split: object
+    validation_split: object
+    test_split: object
+    evaluated_on: str
+    steps_per_epoch: int
+    validation_dataset: tf.data.Dataset
+    make_training_stream: Callable[[int, int], object]
+
+
+def prepare_data(
+    config: TrainConfig, distribution: distribution_lib.Distribution, workdir: str
+) -> RunData:
+    """Loads the source and splits, and makes the validation dataset and the
+    training streams' factory.
+
+    Training streams are endless (effpipe.data.pipeline says why); an epoch is
+    `steps_per_epoch` steps. Each fit gets a fresh stream from the seed, so epoch k's
+    batches do not depend on what ran before in this process (a resumed run sees
+    the same ones). Each of several workers trains on its equal shard,
+    batch_size / workers images of it per step.
+
+    Raises:
+      UsageError: see `load_data`.
+    """
+    source, train_split, validation_split, test_split, evaluated_on = load_data(config)
+    options = pipeline.pipeline_options_of(config.runtime)
+    workers = distribution.num_workers
+    steps_per_epoch = (len(train_split) // workers) // (config.batch_size // workers)
+    return RunData(
+        source=source,
+        train_split=train_split,
+        validation_split=validation_split,
+        test_split=test_split,
+        evaluated_on=evaluated_on,
+        steps_per_epoch=steps_per_epoch,
+        validation_dataset=make_validation_dataset(config, distribution, validation_split, options),
+        make_training_stream=functools.partial(
+            make_training_stream,
+            config,
+            distribution,
+            workdir,
+            train_split,
+            options,
+            steps_per_epoch,
+        ),
+    )
 
 
 def load_data(config: TrainConfig):

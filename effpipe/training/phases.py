@@ -13,7 +13,6 @@ import functools
 import math
 import os
 import re
-from collections.abc import Callable
 
 import keras
 import tensorflow as tf
@@ -71,12 +70,7 @@ class PhaseContext:
       distribution: the run's strategy and this process's part in it.
       workdir: the run directory, where the resume state is read.
       output_dir: where this process writes (the chief's is `workdir`).
-      train_split: the training examples.
-      validation_split: the validation examples.
-      validation_dataset: the batched validation images.
-      make_training_stream: (phase, initial_epoch) -> the endless training stream,
-        its first `initial_epoch` epochs skipped.
-      steps_per_epoch: training steps per epoch.
+      data: the run's splits, validation dataset and training streams.
       use_feature_cache: whether phase 1 trains on cached pooled features.
       meter: the run's ThroughputMeter.
       stop_on_signal: the run's StopOnSignal, entered by the trainer.
@@ -89,11 +83,7 @@ class PhaseContext:
     distribution: distribution_lib.Distribution
     workdir: str
     output_dir: str
-    train_split: object
-    validation_split: object
-    validation_dataset: tf.data.Dataset
-    make_training_stream: Callable[[int, int], object]
-    steps_per_epoch: int
+    data: inputs.RunData
     use_feature_cache: bool
     meter: callbacks.ThroughputMeter
     stop_on_signal: callbacks.StopOnSignal
@@ -174,7 +164,7 @@ def run_phase(
     with device_errors_as_usage_errors(config, context.setup, kept_so_far):
         fit_model.fit(
             train_dataset,
-            steps_per_epoch=context.steps_per_epoch,
+            steps_per_epoch=context.data.steps_per_epoch,
             validation_data=validation_dataset,
             initial_epoch=initial_epoch,
             epochs=phase.first_epoch + phase.epochs,
@@ -192,7 +182,7 @@ def _compile_and_restore(phase, model, state, context) -> int:
     config, setup = context.config, context.setup
     head_only = phase.number == 1 and context.use_feature_cache
     steps_per_execution, reason = runtime.resolve_steps_per_execution(
-        config, context.steps_per_epoch, accelerator=setup.accelerator, head_only=head_only
+        config, context.data.steps_per_epoch, accelerator=setup.accelerator, head_only=head_only
     )
     logging.info("phase %d: %s", phase.number, reason)
     factory.compile_model(
@@ -222,8 +212,8 @@ def _fit_inputs(phase, model, state, context, initial_epoch, steps_per_execution
     if not (phase.number == 1 and context.use_feature_cache):
         return (
             model,
-            context.make_training_stream(phase.number, initial_epoch),
-            context.validation_dataset,
+            context.data.make_training_stream(phase.number, initial_epoch),
+            context.data.validation_dataset,
             context.calibration_callbacks,
         )
     kept_before = functools.partial(kept_weights_message, context.checkpoint_path, state)
@@ -233,13 +223,13 @@ def _fit_inputs(phase, model, state, context, initial_epoch, steps_per_execution
             context.setup,
             model,
             context.output_dir,
-            context.train_split,
-            context.validation_split,
+            context.data.train_split,
+            context.data.validation_split,
             context.stop_on_signal,
             steps_per_execution,
         )
     # The feature cache runs on one device only: one batch per step.
-    skipped = run_state.batches_to_skip(initial_epoch, context.steps_per_epoch, 1)
+    skipped = run_state.batches_to_skip(initial_epoch, context.data.steps_per_epoch, 1)
     # The features were computed with the base's BatchNormalization statistics of
     # the one calibration when the trainer built the model; the base is frozen, so a
     # recalibration on the same images would change them only by its
@@ -276,7 +266,7 @@ def make_callbacks(context, phase, model, state, checkpoint, input_callbacks) ->
             phase.number,
             context.meter,
             model,
-            context.train_split.images[: summaries.AUGMENTED_IMAGES],
+            context.data.train_split.images[: summaries.AUGMENTED_IMAGES],
             context.config.outputs.profile_step_range,
         ),
         *input_callbacks,

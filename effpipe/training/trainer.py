@@ -30,7 +30,6 @@ from absl import logging
 
 from effpipe import run_dir
 from effpipe.config import TrainConfig
-from effpipe.data import pipeline
 from effpipe.model import batch_norm, efficientnet, factory, freezing
 from effpipe.outputs import evaluation, export
 from effpipe.training import callbacks, feature_cache, inputs, phases, run_state, runtime
@@ -66,27 +65,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         setup = _resolve_runtime(config, distribution)
 
         # --- Data: source arrays, validation split, tf.data pipelines. ---
-        source, train_split, validation_split, test_split, evaluated_on = inputs.load_data(config)
-        pipeline_options = pipeline.pipeline_options_of(config.runtime)
-        # Training streams are endless (input_pipeline says why); an epoch is this many
-        # steps. Each fit gets a fresh stream from the seed, so epoch k's batches do not
-        # depend on what ran before in this process (a resumed run sees the same ones).
-        # Each of several workers trains on its equal shard, batch_size / workers images
-        # of it per step.
-        workers = distribution.num_workers
-        steps_per_epoch = (len(train_split) // workers) // (config.batch_size // workers)
-        validation_dataset = inputs.make_validation_dataset(
-            config, distribution, validation_split, pipeline_options
-        )
-        make_training_stream = functools.partial(
-            inputs.make_training_stream,
-            config,
-            distribution,
-            workdir,
-            train_split,
-            pipeline_options,
-            steps_per_epoch,
-        )
+        data = inputs.prepare_data(config, distribution, workdir)
 
         # --- Model, under the resolved precision policy. ---
         stack.callback(
@@ -104,7 +83,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         with phases.device_errors_as_usage_errors(
             config, setup, lambda: "Nothing was trained yet."
         ):
-            model, calibration_callbacks = _make_model(config, distribution, source, train_split)
+            model, calibration_callbacks = _make_model(config, distribution, data)
         use_feature_cache = _resolve_feature_cache(config, distribution)
 
         # --- Run state: what an earlier start of this run finished, if any. ---
@@ -114,11 +93,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             distribution=distribution,
             workdir=workdir,
             output_dir=output_dir,
-            train_split=train_split,
-            validation_split=validation_split,
-            validation_dataset=validation_dataset,
-            make_training_stream=make_training_stream,
-            steps_per_epoch=steps_per_epoch,
+            data=data,
             use_feature_cache=use_feature_cache,
             meter=callbacks.ThroughputMeter(config.batch_size),
             stop_on_signal=stop_on_signal,
@@ -140,54 +115,49 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             logging.info("training done; the chief evaluates and writes the outputs")
             return {}
         if distribution.is_distributed:
-            model = _copy_outside_strategy(model, config, source)
+            model = _copy_outside_strategy(model, config, data.source)
 
         # --- Final evaluation of the best weights, the only use of the test split. ---
         _load_best_weights(model, context.checkpoint_path, state)
         kept = functools.partial(phases.kept_weights_message, context.checkpoint_path, state)
         with phases.device_errors_as_usage_errors(config, setup, kept):
             stop_on_signal.check()
-            evaluated = _evaluate_and_write_outputs(
-                model, config, workdir, source, train_split, test_split, stop_on_signal
-            )
+            evaluated = _evaluate_and_write_outputs(model, context)
 
     # --- Metrics: metrics.json and one line for the log. ---
     metrics = _make_metrics(
-        config,
-        setup,
-        distribution,
-        source,
+        context,
         evaluated,
-        evaluated_on=evaluated_on,
-        state=state,
-        use_feature_cache=use_feature_cache,
+        state,
         loss_scaling=loss_scaling,
         steps_per_execution=steps_per_execution,
     )
     run_dir.write_json(os.path.join(workdir, "metrics.json"), metrics)
     logging.info(
         "%s top-1 %.4f, top-5 %.4f, loss %.4f (best validation accuracy %s at epoch %s)",
-        *(evaluated_on, metrics["top1"], metrics["top5"], metrics["loss"]),
+        *(data.evaluated_on, metrics["top1"], metrics["top5"], metrics["loss"]),
         *(state.best_val_accuracy, metrics["best_epoch"]),
     )
     return metrics
 
 
-def _evaluate_and_write_outputs(
-    model, config: TrainConfig, workdir: str, source, train_split, test_split, stop_on_signal
-) -> dict:
+def _evaluate_and_write_outputs(model: keras.Model, context: phases.PhaseContext) -> dict:
     """The final evaluation on the evaluated split, then what people look at and use:
     the plots and the export. Returns the evaluation's summary."""
+    config, workdir = context.config, context.workdir
+    source, test_split = context.data.source, context.data.test_split
     # One pass gives the loss, top-1, top-5 and per-class figures.
     probabilities = evaluation.predict_probabilities(
-        model, test_split, config.batch_size, callbacks=[stop_on_signal]
+        model, test_split, config.batch_size, callbacks=[context.stop_on_signal]
     )
     evaluated = evaluation.summarize(probabilities, test_split.labels, source.class_names)
     evaluation.write_plots(
         workdir, test_split, probabilities, evaluated, source.class_names, config.seed
     )
     evaluation.write_augmentations(
-        model, train_split.images[0], os.path.join(workdir, evaluation.AUGMENTATIONS_PNG)
+        model,
+        context.data.train_split.images[0],
+        os.path.join(workdir, evaluation.AUGMENTATIONS_PNG),
     )
     if config.outputs.export:
         export_dir = os.path.join(workdir, export.EXPORT_DIR)
@@ -244,10 +214,12 @@ def _resolve_runtime(
     return setup
 
 
-def _make_model(config, distribution, source, train_split) -> tuple[keras.Model, tuple]:
+def _make_model(config, distribution, data: inputs.RunData) -> tuple[keras.Model, tuple]:
     """The full model in the current scope, and the calibration callbacks of a base
     trained from scratch (none for a pretrained one)."""
-    model = _configured_model(config, source, synchronized_batch_norm=distribution.num_replicas > 1)
+    model = _configured_model(
+        config, data.source, synchronized_batch_norm=distribution.num_replicas > 1
+    )
     if distribution.is_distributed:
         distribution_lib.use_strategy_of_scope(model)
     freezing.check_unfreeze_blocks(model, config.phases.unfreeze_blocks)
@@ -261,7 +233,7 @@ def _make_model(config, distribution, source, train_split) -> tuple[keras.Model,
     # A base trained from scratch gets BatchNormalization statistics computed
     # from training images, now and before every validation (models.py says
     # why).
-    calibration_images = train_split.images[:CALIBRATION_EXAMPLES]
+    calibration_images = data.train_split.images[:CALIBRATION_EXAMPLES]
     batch_norm.calibrate_batch_norm(model, calibration_images, config.batch_size)
     logging.info(
         "random base: BatchNormalization statistics calibrated on %d training "
@@ -323,19 +295,16 @@ def _load_best_weights(model: keras.Model, checkpoint_path: str, state) -> None:
 
 
 def _make_metrics(
-    config: TrainConfig,
-    setup: runtime.Runtime,
-    distribution: distribution_lib.Distribution,
-    source,
+    context: phases.PhaseContext,
     evaluated: dict,
-    *,
-    evaluated_on: str,
     state: run_state.RunState,
-    use_feature_cache: bool,
+    *,
     loss_scaling: bool,
     steps_per_execution: dict,
 ) -> dict:
     """The contents of metrics.json: the test figures and the resolved setup."""
+    config, setup, distribution = context.config, context.setup, context.distribution
+    source, use_feature_cache = context.data.source, context.use_feature_cache
     history = state.history
     all_epochs = history["phase1"] + history["phase2"]
     # Epochs on cached features train the head alone: their images/s is not a
@@ -345,7 +314,7 @@ def _make_metrics(
         "top1": evaluated["top1"],
         "top5": evaluated["top5"],
         "loss": evaluated["loss"],
-        "evaluated_on": evaluated_on,
+        "evaluated_on": context.data.evaluated_on,
         "best_val_accuracy": state.best_val_accuracy,
         "best_epoch": (
             max(all_epochs, key=lambda e: e["val_accuracy"])["epoch"] if all_epochs else None
