@@ -60,14 +60,14 @@ def _blocky_images(rng, count, height, width):
 
 def _in_process_probabilities(model, paths):
     """The model on the files decoded and resized as the folder loader does, one batch."""
-    sources = [
+    images = [
         sources.resize_to_source(
             tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False),
             SOURCE_SIZE,
         )
         for path in paths
     ]
-    return _traced(model)(tf.stack(sources)).numpy()
+    return _traced(model)(tf.stack(images)).numpy()
 
 
 def _traced(model):
