@@ -274,6 +274,8 @@ def select_configurations(groups: list[Group], names: list[str]) -> list[Group]:
     """
     if not names:
         return groups
+    # The notebook's configurations were first named seed/...: old command lines run.
+    names = ["notebook/" + n.removeprefix("seed/") if n.startswith("seed/") else n for n in names]
     available = [c.name for group in groups for c in group.configurations]
     unknown = [name for name in names if name not in available]
     if unknown:

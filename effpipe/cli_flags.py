@@ -145,6 +145,13 @@ flags.DEFINE_integer(
     "Blocks of the base unfrozen in phase 2, counted from the top (b0 has 16, b5 39), "
     "plus the top conv; BatchNormalization layers always stay frozen.",
 )
+flags.DEFINE_integer(
+    "base_batch_size",
+    _DEFAULTS["base_batch_size"],
+    "The batch size the learning rates were tuned for: when set, both phases' "
+    "learning rates are multiplied by --batch_size / --base_batch_size (the linear "
+    "scaling rule); 0 leaves them as given.",
+)
 
 # --- Performance and reproducibility. ---
 flags.DEFINE_bool(
@@ -214,13 +221,6 @@ flags.DEFINE_enum(
     "default (one device); mirrored: every local GPU; multi_worker: the machines of "
     "TF_CONFIG (set on each of them); tpu: the TPU of TPU_NAME, or a local one. "
     "--batch_size is the global batch and must divide by the replicas.",
-)
-flags.DEFINE_integer(
-    "base_batch_size",
-    _DEFAULTS["base_batch_size"],
-    "The batch size the learning rates were tuned for: when set, both phases' "
-    "learning rates are multiplied by --batch_size / --base_batch_size (the linear "
-    "scaling rule); 0 leaves them as given.",
 )
 flags.DEFINE_string(
     "data_service",

@@ -179,7 +179,9 @@ TOP_LEVEL_FIELDS = ("batch_size", "seed")
 # Flag name -> the slice that holds it (None: top level).
 FIELD_SLICES = dict.fromkeys(TOP_LEVEL_FIELDS)
 for _slice_name, _slice in SLICES.items():
-    FIELD_SLICES.update(dict.fromkeys((f.name for f in dataclasses.fields(_slice)), _slice_name))
+    for _field in dataclasses.fields(_slice):
+        assert _field.name not in FIELD_SLICES, f"{_field.name} is in two slices"
+        FIELD_SLICES[_field.name] = _slice_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +255,7 @@ def _require_choice(flag: str, value, choices) -> None:
 def _require_range(flag: str, value, low, high, *, high_open: bool = False, why: str = "") -> None:
     """Requires low <= value <= high (value < high when `high_open`)."""
     inside = low <= value and (value < high if high_open else value <= high)
-    bracket = f"[{low}, {high})" if high_open else f"{low}..{high}"
+    bracket = f"[{low:g}, {high:g})" if high_open else f"{low:g}..{high:g}"
     _require(inside, f"--{flag}={value} must be in {bracket}{why}")
 
 
@@ -264,8 +266,14 @@ def _check_data(data: DataConfig) -> None:
         or (dataset.startswith("folder:") and len(dataset) > len("folder:")),
         f"unknown dataset {dataset!r}: choose one of {', '.join(DATASET_KINDS)}",
     )
-    _require_range("source_size", data.source_size, 8, MAX_IMAGE_SIZE, why=" pixels")
-    _require_choice("on_bad_image", data.on_bad_image, BAD_IMAGE_POLICIES)
+    _require(
+        8 <= data.source_size <= MAX_IMAGE_SIZE,
+        f"--source_size={data.source_size} is out of range: use 8..{MAX_IMAGE_SIZE} pixels",
+    )
+    _require(
+        data.on_bad_image in BAD_IMAGE_POLICIES,
+        f"unknown on_bad_image {data.on_bad_image!r}: choose fail or skip",
+    )
     _require(
         0.0 < data.validation_fraction < 1.0,
         f"--validation_fraction={data.validation_fraction} must be strictly between 0 and 1",

@@ -1,7 +1,7 @@
 """The EfficientNet variants as data: Keras constructor name and native resolution.
 
 This module imports neither TensorFlow nor Keras, so flag parsing and config
-validation stay fast; `effpipe.models` turns a row into a Keras model.
+validation stay fast; `effpipe.model.efficientnet` turns a row into a Keras model.
 """
 
 import dataclasses

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from effpipe.errors import UsageError
+
 
 def _env(repo_root):
     return {**os.environ, "PYTHONPATH": str(repo_root), "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -131,3 +133,18 @@ def test_seed_baseline_still_names_the_notebook_baseline(repo_root):
         env=_env(repo_root),
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_notebook_configurations_answer_to_their_earlier_seed_names():
+    from benchmarks import step_configurations
+
+    def group():
+        names = ("notebook/numpy", "effpipe/noaug/pipeline")
+        return step_configurations.Group(
+            lambda: None, [step_configurations.Configuration(n, {}) for n in names]
+        )
+
+    (selected,) = step_configurations.select_configurations([group()], ["seed/numpy"])
+    assert [c.name for c in selected.configurations] == ["notebook/numpy"]
+    with pytest.raises(UsageError, match="nonsense/x not in this run"):
+        step_configurations.select_configurations([group()], ["nonsense/x"])

@@ -17,7 +17,7 @@ from absl.testing import flagsaver
 
 from effpipe import cli_flags
 from effpipe import config as config_lib
-from effpipe import train as train_binary  # noqa: F401
+from effpipe import train as train_binary  # noqa: F401 (defines --workdir)
 from effpipe.errors import UsageError
 from effpipe.training import phases, runtime, trainer
 

@@ -17,7 +17,7 @@ def make_configured_model(
     num_classes: int,
     *,
     seed: int,
-    compile_augmentation: bool = True,
+    compile_augmentation: bool,
     weights: str | None = None,
     random_weights: bool = False,
     synchronized_batch_norm: bool = False,
@@ -106,7 +106,7 @@ def compile_model(
       optimizer: use this optimizer instead of a new Adam (the phase-1 head model
         takes the full model's, so the resume state holds its variables).
       steps_per_execution: train steps per compiled call (see
-        `resolve_steps_per_execution`).
+        `effpipe.training.runtime.resolve_steps_per_execution`).
     """
     num_classes = model.output_shape[-1]
     model.compile(

@@ -131,10 +131,10 @@ def evaluate_export(
 
     Args:
       data: the run's data slice, flags given on the command line replaced.
-      batch_size: images per serving call.
-      seed: the run's seed (its validation split, and the plots' choice of images).
       workdir: the run directory (its export/ is evaluated).
       output_dir: where evaluation.json and the plots go.
+      batch_size: images per serving call.
+      seed: the run's seed (its validation split, and the plots' choice of images).
 
     Returns:
       The summary written to evaluation.json.

@@ -1,9 +1,11 @@
-"""The one step timer: per-epoch seconds, ms/step and images/s of training.
+"""The trainer's own Keras callbacks: the step timer and the clean stop on a signal.
 
-The trainer and the benchmarks share `ThroughputMeter`; there is no second timer.
+`ThroughputMeter` is the one step timer (per-epoch seconds, ms/step and images/s of
+training); the trainer and the benchmarks share it, and there is no second timer.
 Steady-state figures leave out each epoch's first compiled call (its first step, or
 its first `steps_per_execution` steps), which includes tracing and compilation, as
-NVIDIA's EfficientNet benchmarks drop their warm-up.
+NVIDIA's EfficientNet benchmarks drop their warm-up. `StopOnSignal` turns SIGINT and
+SIGTERM into a stop at the next step; `keras_verbosity` picks Keras' progress display.
 """
 
 import os

@@ -53,10 +53,10 @@ def make_phase_plan(config: TrainConfig) -> tuple[Phase, ...]:
     Returns:
       Phase 1 and phase 2.
     """
-    epochs = config.phases
+    recipe = config.phases
     return (
-        Phase(1, 0, epochs.phase1_epochs, config.learning_rate(1)),
-        Phase(2, epochs.phase1_epochs, epochs.phase2_epochs, config.learning_rate(2)),
+        Phase(1, 0, recipe.phase1_epochs, config.learning_rate(1)),
+        Phase(2, recipe.phase1_epochs, recipe.phase2_epochs, config.learning_rate(2)),
     )
 
 

@@ -231,7 +231,7 @@ def _make_model(config, distribution, data: inputs.RunData) -> tuple[keras.Model
     if config.model.weights != "none":
         return model, ()
     # A base trained from scratch gets BatchNormalization statistics computed
-    # from training images, now and before every validation (models.py says
+    # from training images, now and before every validation (effpipe.model.batch_norm says
     # why).
     calibration_images = data.train_split.images[:CALIBRATION_EXAMPLES]
     batch_norm.calibrate_batch_norm(model, calibration_images, config.batch_size)

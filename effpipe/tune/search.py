@@ -2,7 +2,7 @@
 
 The largest batch that fits is found by doubling from a start until a trial fails,
 then bisecting between the last fit and the first failure. A trial is anything that
-answers "does this batch fit": the analytical estimate (`memory_estimate`), or one
+answers "does this batch fit": the analytical estimate (`effpipe.tune.memory`), or one
 real train step run in a fresh subprocess (`run_trial_subprocess`), since running
 out of memory can leave a TensorFlow process unusable.
 """
