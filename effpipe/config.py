@@ -158,10 +158,8 @@ class OutputsConfig:
     @property
     def profile_step_range(self) -> tuple[int, int] | None:
         """--profile_steps as (first, last) train steps of each phase, or None."""
-        if not self.profile_steps:
-            return None
-        first, last = (int(part) for part in self.profile_steps.split(","))
-        return first, last
+        parts = self.profile_steps.split(",") if self.profile_steps else None
+        return (int(parts[0]), int(parts[1])) if parts else None
 
 
 # The slices of a TrainConfig, by attribute name; each flag is a field of one slice.
@@ -259,6 +257,10 @@ def _require_range(flag: str, value, low, high, *, high_open: bool = False, why:
     _require(inside, f"--{flag}={value} must be in {bracket}{why}")
 
 
+def _require_zero_or_more(flag: str, value, meaning_of_zero: str = "") -> None:
+    _require(value >= 0, f"--{flag}={value} must be 0{meaning_of_zero} or more")
+
+
 def _check_data(data: DataConfig) -> None:
     dataset = data.dataset
     _require(
@@ -317,17 +319,12 @@ def _check_phases(phases: PhasesConfig) -> None:
     for phase in (1, 2):
         epochs = getattr(phases, f"phase{phase}_epochs")
         learning_rate = getattr(phases, f"phase{phase}_learning_rate")
-        _require(epochs >= 0, f"--phase{phase}_epochs={epochs} must be 0 or more")
+        _require_zero_or_more(f"phase{phase}_epochs", epochs)
         _require(
             learning_rate > 0, f"--phase{phase}_learning_rate={learning_rate} must be positive"
         )
-    _require(
-        phases.unfreeze_blocks >= 0, f"--unfreeze_blocks={phases.unfreeze_blocks} must be 0 or more"
-    )
-    _require(
-        phases.base_batch_size >= 0,
-        f"--base_batch_size={phases.base_batch_size} must be 0 (no scaling) or more",
-    )
+    _require_zero_or_more("unfreeze_blocks", phases.unfreeze_blocks)
+    _require_zero_or_more("base_batch_size", phases.base_batch_size, " (no scaling)")
     _require_choice("phase1_feature_cache", phases.phase1_feature_cache, FEATURE_CACHE_MODES)
 
 
@@ -340,11 +337,8 @@ def _check_runtime(runtime: RuntimeConfig) -> None:
         "--mixed_precision, which is off: add --mixed_precision, or drop "
         "--mixed_precision_dtype",
     )
-    _require(
-        runtime.steps_per_execution >= 0,
-        f"--steps_per_execution={runtime.steps_per_execution} must be 0 (auto) or more",
-    )
-    _require(runtime.data_threads >= 0, f"--data_threads={runtime.data_threads} must be 0 or more")
+    _require_zero_or_more("steps_per_execution", runtime.steps_per_execution, " (auto)")
+    _require_zero_or_more("data_threads", runtime.data_threads)
 
 
 def _check_distribution(distribution: DistributionConfig) -> None:
