@@ -20,25 +20,56 @@ _DEFAULTS = config_lib.TrainConfig().to_flat()
 flags.DEFINE_string(
     "dataset",
     _DEFAULTS["dataset"],
-    "Data source: cifar100 (tensorflow-datasets), shapes (synthetic, offline) or "
-    "folder:PATH (PATH/train/<class>/*.png|jpg|jpeg and optional PATH/test/<class>/).",
+    "Data source: cifar100 (tensorflow-datasets), tfds:NAME[/CONFIG][@VERSION] (any "
+    "tensorflow-datasets image-classification dataset, e.g. tfds:tf_flowers), "
+    "folder:PATH (PATH/train/<class>/ images and optional PATH/test/<class>/) or shapes "
+    "(synthetic, offline).",
 )
 flags.DEFINE_string(
     "data_dir",
     _DEFAULTS["data_dir"],
-    "tensorflow-datasets data directory for cifar100 (default ~/tensorflow_datasets).",
+    "tensorflow-datasets data directory for cifar100 and tfds: (default ~/tensorflow_datasets).",
 )
 flags.DEFINE_integer(
     "source_size",
     _DEFAULTS["source_size"],
-    "Side in pixels that folder and shapes images are stored at on the host.",
+    "Side in pixels images are decoded to and stored at on the host; the device resizes "
+    "them to the model resolution. 0: 32 for cifar100 and shapes, the model resolution "
+    "for folder and tfds sources (a tfds dataset of one smaller image size keeps it).",
+)
+flags.DEFINE_enum(
+    "source_crop",
+    _DEFAULTS["source_crop"],
+    config_lib.SOURCE_CROPS,
+    "How a photo that is not square reaches --source_size: resize (squeeze the whole "
+    "photo, as Keras' image_dataset_from_directory does) or centre (crop the centre "
+    "square first: no distortion, the edges lost).",
+)
+flags.DEFINE_enum(
+    "cache",
+    _DEFAULTS["cache"],
+    config_lib.CACHE_MODES,
+    "Where decoded images are kept after the first pass: memory, disk (files under "
+    "--cache_dir, reused by later runs on the same files), off (decode every pass), or "
+    "auto (memory when a split's decoded images fit in --cache_memory_mb, else disk).",
+)
+flags.DEFINE_string(
+    "cache_dir",
+    _DEFAULTS["cache_dir"],
+    "Folder of the decoded-image cache, shared between runs; empty: WORKDIR/cache/images.",
+)
+flags.DEFINE_integer(
+    "cache_memory_mb",
+    _DEFAULTS["cache_memory_mb"],
+    "With --cache=auto, the largest split (decoded, in MB) kept in memory.",
 )
 flags.DEFINE_enum(
     "on_bad_image",
     _DEFAULTS["on_bad_image"],
     config_lib.BAD_IMAGE_POLICIES,
-    "A folder image that cannot be decoded: fail (stop, naming the file) or skip "
-    "(leave it out and log how many were skipped).",
+    "An image file that cannot be decoded (truncated, empty, not an image): fail (stop, "
+    "naming the file) or skip (leave it out; the count and first paths are logged and "
+    "in metrics.json).",
 )
 flags.DEFINE_float(
     "validation_fraction",
