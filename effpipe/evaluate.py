@@ -4,7 +4,7 @@
     python -m effpipe.evaluate --model=runs/b5 --dataset=folder:/data/photos
 
 Uses the run's config.json for everything but the data flags given on the command
-line (--dataset, --data_dir, --source_size, --shapes_*, --on_bad_image,
+line (--dataset, --data_dir, --source_size, --source_crop, --cache*, --shapes_*, --on_bad_image,
 --batch_size), and the run's export/ (the model the trainer evaluated, with its
 preprocessing: images of any size are brought to the run's source size). Evaluates
 the dataset's test split (its validation split, chosen as the trainer chose it,
@@ -44,6 +44,10 @@ DATA_FLAGS = (
     "dataset",
     "data_dir",
     "source_size",
+    "source_crop",
+    "cache",
+    "cache_dir",
+    "cache_memory_mb",
     "shapes_num_classes",
     "shapes_train_examples",
     "shapes_test_examples",
@@ -61,7 +65,12 @@ def main(argv):
         from effpipe.outputs import evaluation
 
         summary = evaluation.evaluate_export(
-            config.data, MODEL.value, output_dir, batch_size=config.batch_size, seed=config.seed
+            config.data,
+            MODEL.value,
+            output_dir,
+            size=config.source_size,
+            batch_size=config.batch_size,
+            seed=config.seed,
         )
     except UsageError as error:
         cli_flags.exit_with_usage_error(PROGRAM, error)

@@ -148,3 +148,29 @@ def test_the_notebook_configurations_answer_to_their_earlier_seed_names():
     assert [c.name for c in selected.configurations] == ["notebook/numpy"]
     with pytest.raises(UsageError, match="nonsense/x not in this run"):
         step_configurations.select_configurations([group()], ["nonsense/x"])
+
+
+def test_input_throughput_on_a_photo_folder_smoke(repo_root, tmp_path):
+    from benchmarks import photo_folder
+
+    folder = photo_folder.make_photo_folder(
+        str(tmp_path / "photos"), num_photos=24, num_classes=2, width=80, height=60
+    )
+    lines, report = _run_benchmark(
+        repo_root,
+        "benchmarks.input_throughput",
+        "--smoke",
+        f"--dataset=folder:{folder}",
+        "--image_size=32",
+        "--batch_size=4",
+    )
+    assert any(line.startswith("target: first_pass >=") for line in lines)
+    assert report["train_images"] == 24 and report["image_size"] == 32
+    for key in (
+        "first_pass_images_per_sec", "cached_images_per_sec", "keras_images_per_sec",
+        "notebook_images_per_sec", "peak_rss_mb",
+    ):  # fmt: skip
+        assert report[key] > 0, key
+    assert (
+        report["speedup_cached"] == report["cached_images_per_sec"] / report["keras_images_per_sec"]
+    )

@@ -11,7 +11,7 @@ import tensorflow as tf
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 
-from effpipe.data import sources
+from effpipe.data import decode
 from effpipe.model import batch_norm, efficientnet
 from effpipe.outputs import export
 
@@ -64,7 +64,7 @@ def _calibrate(model):
     normalization.adapt_variance.assign(np.square([0.229, 0.224, 0.225]))
     normalization.finalize_state()
     blocks = rng.integers(0, 256, (32, 5, 7, 3), dtype=np.uint8)
-    images = sources.resize_to_source(blocks.repeat(8, 1).repeat(8, 2), SOURCE_SIZE).numpy()
+    images = decode.resize_to_size(blocks.repeat(8, 1).repeat(8, 2), SOURCE_SIZE, "resize").numpy()
     batch_norm.calibrate_batch_norm(model, images, batch_size=16)
     pooled = keras.Model(model.input, model.get_layer("head_pool").output)(images)
     pooled = keras.ops.convert_to_numpy(keras.ops.cast(pooled, "float32"))

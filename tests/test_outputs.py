@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from effpipe.data import sources
+from effpipe.data import decode
 from effpipe.model import batch_norm, efficientnet
 from effpipe.outputs import evaluation, export, plots
 
@@ -34,7 +34,7 @@ def exported(tmp_path_factory):
     # computation.
     rng = np.random.default_rng(0)
     images = _blocky_images(rng, 32, 40, 56)
-    calibration = sources.resize_to_source(images, SOURCE_SIZE).numpy()
+    calibration = decode.resize_to_size(images, SOURCE_SIZE, "resize").numpy()
     batch_norm.calibrate_batch_norm(model, calibration, batch_size=16)
     pooled = keras.Model(model.input, model.get_layer("head_pool").output)(calibration).numpy()
     model.get_layer("head_bn").moving_mean.assign(pooled.mean(axis=0))
@@ -61,11 +61,7 @@ def _blocky_images(rng, count, height, width):
 def _in_process_probabilities(model, paths):
     """The model on the files decoded and resized as the folder loader does, one batch."""
     images = [
-        sources.resize_to_source(
-            tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False),
-            SOURCE_SIZE,
-        )
-        for path in paths
+        decode.decode_to_size(tf.io.read_file(str(path)), SOURCE_SIZE, "resize") for path in paths
     ]
     return _traced(model)(tf.stack(images)).numpy()
 
@@ -122,7 +118,7 @@ def test_the_uint8_signature_takes_images_of_any_size(exported):
     # Images already at the source size reach the model unchanged (the resize is
     # exactly the identity there); the saved graph and the traced model then agree
     # up to float32 rounding, as in the test above.
-    assert np.array_equal(sources.resize_to_source(at_source, SOURCE_SIZE), at_source)
+    assert np.array_equal(decode.resize_to_size(at_source, SOURCE_SIZE, "resize"), at_source)
     np.testing.assert_allclose(
         served["all_probabilities"].numpy(), _traced(model)(at_source).numpy(), atol=1e-5
     )

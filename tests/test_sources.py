@@ -1,14 +1,16 @@
-"""Data sources: shapes, folder (PNG/JPEG written here), cifar100 under mock_data."""
+"""Data sources: shapes, folders (files of every kind written here), tfds under mock_data."""
 
 import os
 
+import image_files
 import numpy as np
 import PIL.Image
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from effpipe.data import cifar100_names, shapes, sources, splits
+from effpipe import config
+from effpipe.data import cifar100_names, pipeline, shapes, sources, splits, stores
 from effpipe.errors import UsageError
 
 
@@ -85,6 +87,14 @@ def test_validation_split_refuses_an_empty_part():
 # --- folder:PATH ---
 
 
+def _load(dataset, tmp_path, *, size=16, **data_flags):
+    """The source as the trainer loads it, its caches under tmp_path/cache."""
+    data = config.DataConfig(dataset=dataset, **data_flags)
+    return sources.load_configured_source(
+        data, size=size, seed=0, cache_root=str(tmp_path / "cache")
+    )
+
+
 def _write_image(path, array, kind):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     encoded = tf.io.encode_png(array) if kind == "png" else tf.io.encode_jpeg(array)
@@ -101,14 +111,27 @@ def _make_folder(root, with_test=True):
                 _write_image(os.path.join(root, split, class_name, f"{index}.{kind}"), image, kind)
 
 
-def test_folder_loads_png_and_jpeg_resized_with_class_names(tmp_path):
-    _make_folder(str(tmp_path))
-    source = sources.load_source(f"folder:{tmp_path}", source_size=16)
+@pytest.mark.parametrize("cache", ["memory", "disk", "off"])
+def test_folder_loads_png_and_jpeg_resized_with_class_names(tmp_path, cache):
+    _make_folder(str(tmp_path / "data"))
+    source = _load(f"folder:{tmp_path / 'data'}", tmp_path, cache=cache)
     assert source.class_names == ("cat", "dog")
     _check_split(source.train, 16, 2)
     _check_split(source.test, 16, 2)
     assert source.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert source.test.labels.tolist() == [0, 1]
+    assert source.source_image_size == (16, 16)
+
+
+def test_folder_ignores_hidden_folders_and_files(tmp_path):
+    root = tmp_path / "data"
+    image_files.write_class_folder_tree(
+        root, {"train": {"cat": ["a.jpg", "b.png"], "dog": ["c.jpg", ".hidden.jpg"]}}
+    )
+    (root / "train" / "cat" / "notes.txt").write_text("not an image, not listed")
+    source = _load(f"folder:{root}", tmp_path)
+    assert source.class_names == ("cat", "dog")
+    assert source.train.labels.tolist() == [0, 0, 1]
 
 
 def test_folder_converts_grayscale_palette_and_rgba(tmp_path):
@@ -122,15 +145,16 @@ def test_folder_converts_grayscale_palette_and_rgba(tmp_path):
     palette = PIL.Image.new("P", (20, 20), 0)
     palette.putpalette([10, 20, 30] + [0] * 765)
     palette.save(tmp_path / "train" / "dog" / "zz_palette.png")
-    source = sources.load_folder(str(tmp_path), source_size=8)
+    source = _load(f"folder:{tmp_path}", tmp_path, size=8)
     assert source.test is None
     assert len(source.train) == 9
-    np.testing.assert_array_equal(source.train.images[-1], np.full((8, 8, 3), [10, 20, 30]))
+    images = source.train.images
+    np.testing.assert_array_equal(images[-1], np.full((8, 8, 3), [10, 20, 30]))
     # Grayscale becomes three equal channels; RGBA loses its alpha.
     gray_index = sorted(os.listdir(tmp_path / "train" / "cat")).index("gray.png")
-    np.testing.assert_array_equal(source.train.images[gray_index], np.full((8, 8, 3), 200))
+    np.testing.assert_array_equal(images[gray_index], np.full((8, 8, 3), 200))
     rgba_index = 4 + sorted(os.listdir(tmp_path / "train" / "dog")).index("rgba.png")
-    np.testing.assert_array_equal(source.train.images[rgba_index], np.full((8, 8, 3), 50))
+    np.testing.assert_array_equal(images[rgba_index], np.full((8, 8, 3), 50))
 
 
 @pytest.mark.parametrize(
@@ -138,8 +162,9 @@ def test_folder_converts_grayscale_palette_and_rgba(tmp_path):
     [
         ("missing", "does not exist"),
         ("no_train", "has no train/ subfolder"),
-        ("empty_class", "has no .png/.jpg/.jpeg images"),
+        ("empty_class", "has no images"),
         ("corrupt", "cannot decode image"),
+        ("test_only_class", "class folders that train/ lacks: bird"),
     ],
 )
 def test_folder_errors_name_the_problem(tmp_path, damage, fragment):
@@ -153,22 +178,51 @@ def test_folder_errors_name_the_problem(tmp_path, damage, fragment):
         os.makedirs(root / "train" / "empty")
     elif damage == "corrupt":
         (root / "train" / "dog" / "broken.png").write_bytes(b"not an image at all")
+    elif damage == "test_only_class":
+        _write_image(str(root / "test" / "bird" / "0.png"), np.zeros((4, 4, 3), np.uint8), "png")
     with pytest.raises(UsageError) as raised:
-        sources.load_source(f"folder:{root}", source_size=8)
+        _load(f"folder:{root}", tmp_path, size=8)
     assert fragment in str(raised.value)
+    assert "\n" not in str(raised.value)
     if damage == "corrupt":
         assert "broken.png" in str(raised.value)
 
 
-def test_folder_can_skip_images_that_cannot_be_decoded(tmp_path, caplog):
-    _make_folder(str(tmp_path), with_test=False)
-    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not an image at all")
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_folder_skips_bad_files_counting_them(tmp_path, caplog, cache):
+    _make_folder(str(tmp_path / "data"), with_test=False)
+    dog = tmp_path / "data" / "train" / "dog"
+    image_files.write_truncated_jpeg(dog / "cut.jpg")
+    image_files.write_empty_file(dog / "empty.png")
+    image_files.write_text_as_jpg(dog / "text.jpg")
     with pytest.raises(UsageError, match="--on_bad_image=skip"):
-        sources.load_folder(str(tmp_path), source_size=8)
+        _load(f"folder:{tmp_path / 'data'}", tmp_path, size=8, cache=cache)
     with caplog.at_level("WARNING"):
-        source = sources.load_folder(str(tmp_path), source_size=8, on_bad_image="skip")
+        source = _load(
+            f"folder:{tmp_path / 'data'}", tmp_path, size=8, cache=cache, on_bad_image="skip"
+        )
     assert source.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    assert "skipped 1 of 7 images" in caplog.text and "broken.png" in caplog.text
+    assert sorted(os.path.basename(path) for path in source.skipped) == [
+        "cut.jpg",
+        "empty.png",
+        "text.jpg",
+    ]
+    assert "skipped 3 of 9" in caplog.text and "cut.jpg" in caplog.text
+    assert source.train.images.shape == (6, 8, 8, 3)
+
+
+def test_folder_without_cache_skips_bad_files_in_the_stream(tmp_path):
+    _make_folder(str(tmp_path / "data"), with_test=False)
+    image_files.write_empty_file(tmp_path / "data" / "train" / "dog" / "empty.png")
+    source = _load(
+        f"folder:{tmp_path / 'data'}", tmp_path, size=8, cache="off", on_bad_image="skip"
+    )
+    labels = [
+        label
+        for _, batch in pipeline.make_dataset(source.train, batch_size=1, is_training=False)
+        for label in batch.numpy()
+    ]
+    assert labels == [0, 0, 0, 1, 1, 1]
 
 
 def test_skipping_every_image_of_a_class_is_refused(tmp_path):
@@ -176,29 +230,66 @@ def test_skipping_every_image_of_a_class_is_refused(tmp_path):
     for image in (tmp_path / "train" / "dog").iterdir():
         image.write_bytes(b"corrupt")
     with pytest.raises(UsageError, match="dog has no image that can be decoded"):
-        sources.load_folder(str(tmp_path), source_size=8, on_bad_image="skip")
+        _load(f"folder:{tmp_path}", tmp_path, size=8, on_bad_image="skip")
 
 
-# --- cifar100 ---
+def test_folder_stores_at_the_model_resolution_by_default(tmp_path):
+    root = tmp_path / "data"
+    image_files.write_class_folder_tree(root, {"train": {"a": ["1.jpg"], "b": ["2.png"]}})
+    flat = dict(dataset=f"folder:{root}", variant="b5", cache_dir=str(tmp_path / "cache"))
+    run_config = config.TrainConfig.from_flat(**flat)
+    assert run_config.source_size == 456
+    source = sources.load_configured_source(
+        run_config.data, size=run_config.source_size, seed=0, cache_root=str(tmp_path / "c")
+    )
+    assert source.source_image_size == (456, 456)
+    assert config.TrainConfig.from_flat(dataset="cifar100", variant="b5").source_size == 32
 
 
-def test_cifar100_under_mock_data_has_fine_labels_and_names(tmp_path, monkeypatch):
-    # mock_data replaces the download; the network check must not stop it first.
-    monkeypatch.setattr(sources, "_host_reachable", lambda host: True)
+# --- tensorflow-datasets ---
+
+
+def test_cifar100_under_mock_data_has_fine_labels_and_names(tmp_path):
     with tfds.testing.mock_data(num_examples=24):
-        source = sources.load_source("cifar100", data_dir=str(tmp_path))
+        source = _load("cifar100", tmp_path, size=32, data_dir=str(tmp_path))
     _check_split(source.train, 32, 100)
     _check_split(source.test, 32, 100)
     assert len(source.train) == 24 and len(source.test) == 24
     assert source.num_classes == 100
     assert source.class_names == cifar100_names.FINE_LABEL_NAMES
     assert source.class_names[0] == "apple" and source.class_names[-1] == "worm"
+    # Small enough for memory under --cache=auto.
+    assert isinstance(source.train.store, stores.ArrayStore)
+
+
+@pytest.mark.parametrize("name", ["tf_flowers", "oxford_iiit_pet", "imagenette"])
+def test_tfds_datasets_under_mock_data_decode_at_the_storage_size(tmp_path, name):
+    with tfds.testing.mock_data(num_examples=6):
+        source = _load(f"tfds:{name}", tmp_path, size=24, cache="disk")
+        builder = tfds.builder(name)
+    assert source.class_names == tuple(builder.info.features["label"].names)
+    _check_split(source.train, 24, source.num_classes)
+    assert isinstance(source.train.store, stores.CacheStore)
+
+
+def test_tfds_keeps_a_smaller_native_size_by_default(tmp_path):
+    with tfds.testing.mock_data(num_examples=4):
+        data = config.DataConfig(dataset="tfds:cifar10")
+        source = sources.load_configured_source(data, size=224, seed=0, cache_root=str(tmp_path))
+    assert source.source_image_size == (32, 32)
+
+
+def test_tfds_unknown_dataset_is_one_line(tmp_path):
+    with pytest.raises(UsageError) as raised:
+        _load("tfds:no_such_dataset", tmp_path)
+    assert "not a tensorflow-datasets dataset" in str(raised.value)
+    assert "\n" not in str(raised.value)
 
 
 def test_cifar100_without_data_or_network_says_how_to_prepare(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "_host_reachable", lambda host: False)
     with pytest.raises(UsageError) as raised:
-        sources.load_source("cifar100", data_dir=str(tmp_path))
+        _load("cifar100", tmp_path, data_dir=str(tmp_path))
     message = str(raised.value)
     assert "not prepared" in message and "--data_dir" in message
     assert "\n" not in message

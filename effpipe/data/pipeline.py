@@ -1,7 +1,13 @@
-"""The host input pipeline: one linear tf.data chain from uint8 arrays to batches.
+"""The host input pipeline: one linear tf.data chain from a split to batches.
 
-    source -> shard (workers) -> cache -> shuffle (train) -> batch -> repeat (train)
-    -> tf.data service (optional) -> prefetch
+    keys of the split's images -> shard (workers) -> shuffle (train) -> fetch (read,
+    decode) -> batch -> repeat (train) -> tf.data service (optional) -> prefetch
+
+A key is what a split's store addresses an image by (`effpipe.data.stores`): the
+image itself when it is in memory, a file's path, a position in the decoded cache.
+Sharding and shuffling act on keys, so each worker reads only its own files and a
+shuffle buffer holds paths or integers, never decoded photos; every store yields the
+same images in the same order for the same seed.
 
 `make_feature_dataset` runs the same chain over cached per-image features (phase 1
 with the feature cache), in the same order.
@@ -18,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from effpipe.config import RuntimeConfig
+from effpipe.data import splits, stores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +35,7 @@ class PipelineOptions:
       deterministic: keep element order fixed run to run (slower parallel stages).
       autotune: let tf.data tune parallelism and buffer sizes.
       threads: size of a private thread pool for the pipeline; 0 uses the shared one.
-      cache: cache elements after the source stage.
+      cache: keep in-memory elements in tf.data's cache after the source stage.
     """
 
     deterministic: bool = False
@@ -52,8 +59,8 @@ class DataService:
 
 
 def make_dataset(
-    images: np.ndarray,
-    labels: np.ndarray,
+    split: splits.Split | np.ndarray,
+    labels: np.ndarray | None = None,
     *,
     batch_size: int,
     is_training: bool,
@@ -65,8 +72,9 @@ def make_dataset(
     """Builds the batched dataset of (uint8 images, int32 labels).
 
     Args:
-      images: (N, H, W, 3) uint8 at source resolution.
-      labels: (N,) integer class ids.
+      split: the examples (`effpipe.data.splits.Split`), or their images in memory,
+        (N, H, W, 3) uint8 at source resolution.
+      labels: (N,) class ids, with images given as an array.
       batch_size: examples per batch (the global batch under a strategy).
       is_training: an endless stream of passes, each reshuffled and without its
         last partial batch (the caller sets steps_per_epoch).
@@ -81,10 +89,22 @@ def make_dataset(
       A dataset of (images (B, H, W, 3) uint8, labels (B,) int32); in training B is
       static.
     """
-    if images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 at source resolution, got {images.dtype}")
+    if labels is not None:
+        split = splits.Split(split, labels)
+    keys = stores.keys(split.store, split.positions)
+    if isinstance(split.store, stores.ArrayStore) and keys.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 at source resolution, got {keys.dtype}")
     return _batched_stream(
-        images, labels, batch_size, is_training, seed, options, shard, data_service
+        keys,
+        split.labels,
+        batch_size,
+        is_training,
+        seed,
+        options,
+        shard,
+        data_service,
+        fetch=None if isinstance(split.store, stores.ArrayStore) else stores.fetch(split.store),
+        skip_bad=getattr(split.store, "skip_bad", False),
     )
 
 
@@ -118,9 +138,18 @@ def make_feature_dataset(
 
 
 def _batched_stream(
-    elements, labels, batch_size, is_training, seed, options, shard=(1, 0), data_service=None
+    elements,
+    labels,
+    batch_size,
+    is_training,
+    seed,
+    options,
+    shard=(1, 0),
+    data_service=None,
+    fetch=None,
+    skip_bad=False,
 ):
-    """shard -> cache -> shuffle (train) -> batch -> repeat (train) -> service -> prefetch."""
+    """shard -> shuffle (train) -> fetch -> batch -> repeat (train) -> service -> prefetch."""
     dataset = tf.data.Dataset.from_tensor_slices((elements, labels.astype(np.int32)))
     count, index = shard
     if count > 1:
@@ -130,14 +159,25 @@ def _batched_stream(
         shard_size = len(labels) // count
         dataset = dataset.take(shard_size * count).shard(count, index)
         labels, seed = labels[:shard_size], seed + index
-    # Cache before shuffling so every epoch shuffles the same cached elements; for
-    # in-memory arrays it is cheap, for file-backed sources it saves the decode.
-    if options.cache:
+    # In-memory elements are cached as they are; file-backed keys must not be (the
+    # decoded images would pile up in memory): their decoded cache is on disk.
+    if options.cache and fetch is None:
         dataset = dataset.cache()
     if is_training:
-        # A buffer as large as the split is a uniform shuffle: 32x32x3 uint8 images
-        # cost 3 KB each. Shuffle before repeat: every pass is a new order.
+        # A buffer as large as the split is a uniform shuffle, and it holds keys (a
+        # path, an integer) or small in-memory images (32x32x3 uint8: 3 KB). Its
+        # orders come from the seed and the count alone, so every store gives the same
+        # order. Shuffle before repeat: every pass is a new order.
         dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    if fetch is not None:
+        # Read (and decode) after the shuffle, in parallel: only the images in flight
+        # are in memory.
+        dataset = dataset.map(
+            lambda key, label: (fetch(key), label), num_parallel_calls=tf.data.AUTOTUNE
+        )
+        if skip_bad:
+            # --cache=off with --on_bad_image=skip: a file that does not decode drops out.
+            dataset = dataset.ignore_errors()
     # drop_remainder in training gives a static batch dimension, so a compiled
     # (XLA) step is built once and every step sees a full batch.
     dataset = dataset.batch(batch_size, drop_remainder=is_training)
@@ -160,10 +200,11 @@ def _batched_stream(
         )
     # Prefetch last: the host prepares the next batch while the device computes.
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
-    return dataset.with_options(_tf_data_options(options))
+    return dataset.with_options(tf_data_options(options))
 
 
-def _tf_data_options(options: PipelineOptions) -> tf.data.Options:
+def tf_data_options(options: PipelineOptions) -> tf.data.Options:
+    """The tf.data options of the knobs (benchmarks give other loaders the same)."""
     tf_options = tf.data.Options()
     tf_options.deterministic = options.deterministic
     tf_options.autotune.enabled = options.autotune

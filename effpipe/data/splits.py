@@ -1,22 +1,58 @@
-"""A loaded source and its splits: train, validation carved from train, test."""
+"""A source's splits as index lists over an image store: train, validation, test.
+
+A `Split` holds no decoded pixels of its own: its labels, and the positions of its
+images in a store (`effpipe.data.stores`): rows of an array in memory, files decoded
+on every read, or files of the decoded cache. Carving validation off train, and a
+worker's shard, are index operations, done before anything is decoded.
+"""
 
 import dataclasses
 
 import numpy as np
 
 from effpipe.config import DataConfig
+from effpipe.data import stores
 from effpipe.errors import UsageError
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Images (N, H, W, 3) uint8 and labels (N,) int32."""
+    """Labels (N,) int32 and the positions (N,) int64 of their images in `store`.
 
-    images: np.ndarray
+    Built from an array, `Split(images, labels)`, it holds the array in memory
+    (the shapes source, tests).
+    """
+
+    store: object
     labels: np.ndarray
+    positions: np.ndarray | None = None
+
+    def __post_init__(self):
+        if isinstance(self.store, np.ndarray):
+            object.__setattr__(self, "store", stores.ArrayStore(self.store))
+        if self.positions is None:
+            object.__setattr__(self, "positions", np.arange(len(self.labels), dtype=np.int64))
+        object.__setattr__(self, "labels", np.asarray(self.labels, dtype=np.int32))
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> "Split":
+        """The examples at `index` (positions in this split), in that order."""
+        return Split(self.store, self.labels[index], self.positions[index])
+
+    def load_images(self, count: int | None = None) -> np.ndarray:
+        """The first `count` images (all by default) decoded, (count, H, W, 3) uint8.
+
+        For samples and small splits: the whole of a large split does not fit in memory.
+        """
+        positions = self.positions if count is None else self.positions[:count]
+        return stores.load_images(self.store, positions)
+
+    @property
+    def images(self) -> np.ndarray:
+        """Every image of the split in memory (small splits: tests and benchmarks)."""
+        return self.load_images()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,12 +64,17 @@ class DataSource:
       train: the training split, before validation is split off.
       test: the test split, or None when the source has none.
       class_names: one name per class, indexed by label.
+      validation: a validation split the source defines itself (tfds), else None:
+        validation is then carved from train.
+      skipped: paths of files left out because they could not be decoded.
     """
 
     name: str
     train: Split
     test: Split | None
     class_names: tuple[str, ...]
+    validation: Split | None = None
+    skipped: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -42,7 +83,7 @@ class DataSource:
     @property
     def source_image_size(self) -> tuple[int, int]:
         """(height, width) in pixels of the images as stored on the host."""
-        return tuple(self.train.images.shape[1:3])
+        return stores.image_size(self.train.store)
 
 
 def split_validation(
@@ -76,10 +117,7 @@ def split_validation(
         order = np.random.default_rng(seed).permutation(num_examples)
     train_index = np.sort(order[: num_examples - num_validation])
     validation_index = np.sort(order[num_examples - num_validation :])
-    return (
-        Split(split.images[train_index], split.labels[train_index]),
-        Split(split.images[validation_index], split.labels[validation_index]),
-    )
+    return split.subset(train_index), split.subset(validation_index)
 
 
 def configured_splits(
@@ -88,17 +126,22 @@ def configured_splits(
     """The run's train and validation splits, and the split its evaluation reads.
 
     The trainer and `effpipe.evaluate` share it, so both evaluate the same images:
-    the test split, or the validation split when the source has none.
+    the test split, or the validation split when the source has none. A source
+    with its own validation split (tfds) keeps it; otherwise validation is carved
+    from train.
 
     Returns:
       (train, validation, evaluated split, "test" or "validation").
     """
-    train, validation = split_validation(
-        source.train,
-        data.validation_fraction,
-        seed=seed,
-        selection=data.validation_selection,
-    )
+    if source.validation is not None:
+        train, validation = source.train, source.validation
+    else:
+        train, validation = split_validation(
+            source.train,
+            data.validation_fraction,
+            seed=seed,
+            selection=data.validation_selection,
+        )
     if source.test is None:
         return train, validation, validation, "validation"
     return train, validation, source.test, "test"

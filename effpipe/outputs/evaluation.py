@@ -14,7 +14,6 @@ import os
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from effpipe import run_dir
 from effpipe.config import DataConfig
@@ -52,9 +51,7 @@ def predict_probabilities(
 
     Batches of `batch_size` in order, as the evaluate binary feeds the export.
     """
-    dataset = pipeline.make_dataset(
-        split.images, split.labels, batch_size=batch_size, is_training=False, seed=0
-    )
+    dataset = pipeline.make_dataset(split, batch_size=batch_size, is_training=False, seed=0)
     return np.asarray(
         model.predict(
             dataset.map(lambda images, labels: images), verbose=0, callbacks=list(callbacks)
@@ -105,7 +102,7 @@ def write_plots(
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(len(split), min(PREDICTION_IMAGES, len(split)), replace=False))
     plots.plot_predictions(
-        split.images[chosen],
+        split.subset(chosen).load_images(),
         split.labels[chosen],
         probabilities[chosen],
         class_names,
@@ -125,7 +122,7 @@ def write_augmentations(model: keras.Model, image: np.ndarray, path: str, count:
 
 
 def evaluate_export(
-    data: DataConfig, workdir: str, output_dir: str, *, batch_size: int, seed: int
+    data: DataConfig, workdir: str, output_dir: str, *, size: int, batch_size: int, seed: int
 ) -> dict:
     """Evaluates WORKDIR/export on the config's dataset; writes the outputs.
 
@@ -133,6 +130,7 @@ def evaluate_export(
       data: the run's data slice, flags given on the command line replaced.
       workdir: the run directory (its export/ is evaluated).
       output_dir: where evaluation.json and the plots go.
+      size: side in pixels the images are decoded to (the run's source size).
       batch_size: images per serving call.
       seed: the run's seed (its validation split, and the plots' choice of images).
 
@@ -150,7 +148,8 @@ def evaluate_export(
         )
     exported = export.load(export_dir)
     model_names = [n.decode() for n in exported.signatures["class_names"]()["class_names"].numpy()]
-    source = sources.load_configured_source(data, seed=seed)
+    cache_root = data.cache_dir or os.path.join(workdir, "cache", "images")
+    source = sources.load_configured_source(data, size=size, seed=seed, cache_root=cache_root)
     if len(source.class_names) != len(model_names):
         raise UsageError(
             f"{data.dataset} has {len(source.class_names)} classes and the model "
@@ -158,13 +157,9 @@ def evaluate_export(
         )
     _, _, split, evaluated_on = splits.configured_splits(data, source, seed=seed)
     serve = exported.signatures["serve_images"]
+    batches = pipeline.make_dataset(split, batch_size=batch_size, is_training=False)
     probabilities = np.concatenate(
-        [
-            serve(images=tf.constant(split.images[start : start + batch_size]))[
-                "all_probabilities"
-            ].numpy()
-            for start in range(0, len(split), batch_size)
-        ]
+        [serve(images=images)["all_probabilities"].numpy() for images, _ in batches]
     )
     summary = summarize(probabilities, split.labels, source.class_names)
     summary.update(

@@ -10,8 +10,8 @@ Signatures (both return the same outputs):
 
 and class_names() returns every class name, in class order.
 
-Each image is brought to the run's source size as the folder loader does
-(antialiased resize, rounded to uint8), then the model takes it to its resolution
+Each image is brought to the run's source size as training images were
+(effpipe.data.decode: the same decoder, --source_crop, resize, rounded to uint8), then the model takes it to its resolution
 and classifies it. Outputs:
   classes            string [N, k]   the top-k class names, most probable first
   class_ids          int32 [N, k]
@@ -37,7 +37,7 @@ import tensorflow as tf
 from absl import logging
 
 from effpipe import run_dir
-from effpipe.data import sources
+from effpipe.data import decode
 from effpipe.model import augment, efficientnet
 
 EXPORT_DIR = "export"
@@ -50,10 +50,12 @@ class ServingModule(tf.Module):
       model: a model built by `efficientnet.make_model` (uint8 source images in).
       class_names: one name per class.
       top_k: classes returned per image (at most the number of classes).
+      crop: the run's --source_crop.
     """
 
-    def __init__(self, model: keras.Model, class_names, top_k: int = 5):
+    def __init__(self, model: keras.Model, class_names, top_k: int = 5, crop: str = "resize"):
         super().__init__()
+        self.crop = crop
         self.model = model
         self.class_names = tf.Variable(list(class_names), trainable=False, name="class_names")
         self.top_k = min(top_k, len(class_names))
@@ -70,13 +72,8 @@ class ServingModule(tf.Module):
         )
 
     def _serve_bytes(self, images):
-        def decode(encoded):
-            image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-            image.set_shape([None, None, 3])
-            return sources.resize_to_source(image, self.source_size)
-
         decoded = tf.map_fn(
-            decode,
+            lambda encoded: decode.decode_to_size(encoded, self.source_size, self.crop),
             images,
             fn_output_signature=tf.TensorSpec([self.source_size, self.source_size, 3], tf.uint8),
         )
@@ -84,7 +81,7 @@ class ServingModule(tf.Module):
         return self.serve_images(decoded)
 
     def _serve_images(self, images):
-        return self._classify(sources.resize_to_source(images, self.source_size))
+        return self._classify(decode.resize_to_size(images, self.source_size, self.crop))
 
     def _classify(self, images):
         probabilities = tf.cast(self.model(images, training=False), tf.float32)
@@ -156,7 +153,9 @@ def _float32_uncompiled_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
     return layer.__class__.from_config(config)
 
 
-def export_model(model: keras.Model, class_names, path: str, top_k: int = 5) -> None:
+def export_model(
+    model: keras.Model, class_names, path: str, top_k: int = 5, *, crop: str = "resize"
+) -> None:
     """Writes the SavedModel of `model` to the folder `path`, atomically.
 
     The SavedModel traces `make_serving_model(model)`: float32 and free of XLA
@@ -167,8 +166,9 @@ def export_model(model: keras.Model, class_names, path: str, top_k: int = 5) -> 
       class_names: one name per class, indexed by label.
       path: the export folder (replaced if it exists).
       top_k: classes each signature returns per image.
+      crop: the run's --source_crop, applied to served images as in training.
     """
-    module = ServingModule(make_serving_model(model), class_names, top_k)
+    module = ServingModule(make_serving_model(model), class_names, top_k, crop)
     signatures = {
         "serving_default": module.serve_bytes,
         "serve_images": module.serve_images,

@@ -50,7 +50,10 @@ class RunData:
 
 
 def prepare_data(
-    config: TrainConfig, distribution: distribution_lib.Distribution, workdir: str
+    config: TrainConfig,
+    distribution: distribution_lib.Distribution,
+    workdir: str,
+    output_dir: str,
 ) -> RunData:
     """Loads the source and splits, and makes the validation dataset and the
     training streams' factory.
@@ -61,10 +64,15 @@ def prepare_data(
     the same ones). Each of several workers trains on its equal shard,
     batch_size / workers images of it per step.
 
+    Decoded images are cached under --cache_dir, or this process's `output_dir`
+    (effpipe.data.cache).
+
     Raises:
       UsageError: see `load_data`.
     """
-    source, train_split, validation_split, test_split, evaluated_on = load_data(config)
+    source, train_split, validation_split, test_split, evaluated_on = load_data(
+        config, cache_root(config, output_dir)
+    )
     options = pipeline.pipeline_options_of(config.runtime)
     workers = distribution.num_workers
     steps_per_epoch = (len(train_split) // workers) // (config.batch_size // workers)
@@ -88,11 +96,17 @@ def prepare_data(
     )
 
 
-def load_data(config: TrainConfig):
+def cache_root(config: TrainConfig, output_dir: str) -> str:
+    """The folder of the decoded-image caches: --cache_dir, else OUTPUT_DIR/cache/images."""
+    return config.data.cache_dir or os.path.join(output_dir, "cache", "images")
+
+
+def load_data(config: TrainConfig, cache_root: str):
     """The source and its splits, checked against the batch size and logged.
 
     Args:
       config: the run configuration.
+      cache_root: the folder of the decoded-image caches.
 
     Returns:
       (source, train split, validation split, test split, the name of the split
@@ -101,7 +115,9 @@ def load_data(config: TrainConfig):
     Raises:
       UsageError: the batch is larger than the training split.
     """
-    source = sources.load_configured_source(config.data, seed=config.seed)
+    source = sources.load_configured_source(
+        config.data, size=config.source_size, seed=config.seed, cache_root=cache_root
+    )
     train_split, validation_split, test_split, evaluated_on = splits.configured_splits(
         config.data, source, seed=config.seed
     )
@@ -138,8 +154,7 @@ def make_validation_dataset(config, distribution, validation_split, pipeline_opt
       The validation dataset, one pass.
     """
     validation_dataset = pipeline.make_dataset(
-        validation_split.images,
-        validation_split.labels,
+        validation_split,
         batch_size=config.batch_size,
         is_training=False,
         seed=config.seed,
@@ -147,7 +162,7 @@ def make_validation_dataset(config, distribution, validation_split, pipeline_opt
     )
     if distribution.is_distributed:
         # Keras splits each validation batch over the replicas; several workers take
-        # every other batch (DATA: the arrays have no files to shard by).
+        # every other batch (DATA: every worker has the validation keys in memory).
         validation_options = tf.data.Options()
         validation_options.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.DATA
@@ -195,8 +210,7 @@ def make_training_stream(
     def stream(batch_size, shard):
         # Through a service the workers share one job instead of sharding.
         dataset = pipeline.make_dataset(
-            train_split.images,
-            train_split.labels,
+            train_split,
             batch_size=batch_size,
             is_training=True,
             seed=config.seed,
@@ -256,8 +270,7 @@ def cached_phase1_inputs(
 
     def compute(split):
         images = pipeline.make_dataset(
-            split.images,
-            split.labels,
+            split,
             batch_size=config.batch_size,
             is_training=False,
             options=options,

@@ -266,7 +266,7 @@ def make_callbacks(context, phase, model, state, checkpoint, input_callbacks) ->
             phase.number,
             context.meter,
             model,
-            context.data.train_split.images[: summaries.AUGMENTED_IMAGES],
+            context.data.train_split.load_images(summaries.AUGMENTED_IMAGES),
             context.config.outputs.profile_step_range,
         ),
         *input_callbacks,

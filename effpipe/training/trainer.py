@@ -65,7 +65,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         setup = _resolve_runtime(config, distribution)
 
         # --- Data: source arrays, validation split, tf.data pipelines. ---
-        data = inputs.prepare_data(config, distribution, workdir)
+        data = inputs.prepare_data(config, distribution, workdir, output_dir)
 
         # --- Model, under the resolved precision policy. ---
         stack.callback(
@@ -156,12 +156,12 @@ def _evaluate_and_write_outputs(model: keras.Model, context: phases.PhaseContext
     )
     evaluation.write_augmentations(
         model,
-        context.data.train_split.images[0],
+        context.data.train_split.load_images(1)[0],
         os.path.join(workdir, evaluation.AUGMENTATIONS_PNG),
     )
     if config.outputs.export:
         export_dir = os.path.join(workdir, export.EXPORT_DIR)
-        export.export_model(model, source.class_names, export_dir)
+        export.export_model(model, source.class_names, export_dir, crop=config.data.source_crop)
         logging.info("exported the model to %s", export_dir)
     return evaluated
 
@@ -233,7 +233,7 @@ def _make_model(config, distribution, data: inputs.RunData) -> tuple[keras.Model
     # A base trained from scratch gets BatchNormalization statistics computed
     # from training images, now and before every validation (effpipe.model.batch_norm says
     # why).
-    calibration_images = data.train_split.images[:CALIBRATION_EXAMPLES]
+    calibration_images = data.train_split.load_images(CALIBRATION_EXAMPLES)
     batch_norm.calibrate_batch_norm(model, calibration_images, config.batch_size)
     logging.info(
         "random base: BatchNormalization statistics calibrated on %d training "
@@ -341,6 +341,9 @@ def _make_metrics(
         "workers": distribution.num_workers,
         "dataset": source.name,
         "num_classes": source.num_classes,
+        # Files left out with --on_bad_image=skip: how many, and the first few.
+        "skipped_images": len(source.skipped),
+        "skipped_image_paths": list(source.skipped[:10]),
     }
 
 

@@ -42,7 +42,7 @@ def num_classes_of(config: TrainConfig) -> int:
 
 def make_phase_model(config: TrainConfig, phase: int) -> keras.Model:
     """The trainer's model for `config`, random base weights, set up for `phase`."""
-    source_size = (config.data.source_size, config.data.source_size)
+    source_size = (config.source_size, config.source_size)
     model = factory.make_configured_model(
         config.model,
         config.augmentation,
@@ -119,7 +119,7 @@ def run_trial(
         xla=config.runtime.xla,
     )
     keras.mixed_precision.set_global_policy(setup.precision)
-    size, classes = config.data.source_size, num_classes_of(config)
+    size, classes = config.source_size, num_classes_of(config)
     rng = np.random.default_rng(config.seed)
     images = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, classes, (batch_size,), dtype=np.int64)

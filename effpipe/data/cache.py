@@ -1,0 +1,288 @@
+"""The decoded cache: every image of a split decoded once, kept in memory or on disk.
+
+    encoded split (files, tfds records) -> parallel read + decode to --source_size
+    -> memory (an array) | disk (one file per image, under --cache_dir) -> a Split
+
+The first pass decodes in a parallel, order-keeping tf.data map and shows a progress
+bar with images/s and the ETA. A file that cannot be decoded (truncated, empty, not
+an image) drops out of the stream; its position is the gap it leaves, so it is named
+(--on_bad_image=fail) or skipped and counted (--on_bad_image=skip) without a
+traceback and without losing the other images.
+
+On disk a cache is a folder named after a fingerprint of what the images depend on
+(the file list with sizes and modification times, or the tfds dataset's files; the
+storage size; the crop), so a second run on the same data decodes nothing and a
+change of any file makes a new cache. `manifest.json`, written last and atomically,
+marks a cache complete: a folder without it is a first pass that was killed, and a
+rerun resumes it, keeping the image files that were written whole. There is no lock
+file to go stale.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from effpipe.data import decode, stores
+from effpipe.data.splits import Split
+from effpipe.errors import UsageError
+
+MANIFEST_FILE = "manifest.json"
+# Bump when what a cache file holds changes: older caches are then not reused.
+CACHE_FORMAT = 1
+# Images per batch handed from the decoding pipeline to the Python loop.
+PASS_BATCH = 64
+# Fault injection for the tests: SIGKILL this process once a first pass has decoded
+# this many images, as a crash or an impatient user would.
+KILL_AFTER_ENV = "EFFPIPE_TEST_KILL_FIRST_PASS_AFTER"
+# First passes over fewer images show no progress bar.
+PROGRESS_BAR_IMAGES = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedSplit:
+    """The encoded images of one split, in a fixed order: what the first pass decodes.
+
+    Attributes:
+      name: "train", "test" or "validation", for logs and the cache folder.
+      count: number of images.
+      fingerprint: digest of what the images are (file list, sizes, times).
+      make_records: () -> dataset of (key, label) in position order; a key is a path
+        to read (`reads_files`) or the encoded bytes themselves.
+      reads_files: whether keys are paths.
+      describe: position -> how to name that image in a message (its path).
+      paths: the files (folders), so --cache=off can decode them on every pass.
+    """
+
+    name: str
+    count: int
+    fingerprint: str
+    make_records: Callable[[], tf.data.Dataset]
+    reads_files: bool
+    describe: Callable[[int], str]
+    paths: tuple[str, ...] | None = None
+
+
+def materialize(
+    encoded: EncodedSplit,
+    *,
+    size: int,
+    crop: str,
+    mode: str,
+    cache_root: str,
+    memory_budget_mb: int,
+    on_bad_image: str,
+    labels: np.ndarray | None = None,
+) -> tuple[Split, tuple[str, ...]]:
+    """Decodes a split once into memory or the disk cache, or reuses the disk cache.
+
+    Args:
+      encoded: the split's encoded images.
+      size: side in pixels images are stored at.
+      crop: "resize" or "centre" (effpipe.data.decode).
+      mode: "auto", "memory", "disk" or "off" (decode on every pass).
+      cache_root: the folder that holds disk caches.
+      memory_budget_mb: with "auto", the largest decoded split kept in memory.
+      on_bad_image: "fail" or "skip".
+      labels: the labels when known before decoding (folders).
+
+    Returns:
+      (the split over its store, the names of skipped images).
+
+    Raises:
+      UsageError: a bad image with "fail", no image that decodes, or "off" for a
+        source that has no files to re-read.
+    """
+    if mode == "off":
+        if encoded.paths is None:
+            raise UsageError(
+                "--cache=off decodes files on every pass, and tfds records are read in "
+                "order: use --cache=auto, memory or disk for tfds sources"
+            )
+        store = stores.FileStore(encoded.paths, size, crop, skip_bad=on_bad_image == "skip")
+        return Split(store, labels), ()
+    decoded_mb = encoded.count * size * size * 3 / 2**20
+    if mode == "auto":
+        mode = "memory" if decoded_mb <= memory_budget_mb else "disk"
+    if mode == "memory":
+        images = np.empty((encoded.count, size, size, 3), np.uint8)
+        pass_labels, bad = _first_pass(encoded, size, crop, images=images)
+        store = stores.ArrayStore(images)
+    else:
+        directory = os.path.join(cache_root, _folder_name(encoded, size, crop))
+        pass_labels, bad = _disk_cache(encoded, size, crop, directory)
+        store = stores.CacheStore(directory, size)
+    return _finish(encoded, store, pass_labels, bad, on_bad_image, decoded_mb, mode)
+
+
+def _finish(encoded, store, labels, bad, on_bad_image, decoded_mb, mode):
+    skipped = tuple(encoded.describe(position) for position in bad)
+    if skipped and on_bad_image != "skip":
+        raise UsageError(
+            f"cannot decode image {skipped[0]}: delete or replace the file, or pass "
+            "--on_bad_image=skip"
+        )
+    kept = np.setdiff1d(np.arange(encoded.count), np.asarray(bad, dtype=np.int64))
+    if not len(kept):
+        raise UsageError(f"no image of the {encoded.name} split can be decoded: replace the files")
+    if skipped:
+        logging.warning(
+            "skipped %d of %d %s images that cannot be decoded (--on_bad_image=skip), first %s",
+            len(skipped),
+            encoded.count,
+            encoded.name,
+            ", ".join(skipped[:3]),
+        )
+    logging.info(
+        "%s: %d images, %.0f MB decoded, cached in %s",
+        encoded.name,
+        len(kept),
+        decoded_mb,
+        mode if mode == "memory" else store.directory,
+    )
+    return Split(store, np.asarray(labels)[kept], kept.astype(np.int64)), skipped
+
+
+def _folder_name(encoded: EncodedSplit, size: int, crop: str) -> str:
+    key = f"{CACHE_FORMAT}\0{encoded.fingerprint}\0{size}\0{crop}\0{encoded.count}"
+    return f"{encoded.name}-{size}px-{crop}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _disk_cache(encoded, size, crop, directory):
+    """(labels, bad positions) of a complete disk cache, built or resumed here first."""
+    manifest_path = os.path.join(directory, MANIFEST_FILE)
+    if os.path.isfile(manifest_path):
+        with open(manifest_path) as file:
+            manifest = json.load(file)
+        if manifest.get("format") == CACHE_FORMAT and len(manifest["labels"]) == encoded.count:
+            logging.info("%s: reusing the decoded cache %s", encoded.name, directory)
+            return np.asarray(manifest["labels"], np.int32), manifest["bad"]
+    os.makedirs(directory, exist_ok=True)
+    done = _written_positions(directory, encoded.count, size)
+    if done.any():
+        logging.info(
+            "%s: resuming the decoded cache %s, %d of %d images already written",
+            encoded.name,
+            directory,
+            done.sum(),
+            encoded.count,
+        )
+    labels, bad = _first_pass(encoded, size, crop, directory=directory, done=done)
+    manifest = {
+        "format": CACHE_FORMAT,
+        "split": encoded.name,
+        "size": size,
+        "crop": crop,
+        "fingerprint": encoded.fingerprint,
+        "labels": labels.tolist(),
+        "bad": [int(position) for position in bad],
+    }
+    temporary = manifest_path + ".partial"
+    with open(temporary, "w") as file:
+        json.dump(manifest, file)
+    os.replace(temporary, manifest_path)
+    return labels, manifest["bad"]
+
+
+def _written_positions(directory: str, count: int, size: int) -> np.ndarray:
+    """Which positions a killed first pass wrote whole (a file of the full length)."""
+    done = np.zeros(count, bool)
+    whole = len(tf.io.serialize_tensor(tf.zeros((size, size, 3), tf.uint8)).numpy())
+    for folder in range((count + stores.FILES_PER_FOLDER - 1) // stores.FILES_PER_FOLDER):
+        path = os.path.join(directory, f"{folder:05d}")
+        if not os.path.isdir(path):
+            continue
+        with os.scandir(path) as entries:
+            for entry in entries:
+                stem = entry.name.removesuffix(stores.CACHE_SUFFIX)
+                if stem.isdigit() and int(stem) < count and entry.stat().st_size == whole:
+                    done[int(stem)] = True
+    return done
+
+
+def _first_pass(encoded, size, crop, *, images=None, directory=None, done=None):
+    """Decodes every image not `done` into `images` (memory) or `directory` (disk).
+
+    Returns:
+      (labels of every position, positions that could not be decoded).
+    """
+    for start in range(0, encoded.count, stores.FILES_PER_FOLDER) if directory else ():
+        folder = os.path.join(directory, f"{start // stores.FILES_PER_FOLDER:05d}")
+        os.makedirs(folder, exist_ok=True)
+    todo = tf.constant(~done if done is not None else np.ones(encoded.count, bool))
+
+    def decode_one(position, key, label):
+        def work():
+            contents = tf.io.read_file(key) if encoded.reads_files else key
+            image = decode.decode_to_size(contents, size, crop)
+            if directory is None:
+                return image
+            path = stores.cache_path_tensor(directory, position)
+            with tf.control_dependencies([tf.io.write_file(path, tf.io.serialize_tensor(image))]):
+                return tf.zeros((0, 0, 3), tf.uint8)
+
+        empty = (size, size, 3) if directory is None else (0, 0, 3)
+        image = tf.cond(todo[position], work, lambda: tf.zeros(empty, tf.uint8))
+        return position, label, image
+
+    dataset = tf.data.Dataset.zip(tf.data.Dataset.range(encoded.count), encoded.make_records())
+    dataset = dataset.map(
+        lambda position, record: decode_one(position, *record),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        # In order: an image that fails to decode is found by the gap it leaves.
+        deterministic=True,
+    )
+    dataset = dataset.ignore_errors().batch(PASS_BATCH).prefetch(2)
+    labels = np.zeros(encoded.count, np.int32)
+    bad, expected = [], 0
+    progress = _Progress(encoded, int(todo.numpy().sum()))
+    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
+    for positions, batch_labels, batch_images in dataset.as_numpy_iterator():
+        bad += np.setdiff1d(np.arange(expected, positions[-1] + 1), positions).tolist()
+        expected = positions[-1] + 1
+        labels[positions] = batch_labels
+        if images is not None:
+            images[positions] = batch_images
+        progress.update(len(positions) - int((~todo.numpy()[positions]).sum()))
+        if kill_after and progress.count >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    bad += list(range(expected, encoded.count))
+    progress.close()
+    return labels, bad
+
+
+class _Progress:
+    """A Keras progress bar of the first pass, with images/s and the ETA."""
+
+    def __init__(self, encoded: EncodedSplit, total: int):
+        import keras
+
+        self.start, self.count, self.total, self.name = time.monotonic(), 0, total, encoded.name
+        logging.info("decoding %d %s images (the first pass)", total, encoded.name)
+        # A pass of a few hundred images ends in seconds: the log lines say enough.
+        self.bar = None
+        if total >= PROGRESS_BAR_IMAGES:
+            self.bar = keras.utils.Progbar(total, unit_name="image", stateful_metrics=["images/s"])
+
+    def update(self, decoded: int) -> None:
+        self.count += decoded
+        rate = self.count / max(time.monotonic() - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.update(min(self.count, self.total), values=[("images/s", rate)])
+
+    def close(self) -> None:
+        seconds = time.monotonic() - self.start
+        logging.info(
+            "decoded %d %s images in %.1f s (%.0f images/s)",
+            self.count,
+            self.name,
+            seconds,
+            self.count / max(seconds, 1e-9),
+        )

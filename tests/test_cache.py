@@ -1,0 +1,165 @@
+"""The decoded cache (effpipe.data.cache) and the streams read from it.
+
+Reuse, a fingerprint change, a SIGKILL during the first pass, the same labels and
+images with and without the cache for a seed, and sharding by file.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import image_files
+import numpy as np
+import pytest
+
+from effpipe import config
+from effpipe.data import cache, pipeline, sources, stores
+
+SIZE = 12
+
+
+def _make_folder(root, per_class=12, classes=("ant", "bee", "cat")):
+    layout = {
+        "train": {name: [f"{index:03d}.jpg" for index in range(per_class)] for name in classes}
+    }
+    layout["test"] = {name: ["t.png"] for name in classes}
+    image_files.write_class_folder_tree(root, layout)
+    return root
+
+
+def _load(root, cache_root, **data_flags):
+    data = config.DataConfig(dataset=f"folder:{root}", **data_flags)
+    return sources.load_configured_source(data, size=SIZE, seed=0, cache_root=str(cache_root))
+
+
+def _cache_folders(cache_root):
+    return sorted(name for name in os.listdir(cache_root) if name.startswith("folder-train"))
+
+
+def test_a_second_run_reuses_the_disk_cache_without_decoding(tmp_path, monkeypatch):
+    root = _make_folder(tmp_path / "data")
+    first = _load(root, tmp_path / "cache", cache="disk")
+    assert isinstance(first.train.store, stores.CacheStore)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the cache was decoded again")
+
+    monkeypatch.setattr(cache, "_first_pass", no_decoding)
+    second = _load(root, tmp_path / "cache", cache="disk")
+    np.testing.assert_array_equal(first.train.images, second.train.images)
+    np.testing.assert_array_equal(first.train.labels, second.train.labels)
+
+
+def test_a_changed_file_makes_a_new_cache(tmp_path):
+    root = _make_folder(tmp_path / "data")
+    _load(root, tmp_path / "cache", cache="disk")
+    before = _cache_folders(tmp_path / "cache")
+    image_files.write_png_rgb(root / "train" / "ant" / "000.jpg", color=image_files.BLUE)
+    changed = _load(root, tmp_path / "cache", cache="disk")
+    after = _cache_folders(tmp_path / "cache")
+    assert len(before) == 1 and len(after) == 2 and before[0] in after
+    # The replaced file's new pixels, not the cached old ones.
+    top = changed.train.load_images(1)[0, : SIZE // 2]
+    np.testing.assert_allclose(top.reshape(-1, 3).mean(axis=0), image_files.BLUE, atol=2)
+
+
+def test_a_first_pass_killed_midway_is_resumed_not_mistaken_for_complete(tmp_path):
+    root = _make_folder(tmp_path / "data", per_class=300)
+    cache_root = tmp_path / "cache"
+    program = textwrap.dedent(
+        f"""
+        from effpipe import config
+        from effpipe.data import sources
+        data = config.DataConfig(dataset="folder:{root}", cache="disk")
+        sources.load_configured_source(data, size={SIZE}, seed=0, cache_root="{cache_root}")
+        """
+    )
+    env = {**os.environ, cache.KILL_AFTER_ENV: "320"}
+    killed = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    [folder] = _cache_folders(cache_root)
+    assert not os.path.exists(os.path.join(cache_root, folder, cache.MANIFEST_FILE))
+    written = cache._written_positions(os.path.join(cache_root, folder), 900, SIZE)
+    assert 320 <= written.sum() < 900
+    # A file the kill cut short is rewritten, not read as an image.
+    cut = stores.cache_path(os.path.join(cache_root, folder), int(np.flatnonzero(written)[0]))
+    with open(cut, "r+b") as file:
+        file.truncate(100)
+    resumed = _load(root, cache_root, cache="disk")
+    fresh = _load(root, tmp_path / "fresh", cache="memory")
+    np.testing.assert_array_equal(resumed.train.images, fresh.train.images)
+    np.testing.assert_array_equal(resumed.train.labels, fresh.train.labels)
+
+
+def _stream(split, seed=3, shard=(1, 0), batches=7, batch_size=8):
+    options = pipeline.PipelineOptions(deterministic=True)
+    dataset = pipeline.make_dataset(
+        split, batch_size=batch_size, is_training=True, seed=seed, options=options, shard=shard
+    )
+    images, labels = zip(*dataset.take(batches).as_numpy_iterator())
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def test_every_cache_mode_streams_the_same_batches_for_a_seed(tmp_path):
+    root = _make_folder(tmp_path / "data")
+    streams = {
+        mode: _stream(_load(root, tmp_path / "cache", cache=mode).train)
+        for mode in ("off", "memory", "disk")
+    }
+    for mode in ("memory", "disk"):
+        np.testing.assert_array_equal(streams[mode][1], streams["off"][1])
+        np.testing.assert_array_equal(streams[mode][0], streams["off"][0])
+    # Several passes (36 images, 56 drawn), each a different order.
+    assert len(set(streams["off"][1][:36].tolist())) == 3
+
+
+def test_auto_keeps_a_split_in_memory_only_within_the_budget(tmp_path):
+    root = _make_folder(tmp_path / "data")
+    small = _load(root, tmp_path / "cache", cache="auto", cache_memory_mb=1)
+    large = _load(root, tmp_path / "cache", cache="auto", cache_memory_mb=0)
+    assert isinstance(small.train.store, stores.ArrayStore)
+    assert isinstance(large.train.store, stores.CacheStore)
+
+
+@pytest.mark.parametrize("mode", ["off", "disk"])
+def test_workers_read_only_their_own_files(tmp_path, mode):
+    root = _make_folder(tmp_path / "data", per_class=4)
+    source = _load(root, tmp_path / "cache", cache=mode)
+    positions = source.train.positions
+    # Shard 1's files broken after loading: shard 0 never reads them.
+    shard_one = positions[: len(positions) // 2 * 2][1::2]
+    for position in shard_one:
+        if mode == "off":
+            path = source.train.store.paths[position]
+        else:
+            path = stores.cache_path(source.train.store.directory, int(position))
+        with open(path, "wb") as file:
+            file.write(b"broken")
+    _, labels = _stream(source.train, shard=(2, 0), batches=3, batch_size=2)
+    shard_zero = positions[: len(positions) // 2 * 2][0::2]
+    expected = source.train.labels[np.searchsorted(positions, shard_zero)]
+    assert sorted(labels[: len(shard_zero)].tolist()) == sorted(expected.tolist())
+
+
+@pytest.mark.parametrize("mode", ["off", "disk"])
+def test_a_tf_data_service_serves_file_backed_splits(tmp_path, mode):
+    import tensorflow as tf
+
+    root = _make_folder(tmp_path / "data", per_class=4)
+    source = _load(root, tmp_path / "cache", cache=mode)
+    dispatcher = tf.data.experimental.service.DispatchServer()
+    address = dispatcher.target.split("://")[1]
+    worker = tf.data.experimental.service.WorkerServer(
+        tf.data.experimental.service.WorkerConfig(dispatcher_address=address)
+    )
+    service = pipeline.DataService(dispatcher.target, f"files-{mode}")
+    dataset = pipeline.make_dataset(
+        source.train, batch_size=4, is_training=False, data_service=service
+    )
+    labels = sorted(label for _, batch in dataset.as_numpy_iterator() for label in batch)
+    images = np.concatenate([batch for batch, _ in dataset.as_numpy_iterator()])
+    assert labels == sorted(source.train.labels.tolist())
+    assert images.shape == (12, SIZE, SIZE, 3)
+    del worker
