@@ -31,9 +31,12 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
-# The microbenchmarks at their defaults (CPU-sized: b0 at 224 px); a few minutes.
+# The microbenchmarks at their defaults (CPU-sized: b0 at 224 px), and the input
+# benchmark on a folder of 2,000 real photos it makes once; a few minutes.
 bench: venv
 	$(PY) -m benchmarks.input_throughput
+	$(PY) -m benchmarks.photo_folder --path=runs/photos2000 --num_photos=2000
+	$(PY) -m benchmarks.input_throughput --dataset=folder:runs/photos2000 --image_size=224
 	$(PY) -m benchmarks.augment_throughput
 	$(PY) -m benchmarks.step_throughput
 

@@ -118,7 +118,7 @@ def main(argv):
     del argv
     config = cli_flags.config_from_flags()
     sizes = _parse_sizes(_SIZES.value)
-    batch_size, source_size = config.batch_size, config.data.source_size
+    batch_size, source_size = config.batch_size, config.source_size
     warmup_steps = _WARMUP_STEPS.value
     repeats, steps_per_repeat = _REPEATS.value, _STEPS_PER_REPEAT.value
     harness.require_positive(repeats=repeats, steps_per_repeat=steps_per_repeat)

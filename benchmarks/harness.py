@@ -9,7 +9,9 @@ repeats. Results are a table for people and, last, one JSON line for tools.
 import contextlib
 import dataclasses
 import json
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -135,3 +137,9 @@ def run_main(program: str, main) -> None:
             cli_flags.exit_with_usage_error(program, error)
 
     app.run(guarded_main, flags_parser=cli_flags.make_flags_parser(program))
+
+
+def cache_root(config) -> str:
+    """Where a benchmark keeps decoded-image caches: --cache_dir, else a temporary folder
+    that later runs on the same files reuse."""
+    return config.data.cache_dir or os.path.join(tempfile.gettempdir(), "effpipe-cache")

@@ -3,6 +3,12 @@
     python -m benchmarks.input_throughput                        # shapes, batch 32
     python -m benchmarks.input_throughput --dataset=cifar100     # any trainer source
     python -m benchmarks.input_throughput --smoke                # a few seconds
+    python -m benchmarks.input_throughput --dataset=folder:PATH --image_size=224
+
+With --dataset=folder:PATH (or tfds:NAME) it times image files instead:
+effpipe's decoding first pass and cached passes against Keras'
+image_dataset_from_directory and the notebook's flow_from_directory
+(`benchmarks.file_input` says how). Otherwise, on in-memory sources:
 
 Both pipelines read the same uint8 train split, loaded as the trainer loads it
 (the trainer's data flags apply: --dataset, --data_dir, --source_size,
@@ -30,7 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf
 from absl import flags
 
-from benchmarks import harness, notebook_replica
+from benchmarks import file_input, harness, notebook_replica
 from effpipe import cli_flags
 from effpipe.data import pipeline, sources
 
@@ -39,6 +45,9 @@ flags.adopt_module_key_flags(cli_flags)
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per pipeline; the median counts.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 200, "Batches consumed per timed repeat.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Seconds-long run on tiny data.")
+_NOTEBOOK_BATCHES = flags.DEFINE_integer(
+    "notebook_batches", 20, "With image files: batches the notebook's loader is timed on."
+)
 # Benchmarks run offline by default, on a CIFAR-sized share of shapes; any trainer
 # source works (--dataset=cifar100 --data_dir=...).
 flags.FLAGS.set_default("dataset", "shapes")
@@ -103,11 +112,25 @@ def main(argv):
     config = cli_flags.config_from_flags()
     repeats, num_batches = _REPEATS.value, _NUM_BATCHES.value
     harness.require_positive(repeats=repeats, num_batches=num_batches)
+    if config.data.dataset.split(":")[0] in ("folder", "tfds"):
+        if _SMOKE.value:
+            repeats = 1
+        notebook_batches = 1 if _SMOKE.value else _NOTEBOOK_BATCHES.value
+        harness.require_positive(notebook_batches=notebook_batches)
+        harness.print_json_line(
+            file_input.run(config, repeats=repeats, notebook_batches=notebook_batches)
+        )
+        return
     if _SMOKE.value:
         config = _smoke_config(config)
         repeats, num_batches = 2, 4
     batch_size = config.batch_size
-    train = sources.load_configured_source(config.data, seed=config.seed).train
+    train = sources.load_configured_source(
+        config.data,
+        size=config.source_size,
+        seed=config.seed,
+        cache_root=harness.cache_root(config),
+    ).train
     print(
         f"input_throughput: {config.data.dataset}, {len(train)} train images "
         f"{train.images.shape[1]}x{train.images.shape[2]} uint8, batch {batch_size}, "

@@ -140,7 +140,12 @@ def main(argv):
         config, steps, accelerator=setup.accelerator
     )
     keras.utils.set_random_seed(config.seed)
-    source = sources.load_configured_source(config.data, seed=config.seed)
+    source = sources.load_configured_source(
+        config.data,
+        size=config.source_size,
+        seed=config.seed,
+        cache_root=harness.cache_root(config),
+    )
     model = config.model
     print(
         f"step_throughput on {setup.device}: {model.variant} at {model.resolved_image_size} "
