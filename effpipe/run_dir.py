@@ -147,12 +147,28 @@ def is_complete(workdir: str, config: TrainConfig) -> bool:
     )
 
 
+# The data fields added with the decoded cache, as a run recorded without them ran.
+OLDER_RUN_DATA_FIELDS = {
+    "source_crop": "resize",
+    "cache": "auto",
+    "cache_dir": "",
+    "cache_memory_mb": 256,
+}
+
+
 def _read_config(path: str) -> dict:
     """config.json's flat flags; a run recorded with the notebook head's older name,
     seed, reads as notebook, so it resumes under the new name."""
     recorded = read_json(path)
     if "head" in recorded:
         recorded["head"] = HEAD_ALIASES.get(recorded["head"], recorded["head"])
+    if "cache" not in recorded:
+        # Recorded before the decoded cache: the fields it added take the values that
+        # reproduce that run, and CIFAR's and the shapes' 32 px was the default, which
+        # is now written 0 (auto, still 32 for them).
+        recorded.update(OLDER_RUN_DATA_FIELDS)
+        if recorded.get("source_size") == 32 and recorded.get("dataset") in ("cifar100", "shapes"):
+            recorded["source_size"] = 0
     return recorded
 
 

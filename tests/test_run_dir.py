@@ -81,6 +81,25 @@ def test_a_run_recorded_with_the_notebook_heads_older_name_resumes(tmp_path):
     assert run_dir.prepare(str(tmp_path), notebook, overwrite=False) == run_dir.RESUME
 
 
+@pytest.mark.parametrize("dataset, resumes", [("cifar100", True), ("folder:/photos", False)])
+def test_a_run_recorded_before_the_decoded_cache_resumes_where_it_means_the_same(
+    tmp_path, dataset, resumes
+):
+    current = CONFIG.replace(dataset=dataset)
+    run_dir.prepare(str(tmp_path), current, overwrite=False)
+    (tmp_path / "state").mkdir()
+    recorded = run_dir.read_json(str(tmp_path / run_dir.CONFIG_FILE))
+    for name in run_dir.OLDER_RUN_DATA_FIELDS:
+        del recorded[name]
+    # The older default, 32 px: CIFAR's own size, but not a folder's model resolution.
+    run_dir.write_json(str(tmp_path / run_dir.CONFIG_FILE), {**recorded, "source_size": 32})
+    if resumes:
+        assert run_dir.prepare(str(tmp_path), current, overwrite=False) == run_dir.RESUME
+    else:
+        with pytest.raises(UsageError, match="--source_size: 32 there, 0 now"):
+            run_dir.prepare(str(tmp_path), current, overwrite=False)
+
+
 def test_a_crash_during_a_write_leaves_the_previous_file_intact(tmp_path):
     path = tmp_path / "metrics.json"
     run_dir.write_json(path, {"top1": 0.5})

@@ -5,7 +5,7 @@
 
 The first pass decodes in a parallel, order-keeping tf.data map and shows a progress
 bar with images/s and the ETA. A file that cannot be decoded (truncated, empty, not
-an image) drops out of the stream; its position is the gap it leaves, so it is named
+an image) drops out of the stream; its position is missing at the end, so it is named
 (--on_bad_image=fail) or skipped and counted (--on_bad_image=skip) without a
 traceback and without losing the other images.
 
@@ -37,8 +37,9 @@ from effpipe.errors import UsageError
 MANIFEST_FILE = "manifest.json"
 # Bump when what a cache file holds changes: older caches are then not reused.
 CACHE_FORMAT = 1
-# Images per batch handed from the decoding pipeline to the Python loop.
-PASS_BATCH = 64
+# Images per batch handed from the decoding pipeline to the Python loop (a progress
+# update each, about twice a second).
+PASS_BATCH = 256
 # Fault injection for the tests: SIGKILL this process once a first pass has decoded
 # this many images, as a crash or an impatient user would.
 KILL_AFTER_ENV = "EFFPIPE_TEST_KILL_FIRST_PASS_AFTER"
@@ -216,7 +217,9 @@ def _first_pass(encoded, size, crop, *, images=None, directory=None, done=None):
     for start in range(0, encoded.count, stores.FILES_PER_FOLDER) if directory else ():
         folder = os.path.join(directory, f"{start // stores.FILES_PER_FOLDER:05d}")
         os.makedirs(folder, exist_ok=True)
-    todo = tf.constant(~done if done is not None else np.ones(encoded.count, bool))
+    resuming = done is not None and done.any()
+    todo_array = ~done if resuming else np.ones(encoded.count, bool)
+    todo = tf.constant(todo_array)
 
     def decode_one(position, key, label):
         def work():
@@ -228,34 +231,35 @@ def _first_pass(encoded, size, crop, *, images=None, directory=None, done=None):
             with tf.control_dependencies([tf.io.write_file(path, tf.io.serialize_tensor(image))]):
                 return tf.zeros((0, 0, 3), tf.uint8)
 
+        if not resuming:
+            return position, label, work()
+        # Positions already written pass through undecoded: their labels are still read.
         empty = (size, size, 3) if directory is None else (0, 0, 3)
-        image = tf.cond(todo[position], work, lambda: tf.zeros(empty, tf.uint8))
-        return position, label, image
+        return position, label, tf.cond(todo[position], work, lambda: tf.zeros(empty, tf.uint8))
 
     dataset = tf.data.Dataset.zip(tf.data.Dataset.range(encoded.count), encoded.make_records())
+    # In any order (faster than keeping it): images are placed by position, and one
+    # that fails to decode is the position that never arrives.
     dataset = dataset.map(
         lambda position, record: decode_one(position, *record),
         num_parallel_calls=tf.data.AUTOTUNE,
-        # In order: an image that fails to decode is found by the gap it leaves.
-        deterministic=True,
+        deterministic=False,
     )
     dataset = dataset.ignore_errors().batch(PASS_BATCH).prefetch(2)
     labels = np.zeros(encoded.count, np.int32)
-    bad, expected = [], 0
-    progress = _Progress(encoded, int(todo.numpy().sum()))
+    arrived = np.zeros(encoded.count, bool)
+    progress = _Progress(encoded, int(todo_array.sum()))
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
     for positions, batch_labels, batch_images in dataset.as_numpy_iterator():
-        bad += np.setdiff1d(np.arange(expected, positions[-1] + 1), positions).tolist()
-        expected = positions[-1] + 1
+        arrived[positions] = True
         labels[positions] = batch_labels
         if images is not None:
             images[positions] = batch_images
-        progress.update(len(positions) - int((~todo.numpy()[positions]).sum()))
+        progress.update(int(todo_array[positions].sum()))
         if kill_after and progress.count >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
-    bad += list(range(expected, encoded.count))
     progress.close()
-    return labels, bad
+    return labels, np.flatnonzero(~arrived).tolist()
 
 
 class _Progress:
