@@ -66,7 +66,7 @@ def test_a_changed_file_makes_a_new_cache(tmp_path):
 
 
 def test_a_first_pass_killed_midway_is_resumed_not_mistaken_for_complete(tmp_path):
-    root = _make_folder(tmp_path / "data", per_class=300)
+    root = _make_folder(tmp_path / "data", per_class=120)
     cache_root = tmp_path / "cache"
     program = textwrap.dedent(
         f"""
@@ -76,13 +76,14 @@ def test_a_first_pass_killed_midway_is_resumed_not_mistaken_for_complete(tmp_pat
         sources.load_configured_source(data, size={SIZE}, seed=0, cache_root="{cache_root}")
         """
     )
-    env = {**os.environ, cache.KILL_AFTER_ENV: "320"}
+    # The hook kills after the first batch of images that reaches 200 (256 of 360).
+    env = {**os.environ, cache.KILL_AFTER_ENV: "200"}
     killed = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     [folder] = _cache_folders(cache_root)
     assert not os.path.exists(os.path.join(cache_root, folder, cache.MANIFEST_FILE))
-    written = cache._written_positions(os.path.join(cache_root, folder), 900, SIZE)
-    assert 320 <= written.sum() < 900
+    written = cache._written_positions(os.path.join(cache_root, folder), 360, SIZE)
+    assert 200 <= written.sum() < 360
     # A file the kill cut short is rewritten, not read as an image.
     cut = stores.cache_path(os.path.join(cache_root, folder), int(np.flatnonzero(written)[0]))
     with open(cut, "r+b") as file:
