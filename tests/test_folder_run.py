@@ -4,26 +4,9 @@ In its own file so that pytest-xdist runs it beside test_train.py's long runs.
 """
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import image_files
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def run_train(*args, timeout_sec=900):
-    """Runs `python -m effpipe.train ARGS` from the repo root."""
-    return subprocess.run(
-        [sys.executable, "-m", "effpipe.train", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout_sec,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+from binaries import run_train
 
 
 def test_a_folder_run_stores_at_the_model_resolution_and_reports_skipped_files(tmp_path):

@@ -2,8 +2,6 @@
 
 import json
 import math
-import os
-import pathlib
 import subprocess
 import sys
 
@@ -14,6 +12,7 @@ import pytest
 import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
+from binaries import REPO_ROOT, run_train
 
 from effpipe import cli_flags
 from effpipe import config as config_lib
@@ -21,20 +20,7 @@ from effpipe import train as train_binary  # noqa: F401 (defines --workdir)
 from effpipe.errors import UsageError
 from effpipe.training import phases, runtime, trainer
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAGFILES = sorted((REPO_ROOT / "flags").glob("*.flags"))
-
-
-def run_train(*args, timeout_sec=900):
-    """Runs `python -m effpipe.train ARGS` from the repo root."""
-    return subprocess.run(
-        [sys.executable, "-m", "effpipe.train", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout_sec,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
 
 
 @pytest.mark.parametrize("flagfile", FLAGFILES, ids=lambda path: path.name)
