@@ -222,7 +222,8 @@ def test_folder_without_cache_skips_bad_files_in_the_stream(tmp_path):
         for _, batch in pipeline.make_dataset(source.train, batch_size=1, is_training=False)
         for label in batch.numpy()
     ]
-    assert labels == [0, 0, 0, 1, 1, 1]
+    # The parallel decode may reorder images: the empty file is what must be missing.
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1]
 
 
 def test_skipping_every_image_of_a_class_is_refused(tmp_path):

@@ -13,7 +13,10 @@ memory or on disk as --cache says. Resizing to the model resolution happens late
 on the device.
 """
 
+import dataclasses
 import socket
+
+import numpy as np
 
 from effpipe.config import DataConfig
 from effpipe.data import cache, cifar100_names, folders, shapes, tfds_source
@@ -75,8 +78,8 @@ def load_configured_source(
         # A builder not prepared from the real files (tfds.testing.mock_data) only
         # knows placeholder names "0".."99".
         if source.class_names == tuple(str(index) for index in range(100)):
-            source = _with_class_names(source, cifar100_names.FINE_LABEL_NAMES)
-        source = _renamed(source, "cifar100")
+            source = dataclasses.replace(source, class_names=cifar100_names.FINE_LABEL_NAMES)
+        source = dataclasses.replace(source, name="cifar100")
     return source
 
 
@@ -123,8 +126,6 @@ def load_folder(path: str, *, size: int, **options) -> DataSource:
 
 
 def _check_every_class_kept(split, class_names, directory) -> None:
-    import numpy as np
-
     emptied = sorted(set(range(len(class_names))) - set(np.unique(split.labels).tolist()))
     if emptied:
         raise UsageError(
@@ -163,18 +164,6 @@ def load_tfds(name: str, *, data_dir: str | None, size: int, keep_native_size: b
         validation=loaded.get("validation"),
         skipped=skipped,
     )
-
-
-def _with_class_names(source: DataSource, names) -> DataSource:
-    import dataclasses
-
-    return dataclasses.replace(source, class_names=tuple(names))
-
-
-def _renamed(source: DataSource, name: str) -> DataSource:
-    import dataclasses
-
-    return dataclasses.replace(source, name=name)
 
 
 def _host_reachable(host: str, port: int = 443, timeout_sec: float = 10.0) -> bool:
