@@ -88,15 +88,12 @@ def test_phase1_on_the_cache_stores_the_features_and_trains_the_head_model(uncac
     assert not (folder / "off" / "cache").exists()
 
 
-# Known defect, open: on the AMD EPYC (AVX, no AVX2) CI machine of 2026-12-03 the two
-# runs differ from the first training step (loss 2.0724 against 2.0305 with the cache),
-# on every commit back to 810aafc and with Keras 3.15.0 and 3.15.1, while they agreed bit
-# for bit on the earlier Intel machines. Measured there: the stored features equal the
-# features of the same image in a batch of 8 at the same place; Eigen's kernels round
-# rows 7 and 8 of a batch of 8 differently from rows 1 to 6 (batches of 4, 6 and 12 have
-# no such tail), which the random base amplifies; but batches of 6 over 48 images still
-# differed (loss 3.2063 against 3.1778), so that is not the whole cause. WORKSPACE.md,
-# "Open defects", has the diagnosis so far.
+# Known defect, open: on the AMD EPYC (AVX only) machine of 2026-12-03 the two runs
+# differ from the first training step (loss 2.0724 against 2.0305 with the cache), at
+# every commit back to 810aafc, while they agreed bit for bit on the earlier Intel
+# machines. There the training step's forward pass rounds some rows of a batch
+# otherwise than `predict` does, by the row's place, and the random base amplifies it
+# to percents. WORKSPACE.md, "Open defects", has the measurements.
 @pytest.mark.xfail(
     reason="the cached and uncached runs differ on AVX-only CPUs (WORKSPACE.md, Open defects)",
     strict=False,
