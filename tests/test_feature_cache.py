@@ -95,7 +95,7 @@ def test_phase1_on_the_cache_stores_the_features_and_trains_the_head_model(uncac
 # otherwise than `predict` does, by the row's place, and the random base amplifies it
 # to percents. WORKSPACE.md, "Open defects", has the measurements.
 @pytest.mark.xfail(
-    reason="the cached and uncached runs differ on AVX-only CPUs (WORKSPACE.md, Open defects)",
+    reason="the cached and uncached runs differ on an AMD EPYC (WORKSPACE.md, Open defects)",
     strict=False,
 )
 def test_phase1_on_the_cache_trains_the_same_head(uncached_and_cached):
