@@ -183,6 +183,58 @@ flags.DEFINE_integer(
     "learning rates are multiplied by --batch_size / --base_batch_size (the linear "
     "scaling rule); 0 leaves them as given.",
 )
+flags.DEFINE_enum(
+    "lr_schedule",
+    _DEFAULTS["lr_schedule"],
+    config_lib.LR_SCHEDULES,
+    "Learning rate over each phase's own epochs, from Keras' schedules: constant (the "
+    "notebook's), cosine (CosineDecay to --lr_min_fraction of the rate at the phase's "
+    "end) or exponential (ExponentialDecay: times --lr_decay_rate every "
+    "--lr_decay_epochs, in steps).",
+)
+flags.DEFINE_float(
+    "warmup_epochs",
+    _DEFAULTS["warmup_epochs"],
+    "Linear warm-up from 0 to the phase's learning rate over its first epochs (a "
+    "fraction allowed), in each phase, before the schedule; 0: none.",
+)
+flags.DEFINE_float(
+    "lr_min_fraction",
+    _DEFAULTS["lr_min_fraction"],
+    "--lr_schedule=cosine: the rate it ends at, as a share of the phase's rate.",
+)
+flags.DEFINE_float(
+    "lr_decay_rate",
+    _DEFAULTS["lr_decay_rate"],
+    "--lr_schedule=exponential: the factor per --lr_decay_epochs (0.97 every 2.4 epochs "
+    "is the EfficientNet paper's).",
+)
+flags.DEFINE_float(
+    "lr_decay_epochs",
+    _DEFAULTS["lr_decay_epochs"],
+    "--lr_schedule=exponential: epochs between two decays (a staircase).",
+)
+flags.DEFINE_enum(
+    "optimizer",
+    _DEFAULTS["optimizer"],
+    config_lib.OPTIMIZERS,
+    "adam (the notebook's), adamw (Adam with decoupled --weight_decay) or sgd (with "
+    "--momentum, and --weight_decay if set).",
+)
+flags.DEFINE_float("momentum", _DEFAULTS["momentum"], "--optimizer=sgd: its momentum.")
+flags.DEFINE_float(
+    "weight_decay",
+    _DEFAULTS["weight_decay"],
+    "Decoupled weight decay of adamw and sgd (Keras: each step subtracts "
+    "learning_rate * weight_decay * weight), on kernels only: BatchNormalization and "
+    "bias variables are excluded, as the published EfficientNet recipes do. 0: none.",
+)
+flags.DEFINE_float(
+    "label_smoothing",
+    _DEFAULTS["label_smoothing"],
+    "Label smoothing of the training loss, in [0, 1): the target puts 1 - s + s/K on "
+    "the true class of K; 0: hard labels.",
+)
 
 # --- Performance and reproducibility. ---
 flags.DEFINE_bool(

@@ -16,9 +16,11 @@ from effpipe.config_checks import (  # noqa: F401 (re-exported)
     FILL_MODES,
     HEAD_ALIASES,
     HEADS,
+    LR_SCHEDULES,
     MAX_IMAGE_SIZE,
     MIXED_PRECISION_DTYPES,
     MULTI_REPLICA_STRATEGIES,
+    OPTIMIZERS,
     SOURCE_CROPS,
     STRATEGIES,
     VALIDATION_SELECTIONS,
@@ -102,8 +104,13 @@ class AugmentationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PhasesConfig:
-    """The two-phase recipe: epochs, learning rates, what phase 2 unfreezes, and
-    whether phase 1 trains on cached features (effpipe.training)."""
+    """The two-phase recipe: epochs, learning rates and their schedule, the optimizer
+    and its regularisers, what phase 2 unfreezes, and whether phase 1 trains on cached
+    features (effpipe.training; the schedule and optimizer: effpipe.training.optimization).
+
+    Each phase runs its own schedule over its own epochs, with the same warm-up; the
+    defaults are the notebook's recipe (constant Adam, no smoothing, no decay).
+    """
 
     phase1_epochs: int = 10
     phase1_learning_rate: float = 1e-4
@@ -112,6 +119,15 @@ class PhasesConfig:
     unfreeze_blocks: int = 3
     base_batch_size: int = 0
     phase1_feature_cache: str = "auto"
+    lr_schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    lr_min_fraction: float = 0.0
+    lr_decay_rate: float = 0.97
+    lr_decay_epochs: float = 2.4
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
 
     def __post_init__(self):
         config_checks.check_phases(self)

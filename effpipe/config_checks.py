@@ -32,6 +32,9 @@ XLA_MODES = ("auto", "on", "off")
 # The 16-bit float of --mixed_precision (effpipe.training.runtime resolves auto per device).
 MIXED_PRECISION_DTYPES = ("auto", "float16", "bfloat16")
 FEATURE_CACHE_MODES = ("auto", "on", "off")
+# The learning-rate schedule of each phase and the optimizer (effpipe.training.optimization).
+LR_SCHEDULES = ("constant", "cosine", "exponential")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 VALIDATION_SELECTIONS = ("random", "last")
 DATASET_KINDS = ("cifar100", "shapes", "folder:PATH", "tfds:NAME[/CONFIG][@VERSION]")
 # How the source images reach --source_size (effpipe.data.decode): squeezed whole, or
@@ -140,6 +143,45 @@ def check_phases(phases: PhasesConfig) -> None:
     _require_zero_or_more("unfreeze_blocks", phases.unfreeze_blocks)
     _require_zero_or_more("base_batch_size", phases.base_batch_size, " (no scaling)")
     _require_choice("phase1_feature_cache", phases.phase1_feature_cache, FEATURE_CACHE_MODES)
+    _check_schedule(phases)
+    _check_optimizer(phases)
+
+
+def _check_schedule(phases: PhasesConfig) -> None:
+    _require_choice("lr_schedule", phases.lr_schedule, LR_SCHEDULES)
+    _require_zero_or_more("warmup_epochs", phases.warmup_epochs, " (no warm-up)")
+    for phase in (1, 2):
+        epochs = getattr(phases, f"phase{phase}_epochs")
+        _require(
+            epochs == 0 or phases.warmup_epochs < epochs,
+            f"--warmup_epochs={phases.warmup_epochs:g} must be shorter than each phase "
+            f"(--phase{phase}_epochs={epochs}): the warm-up runs at the start of each phase; "
+            "a fraction of an epoch is allowed",
+        )
+    why = " (the cosine schedule's floor, a share of the phase's learning rate)"
+    _require_range("lr_min_fraction", phases.lr_min_fraction, 0.0, 1.0, high_open=True, why=why)
+    _require(
+        0.0 < phases.lr_decay_rate <= 1.0,
+        f"--lr_decay_rate={phases.lr_decay_rate} must be in (0, 1]: the factor the "
+        "exponential schedule multiplies the rate by every --lr_decay_epochs",
+    )
+    _require(
+        phases.lr_decay_epochs > 0,
+        f"--lr_decay_epochs={phases.lr_decay_epochs} must be positive",
+    )
+
+
+def _check_optimizer(phases: PhasesConfig) -> None:
+    _require_choice("optimizer", phases.optimizer, OPTIMIZERS)
+    _require_range("momentum", phases.momentum, 0.0, 1.0, high_open=True, why=" (SGD's momentum)")
+    _require_zero_or_more("weight_decay", phases.weight_decay, " (no weight decay)")
+    _require(
+        phases.weight_decay == 0 or phases.optimizer != "adam",
+        f"--weight_decay={phases.weight_decay:g} needs --optimizer=adamw (Adam with "
+        "decoupled weight decay) or --optimizer=sgd; plain Adam has none",
+    )
+    why = " (0: hard labels)"
+    _require_range("label_smoothing", phases.label_smoothing, 0.0, 1.0, high_open=True, why=why)
 
 
 def check_runtime(runtime: RuntimeConfig) -> None:

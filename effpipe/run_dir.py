@@ -156,6 +156,21 @@ OLDER_RUN_DATA_FIELDS = {
 }
 
 
+# The recipe fields added with the schedules and regularisers, as a run recorded
+# without them ran: constant Adam on hard labels.
+OLDER_RUN_RECIPE_FIELDS = {
+    "lr_schedule": "constant",
+    "warmup_epochs": 0.0,
+    "lr_min_fraction": 0.0,
+    "lr_decay_rate": 0.97,
+    "lr_decay_epochs": 2.4,
+    "optimizer": "adam",
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "label_smoothing": 0.0,
+}
+
+
 def _read_config(path: str) -> dict:
     """config.json's flat flags; a run recorded with the notebook head's older name,
     seed, reads as notebook, so it resumes under the new name."""
@@ -169,6 +184,8 @@ def _read_config(path: str) -> dict:
         recorded.update(OLDER_RUN_DATA_FIELDS)
         if recorded.get("source_size") == 32 and recorded.get("dataset") in ("cifar100", "shapes"):
             recorded["source_size"] = 0
+    if "lr_schedule" not in recorded:
+        recorded.update(OLDER_RUN_RECIPE_FIELDS)
     return recorded
 
 

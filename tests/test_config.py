@@ -33,6 +33,17 @@ def test_defaults_are_valid_and_resolve_native_size():
         ({"dropout": 1.0}, "--dropout=1.0"),
         ({"xla": "maybe"}, "unknown xla mode 'maybe'"),
         ({"shapes_num_classes": 11}, "--shapes_num_classes=11"),
+        ({"lr_schedule": "step"}, "unknown lr_schedule 'step'"),
+        ({"warmup_epochs": -1.0}, "--warmup_epochs=-1.0"),
+        ({"warmup_epochs": 10.0}, "--warmup_epochs=10 must be shorter than each phase"),
+        ({"lr_min_fraction": 1.0}, "--lr_min_fraction=1.0"),
+        ({"lr_decay_rate": 0.0}, "--lr_decay_rate=0.0"),
+        ({"lr_decay_epochs": 0.0}, "--lr_decay_epochs=0.0"),
+        ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'"),
+        ({"optimizer": "sgd", "momentum": 1.0}, "--momentum=1.0"),
+        ({"optimizer": "adamw", "weight_decay": -0.1}, "--weight_decay=-0.1"),
+        ({"weight_decay": 0.05}, "--weight_decay=0.05 needs --optimizer=adamw"),
+        ({"label_smoothing": 1.0}, "--label_smoothing=1.0"),
     ],
 )
 def test_bad_values_raise_usage_error(overrides, fragment):

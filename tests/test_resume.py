@@ -83,8 +83,16 @@ def test_sigkill_in_phase_1_then_the_same_command_finishes(tmp_path):
     assert (workdir / "metrics.json").is_file()
 
 
+# A recipe with a schedule in each phase, AdamW and label smoothing: the resumed run
+# must continue the schedule where the killed one stood.
+SCHEDULED = (
+    *("--lr_schedule=cosine", "--warmup_epochs=0.5", "--optimizer=adamw"),
+    *("--weight_decay=0.01", "--label_smoothing=0.1"),
+)
+
+
 def test_sigkill_in_phase_2_resumes_exactly_with_deterministic(tmp_path):
-    args = ("--deterministic", "--phase1_epochs=2", "--phase2_epochs=2")
+    args = ("--deterministic", "--phase1_epochs=2", "--phase2_epochs=2", *SCHEDULED)
     uninterrupted, _ = _run_to_completion(tmp_path / "whole", *args)
     workdir = tmp_path / "killed"
     process = _start(workdir, *args)
@@ -98,10 +106,15 @@ def test_sigkill_in_phase_2_resumes_exactly_with_deterministic(tmp_path):
     assert resumed["phase1"] == before_kill["phase1"]
     assert _epochs(resumed) == ([1, 2], [3, 4])
     # Exact: the same batches, augmentation draws, dropout masks and optimizer state.
-    for key in ("loss", "val_loss", "val_accuracy"):
+    for key in ("loss", "val_loss", "val_accuracy", "learning_rate"):
         assert [r[key] for r in resumed["phase1"] + resumed["phase2"]] == [
             r[key] for r in uninterrupted["phase1"] + uninterrupted["phase2"]
         ], key
+    # Each phase warms up and decays over its own epochs: its second epoch ends near
+    # the cosine's floor (0), well below the first (smoke: 1e-3 and 1e-4).
+    for phase, rate in (("phase1", 1e-3), ("phase2", 1e-4)):
+        first, last = (record["learning_rate"] for record in resumed[phase])
+        assert 0 < last < 0.1 * rate < first <= rate, (phase, first, last)
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     after_kill = json.loads((workdir / "metrics.json").read_text())
     assert (after_kill["top1"], after_kill["loss"]) == (whole["top1"], whole["loss"])

@@ -100,6 +100,19 @@ def test_a_run_recorded_before_the_decoded_cache_resumes_where_it_means_the_same
             run_dir.prepare(str(tmp_path), current, overwrite=False)
 
 
+def test_a_run_recorded_before_the_schedules_resumes_as_constant_adam(tmp_path):
+    run_dir.prepare(str(tmp_path), CONFIG, overwrite=False)
+    (tmp_path / "state").mkdir()
+    recorded = run_dir.read_json(str(tmp_path / run_dir.CONFIG_FILE))
+    for name in run_dir.OLDER_RUN_RECIPE_FIELDS:
+        del recorded[name]
+    run_dir.write_json(str(tmp_path / run_dir.CONFIG_FILE), recorded)
+    assert run_dir.prepare(str(tmp_path), CONFIG, overwrite=False) == run_dir.RESUME
+    # The recipe it recorded is constant Adam: a schedule is another run.
+    with pytest.raises(UsageError, match="--lr_schedule: 'constant' there, 'cosine' now"):
+        run_dir.prepare(str(tmp_path), CONFIG.replace(lr_schedule="cosine"), overwrite=False)
+
+
 def test_a_crash_during_a_write_leaves_the_previous_file_intact(tmp_path):
     path = tmp_path / "metrics.json"
     run_dir.write_json(path, {"top1": 0.5})

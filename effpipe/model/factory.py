@@ -94,6 +94,7 @@ def compile_model(
     jit_compile: bool,
     optimizer: keras.optimizers.Optimizer | None = None,
     steps_per_execution: int = 1,
+    label_smoothing: float = 0.0,
 ) -> None:
     """Compiles for sparse integer labels; needed again after changing `trainable`.
 
@@ -101,17 +102,19 @@ def compile_model(
 
     Args:
       model: the model to compile.
-      learning_rate: Adam's learning rate.
+      learning_rate: Adam's learning rate, when `optimizer` is None.
       jit_compile: compile the train step with XLA.
-      optimizer: use this optimizer instead of a new Adam (the phase-1 head model
-        takes the full model's, so the resume state holds its variables).
+      optimizer: use this optimizer instead of a new Adam (the trainer's, of the
+        run's kind and schedule; the phase-1 head model takes the full model's, so
+        the resume state holds its variables).
       steps_per_execution: train steps per compiled call (see
         `effpipe.training.runtime.resolve_steps_per_execution`).
+      label_smoothing: of the loss (`make_loss`); 0 for hard labels.
     """
     num_classes = model.output_shape[-1]
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate) if optimizer is None else optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(),
+        loss=make_loss(num_classes, label_smoothing),
         metrics=[
             keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
             keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
@@ -119,3 +122,44 @@ def compile_model(
         jit_compile=jit_compile,
         steps_per_execution=steps_per_execution,
     )
+
+
+def make_loss(num_classes: int, label_smoothing: float = 0.0) -> keras.losses.Loss:
+    """The cross-entropy of sparse integer labels, with label smoothing when asked.
+
+    Keras' SparseCategoricalCrossentropy has no label smoothing; with smoothing the
+    labels are one-hot encoded inside the loss for CategoricalCrossentropy, which
+    has it. The datasets keep their int32 labels either way.
+    """
+    if not label_smoothing:
+        return keras.losses.SparseCategoricalCrossentropy()
+    return SmoothedSparseCrossentropy(num_classes, label_smoothing)
+
+
+@keras.saving.register_keras_serializable(package="effpipe")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Categorical cross-entropy with label smoothing on sparse integer labels.
+
+    Args:
+      num_classes: classes of the one-hot encoding.
+      label_smoothing: the share of the target spread evenly over all classes.
+    """
+
+    def __init__(self, num_classes: int, label_smoothing: float, name="smoothed_crossentropy"):
+        super().__init__(name=name)
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        labels = keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1,))
+        targets = keras.ops.one_hot(labels, self.num_classes, dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(
+            targets, y_pred, label_smoothing=self.label_smoothing
+        )
+
+    def get_config(self):
+        return {
+            "num_classes": self.num_classes,
+            "label_smoothing": self.label_smoothing,
+            "name": self.name,
+        }

@@ -294,6 +294,7 @@ def cached_phase1_inputs(
         jit_compile=setup.xla,
         optimizer=model.optimizer,
         steps_per_execution=steps_per_execution,
+        label_smoothing=config.phases.label_smoothing,
     )
 
     def make_dataset(features_of_split, split, is_training):

@@ -23,7 +23,15 @@ from effpipe.config import TrainConfig
 from effpipe.errors import UsageError, is_out_of_memory
 from effpipe.model import factory, freezing
 from effpipe.outputs import plots
-from effpipe.training import callbacks, checkpoints, inputs, run_state, runtime, summaries
+from effpipe.training import (
+    callbacks,
+    checkpoints,
+    inputs,
+    optimization,
+    run_state,
+    runtime,
+    summaries,
+)
 from effpipe.training import distribution as distribution_lib
 
 
@@ -139,11 +147,11 @@ def run_phase(
         logging.info("phase %d: already done (%d epochs)", phase.number, phase.epochs)
         return steps_per_execution
     logging.info(
-        "phase %d: epochs %d..%d at learning rate %g, %d trainable parameters",
+        "phase %d: epochs %d..%d, %s, %d trainable parameters",
         phase.number,
         initial_epoch + 1,
         phase.first_epoch + phase.epochs,
-        phase.learning_rate,
+        optimization.describe(config, phase.number),
         _count_trainable(model),
     )
     fit_model, train_dataset, validation_dataset, input_callbacks = _fit_inputs(
@@ -185,11 +193,14 @@ def _compile_and_restore(phase, model, state, context) -> int:
         config, context.data.steps_per_epoch, accelerator=setup.accelerator, head_only=head_only
     )
     logging.info("phase %d: %s", phase.number, reason)
+    learning_rate = phase_learning_rate(phase, context)
     factory.compile_model(
         model,
         phase.learning_rate,
         jit_compile=setup.xla,
+        optimizer=optimization.make_optimizer(config, learning_rate, model),
         steps_per_execution=1 if head_only else steps_per_execution,
+        label_smoothing=config.phases.label_smoothing,
     )
     if context.distribution.is_distributed:
         # Its slots are mirrored variables: made here, in the scope, not
@@ -197,10 +208,20 @@ def _compile_and_restore(phase, model, state, context) -> int:
         model.optimizer.build(model.trainable_variables)
     if state.phase == phase.number:
         run_state.restore(model, context.workdir, state)
-        # The saved optimizer holds the learning rate it ran with; a resumed
-        # run may lower it (after a NaN loss, say: run_dir allows that).
-        model.optimizer.learning_rate.assign(phase.learning_rate)
+        if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+            # The saved optimizer holds the constant rate it ran with; a resumed
+            # run may lower it (after a NaN loss, say: run_dir allows that). A
+            # schedule is rebuilt from the flags and continues from the restored
+            # step count.
+            model.optimizer.learning_rate.assign(learning_rate)
     return steps_per_execution
+
+
+def phase_learning_rate(phase: Phase, context: PhaseContext):
+    """The phase's rate or schedule over its own steps (`optimization.make_learning_rate`)."""
+    return optimization.make_learning_rate(
+        context.config, phase.number, context.data.steps_per_epoch
+    )
 
 
 def _fit_inputs(phase, model, state, context, initial_epoch, steps_per_execution):
@@ -254,7 +275,13 @@ def make_callbacks(context, phase, model, state, checkpoint, input_callbacks) ->
       The callback list for `fit`.
     """
     saver = run_state.EpochStateSaver(
-        context.output_dir, phase.number, state, context.meter, checkpoint, model_to_save=model
+        context.output_dir,
+        phase.number,
+        state,
+        context.meter,
+        checkpoint,
+        model_to_save=model,
+        learning_rate=phase_learning_rate(phase, context),
     )
     # The meter first: calibration work before validation is not
     # training. The checkpoint before the saver, which records its

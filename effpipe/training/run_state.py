@@ -19,7 +19,7 @@ from absl import logging
 
 from effpipe import run_dir
 from effpipe.errors import UsageError
-from effpipe.training import checkpoints
+from effpipe.training import checkpoints, optimization
 
 STATE_DIR = "state"
 STATE_FILE = "state.json"
@@ -200,10 +200,15 @@ class EpochStateSaver(keras.callbacks.Callback):
         default the model being fit (phase 1 on cached features fits a head model
         that shares the full model's head layers and optimizer, and saves the full
         one, so the state is the same whether or not the cache is on).
+      learning_rate: the phase's rate or schedule (`optimization.make_learning_rate`);
+        each record's `learning_rate` is its value at the epoch's last step.
     """
 
-    def __init__(self, workdir, phase, state, meter, best_checkpoint, model_to_save=None):
+    def __init__(
+        self, workdir, phase, state, meter, best_checkpoint, model_to_save=None, learning_rate=None
+    ):
         super().__init__()
+        self.learning_rate = learning_rate
         self.model_to_save = model_to_save
         self.workdir = workdir
         self.folder = os.path.join(workdir, STATE_DIR)
@@ -216,12 +221,17 @@ class EpochStateSaver(keras.callbacks.Callback):
         logs = dict(logs or {})
         # The meter's record carries the epoch number and its timings.
         record = {**{k: float(v) for k, v in logs.items()}, **self.meter.records[-1]}
+        model = self.model_to_save or self.model
+        if self.learning_rate is not None:
+            # The optimizer has counted the epoch's steps; its last update used the
+            # rate of the step before the count.
+            last_step = max(int(model.optimizer.iterations.numpy()) - 1, 0)
+            record["learning_rate"] = optimization.rate_at(self.learning_rate, last_step)
         self.state.history[f"phase{self.phase}"].append(record)
         if not math.isfinite(logs.get("loss", math.nan)):
             return
         stem = f"epoch-{epoch + 1:04d}"
         weights_file, seeds_file = f"{stem}.weights.h5", f"{stem}.seeds.npz"
-        model = self.model_to_save or self.model
         run_dir.write_atomically(os.path.join(self.folder, weights_file), model.save_weights)
         seeds = {f"seed_{i}": np.asarray(v.numpy()) for i, v in enumerate(_seed_states(model))}
         run_dir.write_atomically(
