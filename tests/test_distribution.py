@@ -261,7 +261,9 @@ def test_training_through_a_data_service_started_by_the_test(tmp_path, record_pr
     try:
         assert f"serving at grpc://localhost:{port} with 1 worker(s)" in ready, ready
         workdir = tmp_path / "run"
-        trainer = _train(f"--data_service=grpc://localhost:{port}", f"--workdir={workdir}")
+        trainer = _train(
+            f"--data_service=grpc://localhost:{port}", "--noexport", f"--workdir={workdir}"
+        )
         _, stderr = trainer.communicate(timeout=600)
         assert trainer.returncode == 0, stderr[-3000:]
     finally:

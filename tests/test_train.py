@@ -1,9 +1,8 @@
-"""The training binary: flagfiles, bad input, the smoke run and the demo end to end."""
+"""The training binary: flagfiles, bad input and the smoke run end to end (the demo:
+test_demo.py)."""
 
 import json
 import math
-import subprocess
-import sys
 
 import h5py
 import keras
@@ -12,7 +11,7 @@ import pytest
 import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
-from binaries import REPO_ROOT, run_train
+from binaries import REPO_ROOT, check_png, check_run_outputs, run_train
 
 from effpipe import cli_flags
 from effpipe import config as config_lib
@@ -260,38 +259,6 @@ def test_running_out_of_device_memory_is_one_line_naming_the_batch_size(tmp_path
     )
 
 
-def _check_run_outputs(workdir, phase_epochs):
-    for name in ("flags.txt", "history.json", "metrics.json", "history.png"):
-        assert (workdir / name).is_file(), name
-    assert (workdir / "checkpoints" / "best.weights.h5").is_file()
-    history = json.loads((workdir / "history.json").read_text())
-    assert [len(history["phase1"]), len(history["phase2"])] == list(phase_epochs)
-    expected_keys = {
-        "epoch", "loss", "accuracy", "top5", "val_loss", "val_accuracy", "val_top5",
-        "seconds", "images_per_sec", "ms_per_step", "steps",
-    }  # fmt: skip
-    for record in history["phase1"] + history["phase2"]:
-        assert expected_keys <= set(record)
-        assert record["seconds"] > 0 and record["images_per_sec"] > 0
-        assert 0.0 <= record["val_accuracy"] <= 1.0 and math.isfinite(record["loss"])
-    epochs = [record["epoch"] for record in history["phase1"] + history["phase2"]]
-    assert epochs == list(range(1, sum(phase_epochs) + 1))
-    metrics = json.loads((workdir / "metrics.json").read_text())
-    assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
-    assert math.isfinite(metrics["loss"]) and metrics["train_images_per_sec"] > 0
-    assert metrics["evaluated_on"] == "test"
-    return history, metrics
-
-
-def _check_png(path, min_size=(400, 200)):
-    import numpy as np
-    import tensorflow as tf
-
-    image = tf.io.decode_png(tf.io.read_file(str(path))).numpy()
-    assert image.shape[1] >= min_size[0] and image.shape[0] >= min_size[1]
-    assert np.asarray(image).std() > 5, "the plot is blank"
-
-
 def _tensorboard_tags(folder):
     tags = set()
     for path in folder.glob("events.out.tfevents.*"):
@@ -306,16 +273,16 @@ def test_smoke_run_writes_every_output(tmp_path):
         "--flagfile=flags/smoke.flags", "--profile_steps=2,3", f"--workdir={workdir}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    _, metrics = _check_run_outputs(workdir, (1, 1))
+    _, metrics = check_run_outputs(workdir, (1, 1))
     assert metrics["variant"] == "b0" and metrics["image_size"] == 64
     assert metrics["precision"] == "float32" and metrics["xla"] is False
     assert metrics["device"] == "CPU" and metrics["num_classes"] == 10
     assert len(metrics["per_class_accuracy"]) == 10 and len(metrics["worst_classes"]) == 10
     assert metrics["worst_classes"][0]["accuracy"] == min(metrics["per_class_accuracy"].values())
-    _check_png(workdir / "history.png")
-    _check_png(workdir / "predictions.png", (1000, 600))
-    _check_png(workdir / "augmentations.png", (800, 400))
-    _check_png(workdir / "per_class.png", (500, 300))
+    check_png(workdir / "history.png")
+    check_png(workdir / "predictions.png", (1000, 600))
+    check_png(workdir / "augmentations.png", (800, 400))
+    check_png(workdir / "per_class.png", (500, 300))
     assert (workdir / "export" / "saved_model.pb").is_file()
     # TensorBoard: per-phase scalars (Keras' and the meter's), augmented images, and
     # the profiler's trace of steps 2..3.
@@ -365,7 +332,7 @@ def test_the_gpu_path_runs_forced_on_the_cpu_float16_loss_scaling_and_xla(tmp_pa
         "--xla=on", "--steps_per_execution=5", f"--workdir={workdir}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    history, metrics = _check_run_outputs(workdir, (1, 1))
+    history, metrics = check_run_outputs(workdir, (1, 1))
     assert metrics["precision"] == "mixed_float16" and metrics["loss_scaling"] is True
     assert metrics["xla"] is True and metrics["augment"] is True
     assert metrics["steps_per_execution"] == {"phase1": 5, "phase2": 5}
@@ -382,49 +349,3 @@ def test_the_gpu_path_runs_forced_on_the_cpu_float16_loss_scaling_and_xla(tmp_pa
     text = str(saved.meta_graphs[0].graph_def)
     assert "_XlaMustCompile" not in text and "DT_HALF" not in text and "DT_BFLOAT16" not in text
     assert text.count("Conv2D") > 10
-
-
-# The demo must learn, not merely run. Ten balanced classes put chance at 10%; its
-# 1,000 test images give a binomial standard deviation of about 1% around chance,
-# so 30% is about 20 standard deviations above it: a model that learned nothing
-# cannot reach it by luck.
-DEMO_MIN_TOP1 = 0.30
-
-
-def test_demo_learns_well_above_chance(tmp_path):
-    workdir = tmp_path / "demo"
-    result = run_train("--flagfile=flags/demo.flags", f"--workdir={workdir}", timeout_sec=1200)
-    assert result.returncode == 0, result.stderr[-3000:]
-    history, metrics = _check_run_outputs(workdir, (1, 7))
-    assert metrics["top1"] >= DEMO_MIN_TOP1, metrics
-    assert metrics["best_val_accuracy"] >= DEMO_MIN_TOP1, metrics
-    _check_png(workdir / "history.png")
-    for name in ("predictions.png", "augmentations.png", "per_class.png"):
-        _check_png(workdir / name)
-    # The export answers for an image file from the command line ...
-    from effpipe.data import shapes
-
-    source = shapes.make_shapes_source(
-        num_classes=10, train_examples=20, test_examples=1, image_size=32, seed=7
-    )
-    image_path = tmp_path / "shape.png"
-    image_path.write_bytes(tf.io.encode_png(source.test.images[0]).numpy())
-    predicted = subprocess.run(
-        [sys.executable, "-m", "effpipe.predict", f"--model={workdir}", str(image_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert predicted.returncode == 0, predicted.stderr[-3000:]
-    answer = predicted.stdout.strip().splitlines()[-1]
-    assert answer.startswith(f"{image_path}: ") and len(answer.split(", ")) == 5
-    # ... and evaluate, on the same test split through the export, reproduces the
-    # trainer's figures: the same model on the same batches (tolerance: one image).
-    evaluated = subprocess.run(
-        [sys.executable, "-m", "effpipe.evaluate", f"--model={workdir}"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    evaluation = json.loads((workdir / "evaluation" / "evaluation.json").read_text())
-    assert evaluation["examples"] == 1000
-    assert abs(evaluation["top1"] - metrics["top1"]) <= 1 / 1000
-    assert abs(evaluation["top5"] - metrics["top5"]) <= 1 / 1000
-    _check_png(workdir / "evaluation" / "predictions.png")
