@@ -8,14 +8,21 @@ An unfinished run may resume with other values of `config.RESUMABLE_CHANGES` (a
 lower learning rate after a NaN loss; thread counts): config.json takes them.
 No TensorFlow import: the check runs before TensorFlow loads.
 
+One run at a time: `hold` takes an OS lock on a file in the directory before
+anything is written and keeps it until the process ends, so a second run on the
+same directory stops at once, naming the holder. The kernel releases the lock when
+its holder dies, SIGKILL included: no stale lock.
+
 Every output is written atomically: a temporary name in the same folder, then a
 rename, so a crash or a kill mid-write leaves the previous file or none, never half
 of one.
 """
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 
@@ -47,6 +54,44 @@ RUN_OUTPUTS = (
 
 
 NEW, RESUME, COMPLETE = "new", "resume", "complete"
+# The lock file `hold` takes; not a run output (--overwrite leaves it).
+LOCK_FILE = ".effpipe.lock"
+# The open lock files of this process: closing one would release its lock.
+_HELD_LOCKS = {}
+
+
+def hold(workdir: str) -> None:
+    """Takes the run directory's lock for the rest of this process (creating the
+    directory when missing), or refuses a directory another run holds.
+
+    `fcntl.flock` on WORKDIR/.effpipe.lock: the kernel drops it when the holder
+    exits or is killed, so a crashed run never leaves a lock behind. A second call
+    for the same directory in the same process keeps the lock it holds.
+
+    Raises:
+      UsageError: another process holds the lock (its PID and host are named), or
+        the directory cannot be created.
+    """
+    create(workdir)
+    path = os.path.realpath(os.path.join(workdir, LOCK_FILE))
+    if path in _HELD_LOCKS:
+        return
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "an unknown process"
+        lock.close()
+        raise UsageError(
+            f"--workdir={workdir} is in use by another effpipe run ({holder}): wait for "
+            "it to end, or pick another --workdir"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    _HELD_LOCKS[path] = lock
 
 
 def prepare(workdir: str, config: TrainConfig, *, overwrite: bool) -> str:

@@ -63,8 +63,11 @@ def main(argv):
 
             runtime.require_gpu()
         # In a multi-worker run (TF_CONFIG) the chief alone prepares --workdir and
-        # writes the run's files; the other workers only read it.
+        # writes the run's files; the other workers only read it and write their own
+        # files to a temporary folder of their own. The chief holds the directory's
+        # lock before it writes anything.
         if cluster.current_task(config.distribution.strategy).is_chief:
+            run_dir.hold(WORKDIR.value)
             status = run_dir.prepare(WORKDIR.value, config, overwrite=OVERWRITE.value)
         else:
             complete = run_dir.is_complete(WORKDIR.value, config)

@@ -1,11 +1,16 @@
 """The run directory: same flags resume, other flags are refused or overwritten; and
-atomic writes: a crash mid-write leaves the previous file, and no stray temporary."""
+atomic writes: a crash mid-write leaves the previous file, and no stray temporary; one
+run at a time: the directory's lock."""
 
 import json
 import os
 import pathlib
+import socket
+import subprocess
+import sys
 
 import pytest
+from binaries import REPO_ROOT, run_train
 
 from effpipe import run_dir
 from effpipe.config import TrainConfig
@@ -154,3 +159,52 @@ def test_a_crash_while_writing_a_folder_leaves_the_previous_folder_intact(tmp_pa
         run_dir.write_directory_atomically(str(target), write("crash"))
     assert (target / "saved_model.pb").read_text() == "two"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]
+
+
+_HOLD_AND_WAIT = """
+import sys, time
+from effpipe import run_dir
+run_dir.hold(sys.argv[1])
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def _holder(workdir):
+    """A process that holds `workdir`'s lock until it is killed."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_AND_WAIT, str(workdir)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_a_second_run_on_a_held_workdir_stops_in_one_line_naming_the_holder(tmp_path):
+    workdir = tmp_path / "run"
+    holder = _holder(workdir)
+    try:
+        result = run_train("--flagfile=flags/smoke.flags", f"--workdir={workdir}", timeout_sec=120)
+        assert result.returncode == 2, result.stderr[-3000:]
+        lines = [line for line in result.stderr.splitlines() if line.startswith("effpipe.train:")]
+        assert len(lines) == 1 and "Traceback" not in result.stderr
+        assert f"--workdir={workdir} is in use by another effpipe run" in lines[0]
+        assert f"PID {holder.pid} on {socket.gethostname()}" in lines[0]
+        # Refused before anything was written; the holder is unharmed.
+        assert sorted(path.name for path in workdir.iterdir()) == [run_dir.LOCK_FILE]
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+    # SIGKILL left no stale lock: the next process takes it at once.
+    successor = _holder(workdir)
+    successor.kill()
+    successor.wait()
+
+
+def test_the_same_process_may_take_its_own_lock_again(tmp_path):
+    run_dir.hold(str(tmp_path / "run"))
+    run_dir.hold(str(tmp_path / "run"))
+    assert (tmp_path / "run" / run_dir.LOCK_FILE).read_text().startswith("PID ")
