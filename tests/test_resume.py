@@ -73,14 +73,26 @@ def _epochs(history):
 
 def test_sigkill_in_phase_1_then_the_same_command_finishes(tmp_path):
     workdir = tmp_path / "run"
-    process = _start(workdir, "--phase1_epochs=2")
-    _wait_for_epochs(process, workdir, 1)
+    process = _start(workdir, "--phase1_epochs=3")
+    _wait_for_epochs(process, workdir, 2)
     _kill(process, workdir)
-    done = json.loads((workdir / "state" / "state.json").read_text())["epochs_done"]
-    history, log = _run_to_completion(workdir, "--phase1_epochs=2", log_name="rerun.txt")
-    assert f"phase 1, {done} epochs done" in log or f"phase 2, {done} epochs done" in log
-    assert _epochs(history) == ([1, 2], [3])
+    state_dir = workdir / "state"
+    done = json.loads((state_dir / "state.json").read_text())["epochs_done"]
+    # The kill also damaged the newest weights, as a full disk would: the rerun
+    # falls back to the epoch before, which the state folder keeps.
+    newest = state_dir / f"epoch-{done:04d}.weights.h5"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    history, log = _run_to_completion(workdir, "--phase1_epochs=3", log_name="rerun.txt")
+    assert "the newest resume state is damaged" in log and str(newest) in log
+    assert f"phase 1, {done - 1} epochs done" in log
+    assert _epochs(history) == ([1, 2, 3], [4])
     assert (workdir / "metrics.json").is_file()
+    # The last two epochs' states stay, no more.
+    assert sorted(path.name for path in state_dir.glob("epoch-*")) == [
+        f"epoch-{epoch:04d}{suffix}"
+        for epoch in (3, 4)
+        for suffix in (".seeds.npz", ".state.json", ".weights.h5")
+    ]
 
 
 # A recipe with a schedule in each phase, AdamW and label smoothing: the resumed run

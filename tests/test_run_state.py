@@ -1,10 +1,16 @@
-"""RunState and the resume arithmetic, in-process: no subprocess and no model."""
+"""RunState, the resume arithmetic and the fallback from a damaged state, in-process:
+no subprocess and no model."""
 
 import dataclasses
+import logging
 
+import h5py
+import numpy as np
 import pytest
 
+from effpipe import run_dir
 from effpipe.config import TrainConfig
+from effpipe.errors import UsageError
 from effpipe.training import phases, run_state
 
 # Phase 1 is epochs 0..2 and phase 2 epochs 3..6, counted from 0 over both phases.
@@ -68,21 +74,80 @@ def test_the_phase_plan_follows_the_config():
     )
 
 
-def test_a_state_round_trips_through_the_state_file(tmp_path):
-    assert run_state.load_state(str(tmp_path)) is None
+def _save_epoch(workdir, epochs_done, best_epoch=None):
+    """Writes an epoch's state as EpochStateSaver lays it out: weights, RNG states,
+    best weights, epoch-N.state.json and state.json."""
+    folder = workdir / run_state.STATE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"epoch-{epochs_done:04d}"
+    best = f"best-epoch-{best_epoch or epochs_done:04d}.weights.h5"
+    for name in (f"{stem}.weights.h5", best):
+        with h5py.File(folder / name, "w") as weights:
+            weights.create_dataset("layers/dense/vars/0", data=np.full((64, 64), epochs_done))
+    np.savez(folder / f"{stem}.seeds.npz", seed_0=np.arange(2))
     state = run_state.RunState(
         phase=2,
-        epochs_done=4,
+        epochs_done=epochs_done,
         history={"phase1": [{"epoch": 1, "loss": 1.5}], "phase2": [{"epoch": 4, "loss": 0.5}]},
         best_val_accuracy=0.75,
         checkpoint_written=True,
-        weights_file="epoch-0004.weights.h5",
-        seeds_file="epoch-0004.seeds.npz",
-        best_weights_file="best-epoch-0003.weights.h5",
+        weights_file=f"{stem}.weights.h5",
+        seeds_file=f"{stem}.seeds.npz",
+        best_weights_file=best,
     )
-    run_state.save_state(str(tmp_path), state)
+    run_dir.write_json(folder / f"{stem}{run_state.EPOCH_STATE_SUFFIX}", dataclasses.asdict(state))
+    run_state.save_state(str(workdir), state)
+    return state
+
+
+def test_a_state_round_trips_through_the_state_file(tmp_path):
+    assert run_state.load_state(str(tmp_path)) is None
+    state = _save_epoch(tmp_path, 4)
     assert run_state.load_state(str(tmp_path)) == state
     assert (tmp_path / run_state.STATE_DIR / run_state.STATE_FILE).is_file()
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, falls_back",
+    [
+        # The newest weights cut short, as a full disk leaves them: the epoch before.
+        (lambda folder: _truncate(folder / "epoch-0004.weights.h5"), True),
+        (lambda folder: _truncate(folder / "epoch-0004.seeds.npz"), True),
+        (lambda folder: (folder / "epoch-0004.weights.h5").unlink(), True),
+        (lambda folder: _truncate(folder / "best-epoch-0004.weights.h5"), True),
+        # state.json itself unreadable: the same epoch's own copy, whose files are whole.
+        (lambda folder: (folder / "state.json").write_text('{"phase": 2, "epo'), False),
+        (lambda folder: (folder / "state.json").write_text('{"phase": 2}'), False),
+    ],
+)
+def test_a_damaged_newest_state_falls_back_to_the_last_intact_one(
+    tmp_path, damage, falls_back, caplog
+):
+    previous = _save_epoch(tmp_path, 3)
+    newest = _save_epoch(tmp_path, 4)
+    damage(tmp_path / run_state.STATE_DIR)
+    with caplog.at_level(logging.WARNING):
+        loaded = run_state.load_state(str(tmp_path))
+    assert loaded == (previous if falls_back else newest)
+    assert "the newest resume state is damaged" in caplog.text
+
+
+def test_with_no_intact_state_the_line_names_the_file_and_overwrite(tmp_path):
+    _save_epoch(tmp_path, 3)
+    _save_epoch(tmp_path, 4, best_epoch=3)
+    folder = tmp_path / run_state.STATE_DIR
+    _truncate(folder / "best-epoch-0003.weights.h5")  # The best weights both name.
+    with pytest.raises(UsageError) as raised:
+        run_state.load_state(str(tmp_path))
+    message = str(raised.value)
+    assert f"no intact resume state in {folder}" in message
+    assert "best-epoch-0003.weights.h5 is unreadable" in message
+    assert "pass --overwrite" in message and "\n" not in message
 
 
 def test_the_kept_weights_message_follows_the_state_and_a_fit_in_progress():

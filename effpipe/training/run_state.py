@@ -3,7 +3,8 @@
 `RunState` says what a run has finished: the phase and epochs done, the history,
 the best validation accuracy and its weights. `EpochStateSaver` updates it and
 saves it (with the epoch's weights, optimizer variables and RNG states) under
-WORKDIR/state after every finite epoch; a rerun of the same command loads it
+WORKDIR/state after every finite epoch, keeping the epoch before too, the fallback
+when the newest state is damaged; a rerun of the same command loads it
 (`load_state`), restores the model (`restore`) and continues from `resume_point`,
 skipping `batches_to_skip` batches of its seeded stream so that it sees the
 batches an uninterrupted run sees.
@@ -13,6 +14,7 @@ import dataclasses
 import math
 import os
 
+import h5py
 import keras
 import numpy as np
 from absl import logging
@@ -23,6 +25,9 @@ from effpipe.training import checkpoints, optimization
 
 STATE_DIR = "state"
 STATE_FILE = "state.json"
+# Each epoch's state beside its files (epoch-0003.state.json): the fallback when the
+# newest is damaged.
+EPOCH_STATE_SUFFIX = ".state.json"
 
 
 @dataclasses.dataclass
@@ -102,18 +107,81 @@ def batches_to_skip(initial_epoch: int, steps_per_epoch: int, batches_per_step: 
 
 
 def load_state(workdir: str) -> RunState | None:
-    """The saved state of a run.
+    """The saved state of a run: its last intact epoch state.
+
+    The state folder keeps the last two epochs' states (`epoch-N.state.json` beside
+    their weights and RNG states; `state.json` is the newest). A state that does not
+    parse, or whose files are missing, truncated or unreadable (a full disk, a crash
+    of the filesystem), is passed over, with a warning, for the one before it.
 
     Args:
       workdir: the run directory.
 
     Returns:
-      The state of its last completed epoch, or None when no epoch has completed.
+      The state of its last intact epoch, or None when no epoch has completed.
+
+    Raises:
+      UsageError: states were saved but none is intact: the line names the
+        damaged file and --overwrite.
     """
-    path = os.path.join(workdir, STATE_DIR, STATE_FILE)
-    if not os.path.exists(path):
-        return None
-    return RunState(**run_dir.read_json(path))
+    folder = os.path.join(workdir, STATE_DIR)
+    candidates = [os.path.join(folder, STATE_FILE)] + sorted(
+        (
+            os.path.join(folder, name)
+            for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+            if name.startswith("epoch-") and name.endswith(EPOCH_STATE_SUFFIX)
+        ),
+        reverse=True,
+    )
+    candidates = [path for path in candidates if os.path.exists(path)]
+    damage = []
+    for path in candidates:
+        state, problem = _read_intact(folder, path)
+        if state is None:
+            damage.append(problem)
+            continue
+        if damage:
+            logging.warning(
+                "the newest resume state is damaged (%s): resuming from the state after "
+                "epoch %d instead",
+                damage[0],
+                state.epochs_done,
+            )
+        return state
+    if damage:
+        raise UsageError(
+            f"no intact resume state in {folder}: {damage[0]}; pass --overwrite to "
+            "start the run afresh"
+        )
+    return None
+
+
+def _read_intact(folder: str, path: str) -> tuple[RunState | None, str]:
+    """The state in `path` if it parses and its files read whole; else (None, why)."""
+    try:
+        state = RunState(**run_dir.read_json(path))
+    except (OSError, ValueError, TypeError) as error:
+        return None, f"{path} does not parse ({error})"
+    files = [state.weights_file, state.seeds_file, state.best_weights_file]
+    for name in filter(None, files):
+        file_path = os.path.join(folder, name)
+        try:
+            if name.endswith(".npz"):
+                with np.load(file_path) as arrays:
+                    [arrays[key] for key in arrays.files]
+            else:
+                with h5py.File(file_path, "r") as weights:
+                    weights.visititems(_read_dataset)
+        except FileNotFoundError:
+            return None, f"{file_path}, which {path} names, is missing"
+        except Exception as error:  # h5py and numpy raise many kinds on a damaged file.
+            return None, f"{file_path} is unreadable ({type(error).__name__}: {error})"
+    return state, ""
+
+
+def _read_dataset(name, item) -> None:
+    if isinstance(item, h5py.Dataset):
+        item[()]
 
 
 def save_state(workdir: str, state: RunState) -> None:
@@ -238,16 +306,22 @@ class EpochStateSaver(keras.callbacks.Callback):
             os.path.join(self.folder, seeds_file), lambda path: np.savez(path, **seeds)
         )
         state, checkpoint = self.state, self.best_checkpoint
+        # The previous epoch's files stay: the fallback if this epoch's are damaged.
+        kept = {state.weights_file, state.seeds_file, state.best_weights_file}
+        if state.weights_file:
+            kept.add(state.weights_file.replace(".weights.h5", EPOCH_STATE_SUFFIX))
         state.phase, state.epochs_done = self.phase, epoch + 1
         state.best_val_accuracy = checkpoint.best
         state.checkpoint_written = state.checkpoint_written or checkpoint.saved
         state.weights_file, state.seeds_file = weights_file, seeds_file
         state.best_weights_file = checkpoint.staged_file
+        epoch_state = f"{stem}{EPOCH_STATE_SUFFIX}"
+        run_dir.write_json(os.path.join(self.folder, epoch_state), dataclasses.asdict(state))
         save_state(self.workdir, state)
         # The state now names the best weights: publishing them cannot run ahead of it.
         checkpoint.publish()
+        kept |= {weights_file, seeds_file, epoch_state, state.best_weights_file}
         for name in os.listdir(self.folder):
-            stale_epoch = name.startswith("epoch-") and not name.startswith(stem)
-            stale_best = name.startswith("best-epoch-") and name != state.best_weights_file
-            if stale_epoch or stale_best:
+            stale = name.startswith(("epoch-", "best-epoch-")) and name not in kept
+            if stale:
                 os.remove(os.path.join(self.folder, name))
