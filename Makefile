@@ -27,9 +27,11 @@ demo: venv
 	$(PY) -m effpipe.train --flagfile=flags/demo.flags --workdir=runs/demo
 
 # Two test processes (pytest-xdist), whole files each: while one waits on a
-# subprocess or traces a model on one core, the other uses the second.
+# subprocess or traces a model on one core, the other uses the second. Files are
+# handed out in collection order, slowest first (tests/conftest.py), not xdist's
+# default of most tests first, which left the one-test demo file to the end.
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # The microbenchmarks at their defaults (CPU-sized: b0 at 224 px), and the input
 # benchmark on a folder of 2,000 real photos it makes once; a few minutes.

@@ -20,6 +20,10 @@ from effpipe.errors import UsageError
 from effpipe.training import phases, runtime, trainer
 
 FLAGFILES = sorted((REPO_ROOT / "flags").glob("*.flags"))
+# The smoke recipe at its source size, 32 px, for the runs that test a path, not
+# the resize to another resolution (the smoke run itself keeps 64 px): a quarter of
+# the pixels per step.
+AT_32_PX = ("--image_size=32",)
 
 
 @pytest.mark.parametrize("flagfile", FLAGFILES, ids=lambda path: path.name)
@@ -156,6 +160,7 @@ def test_a_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
         "--flagfile=flags/smoke.flags",
         "--phase2_learning_rate=1e30",
         "--noexport",
+        *AT_32_PX,
         f"--workdir={workdir}",
         timeout_sec=600,
     )
@@ -180,6 +185,7 @@ def test_a_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
         "--flagfile=flags/smoke.flags",
         "--phase2_learning_rate=1e-4",
         "--noexport",
+        *AT_32_PX,
         f"--workdir={workdir}",
         timeout_sec=600,
     )
@@ -197,6 +203,7 @@ def test_debug_numerics_names_the_op_that_made_the_first_nan(tmp_path):
         "--phase1_learning_rate=1e30",
         "--debug_numerics",
         "--noexport",
+        *AT_32_PX,
         f"--workdir={tmp_path / 'run'}",
         timeout_sec=600,
     )
@@ -314,6 +321,7 @@ def test_mixed_precision_resolves_to_bfloat16_on_cpu(tmp_path):
         "--mixed_precision",
         "--phase2_epochs=0",
         "--noexport",
+        *AT_32_PX,
         f"--workdir={workdir}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -329,7 +337,7 @@ def test_the_gpu_path_runs_forced_on_the_cpu_float16_loss_scaling_and_xla(tmp_pa
     workdir = tmp_path / "float16"
     result = run_train(
         "--flagfile=flags/smoke.flags", "--mixed_precision", "--mixed_precision_dtype=float16",
-        "--xla=on", "--steps_per_execution=5", f"--workdir={workdir}",
+        "--xla=on", "--steps_per_execution=5", *AT_32_PX, f"--workdir={workdir}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     history, metrics = check_run_outputs(workdir, (1, 1))
