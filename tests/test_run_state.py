@@ -3,6 +3,7 @@ no subprocess and no model."""
 
 import dataclasses
 import logging
+import signal
 
 import h5py
 import numpy as np
@@ -10,8 +11,8 @@ import pytest
 
 from effpipe import run_dir
 from effpipe.config import TrainConfig
-from effpipe.errors import UsageError
-from effpipe.training import phases, run_state
+from effpipe.errors import TrainingInterrupted, UsageError
+from effpipe.training import callbacks, phases, run_state
 
 # Phase 1 is epochs 0..2 and phase 2 epochs 3..6, counted from 0 over both phases.
 PHASE1 = dict(phase=1, first_epoch=0, epochs=3)
@@ -161,3 +162,14 @@ def test_the_kept_weights_message_follows_the_state_and_a_fit_in_progress():
     # Mid-fit the phase's checkpoint can be one epoch ahead of the saved state.
     checkpoint = type("Checkpoint", (), {"saved": True, "best": 0.625})()
     assert "validation accuracy 0.6250" in phases.kept_weights_message(path, fresh, checkpoint)
+
+
+def test_a_signal_over_a_damaged_state_still_stops_saying_so(tmp_path):
+    _save_epoch(tmp_path, 4)
+    (tmp_path / run_state.STATE_DIR / "epoch-0004.weights.h5").write_bytes(b"")
+    stop = callbacks.StopOnSignal(str(tmp_path))
+    stop.received, stop.epoch = signal.SIGTERM, 5
+    with pytest.raises(TrainingInterrupted) as raised:
+        stop.check()
+    assert "stopped by SIGTERM in epoch 5; no intact state is saved" in str(raised.value)
+    assert raised.value.signal_number == signal.SIGTERM

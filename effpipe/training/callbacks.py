@@ -17,7 +17,7 @@ import time
 import keras
 from absl import logging
 
-from effpipe.errors import TrainingInterrupted
+from effpipe.errors import TrainingInterrupted, UsageError
 from effpipe.training import run_state
 
 
@@ -180,12 +180,16 @@ class StopOnSignal(keras.callbacks.Callback):
         if self.received is None:
             return
         name = signal.Signals(self.received).name
-        state = run_state.load_state(self.workdir)
-        saved = (
-            f"the state after epoch {state.epochs_done} is saved"
-            if state
-            else "no epoch had completed, so nothing is saved"
-        )
+        try:
+            state = run_state.load_state(self.workdir)
+        except UsageError as error:  # Every saved state damaged: say so, still stop.
+            saved = f"no intact state is saved ({error})"
+        else:
+            saved = (
+                f"the state after epoch {state.epochs_done} is saved"
+                if state
+                else "no epoch had completed, so nothing is saved"
+            )
         where = f" in epoch {self.epoch}" if self.epoch else ""
         raise TrainingInterrupted(
             f"stopped by {name}{where}; {saved} in "
