@@ -141,7 +141,11 @@ def run_phase(
     if phase.epochs == 0:
         logging.info("phase %d: 0 epochs, skipped", phase.number)
         return None
-    steps_per_execution = _compile_and_restore(phase, model, state, context)
+    # One rate or schedule for the phase: the optimizer's, and the history's record.
+    learning_rate = optimization.make_learning_rate(
+        config, phase.number, context.data.steps_per_epoch
+    )
+    steps_per_execution = _compile_and_restore(phase, model, state, context, learning_rate)
     initial_epoch = run_state.resume_point(state, phase.number, phase.first_epoch, phase.epochs)
     if initial_epoch is None:
         logging.info("phase %d: already done (%d epochs)", phase.number, phase.epochs)
@@ -176,7 +180,9 @@ def run_phase(
             validation_data=validation_dataset,
             initial_epoch=initial_epoch,
             epochs=phase.first_epoch + phase.epochs,
-            callbacks=make_callbacks(context, phase, model, state, checkpoint, input_callbacks),
+            callbacks=make_callbacks(
+                context, phase, model, state, checkpoint, input_callbacks, learning_rate
+            ),
             verbose=callbacks.keras_verbosity(),
             shuffle=False,
         )
@@ -184,16 +190,16 @@ def run_phase(
     return steps_per_execution
 
 
-def _compile_and_restore(phase, model, state, context) -> int:
-    """Compiles `model` for the phase and restores the state's epoch if it is this
-    phase's; returns the phase's resolved steps per execution."""
+def _compile_and_restore(phase, model, state, context, learning_rate) -> int:
+    """Compiles `model` for the phase with a new optimizer at `learning_rate` (a rate
+    or a schedule) and restores the state's epoch if it is this phase's; returns the
+    phase's resolved steps per execution."""
     config, setup = context.config, context.setup
     head_only = phase.number == 1 and context.use_feature_cache
     steps_per_execution, reason = runtime.resolve_steps_per_execution(
         config, context.data.steps_per_epoch, accelerator=setup.accelerator, head_only=head_only
     )
     logging.info("phase %d: %s", phase.number, reason)
-    learning_rate = phase_learning_rate(phase, context)
     factory.compile_model(
         model,
         phase.learning_rate,
@@ -215,13 +221,6 @@ def _compile_and_restore(phase, model, state, context) -> int:
             # step count.
             model.optimizer.learning_rate.assign(learning_rate)
     return steps_per_execution
-
-
-def phase_learning_rate(phase: Phase, context: PhaseContext):
-    """The phase's rate or schedule over its own steps (`optimization.make_learning_rate`)."""
-    return optimization.make_learning_rate(
-        context.config, phase.number, context.data.steps_per_epoch
-    )
 
 
 def _fit_inputs(phase, model, state, context, initial_epoch, steps_per_execution):
@@ -259,7 +258,9 @@ def _fit_inputs(phase, model, state, context, initial_epoch, steps_per_execution
     return head_model, train_dataset.skip(skipped), validation_dataset, ()
 
 
-def make_callbacks(context, phase, model, state, checkpoint, input_callbacks) -> list:
+def make_callbacks(
+    context, phase, model, state, checkpoint, input_callbacks, learning_rate
+) -> list:
     """The callbacks of a phase's `fit`, in the one order every phase uses.
 
     Args:
@@ -270,6 +271,8 @@ def make_callbacks(context, phase, model, state, checkpoint, input_callbacks) ->
       checkpoint: the phase's BestCheckpoint.
       input_callbacks: callbacks that belong to the phase's inputs (the
         BatchNormalization calibration of a random base on images).
+      learning_rate: the phase's rate or schedule, whose value at each epoch's last
+        step the history records.
 
     Returns:
       The callback list for `fit`.
@@ -281,7 +284,7 @@ def make_callbacks(context, phase, model, state, checkpoint, input_callbacks) ->
         context.meter,
         checkpoint,
         model_to_save=model,
-        learning_rate=phase_learning_rate(phase, context),
+        learning_rate=learning_rate,
     )
     # The meter first: calibration work before validation is not
     # training. The checkpoint before the saver, which records its
