@@ -120,6 +120,20 @@ flags.DEFINE_enum(
     "(the original notebook's order; seed is an older name of it).",
 )
 flags.DEFINE_float("dropout", _DEFAULTS["dropout"], "Dropout rate of the head.")
+flags.DEFINE_float(
+    "stochastic_depth",
+    _DEFAULTS["stochastic_depth"],
+    "With --weights=none: the rate at which the last block drops its residual branch "
+    "in training, earlier blocks linearly less (Keras' EfficientNet: 0.2); 0 turns it "
+    "off. A pretrained base runs without it.",
+)
+flags.DEFINE_bool(
+    "zero_init_residual",
+    _DEFAULTS["zero_init_residual"],
+    "With --weights=none: start each residual block's last BatchNormalization at scale "
+    "0, so every block starts as the identity and training from scratch takes off "
+    "sooner (timm's zero_init_last).",
+)
 
 # --- Augmentation: on the device, fused with the resize (effpipe.model.augment). ---
 flags.DEFINE_bool(

@@ -40,6 +40,8 @@ RESUMABLE_CHANGES = (
     "data_service",
     # Where decoded images are kept: the same images, from memory or from disk.
     *("cache", "cache_dir", "cache_memory_mb"),
+    # How a from-scratch base is initialised: a resumed run restores its weights.
+    "zero_init_residual",
 )
 
 
@@ -74,6 +76,9 @@ class ModelConfig:
     weights: str = "imagenet"
     head: str = "pooled"
     dropout: float = 0.2
+    # From scratch only (--weights=none); see effpipe.model.efficientnet.
+    stochastic_depth: float = 0.2
+    zero_init_residual: bool = True
 
     def __post_init__(self):
         # The notebook's head was first called seed; old flagfiles and run directories say so.

@@ -7,6 +7,7 @@ module short; the constants are re-exported by `effpipe.config`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from effpipe import variants
@@ -117,6 +118,25 @@ def check_model(model: ModelConfig) -> None:
     )
     _require_choice("head", model.head, HEADS)
     _require_range("dropout", model.dropout, 0.0, 1.0, high_open=True)
+    _require_range("stochastic_depth", model.stochastic_depth, 0.0, 1.0, high_open=True)
+    if model.weights != "none":
+        # A pretrained base runs in inference mode, without stochastic depth, and
+        # loads its weights rather than initialising them: these would do nothing.
+        defaults = {field.name: field.default for field in dataclasses.fields(model)}
+        for flag, value, shown in (
+            (
+                "stochastic_depth",
+                model.stochastic_depth,
+                f"--stochastic_depth={model.stochastic_depth}",
+            ),
+            ("zero_init_residual", model.zero_init_residual, "--nozero_init_residual"),
+        ):
+            _require(
+                value == defaults[flag],
+                f"{shown} applies to a base trained from scratch only: with "
+                f"--weights={model.weights} the base runs without stochastic depth and "
+                "starts from its weights; drop the flag, or pass --weights=none",
+            )
 
 
 def check_augmentation(augmentation: AugmentationConfig) -> None:

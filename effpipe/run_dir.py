@@ -215,6 +215,11 @@ OLDER_RUN_RECIPE_FIELDS = {
     "label_smoothing": 0.0,
 }
 
+# The from-scratch initialisation fields, as a run recorded without them was built:
+# Keras' stochastic depth and Keras' initialisation from scratch; a pretrained base
+# ignores both, so its run reads as recorded with today's defaults.
+OLDER_RUN_INIT_FIELDS = {"stochastic_depth": 0.2, "zero_init_residual": False}
+
 
 def _read_config(path: str) -> dict:
     """config.json's flat flags; a run recorded with the notebook head's older name,
@@ -231,6 +236,10 @@ def _read_config(path: str) -> dict:
             recorded["source_size"] = 0
     if "lr_schedule" not in recorded:
         recorded.update(OLDER_RUN_RECIPE_FIELDS)
+    if "stochastic_depth" not in recorded:
+        recorded.update(OLDER_RUN_INIT_FIELDS)
+        if recorded.get("weights") != "none":
+            recorded["zero_init_residual"] = True
     return recorded
 
 

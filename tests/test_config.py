@@ -44,6 +44,9 @@ def test_defaults_are_valid_and_resolve_native_size():
         ({"optimizer": "adamw", "weight_decay": -0.1}, "--weight_decay=-0.1"),
         ({"weight_decay": 0.05}, "--weight_decay=0.05 needs --optimizer=adamw"),
         ({"label_smoothing": 1.0}, "--label_smoothing=1.0"),
+        ({"weights": "none", "stochastic_depth": 1.0}, "--stochastic_depth=1.0"),
+        ({"stochastic_depth": 0.0}, "--stochastic_depth=0.0 applies to a base trained from"),
+        ({"zero_init_residual": False}, "--nozero_init_residual applies to a base trained"),
     ],
 )
 def test_bad_values_raise_usage_error(overrides, fragment):

@@ -195,3 +195,50 @@ def test_a_pretrained_base_runs_in_inference_mode_when_training(tmp_path):
     inference = features(images, training=False).numpy()
     for _ in range(2):
         np.testing.assert_array_equal(features(images, training=True).numpy(), inference)
+
+
+def test_a_base_from_scratch_starts_its_residual_blocks_as_the_identity():
+    keras.utils.set_random_seed(0)
+    base = efficientnet.get_base(efficientnet.make_model(weights="none", **SMALL))
+    names = {layer.name for layer in base.layers}
+    residual = [n for n in names if n.endswith("_add")]
+    assert len(residual) == 9  # B0: 16 blocks, the first of each of its 7 stages without skip.
+    for name in residual:
+        gamma = base.get_layer(name.replace("_add", "_project_bn")).gamma.numpy()
+        np.testing.assert_array_equal(gamma, 0.0)
+    # Blocks without a skip, and every other BatchNormalization, keep Keras' scale 1.
+    assert base.get_layer("block1a_project_bn").gamma.numpy().min() == 1.0
+    assert base.get_layer("block2a_project_bn").gamma.numpy().min() == 1.0
+    # So each residual block returns its input: its output equals what it adds to.
+    block = keras.Model(
+        base.input,
+        [base.get_layer("block2b_add").output, base.get_layer("block2a_project_bn").output],
+    )
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    added, skipped = block(images, training=True)
+    np.testing.assert_array_equal(added.numpy(), skipped.numpy())
+    keras.utils.set_random_seed(0)
+    plain = efficientnet.get_base(
+        efficientnet.make_model(weights="none", zero_init_residual=False, **SMALL)
+    )
+    assert plain.get_layer("block2b_project_bn").gamma.numpy().min() == 1.0
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.2, 0.5])
+def test_stochastic_depth_from_scratch_scales_keras_linear_rates(rate):
+    base = efficientnet.get_base(
+        efficientnet.make_model(weights="none", stochastic_depth=rate, **SMALL)
+    )
+    drops = [layer for layer in base.layers if isinstance(layer, keras.layers.Dropout)]
+    # Keras drops block b of 16 at 0.2 * b / 16; the last block (16a, no skip) has none.
+    assert [layer.name for layer in drops][-1] == "block6d_drop"
+    assert drops[-1].rate == pytest.approx(rate * 14 / 16)
+    assert base.get_layer("block2b_drop").rate == pytest.approx(rate * 2 / 16)
+
+
+def test_from_scratch_flags_need_a_keras_that_names_blocks_as_3_15_does():
+    # The zero-init finds residual blocks by Keras' layer names: a Keras that
+    # renames them must fail loudly, not train with Keras' initialisation.
+    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    with pytest.raises(UsageError, match="blockNx_project_bn"):
+        efficientnet.zero_init_residual_branches(plain)

@@ -118,6 +118,31 @@ def test_a_run_recorded_before_the_schedules_resumes_as_constant_adam(tmp_path):
         run_dir.prepare(str(tmp_path), CONFIG.replace(lr_schedule="cosine"), overwrite=False)
 
 
+@pytest.mark.parametrize("weights", ["none", "imagenet"])
+def test_a_run_recorded_before_the_from_scratch_fields_resumes_as_keras_built_it(tmp_path, weights):
+    current = CONFIG.replace(weights=weights)
+    run_dir.prepare(str(tmp_path), current, overwrite=False)
+    (tmp_path / "state").mkdir()
+    recorded = run_dir.read_json(str(tmp_path / run_dir.CONFIG_FILE))
+    for name in run_dir.OLDER_RUN_INIT_FIELDS:
+        del recorded[name]
+    run_dir.write_json(str(tmp_path / run_dir.CONFIG_FILE), recorded)
+    # Its base was Keras' own (stochastic depth 0.2); the initialisation is history
+    # once weights are saved, so the new default resumes it.
+    assert run_dir.prepare(str(tmp_path), current, overwrite=False) == run_dir.RESUME
+    if weights == "none":
+        with pytest.raises(UsageError, match="--stochastic_depth: 0.2 there, 0.0 now"):
+            run_dir.prepare(str(tmp_path), current.replace(stochastic_depth=0.0), overwrite=False)
+    # Finished, a pretrained run reads as today's: it is complete, not another run.
+    (tmp_path / "metrics.json").write_text("{}")
+    run_dir.write_json(str(tmp_path / run_dir.CONFIG_FILE), recorded)
+    if weights == "imagenet":
+        assert run_dir.prepare(str(tmp_path), current, overwrite=False) == run_dir.COMPLETE
+    else:
+        with pytest.raises(UsageError, match="--zero_init_residual: False there, True now"):
+            run_dir.prepare(str(tmp_path), current, overwrite=False)
+
+
 def test_a_crash_during_a_write_leaves_the_previous_file_intact(tmp_path):
     path = tmp_path / "metrics.json"
     run_dir.write_json(path, {"top1": 0.5})

@@ -37,6 +37,10 @@ SUPPORTED_KERAS = ">=3.15,<3.16"
 # EfficientNet uses them.
 _IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
 
+# The stochastic-depth rate Keras' EfficientNets are built with (their
+# drop_connect_rate): block b of B drops its residual branch at this rate * b / B.
+KERAS_STOCHASTIC_DEPTH = 0.2
+
 
 def make_base(
     variant: str, image_size: int, weights: str, *, random_weights: bool = False
@@ -174,6 +178,8 @@ def make_model(
     compile_augmentation: bool = True,
     random_weights: bool = False,
     synchronized_batch_norm: bool = False,
+    stochastic_depth: float = KERAS_STOCHASTIC_DEPTH,
+    zero_init_residual: bool = True,
 ) -> keras.Model:
     """Builds the full classifier on uint8 images at source resolution.
 
@@ -203,6 +209,12 @@ def make_model(
         statistics over all replicas of a distribution strategy, so that several
         replicas train the head as one device does on the same global batch.
         The base's BatchNormalization is frozen (or, from scratch, per replica).
+      stochastic_depth: with weights="none", the rate at which the last block
+        drops its residual branch in training (earlier blocks linearly less, as
+        Keras builds them at KERAS_STOCHASTIC_DEPTH); 0 turns it off. A
+        pretrained base runs without stochastic depth.
+      zero_init_residual: with weights="none", start every residual block as
+        the identity (`zero_init_residual_branches`).
 
     Returns:
       An uncompiled Keras model whose base is frozen.
@@ -220,6 +232,9 @@ def make_model(
     if weights == "none":
         # Trained from scratch: the base follows the training flag, so the
         # BatchNormalization layers that phase 2 unfreezes learn batch statistics.
+        set_stochastic_depth(base, stochastic_depth)
+        if zero_init_residual:
+            zero_init_residual_branches(base)
         features = base(resized)
     else:
         # A pretrained base always runs in inference mode, as in keras-io's
@@ -260,6 +275,45 @@ def disable_stochastic_depth(base: keras.Model) -> None:
     for layer in base.layers:
         if isinstance(layer, keras.layers.Dropout):
             layer.rate = 0.0
+
+
+def set_stochastic_depth(base: keras.Model, rate: float) -> None:
+    """Scales the freshly built base's stochastic depth so its last block drops at `rate`.
+
+    Keras builds block b of B with a Dropout (on the residual branch, one draw per
+    example) of rate KERAS_STOCHASTIC_DEPTH * b / B; each is scaled by
+    rate / KERAS_STOCHASTIC_DEPTH, keeping Keras' linear rise through the blocks.
+    """
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = layer.rate * rate / KERAS_STOCHASTIC_DEPTH
+
+
+def zero_init_residual_branches(base: keras.Model) -> int:
+    """Starts every residual block of a randomly initialised base as the identity.
+
+    The last BatchNormalization of each block whose output is added to its input
+    (Keras names them blockNx_project_bn, beside blockNx_add) gets scale 0, so the
+    branch adds nothing until training grows it: the network starts as shallow as
+    its stages' first blocks, and gradients reach the stem undamped (Goyal et al.,
+    "Accurate, Large Minibatch SGD", 2017; timm's zero_init_last). WORKSPACE.md's
+    demo table measures what it does from scratch.
+
+    Returns:
+      How many blocks were zeroed (9 in B0).
+
+    Raises:
+      UsageError: a Keras whose EfficientNet blocks are named otherwise.
+    """
+    names = {layer.name for layer in base.layers}
+    zeroed = 0
+    for layer in base.layers:
+        if layer.name.endswith("_project_bn") and layer.name[: -len("project_bn")] + "add" in names:
+            layer.gamma.assign(keras.ops.zeros_like(layer.gamma))
+            zeroed += 1
+    if not zeroed:
+        raise _unsupported_keras("no blockNx_project_bn beside a blockNx_add")
+    return zeroed
 
 
 def copy_weights(source: keras.Model, target: keras.Model) -> None:

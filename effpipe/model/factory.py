@@ -49,6 +49,8 @@ def make_configured_model(
         weights=model.weights if weights is None else weights,
         head=model.head,
         dropout=model.dropout,
+        stochastic_depth=model.stochastic_depth,
+        zero_init_residual=model.zero_init_residual,
         augment_config=augment_config(augmentation),
         seed=seed,
         compile_augmentation=compile_augmentation,
