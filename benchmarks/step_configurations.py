@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks import harness, notebook_replica
-from effpipe.config import TrainConfig
+from effpipe.config import POOLING_HEADS, TrainConfig
 from effpipe.data import pipeline
 from effpipe.data.splits import Split
 from effpipe.errors import UsageError
@@ -257,7 +257,7 @@ def make_groups(
     # Phase 1 on cached features, unless turned off (the benchmark's base loads a
     # weights file, as a pretrained one: its features do not change between epochs).
     phases, head = config.phases, config.model.head
-    if setting.phase == 1 and phases.phase1_feature_cache != "off" and head == "pooled":
+    if setting.phase == 1 and phases.phase1_feature_cache != "off" and head in POOLING_HEADS:
         groups.extend(feature_cache_groups(setting, cache_build))
     if notebook_baseline:
         groups.append(notebook_group(setting))

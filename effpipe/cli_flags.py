@@ -117,7 +117,8 @@ flags.DEFINE_enum(
     _DEFAULTS["head"],
     (*config_lib.HEADS, *config_lib.HEAD_ALIASES),
     "pooled: GAP -> BN -> Dropout -> Dense; notebook: BN -> Dropout -> GAP -> Dense "
-    "(the original notebook's order; seed is an older name of it).",
+    "(the original notebook's order; seed is an older name of it); keras: GAP -> "
+    "Dropout -> Dense (Keras' own EfficientNet top).",
 )
 flags.DEFINE_float("dropout", _DEFAULTS["dropout"], "Dropout rate of the head.")
 flags.DEFINE_float(

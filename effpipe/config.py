@@ -21,6 +21,7 @@ from effpipe.config_checks import (  # noqa: F401 (re-exported)
     MIXED_PRECISION_DTYPES,
     MULTI_REPLICA_STRATEGIES,
     OPTIMIZERS,
+    POOLING_HEADS,
     SOURCE_CROPS,
     STRATEGIES,
     VALIDATION_SELECTIONS,

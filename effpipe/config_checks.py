@@ -27,7 +27,9 @@ if TYPE_CHECKING:  # The dataclasses of effpipe.config, which imports this modul
 
 # pooled: GAP -> BN -> Dropout -> Dense; notebook: BN -> Dropout -> GAP -> Dense, the
 # original notebook's order, which --head=seed names too.
-HEADS = ("pooled", "notebook")
+HEADS = ("pooled", "notebook", "keras")
+# The heads that pool right after the base: their pooled features can be cached.
+POOLING_HEADS = ("pooled", "keras")
 HEAD_ALIASES = {"seed": "notebook"}
 XLA_MODES = ("auto", "on", "off")
 # The 16-bit float of --mixed_precision (effpipe.training.runtime resolves auto per device).
@@ -267,8 +269,8 @@ def check_across_slices(config: TrainConfig) -> None:
         "pass --strategy=default, or --phase1_feature_cache=auto",
     )
     _require(
-        config.model.head == "pooled",
-        f"--phase1_feature_cache=on needs --head=pooled (the {config.model.head} head runs "
-        "BatchNormalization and Dropout before pooling, so there are no pooled "
+        config.model.head in POOLING_HEADS,
+        f"--phase1_feature_cache=on needs --head=pooled or keras (the {config.model.head} "
+        "head runs BatchNormalization and Dropout before pooling, so there are no pooled "
         "features to cache): pass --head=pooled, or --phase1_feature_cache=auto",
     )

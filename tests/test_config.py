@@ -61,6 +61,9 @@ def test_bad_values_raise_usage_error(overrides, fragment):
         (False, "pooled", "imagenet", True),
         (False, "pooled", "base.weights.h5", True),
         (False, "pooled", "none", False),
+        (False, "keras", "imagenet", True),
+        (False, "keras", "none", False),
+        (True, "keras", "imagenet", False),
         (True, "pooled", "imagenet", False),
         (False, "notebook", "imagenet", False),
         (True, "notebook", "imagenet", False),
@@ -78,7 +81,7 @@ def test_auto_feature_cache_needs_no_augmentation_a_pooled_head_and_a_pretrained
     # "off" always wins; "on" is taken wherever it is valid (a random base included).
     off = TrainConfig.from_flat(augment=augment, head=head, phase1_feature_cache="off")
     assert feature_cache.resolve(off)[0] is False
-    if not augment and head == "pooled":
+    if not augment and head in ("pooled", "keras"):
         on = TrainConfig.from_flat(
             augment=augment, head=head, weights=weights, phase1_feature_cache="on"
         )

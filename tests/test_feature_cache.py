@@ -169,7 +169,8 @@ def test_a_cache_of_another_setup_is_computed_again(tmp_path):
     assert first.train.dtype == np.float32 and first.megabytes == 32 / 1e6
 
 
-def test_the_head_model_trains_the_full_models_head_under_bfloat16(base_weights):
+@pytest.mark.parametrize("head", ["pooled", "keras"])
+def test_the_head_model_trains_the_full_models_head_under_bfloat16(base_weights, head):
     # Under mixed_bfloat16 the features come out in bfloat16; float32 holds them
     # exactly, and the head casts them back: one step on the head model equals one
     # step on the full model.
@@ -183,7 +184,7 @@ def test_the_head_model_trains_the_full_models_head_under_bfloat16(base_weights)
             keras.utils.set_random_seed(0)
             model = efficientnet.make_model(
                 variant="b0", image_size=32, source_size=(32, 32), num_classes=4,
-                weights=base_weights,
+                weights=base_weights, head=head,
             )  # fmt: skip
             factory.compile_model(model, 1e-2, jit_compile=False)
             if use_cache:
@@ -207,5 +208,5 @@ def test_the_seed_head_has_no_cacheable_features():
         variant="b0", image_size=32, source_size=(16, 16), num_classes=3, weights="none",
         head="notebook",
     )  # fmt: skip
-    with pytest.raises(ValueError, match="pooled head"):
+    with pytest.raises(ValueError, match="pooled and keras heads"):
         feature_cache.make_head_model(model)

@@ -62,6 +62,7 @@ def test_heads_are_in_their_documented_order():
 
     assert head_layers("pooled") == ["head_pool", "head_bn", "head_dropout", "predictions"]
     assert head_layers("notebook") == ["head_bn", "head_dropout", "head_pool", "predictions"]
+    assert head_layers("keras") == ["head_pool", "head_dropout", "predictions"]
 
 
 def test_mixed_precision_keeps_the_softmax_in_float32():

@@ -8,6 +8,8 @@ Heads:
   pooled    GAP -> BN -> Dropout -> Dense (keras-io's order; cheaper, and its pooled
             features can be cached)
   notebook  BN -> Dropout -> GAP -> Dense (the original notebook's order)
+  keras     GAP -> Dropout -> Dense (the top Keras' EfficientNet is built with;
+            its pooled features can be cached too)
 
 The Keras EfficientNets include their own rescaling and normalisation: they take
 0..255 floats. A pretrained base, from the download or a file, is the network Keras
@@ -194,7 +196,7 @@ def make_model(
       source_size: (height, width) of the uint8 input images.
       num_classes: outputs of the final Dense layer.
       weights: see `make_base`.
-      head: "pooled" or "notebook" (see the module docstring).
+      head: "pooled", "notebook" or "keras" (see the module docstring).
       dropout: dropout rate of the head.
       augment_config: the random transform applied to training batches on the
         device, or None for a plain resize in training too.
@@ -251,6 +253,9 @@ def make_model(
     if head == "pooled":
         x = keras.layers.GlobalAveragePooling2D(name="head_pool")(features)
         x = keras.layers.BatchNormalization(name="head_bn", synchronized=synchronized_batch_norm)(x)
+        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    elif head == "keras":
+        x = keras.layers.GlobalAveragePooling2D(name="head_pool")(features)
         x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     elif head == "notebook":
         x = keras.layers.BatchNormalization(name="head_bn", synchronized=synchronized_batch_norm)(

@@ -27,7 +27,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from effpipe import run_dir
+from effpipe import config_checks, run_dir
 from effpipe.config import TrainConfig
 from effpipe.errors import UsageError
 from effpipe.model import efficientnet
@@ -83,7 +83,8 @@ def make_head_model(model: keras.Model) -> keras.Model:
     start = layers.index(pool) + 1
     if layers[start - 2].name != efficientnet.BASE_NAME:
         raise ValueError(
-            "only the pooled head (pooling right after the base) has cacheable features"
+            "only the pooled and keras heads (pooling right after the base) have cacheable "
+            "features"
         )
     features = keras.Input(shape=pool.output.shape[1:], dtype="float32", name="features")
     outputs = features
@@ -179,11 +180,14 @@ def resolve(config: TrainConfig, distributed: bool = False) -> tuple[bool, str]:
         return False, "phase-1 feature cache off (auto: it runs on one device, without a strategy)"
     if config.augmentation.augment:
         return False, "phase-1 feature cache off (auto: augmentation changes the features)"
-    if config.model.head != "pooled":
+    if config.model.head not in config_checks.POOLING_HEADS:
         return False, f"phase-1 feature cache off (auto: the {config.model.head} head pools last)"
     if config.model.weights == "none":
         return False, (
             "phase-1 feature cache off (auto: a base trained from scratch draws stochastic "
             "depth in training, so its features change every epoch)"
         )
-    return True, "phase-1 feature cache on (auto: no augmentation, pooled head, pretrained base)"
+    return True, (
+        f"phase-1 feature cache on (auto: no augmentation, {config.model.head} head, "
+        "pretrained base)"
+    )
