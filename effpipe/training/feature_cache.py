@@ -83,8 +83,7 @@ def make_head_model(model: keras.Model) -> keras.Model:
     start = layers.index(pool) + 1
     if layers[start - 2].name != efficientnet.BASE_NAME:
         raise ValueError(
-            "only the pooled and keras heads (pooling right after the base) have cacheable "
-            "features"
+            "only the pooled and keras heads (pooling right after the base) have cacheable features"
         )
     features = keras.Input(shape=pool.output.shape[1:], dtype="float32", name="features")
     outputs = features
