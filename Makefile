@@ -23,8 +23,11 @@ $(STAMP): setup.cfg pyproject.toml
 
 # The offline demo: synthetic shapes, EfficientNet-B0 from scratch, both phases, on CPU.
 # Rerunning resumes an interrupted demo, or says it finished (rm -rf runs/demo to redo).
+# `make demo SEED=1` runs it with another seed, into runs/demo-seed1.
+SEED ?= 0
+DEMO_DIR := runs/demo$(if $(filter-out 0,$(SEED)),-seed$(SEED))
 demo: venv
-	$(PY) -m effpipe.train --flagfile=flags/demo.flags --workdir=runs/demo
+	$(PY) -m effpipe.train --flagfile=flags/demo.flags --seed=$(SEED) --workdir=$(DEMO_DIR)
 
 # Two test processes (pytest-xdist), whole files each: while one waits on a
 # subprocess or traces a model on one core, the other uses the second. Files are

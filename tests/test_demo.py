@@ -8,18 +8,18 @@ import sys
 import tensorflow as tf
 from binaries import REPO_ROOT, check_png, check_run_outputs, run_train
 
-# The demo must learn, not merely run. Ten balanced classes put chance at 10%; its
-# 1,000 test images give a binomial standard deviation of about 1% around chance,
-# so 30% is about 20 standard deviations above it: a model that learned nothing
-# cannot reach it by luck.
-DEMO_MIN_TOP1 = 0.30
+# The demo must learn well, not merely run: chance is 10% (ten balanced classes),
+# and the three seeds README reports end between 0.89 and 0.93. 1,000 test images
+# give a binomial standard deviation of about 1% at 0.9, so 0.85 leaves several
+# standard deviations of margin for the run-to-run spread of a CPU run.
+DEMO_MIN_TOP1 = 0.85
 
 
 def test_demo_learns_well_above_chance(tmp_path):
     workdir = tmp_path / "demo"
     result = run_train("--flagfile=flags/demo.flags", f"--workdir={workdir}", timeout_sec=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    history, metrics = check_run_outputs(workdir, (1, 7))
+    history, metrics = check_run_outputs(workdir, (1, 5))
     assert metrics["top1"] >= DEMO_MIN_TOP1, metrics
     assert metrics["best_val_accuracy"] >= DEMO_MIN_TOP1, metrics
     check_png(workdir / "history.png")
