@@ -1,13 +1,17 @@
-"""The project's error types: bad input, and a run stopped by a signal; and what
-running out of device memory looks like.
+"""The project's error types: bad input, a full disk, and a run stopped by a signal;
+and what running out of device memory, or of disk space, looks like.
 
 Binaries turn a `UsageError` into one line on stderr and exit status 2, and a
 `TrainingInterrupted` into one line saying how to resume and exit status 128 +
 the signal number; any other exception is a bug and keeps its traceback.
 `is_out_of_memory` is the one test, shared by the trainer (one line naming the
-batch size and the tuner) and the batch-size tuner (a trial that does not fit).
+batch size and the tuner) and the batch-size tuner (a trial that does not fit);
+`is_disk_full` tells a full disk apart from it (TensorFlow reports both as
+RESOURCE_EXHAUSTED).
 No TensorFlow import: the binaries load this before TensorFlow.
 """
+
+import errno
 
 # Words of the errors that mean the device ran out of memory, lower-cased. TensorFlow
 # raises ResourceExhaustedError for its own allocator, but XLA and the CUDA libraries
@@ -28,6 +32,36 @@ OUT_OF_MEMORY_MARKERS = (
 )
 
 
+# How a full disk (or an exhausted quota) reads: Python's OSError carries the errno;
+# h5py, TensorFlow's file writers and tf.data's write_file put the C library's words
+# ("No space left on device", "Disk quota exceeded") or "errno = 28" in the message,
+# and TensorFlow raises ResourceExhaustedError for them.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_MARKERS = ("no space left on device", "disk quota exceeded", "errno = 28")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` says a write found no space left (ENOSPC, or a quota: EDQUOT).
+
+    Args:
+      error: an exception raised while writing a file, directly or through h5py,
+        NumPy or TensorFlow; the exceptions it was raised from are looked at too.
+
+    Returns:
+      True when it or an exception in its chain carries one of DISK_FULL_ERRNOS or
+      DISK_FULL_MARKERS.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(marker in str(error).lower() for marker in DISK_FULL_MARKERS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether `error` says the device (or the host, for a CPU run) ran out of memory.
 
@@ -36,8 +70,11 @@ def is_out_of_memory(error: BaseException) -> bool:
 
     Returns:
       True for TensorFlow's ResourceExhaustedError and for any error whose message
-      holds one of OUT_OF_MEMORY_MARKERS (a Python MemoryError included).
+      holds one of OUT_OF_MEMORY_MARKERS (a Python MemoryError included); False for
+      a full disk (`is_disk_full`), which TensorFlow also reports as exhausted.
     """
+    if is_disk_full(error):
+        return False
     if isinstance(error, MemoryError) or type(error).__name__ == "ResourceExhaustedError":
         return True
     text = str(error).lower()
@@ -46,6 +83,11 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 class UsageError(ValueError):
     """Bad input from the user: the message names the bad value and the fix."""
+
+
+class DiskFullError(UsageError):
+    """A write found the disk full: the message names the file, the space it needed
+    and the space free, and says that what was there before is intact."""
 
 
 class TrainingInterrupted(Exception):

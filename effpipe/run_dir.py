@@ -15,9 +15,13 @@ its holder dies, SIGKILL included: no stale lock.
 
 Every output is written atomically: a temporary name in the same folder, then a
 rename, so a crash or a kill mid-write leaves the previous file or none, never half
-of one.
+of one. A write that finds the disk full removes its temporary and raises one
+`DiskFullError` line naming the file, the space it needs and the space free; the
+previous file stays. The tests make a chosen write find the disk full by naming it
+in DISK_FULL_ENV.
 """
 
+import errno
 import fcntl
 import json
 import os
@@ -29,7 +33,7 @@ from collections.abc import Callable
 from absl import logging
 
 from effpipe.config import HEAD_ALIASES, RESUMABLE_CHANGES, TrainConfig
-from effpipe.errors import UsageError
+from effpipe.errors import DiskFullError, UsageError, is_disk_full
 
 CONFIG_FILE = "config.json"
 
@@ -264,12 +268,78 @@ def remove_temporaries(workdir: str) -> None:
 TEMPORARY_PREFIX = ".tmp-"
 
 
+# Fault injection for the tests: a write whose file or folder name contains this
+# variable's value writes in full, then fails as a full disk would (ENOSPC).
+DISK_FULL_ENV = "EFFPIPE_TEST_DISK_FULL"
+
+
+def _with_injected_disk_full(path: str, write: Callable[[str], None]) -> Callable[[str], None]:
+    name = os.environ.get(DISK_FULL_ENV)
+    if not name or name not in os.path.basename(os.path.abspath(path)):
+        return write
+
+    def write_then_fail(temporary_path):
+        write(temporary_path)
+        raise OSError(errno.ENOSPC, f"No space left on device ({DISK_FULL_ENV})", temporary_path)
+
+    return write_then_fail
+
+
+def _bytes_in(path: str) -> int:
+    """The bytes of a file, or of every file under a folder; 0 when it is missing."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for folder, _, names in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(folder, name)) for name in names)
+    return total
+
+
+def disk_full_error(path: str, needed_bytes: int, *, at_least: bool, kept: str) -> DiskFullError:
+    """One line for a write to `path` that found its disk full.
+
+    Args:
+      path: the file or folder being written.
+      needed_bytes: the space the write needs (at least that much, with `at_least`).
+      at_least: whether `needed_bytes` is a lower bound (what was written before the
+        disk filled) rather than an estimate of the whole.
+      kept: what is still intact, as a sentence.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+    needed = f"{'at least ' if at_least else 'about '}{needed_bytes / 2**20:.1f} MB"
+    return DiskFullError(
+        f"no space left on the disk of {path}: writing it needs {needed}, and "
+        f"{free / 2**20:.1f} MB are free there. Free some space (or give the run another "
+        f"disk) and rerun the same command. {kept}"
+    )
+
+
+def _raise_if_disk_full(error: BaseException, path: str, partial: str) -> None:
+    """Raises a DiskFullError for `path` when `error` is a full disk; `partial` is
+    the temporary the write had reached (its size is a lower bound of the need)."""
+    if not is_disk_full(error):
+        return
+    written, previous = _bytes_in(partial), _bytes_in(path) if os.path.exists(path) else 0
+    kept = (
+        f"The previous {os.path.basename(path)} is intact."
+        if os.path.exists(path)
+        else "Nothing half-written is left."
+    )
+    raise disk_full_error(
+        path, max(written, previous), at_least=previous <= written, kept=kept
+    ) from error
+
+
 def write_atomically(path: str, write: Callable[[str], None]) -> None:
     """Calls `write(temporary_path)`, then renames the result to `path`.
 
     Args:
       path: the final file path; its folder is created when missing.
       write: writes the whole file at the path it is given.
+
+    Raises:
+      DiskFullError: the disk filled up; `path` is as it was before.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -277,11 +347,14 @@ def write_atomically(path: str, write: Callable[[str], None]) -> None:
     handle, temporary_path = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX, suffix=suffix)
     os.close(handle)
     try:
-        write(temporary_path)
+        _with_injected_disk_full(path, write)(temporary_path)
         os.replace(temporary_path, path)
-    except BaseException:
-        if os.path.exists(temporary_path):
-            os.remove(temporary_path)
+    except BaseException as error:
+        try:
+            _raise_if_disk_full(error, path, temporary_path)
+        finally:
+            if os.path.exists(temporary_path):
+                os.remove(temporary_path)
         raise
 
 
@@ -315,15 +388,21 @@ def write_directory_atomically(path: str, write: Callable[[str], None]) -> None:
     Args:
       path: the final folder path.
       write: fills the (empty, existing) folder it is given.
+
+    Raises:
+      DiskFullError: the disk filled up; the previous folder (if any) is intact.
     """
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     name = os.path.basename(os.path.abspath(path))
     temporary = tempfile.mkdtemp(dir=parent, prefix=f"{TEMPORARY_PREFIX}{name}-")
     try:
-        write(temporary)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
+        _with_injected_disk_full(path, write)(temporary)
+    except BaseException as error:
+        try:
+            _raise_if_disk_full(error, path, temporary)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
         raise
     previous = None
     if os.path.exists(path):

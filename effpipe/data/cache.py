@@ -3,7 +3,7 @@
     encoded split (files, tfds records) -> parallel read + decode to --source_size
     -> memory (an array) | disk (one file per image, under --cache_dir) -> a Split
 
-The first pass decodes in a parallel, order-keeping tf.data map and shows a progress
+The first pass decodes in a parallel tf.data map and shows a progress
 bar with images/s and the ETA. A file that cannot be decoded (truncated, empty, not
 an image) drops out of the stream; its position is missing at the end, so it is named
 (--on_bad_image=fail) or skipped and counted (--on_bad_image=skip) without a
@@ -15,7 +15,8 @@ storage size; the crop), so a second run on the same data decodes nothing and a
 change of any file makes a new cache. `manifest.json`, written last and atomically,
 marks a cache complete: a folder without it is a first pass that was killed, and a
 rerun resumes it, keeping the image files that were written whole. There is no lock
-file to go stale.
+file to go stale. A full disk stops the pass in one line (the space the rest needs,
+the space free); it is never taken for images that do not decode.
 """
 
 import dataclasses
@@ -30,9 +31,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from effpipe import run_dir
 from effpipe.data import decode, stores
 from effpipe.data.splits import Split
-from effpipe.errors import UsageError
+from effpipe.errors import UsageError, is_disk_full
 
 MANIFEST_FILE = "manifest.json"
 # Bump when what a cache file holds changes: older caches are then not reused.
@@ -185,10 +187,12 @@ def _disk_cache(encoded, size, crop, directory):
         "labels": labels.tolist(),
         "bad": [int(position) for position in bad],
     }
-    temporary = manifest_path + ".partial"
-    with open(temporary, "w") as file:
-        json.dump(manifest, file)
-    os.replace(temporary, manifest_path)
+
+    def write_manifest(path):
+        with open(path, "w") as file:
+            json.dump(manifest, file)
+
+    run_dir.write_atomically(manifest_path, write_manifest)
     return labels, manifest["bad"]
 
 
@@ -221,43 +225,66 @@ def _first_pass(encoded, size, crop, *, images=None, directory=None, done=None):
     todo_array = ~done if resuming else np.ones(encoded.count, bool)
     todo = tf.constant(todo_array)
 
+    empty = tf.zeros((size, size, 3), tf.uint8)
+
     def decode_one(position, key, label):
         def work():
             contents = tf.io.read_file(key) if encoded.reads_files else key
-            image = decode.decode_to_size(contents, size, crop)
-            if directory is None:
-                return image
+            return decode.decode_to_size(contents, size, crop)
+
+        if not resuming:
+            return position, label, work()
+        # Positions already written pass through undecoded: their labels are still read.
+        return position, label, tf.cond(todo[position], work, lambda: empty)
+
+    def write_one(position, label, image):
+        def work():
             path = stores.cache_path_tensor(directory, position)
             with tf.control_dependencies([tf.io.write_file(path, tf.io.serialize_tensor(image))]):
                 return tf.zeros((0, 0, 3), tf.uint8)
 
         if not resuming:
             return position, label, work()
-        # Positions already written pass through undecoded: their labels are still read.
-        empty = (size, size, 3) if directory is None else (0, 0, 3)
-        return position, label, tf.cond(todo[position], work, lambda: tf.zeros(empty, tf.uint8))
+        return position, label, tf.cond(todo[position], work, lambda: tf.zeros((0, 0, 3), tf.uint8))
 
     dataset = tf.data.Dataset.zip(tf.data.Dataset.range(encoded.count), encoded.make_records())
     # In any order (faster than keeping it): images are placed by position, and one
-    # that fails to decode is the position that never arrives.
+    # that fails to decode is the position that never arrives. Only decoding errors
+    # are ignored: a write that fails (a full disk) stops the pass.
     dataset = dataset.map(
         lambda position, record: decode_one(position, *record),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=False,
-    )
-    dataset = dataset.ignore_errors().batch(PASS_BATCH).prefetch(2)
+    ).ignore_errors()
+    if directory is not None:
+        dataset = dataset.map(write_one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    dataset = dataset.batch(PASS_BATCH).prefetch(2)
     labels = np.zeros(encoded.count, np.int32)
     arrived = np.zeros(encoded.count, bool)
     progress = _Progress(encoded, int(todo_array.sum()))
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
-    for positions, batch_labels, batch_images in dataset.as_numpy_iterator():
-        arrived[positions] = True
-        labels[positions] = batch_labels
-        if images is not None:
-            images[positions] = batch_images
-        progress.update(int(todo_array[positions].sum()))
-        if kill_after and progress.count >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        for positions, batch_labels, batch_images in dataset.as_numpy_iterator():
+            arrived[positions] = True
+            labels[positions] = batch_labels
+            if images is not None:
+                images[positions] = batch_images
+            progress.update(int(todo_array[positions].sum()))
+            if kill_after and progress.count >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    except tf.errors.OpError as error:
+        if directory is None or not is_disk_full(error):
+            raise
+        left = int(todo_array.sum()) - progress.count
+        image_bytes = len(tf.io.serialize_tensor(empty).numpy())
+        raise run_dir.disk_full_error(
+            directory,
+            left * image_bytes,
+            at_least=False,
+            kept=f"The {progress.count} images decoded so far are kept, and the rerun resumes "
+            "the cache; --cache_dir puts it on another disk, --cache=memory or off keeps it "
+            "off the disk.",
+        ) from error
     progress.close()
     return labels, np.flatnonzero(~arrived).tolist()
 
