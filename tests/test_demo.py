@@ -9,9 +9,10 @@ import tensorflow as tf
 from binaries import REPO_ROOT, check_png, check_run_outputs, run_train
 
 # The demo must learn well, not merely run: chance is 10% (ten balanced classes),
-# and the three seeds README reports end between 0.89 and 0.93. 1,000 test images
-# give a binomial standard deviation of about 1% at 0.9, so 0.85 leaves several
-# standard deviations of margin for the run-to-run spread of a CPU run.
+# and the three seeds README reports end between 0.880 and 0.919 (this test runs
+# seed 0, which gave 0.908 both times it ran). 1,000 test images give a binomial
+# standard deviation of about 1% at 0.9, so 0.85 leaves three of them below the
+# weakest seed.
 DEMO_MIN_TOP1 = 0.85
 
 
