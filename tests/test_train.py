@@ -3,6 +3,7 @@ test_demo.py)."""
 
 import json
 import math
+import socket
 
 import h5py
 import keras
@@ -115,13 +116,18 @@ def test_bad_flags_exit_2_with_one_line(args, fragment, tmp_path):
         ("--weights={tmp}/missing.weights.h5", "missing.weights.h5 does not exist"),
         ("--unfreeze_blocks=17", "--unfreeze_blocks=17 is more than the 16 blocks"),
         ("--dataset=folder:{tmp}/nowhere", "nowhere does not exist"),
+        # Nothing listens there: TensorFlow's client alone would wait for ever.
+        ("--data_service=grpc://127.0.0.1:{port}", "does not answer (Connection refused"),
     ],
 )
 def test_bad_input_found_by_the_trainer_exits_2_before_training(flag, fragment, tmp_path):
     workdir = tmp_path / "run"
+    with socket.socket() as probe:  # A port free a moment ago; nothing listens on it.
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     result = run_train(
         "--flagfile=flags/smoke.flags",
-        flag.format(tmp=tmp_path),
+        flag.format(tmp=tmp_path, port=port),
         f"--workdir={workdir}",
         timeout_sec=300,
     )

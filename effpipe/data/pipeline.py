@@ -19,12 +19,14 @@ imports nothing from the model.
 """
 
 import dataclasses
+import socket
 
 import numpy as np
 import tensorflow as tf
 
 from effpipe.config import RuntimeConfig
 from effpipe.data import splits, stores
+from effpipe.errors import UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,37 @@ class DataService:
 
     address: str
     job_name: str
+
+
+# How long the trainer waits for a tf.data service's dispatcher to accept a
+# connection before it stops: TensorFlow's client would wait for it for ever.
+DISPATCHER_TIMEOUT_SEC = 10.0
+
+
+def check_dispatcher_answers(address: str, timeout_sec: float = DISPATCHER_TIMEOUT_SEC) -> None:
+    """Stops in one line unless the dispatcher at `address` accepts a connection.
+
+    TensorFlow's data-service client retries an absent dispatcher without end, and a
+    step waiting on it does not end on SIGTERM either; so a trainer asks first.
+
+    Args:
+      address: grpc://HOST:PORT of the dispatcher.
+      timeout_sec: how long to wait for the connection.
+
+    Raises:
+      UsageError: nothing accepts connections there within `timeout_sec`.
+    """
+    host, _, port = address.removeprefix("grpc://").rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_sec):
+            return
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+    raise UsageError(
+        f"--data_service={address} does not answer ({reason} within {timeout_sec:g} s): start "
+        "`python -m effpipe.data_service --port=PORT` on that host, or check the address "
+        "and the firewall between here and there"
+    )
 
 
 def make_dataset(

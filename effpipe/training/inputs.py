@@ -68,8 +68,11 @@ def prepare_data(
     (effpipe.data.cache).
 
     Raises:
-      UsageError: see `load_data`.
+      UsageError: see `load_data`; a --data_service whose dispatcher does not answer.
     """
+    if config.distribution.data_service:
+        # Before any decoding: a dispatcher that is not there would stall the first step.
+        pipeline.check_dispatcher_answers(config.distribution.data_service)
     source, train_split, validation_split, test_split, evaluated_on = load_data(
         config, cache_root(config, output_dir)
     )
