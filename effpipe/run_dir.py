@@ -18,7 +18,7 @@ rename, so a crash or a kill mid-write leaves the previous file or none, never h
 of one. A write that finds the disk full removes its temporary and raises one
 `DiskFullError` line naming the file, the space it needs and the space free; the
 previous file stays. The tests make a chosen write find the disk full by naming it
-in DISK_FULL_ENV.
+in DISK_FULL_ENV, or kill the process inside it (effpipe.faults).
 """
 
 import errno
@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 from absl import logging
 
+from effpipe import faults
 from effpipe.config import HEAD_ALIASES, RESUMABLE_CHANGES, TrainConfig
 from effpipe.errors import DiskFullError, UsageError, is_disk_full
 
@@ -348,6 +349,7 @@ def write_atomically(path: str, write: Callable[[str], None]) -> None:
     os.close(handle)
     try:
         _with_injected_disk_full(path, write)(temporary_path)
+        faults.kill_during_write(path)
         os.replace(temporary_path, path)
     except BaseException as error:
         try:
@@ -398,6 +400,7 @@ def write_directory_atomically(path: str, write: Callable[[str], None]) -> None:
     temporary = tempfile.mkdtemp(dir=parent, prefix=f"{TEMPORARY_PREFIX}{name}-")
     try:
         _with_injected_disk_full(path, write)(temporary)
+        faults.kill_during_write(path)
     except BaseException as error:
         try:
             _raise_if_disk_full(error, path, temporary)

@@ -10,15 +10,16 @@ import sys
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_train(*args, timeout_sec=900):
-    """Runs `python -m effpipe.train ARGS` from the repo root."""
+def run_train(*args, timeout_sec=900, env=None):
+    """Runs `python -m effpipe.train ARGS` from the repo root, with `env` added to the
+    environment."""
     return subprocess.run(
         [sys.executable, "-m", "effpipe.train", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=timeout_sec,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
     )
 
 

@@ -7,12 +7,15 @@ calibrated, saved to a file and loaded as a pretrained base is.
 
 import json
 import os
+import signal
 
 import h5py
 import keras
 import numpy as np
 import pytest
+from binaries import run_train
 
+from effpipe import faults
 from effpipe.config import TrainConfig
 from effpipe.model import batch_norm, efficientnet, factory
 from effpipe.training import feature_cache, run_state, trainer
@@ -210,3 +213,28 @@ def test_the_seed_head_has_no_cacheable_features():
     )  # fmt: skip
     with pytest.raises(ValueError, match="pooled and keras heads"):
         feature_cache.make_head_model(model)
+
+
+def test_a_kill_in_the_feature_pass_or_its_write_leaves_nothing_a_rerun_trusts(tmp_path):
+    # The binary, SIGKILLed (effpipe.faults) between the two splits' passes, then
+    # inside the cache file's write; the third start computes, saves and trains.
+    workdir = tmp_path / "run"
+    command = (
+        "--flagfile=flags/smoke.flags", "--image_size=32", "--noaugment", "--noexport",
+        "--phase1_feature_cache=on", "--phase2_epochs=0", f"--workdir={workdir}",
+    )  # fmt: skip
+    cache_file = workdir / feature_cache.CACHE_FILE
+    for point in ("feature_cache", "write:phase1_features"):
+        killed = run_train(*command, env={faults.KILL_ENV: point})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        assert not cache_file.exists() and not (workdir / "state").exists(), point
+    assert list(cache_file.parent.glob(".tmp-*phase1_features.npz"))  # The killed write's.
+    result = run_train(*command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"computed once and saved to {cache_file}" in result.stderr
+    assert not list(workdir.rglob(".tmp-*"))
+    with np.load(cache_file) as stored:
+        assert len(stored["train"]) == 180 and len(stored["validation"]) == 20
+    history = json.loads((workdir / "history.json").read_text())
+    assert len(history["phase1"]) == 1 and history["phase2"] == []
+    assert json.loads((workdir / "metrics.json").read_text())["phase1_feature_cache"] is True

@@ -5,7 +5,8 @@ training); the trainer and the benchmarks share it, and there is no second timer
 Steady-state figures leave out each epoch's first compiled call (its first step, or
 its first `steps_per_execution` steps), which includes tracing and compilation, as
 NVIDIA's EfficientNet benchmarks drop their warm-up. `StopOnSignal` turns SIGINT and
-SIGTERM into a stop at the next step; `keras_verbosity` picks Keras' progress display.
+SIGTERM into a stop at the next step; `keras_verbosity` picks Keras' progress display;
+`KillPoints` is the tests' fault injection (effpipe.faults) at epochs and in evaluation.
 """
 
 import os
@@ -17,6 +18,7 @@ import time
 import keras
 from absl import logging
 
+from effpipe import faults
 from effpipe.errors import TrainingInterrupted, UsageError
 from effpipe.training import run_state
 
@@ -196,3 +198,25 @@ class StopOnSignal(keras.callbacks.Callback):
             f"{os.path.join(self.workdir, run_state.STATE_DIR)}: rerun the same command to resume",
             self.received,
         )
+
+
+class KillPoints(keras.callbacks.Callback):
+    """The tests' SIGKILL points inside `fit` and `predict` (effpipe.faults): `epoch:N`
+    at the start of epoch N, `evaluation` after the first batch of a prediction.
+    Does nothing unless the environment names a point.
+
+    Args:
+      is_evaluation: whether this `predict` is the final evaluation (phase 1's
+        feature-cache pass predicts too).
+    """
+
+    def __init__(self, is_evaluation: bool = False):
+        super().__init__()
+        self.is_evaluation = is_evaluation
+
+    def on_epoch_begin(self, epoch, logs=None):
+        faults.kill_at(f"epoch:{epoch + 1}")
+
+    def on_predict_batch_end(self, batch, logs=None):
+        if self.is_evaluation:
+            faults.kill_at("evaluation")

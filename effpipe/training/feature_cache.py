@@ -15,19 +15,22 @@ the full model holds the trained head and phase 2 continues from it as usual.
 
 The file is written atomically; a resumed run reuses it when its fingerprint (the
 run's configuration, precision policy and example counts) matches and computes it
-again otherwise.
+again otherwise. A killed pass leaves no file (nothing is written before both
+splits are computed); a file that does not read back (damaged on disk) is computed
+again, with a warning.
 """
 
 import dataclasses
 import json
 import os
 import time
+import zipfile
 
 import keras
 import numpy as np
 from absl import logging
 
-from effpipe import config_checks, run_dir
+from effpipe import config_checks, faults, run_dir
 from effpipe.config import TrainConfig
 from effpipe.errors import UsageError
 from effpipe.model import efficientnet
@@ -111,6 +114,7 @@ def load_or_compute(path: str, fingerprint: dict, compute_train, compute_validat
         train, validation = stored
         return Features(train, validation, True, time.perf_counter() - start)
     train = np.asarray(compute_train(), dtype=np.float32)
+    faults.kill_at("feature_cache")
     validation = np.asarray(compute_validation(), dtype=np.float32)
     run_dir.write_atomically(
         path,
@@ -125,11 +129,15 @@ def _read(path: str, expected_fingerprint: str):
     """(train, validation) from `path`, or None when missing or made by something else."""
     if not os.path.exists(path):
         return None
-    with np.load(path, allow_pickle=False) as stored:
-        if str(stored["fingerprint"]) != expected_fingerprint:
-            logging.info("%s was computed for another run or setup: computing again", path)
-            return None
-        return stored["train"], stored["validation"]
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if str(stored["fingerprint"]) != expected_fingerprint:
+                logging.info("%s was computed for another run or setup: computing again", path)
+                return None
+            return stored["train"], stored["validation"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        logging.warning("%s does not read back (%s): computing it again", path, error)
+        return None
 
 
 def log_features(features: Features, path: str) -> None:

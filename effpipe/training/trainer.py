@@ -148,7 +148,10 @@ def _evaluate_and_write_outputs(model: keras.Model, context: phases.PhaseContext
     source, test_split = context.data.source, context.data.test_split
     # One pass gives the loss, top-1, top-5 and per-class figures.
     probabilities = evaluation.predict_probabilities(
-        model, test_split, config.batch_size, callbacks=[context.stop_on_signal]
+        model,
+        test_split,
+        config.batch_size,
+        callbacks=[context.stop_on_signal, callbacks.KillPoints(is_evaluation=True)],
     )
     evaluated = evaluation.summarize(probabilities, test_split.labels, source.class_names)
     evaluation.write_plots(
