@@ -90,6 +90,11 @@ class DiskFullError(UsageError):
     and the space free, and says that what was there before is intact."""
 
 
+class WorkerLost(Exception):
+    """In a multi-worker run, another worker stopped or could not be reached; the
+    message says what is saved and how to resume (restart every worker)."""
+
+
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM stopped training after a step; the last epoch's state is saved.
 

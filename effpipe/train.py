@@ -10,7 +10,9 @@ GPU. Writes config.json, flags.txt, history.json, metrics.json, history.png, the
 checkpoint and the resume state to --workdir. Bad input ends with one line on
 stderr and exit status 2. SIGINT or SIGTERM stops after the current step with one
 line saying how to resume (exit status 130 or 143); rerunning the same command
-resumes from the last completed epoch, after any interruption, SIGKILL included.
+resumes from the last completed epoch, after any interruption, SIGKILL included. In
+a multi-worker run, a worker that stops makes the others stop within seconds with
+one line and exit status 1; restarting every worker with the same command resumes.
 """
 
 import os
@@ -26,7 +28,7 @@ from effpipe import (
     cli_flags,
     run_dir,
 )
-from effpipe.errors import TrainingInterrupted, UsageError
+from effpipe.errors import TrainingInterrupted, UsageError, WorkerLost
 from effpipe.training import cluster
 
 PROGRAM = "effpipe.train"
@@ -92,6 +94,10 @@ def main(argv):
     except TrainingInterrupted as interruption:
         print(f"{PROGRAM}: {interruption}", file=sys.stderr)
         sys.exit(128 + interruption.signal_number)
+    except WorkerLost as error:
+        # Not the user's input (2): a scheduler that restarts failed jobs restarts it.
+        print(f"{PROGRAM}: error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

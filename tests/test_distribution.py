@@ -18,6 +18,7 @@ import sys
 import pytest
 from test_data_service import STOP_BOUND_SEC, free_port, start_data_service, stop_seconds
 
+from effpipe import faults
 from effpipe.errors import UsageError
 from effpipe.training import cluster
 
@@ -116,7 +117,7 @@ for strategy in ("default", "mirrored"):
     config = TrainConfig.from_flat(
         dataset="shapes", shapes_train_examples=80, shapes_test_examples=16,
         validation_fraction=0.2, variant="b0", image_size=32, weights=weights,
-        augment=False, dropout=0.0, batch_size=8, phase1_epochs=1, phase2_epochs=1,
+        augment=False, dropout=0.0, batch_size=8, phase1_epochs=0, phase2_epochs=2,
         phase1_learning_rate=1e-3, phase2_learning_rate=1e-3, unfreeze_blocks=2,
         phase1_feature_cache="off", strategy=strategy,
     )
@@ -142,7 +143,7 @@ def test_mirrored_over_two_devices_trains_as_one_device_with_the_same_global_bat
     histories = json.loads(result.stdout.strip().splitlines()[-1])
     one, mirrored = histories["default"], histories["mirrored"]
     assert (one["replicas"], mirrored["replicas"]) == (1, 2)
-    assert len(one["epochs"]) == len(mirrored["epochs"]) == 2
+    assert len(one["epochs"]) == len(mirrored["epochs"]) == 2  # Phase 2's, the whole model.
     for expected, actual in zip(one["epochs"], mirrored["epochs"]):
         for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
             assert actual[key] == pytest.approx(expected[key], rel=LOSS_RELATIVE_TOLERANCE), key
@@ -217,28 +218,57 @@ def test_xla_under_mirrored_over_two_cpus_fails_with_or_without_loss_scaling():
     assert len(loss_scaled["losses"]) == 2 and all(map(math.isfinite, loss_scaled["losses"]))
 
 
-def test_two_workers_train_both_phases_and_only_the_chief_writes(tmp_path):
-    workdir, scratch = tmp_path / "run", tmp_path / "scratch"
-    scratch.mkdir()
+# Two workers on localhost: phase 1 over two epochs, so that a kill can land in the
+# middle of a phase; --deterministic, so that a resumed run can equal this one.
+TWO_WORKERS = ("--strategy=multi_worker", "--phase1_epochs=2", "--deterministic")
+
+
+def _start_workers(workdir, scratch, kill_worker_1_at=None):
+    """Starts both workers of a two-worker run; worker 1 SIGKILLs itself at the
+    named point (effpipe.faults) when one is given."""
     ports = _free_ports(2)
-    processes = [
+    faults_env = {faults.KILL_ENV: kill_worker_1_at} if kill_worker_1_at else {}
+    return [
         _train(
-            "--strategy=multi_worker",
+            *TWO_WORKERS,
             f"--workdir={workdir}",
-            env={**ENV, "TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(scratch)},
-        )
+            env={
+                **ENV,
+                "TF_CONFIG": _tf_config(ports, index),
+                "TMPDIR": str(scratch),
+                **(faults_env if index == 1 else {}),
+            },
+        )  # fmt: skip
         for index in (0, 1)
     ]
+
+
+def _finish(processes):
+    """Waits for both workers; returns their (returncode, stderr)."""
     outputs = [process.communicate(timeout=600) for process in processes]
-    for process, (_, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr[-3000:]
-    chief_log, worker_log = outputs[0][1], outputs[1][1]
+    return [(process.returncode, stderr) for process, (_, stderr) in zip(processes, outputs)]
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    """An uninterrupted two-worker run: (workdir, scratch folder, chief log, worker log)."""
+    folder = tmp_path_factory.mktemp("two_workers")
+    workdir, scratch = folder / "run", folder / "scratch"
+    scratch.mkdir()
+    (chief_code, chief_log), (worker_code, worker_log) = _finish(_start_workers(workdir, scratch))
+    assert chief_code == 0, chief_log[-3000:]
+    assert worker_code == 0, worker_log[-3000:]
+    return workdir, scratch, chief_log, worker_log
+
+
+def test_two_workers_train_both_phases_and_only_the_chief_writes(two_workers):
+    workdir, scratch, chief_log, worker_log = two_workers
     assert "strategy multi_worker (--strategy=multi_worker): 2 replica(s) over 2 worker(s)" in (
         chief_log
     )
     assert "the chief evaluates and writes the outputs" in worker_log
     history = json.loads((workdir / "history.json").read_text())
-    assert len(history["phase1"]) == len(history["phase2"]) == 1
+    assert (len(history["phase1"]), len(history["phase2"])) == (2, 1)
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert (metrics["strategy"], metrics["replicas"], metrics["workers"]) == ("multi_worker", 2, 2)
     for name in ("flags.txt", "checkpoints/best.weights.h5", "export/saved_model.pb"):
@@ -253,6 +283,46 @@ def test_two_workers_train_both_phases_and_only_the_chief_writes(tmp_path):
     assert [line.split(": best")[0] for line in epoch_lines[0]] == [
         line.split(": best")[0] for line in epoch_lines[1]
     ]
+
+
+def test_a_worker_killed_mid_phase_stops_the_other_and_both_restarted_finish_exactly(
+    two_workers, tmp_path
+):
+    workdir, scratch = tmp_path / "run", tmp_path / "scratch"
+    scratch.mkdir()
+    # Worker 1 dies at the start of epoch 2, in the middle of phase 1: the chief's next
+    # collective fails within seconds, and it stops in one line (not a hang).
+    (chief_code, chief_log), (worker_code, _) = _finish(
+        _start_workers(workdir, scratch, kill_worker_1_at="epoch:2")
+    )
+    assert worker_code == -signal.SIGKILL
+    assert chief_code == 1, chief_log[-3000:]
+    lines = [line for line in chief_log.splitlines() if line.startswith("effpipe.train:")]
+    assert len(lines) == 1 and "Traceback" not in chief_log, chief_log[-3000:]
+    assert lines[0].startswith("effpipe.train: error: another worker of the cluster stopped")
+    assert "Restart every worker with the same command" in lines[0]
+    assert json.loads((workdir / "state" / "state.json").read_text())["epochs_done"] == 1
+    # The same command on both workers resumes after epoch 1 and ends as the
+    # uninterrupted run did, figure for figure.
+    (chief_code, chief_log), (worker_code, worker_log) = _finish(_start_workers(workdir, scratch))
+    assert chief_code == 0, chief_log[-3000:]
+    assert worker_code == 0, worker_log[-3000:]
+    assert "phase 1, 1 epochs done" in chief_log and "phase 1, 1 epochs done" in worker_log
+    resumed, uninterrupted = (
+        json.loads((folder / "history.json").read_text()) for folder in (workdir, two_workers[0])
+    )
+    assert _figures(resumed) == _figures(uninterrupted)
+    assert _test_figures(workdir) == _test_figures(two_workers[0])
+
+
+def _figures(history):
+    keys = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+    return [[record[key] for key in keys] for record in history["phase1"] + history["phase2"]]
+
+
+def _test_figures(workdir):
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    return metrics["top1"], metrics["top5"], metrics["loss"]
 
 
 def test_training_through_a_data_service_started_by_the_test(tmp_path, record_property):

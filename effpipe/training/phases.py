@@ -20,7 +20,7 @@ from absl import logging
 
 from effpipe import run_dir
 from effpipe.config import TrainConfig
-from effpipe.errors import UsageError, is_out_of_memory
+from effpipe.errors import UsageError, WorkerLost, is_out_of_memory
 from effpipe.model import factory, freezing
 from effpipe.outputs import plots
 from effpipe.training import (
@@ -304,6 +304,7 @@ def make_callbacks(
         saver,
         keras.callbacks.TerminateOnNaN(),
         context.stop_on_signal,
+        callbacks.KillPoints(),
     ]
 
 
@@ -378,6 +379,7 @@ def device_errors_as_usage_errors(config: TrainConfig, setup, describe_kept_weig
     except (tf.errors.OpError, MemoryError) as error:
         if not is_out_of_memory(error):
             _raise_numerics_finding(config, error, describe_kept_weights)
+            _raise_if_worker_lost(config, error, describe_kept_weights)
             raise
         raise UsageError(
             f"out of memory on {setup.device} at --batch_size={config.batch_size} "
@@ -385,6 +387,40 @@ def device_errors_as_usage_errors(config: TrainConfig, setup, describe_kept_weig
             f"find the largest batch that fits with `{runtime.tuner_command(config)}` (your card's "
             "memory in GB), or lower --batch_size. " + describe_kept_weights()
         ) from error
+
+
+# How TensorFlow's collective ops report a worker that died or cannot be reached:
+# the survivors' next all-reduce fails (within seconds of a SIGKILL, measured).
+_WORKER_LOST_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.AbortedError,
+    tf.errors.CancelledError,
+    tf.errors.DeadlineExceededError,
+)
+_WORKER_LOST_MARKERS = (
+    "Collective ops is aborted",
+    "Connection reset by peer",
+    "failed to connect",
+)
+
+
+def _raise_if_worker_lost(config: TrainConfig, error, describe_kept_weights) -> None:
+    """In a multi-worker run, raises a collective op's failure as one WorkerLost line
+    saying how to resume; returns otherwise."""
+    text = str(error)
+    if config.distribution.strategy != "multi_worker" or not (
+        isinstance(error, _WORKER_LOST_ERRORS) or any(m in text for m in _WORKER_LOST_MARKERS)
+    ):
+        return
+    # TensorFlow's message starts "Graph execution error:"; the cause is further down.
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    marked = [line for line in lines if any(m in line for m in _WORKER_LOST_MARKERS)]
+    cause = (marked or lines or [type(error).__name__])[0]
+    raise WorkerLost(
+        f"another worker of the cluster stopped or cannot be reached ({cause}). "
+        f"{describe_kept_weights()} Restart every worker with the same command: the run "
+        "resumes from its last saved epoch."
+    ) from error
 
 
 def _raise_numerics_finding(config: TrainConfig, error, describe_kept_weights) -> None:
