@@ -6,6 +6,7 @@ This module imports neither TensorFlow nor Keras: a bad flag fails in a second.
 """
 
 import datetime
+import re
 import sys
 
 from absl import flags
@@ -394,6 +395,34 @@ def make_flags_parser(program: str):
         try:
             return FLAGS(argv)
         except flags.Error as error:
-            exit_with_usage_error(program, error)
+            exit_with_usage_error(program, UsageError(_flag_error_with_fix(program, error)))
 
     return parse
+
+
+# What to pass instead of a value absl cannot parse, by the flag's type; an enum's
+# message already lists its choices.
+_VALUE_HINTS = {
+    "int": "pass a whole number, e.g. --{name}={default}",
+    "float": "pass a number, e.g. --{name}={default}",
+    "bool": "pass --{name} or --no{name}",
+}
+
+
+def _flag_error_with_fix(program: str, error: flags.Error) -> str:
+    """absl's message for a flag it refused, with the fix added where it names none."""
+    message = " ".join(str(error).split()).removeprefix("ERROR:: ")
+    if isinstance(error, flags.CantOpenFlagFileError):
+        return (
+            f"{message}: check the --flagfile path (a relative path, nested flagfiles' "
+            "too, resolves from the current directory: run from the repo root)"
+        )
+    if isinstance(error, flags.UnrecognizedFlagError) and "Did you mean" not in message:
+        return f"{message}: `python -m {program} --helpfull` lists the flags"
+    refused = re.match(r"flag --(\w+)=", message)
+    if isinstance(error, flags.IllegalFlagValueError) and refused and refused[1] in FLAGS:
+        flag = FLAGS[refused[1]]
+        hint = _VALUE_HINTS.get(flag.flag_type())
+        if hint:
+            return f"{message}: {hint.format(name=flag.name, default=flag.default)}"
+    return message

@@ -106,8 +106,10 @@ def check_data(data: DataConfig) -> None:
     _require(
         data.shapes_train_examples >= 2 * data.shapes_num_classes
         and data.shapes_test_examples >= 1,
-        "--shapes_train_examples must be at least twice --shapes_num_classes and "
-        "--shapes_test_examples at least 1",
+        f"--shapes_train_examples={data.shapes_train_examples} must be at least twice "
+        f"--shapes_num_classes={data.shapes_num_classes} and "
+        f"--shapes_test_examples={data.shapes_test_examples} at least 1: raise them, or "
+        "lower --shapes_num_classes",
     )
 
 

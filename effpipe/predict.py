@@ -36,7 +36,7 @@ def main(argv):
         if not paths:
             raise UsageError("no image given: python -m effpipe.predict --model=WORKDIR IMAGE...")
         if TOP_K.value < 1:
-            raise UsageError(f"--top_k={TOP_K.value} must be at least 1")
+            raise UsageError(f"--top_k={TOP_K.value} must be at least 1: pass e.g. --top_k=5")
         export_dir = _export_dir(MODEL.value)
         import numpy as np
         import tensorflow as tf

@@ -109,8 +109,9 @@ def main(argv):
                 f"--reserved_mib={RESERVED_MIB.value} leaves nothing of "
                 f"--memory_budget_gb={MEMORY_BUDGET_GB.value:g}: lower it"
             )
-        if min(MAX_BATCH.value, TRIAL_STEPS.value, RESOLUTION.value) < 1:
-            raise UsageError("--max_batch, --trial_steps and --resolution must be at least 1")
+        for flag in (MAX_BATCH, TRIAL_STEPS, RESOLUTION):
+            if flag.value < 1:
+                raise UsageError(f"--{flag.name}={flag.value} must be at least 1")
         # Imported here so that a bad flag fails before TensorFlow loads.
         from effpipe.tune import tuner
 

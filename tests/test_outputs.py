@@ -151,18 +151,6 @@ def test_predict_answers_every_readable_image_and_names_the_others(exported, tmp
     ]
 
 
-def test_predict_without_an_export_is_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "effpipe.predict", f"--model={tmp_path}", "x.png"],
-        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        f"effpipe.predict: error: {tmp_path} holds no exported model (no saved_model.pb in it "
-        "or in its export/): point --model at a finished run's directory"
-    ]
-
-
 def test_summarize_counts_top1_top5_and_per_class():
     probabilities = np.array(
         [[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.1, 0.4], [0.2, 0.5, 0.3]], np.float32

@@ -85,7 +85,10 @@ def _visible_entries(directory: str, *, directories: bool) -> list[str]:
 def _list_split(directory: str, class_names: tuple[str, ...], *, is_train: bool) -> FolderSplit:
     unknown = sorted(set(_visible_entries(directory, directories=True)) - set(class_names))
     if unknown:
-        raise UsageError(f"{directory} has class folders that train/ lacks: {', '.join(unknown)}")
+        raise UsageError(
+            f"{directory} has class folders that train/ lacks: {', '.join(unknown)}: add "
+            "them to train/ (a class needs training images) or remove them"
+        )
     paths, labels = [], []
     digest = hashlib.sha256()
     for label, class_name in enumerate(class_names):

@@ -101,9 +101,17 @@ def make_base(
     except Exception as error:  # h5py and Keras raise several types for a bad file.
         raise UsageError(
             f"weights file {weights} does not fit the {variant} base "
-            f"({type(error).__name__}: {error}): pass the no-top weights of {variant}"
+            f"({type(error).__name__}: {_first_sentence(error)}): pass the no-top weights "
+            f"of {variant}"
         ) from error
     return base
+
+
+def _first_sentence(error: Exception, max_chars: int = 200) -> str:
+    """The start of an error's message, for one line: Keras follows "A total of N
+    objects could not be loaded." with every layer that did not load."""
+    sentence = " ".join(str(error).split()).split(". ")[0]
+    return sentence if len(sentence) <= max_chars else sentence[: max_chars - 3] + "..."
 
 
 def _imagenet_network(constructor, input_shape: tuple[int, int, int]) -> keras.Model:
