@@ -72,12 +72,26 @@ def _epochs(history):
     ]
 
 
-def test_sigkill_in_phase_1_then_the_same_command_finishes(tmp_path):
+def test_sigterm_then_sigkill_in_phase_1_and_the_same_command_finishes(tmp_path):
     workdir = tmp_path / "run"
+    # SIGTERM: the current step finishes, one line says how to resume.
     process = _start(workdir, "--phase1_epochs=3")
-    _wait_for_epochs(process, workdir, 2)
-    _kill(process, workdir)
+    _wait_for_epochs(process, workdir, 1)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=300)
+    stderr = process.log_path.read_text()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith("effpipe.train: stopped by SIGTERM in epoch")
+    assert "rerun the same command to resume" in last_line and "Traceback" not in stderr
     state_dir = workdir / "state"
+    stopped_at = json.loads((state_dir / "state.json").read_text())["epochs_done"]
+    assert stopped_at >= 1 and not (workdir / "metrics.json").exists()
+    # The same command resumes; SIGKILL it an epoch later.
+    process = _start(workdir, "--phase1_epochs=3", log_name="resumed.txt")
+    _wait_for_epochs(process, workdir, stopped_at + 1)
+    _kill(process, workdir)
+    assert f"phase 1, {stopped_at} epochs done" in process.log_path.read_text()
     done = json.loads((state_dir / "state.json").read_text())["epochs_done"]
     # The kill also damaged the newest weights, as a full disk would: the rerun
     # falls back to the epoch before, which the state folder keeps.
@@ -131,21 +145,3 @@ def test_sigkill_in_phase_2_resumes_exactly_with_deterministic(tmp_path):
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     after_kill = json.loads((workdir / "metrics.json").read_text())
     assert (after_kill["top1"], after_kill["loss"]) == (whole["top1"], whole["loss"])
-
-
-def test_sigterm_stops_cleanly_saying_how_to_resume(tmp_path):
-    workdir = tmp_path / "run"
-    process = _start(workdir, "--phase2_epochs=3")
-    _wait_for_epochs(process, workdir, 2)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=300)
-    stderr = process.log_path.read_text()
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    last_line = stderr.strip().splitlines()[-1]
-    assert last_line.startswith("effpipe.train: stopped by SIGTERM in epoch")
-    assert "rerun the same command to resume" in last_line and "Traceback" not in stderr
-    state = json.loads((workdir / "state" / "state.json").read_text())
-    assert state["epochs_done"] >= 2 and not (workdir / "metrics.json").exists()
-    # The same command resumes and finishes.
-    history, log = _run_to_completion(workdir, "--phase2_epochs=3", log_name="rerun.txt")
-    assert "resumed from" in log and _epochs(history) == ([1], [2, 3, 4])
