@@ -9,10 +9,23 @@ batches over gRPC. More workers take the host pipeline off the training machines
 they can also run on other machines, started with TensorFlow's WorkerServer and
 pointed at this dispatcher. Stops on SIGINT or SIGTERM: exits with status 0 at once,
 without TensorFlow's server teardown (see `_exit_without_teardown`).
+
+A restarted service does not keep the jobs of running trainers: its dispatcher holds
+them in memory. Once it is back on the same port, a trainer that still reads from it
+gets TensorFlow's "Unknown iteration client id" at its next step and stops; run
+again with the same command, it resumes. TensorFlow's `fault_tolerant_mode` with a `work_dir` is
+not offered: it restores the jobs, but the workers restart with this process, and a
+restored job with a restarted worker never serves again (the trainer waits for ever).
+
+Trust boundary: TensorFlow's servers listen on every interface (0.0.0.0; they take no
+bind address) and run the dataset graphs any client sends; the README says what to
+firewall.
 """
 
+import errno
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -69,6 +82,37 @@ def _exit_without_teardown(signal_number: int) -> None:
     os._exit(0)
 
 
+def _port_in_use_error(port: int) -> UsageError:
+    return UsageError(
+        f"--port={port} is in use: pass another --port, or stop the process holding it "
+        f"(ss -ltnp 'sport = :{port}' names it)"
+    )
+
+
+def check_port_free(port: int) -> None:
+    """Raises `UsageError` when something listens on `port`, before TensorFlow starts.
+
+    TensorFlow's servers bind 0.0.0.0:PORT; so does this check. SO_REUSEADDR, as gRPC
+    sets it: a port whose last server died leaves connections in TIME_WAIT for a
+    minute, which must not stop a restart, while on Linux a listening socket still
+    refuses the bind (gRPC's SO_REUSEPORT does not apply: this socket lacks it).
+
+    Args:
+      port: the dispatcher's port.
+
+    Raises:
+      UsageError: the port is in use.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise _port_in_use_error(port) from None
+            raise UsageError(f"--port={port} cannot be bound: {error.strerror}") from None
+
+
 def main(argv):
     cli_flags.refuse_arguments(PROGRAM, argv)
     if not 1 <= PORT.value <= 65535 or NUM_WORKERS.value < 1:
@@ -79,6 +123,12 @@ def main(argv):
                 "at least 1"
             ),
         )
+    # Before TensorFlow starts: its messages would come before the one line, and it
+    # reports a taken port only as "Could not start gRPC server".
+    try:
+        check_port_free(PORT.value)
+    except UsageError as error:
+        cli_flags.exit_with_usage_error(PROGRAM, error)
     # Set before TensorFlow starts: a signal from then on is a stop request. The
     # handler only appends to a list (no lock it could deadlock on, as Event.set
     # can when it interrupts the main thread inside Event.wait).
@@ -88,7 +138,13 @@ def main(argv):
     import tensorflow as tf
 
     service = tf.data.experimental.service
-    dispatcher = service.DispatchServer(service.DispatcherConfig(port=PORT.value))
+    try:
+        dispatcher = service.DispatchServer(service.DispatcherConfig(port=PORT.value))
+    except RuntimeError as error:
+        # Another server took the port since the check.
+        if "Could not start gRPC server" not in str(error):
+            raise
+        cli_flags.exit_with_usage_error(PROGRAM, _port_in_use_error(PORT.value))
     dispatcher_address = dispatcher.target.removeprefix("grpc://")
     workers = [
         service.WorkerServer(

@@ -91,8 +91,9 @@ class DiskFullError(UsageError):
 
 
 class WorkerLost(Exception):
-    """In a multi-worker run, another worker stopped or could not be reached; the
-    message says what is saved and how to resume (restart every worker)."""
+    """A process the run depends on stopped: another worker of a multi-worker run, or
+    the tf.data service (restarted without the run's jobs). The message says what is
+    saved and how to resume."""
 
 
 class TrainingInterrupted(Exception):

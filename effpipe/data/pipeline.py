@@ -91,6 +91,35 @@ def check_dispatcher_answers(address: str, timeout_sec: float = DISPATCHER_TIMEO
     )
 
 
+# How TensorFlow's data-service client reports a dispatcher that restarted without
+# its jobs (a NotFoundError at the next step, once the new dispatcher answers).
+DISPATCHER_RESTART_MARKER = "Unknown iteration client id"
+
+
+def dispatcher_restart_message(address: str, error: Exception) -> str | None:
+    """The one line for a training step that failed because its dispatcher restarted.
+
+    The dispatcher keeps a run's jobs in memory only: a restarted one no longer knows
+    them, and the run cannot continue in this process (a dispatcher with TensorFlow's
+    fault_tolerant_mode does not help while its workers restart with it: the
+    restored job never serves again and the trainer waits for ever).
+
+    Args:
+      address: grpc://HOST:PORT of the dispatcher (--data_service).
+      error: what the training step raised.
+
+    Returns:
+      The message, without the resume advice; None for any other error.
+    """
+    if not isinstance(error, tf.errors.NotFoundError) or DISPATCHER_RESTART_MARKER not in str(
+        error
+    ):
+        return None
+    return (
+        f"the tf.data service at --data_service={address} restarted and lost this run's input jobs"
+    )
+
+
 def make_dataset(
     split: splits.Split | np.ndarray,
     labels: np.ndarray | None = None,

@@ -20,6 +20,7 @@ from absl import logging
 
 from effpipe import run_dir
 from effpipe.config import TrainConfig
+from effpipe.data import pipeline
 from effpipe.errors import UsageError, WorkerLost, is_out_of_memory
 from effpipe.model import factory, freezing
 from effpipe.outputs import plots
@@ -380,6 +381,7 @@ def device_errors_as_usage_errors(config: TrainConfig, setup, describe_kept_weig
         if not is_out_of_memory(error):
             _raise_numerics_finding(config, error, describe_kept_weights)
             _raise_if_worker_lost(config, error, describe_kept_weights)
+            _raise_if_data_service_restarted(config, error, describe_kept_weights)
             raise
         raise UsageError(
             f"out of memory on {setup.device} at --batch_size={config.batch_size} "
@@ -421,6 +423,18 @@ def _raise_if_worker_lost(config: TrainConfig, error, describe_kept_weights) -> 
         f"{describe_kept_weights()} Restart every worker with the same command: the run "
         "resumes from its last saved epoch."
     ) from error
+
+
+def _raise_if_data_service_restarted(config: TrainConfig, error, describe_kept_weights) -> None:
+    """Raises a step's failure after its tf.data service restarted (and lost the run's
+    jobs) as one WorkerLost line saying how to resume; returns otherwise."""
+    address = config.distribution.data_service
+    restarted = address and pipeline.dispatcher_restart_message(address, error)
+    if restarted:
+        raise WorkerLost(
+            f"{restarted}. {describe_kept_weights()} Rerun the same command: the run resumes "
+            "from its last saved epoch."
+        ) from error
 
 
 def _raise_numerics_finding(config: TrainConfig, error, describe_kept_weights) -> None:
