@@ -5,7 +5,7 @@ The binaries (`python -m effpipe.train`, `.evaluate`, `.predict`, `.tune_batch`,
 the libraries they call read no flags. The libraries live in layer packages, in the
 data's order, and each imports only from the layers before it:
 
-    core (config, config_checks, errors, variants, run_dir) <- data <- model <- outputs <- training <- tune
+    core (config, config_checks, errors, faults, variants, run_dir) <- data <- model <- outputs <- training <- tune
 """
 
 __version__ = "0.1.0"

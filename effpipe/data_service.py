@@ -47,6 +47,25 @@ WORKER_HOST = flags.DEFINE_string(
     "localhost",
     "Host name by which trainers reach this machine's workers.",
 )
+ROLE = flags.DEFINE_enum(
+    "role",
+    "all",
+    ["all", "dispatcher", "worker"],
+    "all: a dispatcher and --num_workers workers in this process; dispatcher: the "
+    "dispatcher alone; worker: --num_workers workers of the dispatcher at --dispatcher.",
+)
+WORK_DIR = flags.DEFINE_string(
+    "work_dir",
+    None,
+    "Directory (created when missing) where the dispatcher journals its datasets and jobs "
+    "(TensorFlow's fault_tolerant_mode): restarted with the same --work_dir, it restores "
+    "them. Keeps jobs over a restart only for workers that outlive it (--role=worker).",
+)
+DISPATCHER = flags.DEFINE_string(
+    "dispatcher",
+    None,
+    "HOST:PORT of the dispatcher the workers register with (--role=worker).",
+)
 
 # How often the main thread looks for a stop request, in seconds. Python runs signal
 # handlers in the main thread, between bytecodes; sleeping in short steps, the main
@@ -68,8 +87,8 @@ def _exit_without_teardown(signal_number: int) -> None:
     ended after 125 s, that pipeline busy starting new shuffle epochs. Under load,
     stops took up to 57 s after one smoke run. The binding holds the GIL meanwhile, so
     no Python thread can bound the wait. The servers keep nothing a stop would save
-    (the dispatcher is not fault tolerant and has no work_dir): exiting here loses only
-    the goodbye. A trainer still reading waits for the service either way (one still
+    (a dispatcher with --work_dir journals every change before it answers; one without
+    keeps nothing): exiting here loses only the goodbye. A trainer still reading waits for the service either way (one still
     waited 90 s after this exit, and 90 s after a completed stop).
 
     Args:
@@ -113,20 +132,119 @@ def check_port_free(port: int) -> None:
             raise UsageError(f"--port={port} cannot be bound: {error.strerror}") from None
 
 
+# How long the worker role waits for its dispatcher to accept a connection before it
+# stops: TensorFlow's WorkerServer would retry its registration for ever.
+DISPATCHER_TIMEOUT_SEC = 10.0
+
+
+def check_flags() -> None:
+    """Raises `UsageError` for a value out of range or a flag the --role does not take."""
+    if not 1 <= PORT.value <= 65535 or NUM_WORKERS.value < 1:
+        raise UsageError(
+            f"--port={PORT.value} must be 1..65535 and --num_workers={NUM_WORKERS.value} at least 1"
+        )
+    role = ROLE.value
+    if role == "worker":
+        if DISPATCHER.value is None:
+            raise UsageError(
+                "--role=worker needs --dispatcher=HOST:PORT, a dispatcher started with "
+                "--role=dispatcher"
+            )
+        for name in ("port", "work_dir"):
+            if flags.FLAGS[name].present:
+                raise UsageError(
+                    f"--{name} is the dispatcher's: --role=worker takes --dispatcher=HOST:PORT"
+                )
+        dispatcher_host_port(DISPATCHER.value)
+        return
+    if DISPATCHER.value is not None:
+        raise UsageError(
+            f"--dispatcher is for --role=worker: --role={role} starts its own dispatcher on --port"
+        )
+    if role == "dispatcher":
+        for name in ("num_workers", "worker_host"):
+            if flags.FLAGS[name].present:
+                raise UsageError(
+                    f"--{name} is the workers': --role=dispatcher starts none (start them "
+                    f"with --role=worker --dispatcher=HOST:{PORT.value})"
+                )
+
+
+def dispatcher_host_port(address: str) -> tuple[str, int]:
+    """(HOST, PORT) of a --dispatcher value, HOST:PORT or grpc://HOST:PORT.
+
+    Raises:
+      UsageError: the value is not of that form.
+    """
+    host, _, port = address.removeprefix("grpc://").rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(f"--dispatcher={address} must be HOST:PORT with PORT 1..65535")
+    return host, int(port)
+
+
+def check_dispatcher_answers(address: str, timeout_sec: float = DISPATCHER_TIMEOUT_SEC) -> None:
+    """Raises `UsageError` unless the dispatcher at `address` accepts a connection.
+
+    A WorkerServer whose dispatcher does not answer retries its registration for ever,
+    in a call during which this process does not see SIGTERM; so the worker role asks
+    first. Once registered, a worker keeps serving while its dispatcher restarts.
+
+    Args:
+      address: --dispatcher, HOST:PORT.
+      timeout_sec: how long to wait for the connection.
+
+    Raises:
+      UsageError: nothing accepts connections there within `timeout_sec`.
+    """
+    host, port = dispatcher_host_port(address)
+    try:
+        with socket.create_connection((host.strip("[]"), port), timeout=timeout_sec):
+            return
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+    raise UsageError(
+        f"--dispatcher={address} does not answer ({reason} within {timeout_sec:g} s): start "
+        f"`python -m {PROGRAM} --role=dispatcher --port={port}` on that host first, or "
+        "check the address and the firewall between here and there"
+    )
+
+
+def make_work_dir(path: str) -> str:
+    """Creates --work_dir (and its parents) when missing and returns its absolute path.
+
+    Raises:
+      UsageError: it cannot be created (a file in its place or on its path, no
+        permission, a read-only filesystem), or is not writable.
+    """
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise UsageError(
+            f"--work_dir={path} cannot be created ({error.strerror or error}"
+            f"{': ' + error.filename if error.filename else ''}): pick a directory path "
+            "you can write to"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"--work_dir={path} is not writable: pick a directory path you can write to"
+        )
+    return os.path.abspath(path)
+
+
 def main(argv):
     cli_flags.refuse_arguments(PROGRAM, argv)
-    if not 1 <= PORT.value <= 65535 or NUM_WORKERS.value < 1:
-        cli_flags.exit_with_usage_error(
-            PROGRAM,
-            UsageError(
-                f"--port={PORT.value} must be 1..65535 and --num_workers={NUM_WORKERS.value} "
-                "at least 1"
-            ),
-        )
+    role = ROLE.value
     # Before TensorFlow starts: its messages would come before the one line, and it
     # reports a taken port only as "Could not start gRPC server".
+    work_dir = None
     try:
-        check_port_free(PORT.value)
+        check_flags()
+        if role == "worker":
+            check_dispatcher_answers(DISPATCHER.value)
+        else:
+            check_port_free(PORT.value)
+            if WORK_DIR.value is not None:
+                work_dir = make_work_dir(WORK_DIR.value)
     except UsageError as error:
         cli_flags.exit_with_usage_error(PROGRAM, error)
     # Set before TensorFlow starts: a signal from then on is a stop request. The
@@ -138,14 +256,22 @@ def main(argv):
     import tensorflow as tf
 
     service = tf.data.experimental.service
-    try:
-        dispatcher = service.DispatchServer(service.DispatcherConfig(port=PORT.value))
-    except RuntimeError as error:
-        # Another server took the port since the check.
-        if "Could not start gRPC server" not in str(error):
-            raise
-        cli_flags.exit_with_usage_error(PROGRAM, _port_in_use_error(PORT.value))
-    dispatcher_address = dispatcher.target.removeprefix("grpc://")
+    if role == "worker":
+        host, port = dispatcher_host_port(DISPATCHER.value)
+        dispatcher_address = f"{host}:{port}"
+    else:
+        try:
+            dispatcher = service.DispatchServer(
+                service.DispatcherConfig(
+                    port=PORT.value, work_dir=work_dir, fault_tolerant_mode=work_dir is not None
+                )
+            )
+        except RuntimeError as error:
+            # Another server took the port since the check.
+            if "Could not start gRPC server" not in str(error):
+                raise
+            cli_flags.exit_with_usage_error(PROGRAM, _port_in_use_error(PORT.value))
+        dispatcher_address = dispatcher.target.removeprefix("grpc://")
     workers = [
         service.WorkerServer(
             service.WorkerConfig(
@@ -153,14 +279,21 @@ def main(argv):
                 worker_address=f"{WORKER_HOST.value}:%port%",
             )
         )
-        for _ in range(NUM_WORKERS.value)
+        for _ in range(NUM_WORKERS.value if role != "dispatcher" else 0)
     ]
     # The line a script (or a test) waits for before starting trainers.
-    print(
-        f"{PROGRAM}: serving at {dispatcher.target} with {len(workers)} worker(s)",
-        flush=True,
-    )
-    logging.info("pass --data_service=%s to effpipe.train", dispatcher.target)
+    if role == "worker":
+        ready = f"{len(workers)} worker(s) serving the dispatcher at {dispatcher_address}"
+    else:
+        ready = f"serving at {dispatcher.target}"
+        ready += " (dispatcher only)" if role == "dispatcher" else f" with {len(workers)} worker(s)"
+        if work_dir is not None:
+            ready += f", its jobs kept in {work_dir}"
+    print(f"{PROGRAM}: {ready}", flush=True)
+    if role != "worker":
+        logging.info("pass --data_service=%s to effpipe.train", dispatcher.target)
+    if role == "dispatcher":
+        logging.info("start its workers with --role=worker --dispatcher=%s", dispatcher_address)
     while not stop_requests:
         time.sleep(STOP_POLL_SEC)
     _exit_without_teardown(stop_requests[0])

@@ -19,6 +19,7 @@ import threading
 import time
 
 import pytest
+from binaries import check_run_outputs
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -68,15 +69,20 @@ def free_port():
 
 
 def start_data_service(port, log_path, num_workers=1):
-    """Starts the service and returns (process, ready line) once it serves.
+    """Starts the service (--role=all) and returns (process, ready line) once it serves."""
+    return start_service([f"--port={port}", f"--num_workers={num_workers}"], log_path)
+
+
+def start_service(service_flags, log_path):
+    """Starts effpipe.data_service with `service_flags` and returns (process, ready line)
+    once it serves.
 
     Its stdout is read to the end by a thread, so a full pipe can never block it;
     its stderr goes to `log_path`.
     """
     with open(log_path, "w") as log:
         service = subprocess.Popen(
-            [sys.executable, "-m", "effpipe.data_service", f"--port={port}",
-             f"--num_workers={num_workers}"],
+            [sys.executable, "-m", "effpipe.data_service", *service_flags],
             cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=log, text=True,
         )  # fmt: skip
     lines = queue.Queue()
@@ -268,3 +274,66 @@ def test_a_trainer_stops_in_one_line_when_its_service_restarts(tmp_path):
         f"effpipe.train: error: the tf.data service at --data_service=grpc://localhost:{port} "
         "restarted and lost this run's input jobs"
     ), line
+
+
+def test_a_trainer_survives_a_restart_of_a_fault_tolerant_dispatcher(tmp_path):
+    """SIGKILL of a --role=dispatcher --work_dir service in the middle of phase 1, then a
+    restart on its port with the same --work_dir, while its worker (--role=worker, a
+    process of its own) runs on.
+
+    The restarted dispatcher restores the run's job from its journal, the worker
+    registers again with its task, and the trainer finishes its 6 epochs, exit 0.
+    """
+    port, workdir, journal = free_port(), tmp_path / "run", tmp_path / "journal"
+    dispatcher_flags = ["--role=dispatcher", f"--port={port}", f"--work_dir={journal}"]
+    # Each service by the name of its log, SIGTERMed at the end.
+    services, trainer, seen = {}, None, []
+    try:
+        services["dispatcher"], ready = start_service(dispatcher_flags, tmp_path / "dispatcher.log")
+        assert ready == (
+            f"effpipe.data_service: serving at grpc://localhost:{port} (dispatcher only), "
+            f"its jobs kept in {journal}\n"
+        )
+        services["worker"], ready = start_service(
+            ["--role=worker", f"--dispatcher=localhost:{port}"], tmp_path / "worker.log"
+        )
+        assert (
+            ready
+            == f"effpipe.data_service: 1 worker(s) serving the dispatcher at localhost:{port}\n"
+        )
+        trainer = subprocess.Popen(
+            [sys.executable, "-m", "effpipe.train", "--flagfile=flags/smoke.flags",
+             "--image_size=32", "--noexport", "--phase1_epochs=6", "--phase2_epochs=0",
+             f"--workdir={workdir}", f"--data_service=grpc://localhost:{port}"],
+            cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        # The trainer's stderr, read to the end by a thread (a full pipe would block it).
+        lines = queue.Queue()
+        threading.Thread(
+            target=lambda: [lines.put(line) for line in trainer.stderr] + [lines.put(None)],
+            daemon=True,
+        ).start()
+        # After the first epoch the trainer has read from the dispatcher's job.
+        deadline = time.monotonic() + TRAINER_HANG_GUARD_SEC
+        while not any("epoch 1:" in line for line in seen):
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+            assert line is not None, "".join(seen)[-3000:]
+            seen.append(line)
+        killed = services.pop("dispatcher")
+        killed.kill()
+        killed.wait()
+        services["restarted"], _ = start_service(dispatcher_flags, tmp_path / "restarted.log")
+        trainer.wait(timeout=TRAINER_HANG_GUARD_SEC)
+    except (queue.Empty, subprocess.TimeoutExpired):
+        pytest.fail(f"trainer hung: {''.join(seen)[-3000:]}")
+    finally:
+        if trainer is not None:
+            trainer.kill()
+            trainer.wait()
+        for name, service in services.items():
+            stop_seconds(service, signal.SIGTERM, tmp_path / f"{name}.log")
+    while (line := lines.get(timeout=STOP_HANG_GUARD_SEC)) is not None:
+        seen.append(line)
+    stderr = "".join(seen)
+    assert trainer.returncode == 0, stderr[-3000:]
+    check_run_outputs(workdir, (6, 0))
