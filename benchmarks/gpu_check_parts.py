@@ -36,7 +36,9 @@ train step and up to a minute or more of XLA compilation at 456 px.
 With smoke=True the same parts run at a tiny scale on any machine: the smoke run at
 32 px, batch 4, without XLA; a B0 estimate and CPU trials at batch 4 (their "peak" is
 the process's RSS, so their error means nothing); the benchmarks' own --smoke modes,
-of the step settings only SMOKE_STEP_PARTS, both without XLA.
+of the step settings only SMOKE_STEP_PARTS, both without XLA; the first of them
+times every configuration of benchmarks.step_throughput, so that one smoke run
+checks the whole step benchmark (tests/test_gpu_check.py).
 """
 
 import json
@@ -191,7 +193,8 @@ def step_part(name, phase, mixed, xla, configurations, limits, smoke) -> Part:
     ]  # fmt: skip
     argv = ["-m", "benchmarks.step_throughput", *scale, f"--phase={phase}"]
     argv += ["--mixed_precision" if mixed else "--nomixed_precision", f"--xla={xla}"]
-    argv += [f"--configurations={','.join(configurations)}"]
+    if not (smoke and name == SMOKE_STEP_PARTS[0]):
+        argv += [f"--configurations={','.join(configurations)}"]
     timeout_s, needs_s = (300, 0) if smoke else limits
     return Part(name, argv, timeout_s, needs_s, read_step)
 

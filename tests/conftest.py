@@ -23,12 +23,15 @@ def pytest_configure(config):
 # handed a long file at the end while the other has finished.
 SLOWEST_FILES_FIRST = (
     "test_demo.py",
+    "test_train.py",
     "test_distribution.py",
     "test_resume.py",
-    "test_train.py",
     "test_gpu_check.py",
+    "test_feature_cache.py",
     "test_tune_batch.py",
-    "test_benchmarks.py",
+    "test_export.py",
+    "test_bad_input.py",
+    "test_data_service.py",
 )
 
 

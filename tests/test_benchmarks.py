@@ -1,4 +1,5 @@
-"""Each benchmark runs end to end in its seconds-long smoke mode, so it cannot rot."""
+"""Each benchmark runs end to end in its seconds-long smoke mode, so it cannot rot (the
+step and augmentation benchmarks inside the GPU check's smoke run: test_gpu_check.py)."""
 
 import json
 import os
@@ -28,23 +29,6 @@ def _run_benchmark(repo_root, module, *args):
     return lines, json.loads(lines[-1])
 
 
-def test_augment_throughput_smoke(repo_root):
-    lines, report = _run_benchmark(repo_root, "benchmarks.augment_throughput", "--smoke")
-    assert any("fused" in line and "keras_chain" not in line for line in lines[:-1])
-    assert report["benchmark"] == "augment_throughput"
-    (size,) = report["sizes"].values()
-    assert size["fused_images_per_sec"] > 0 and size["keras_chain_images_per_sec"] > 0
-    assert size["speedup"] == size["fused_images_per_sec"] / size["keras_chain_images_per_sec"]
-    # The fused operation is built to compile under XLA; the trainer relies on it.
-    assert size["xla_compiles"]["fused"] is True
-    assert set(size["xla_compiles"]) == {"fused", "keras_chain", "resize_only"}
-    assert {
-        "fused/step_xla",
-        "fused/step_not_compiled",
-        "fused_uncompiled/step_not_compiled",
-    } <= set(size["images_per_sec"])
-
-
 def test_input_throughput_smoke(repo_root):
     lines, report = _run_benchmark(repo_root, "benchmarks.input_throughput", "--smoke")
     assert any(line.startswith("target: effpipe >=") for line in lines)
@@ -55,40 +39,6 @@ def test_input_throughput_smoke(repo_root):
     # Every stage of the chain and the notebook pipeline were timed.
     assert len(report["stages_images_per_sec"]) == 5
     assert all(rate > 0 for rate in report["stages_images_per_sec"].values())
-
-
-def test_step_throughput_smoke(repo_root):
-    lines, report = _run_benchmark(repo_root, "benchmarks.step_throughput", "--smoke")
-    assert report["benchmark"] == "step_throughput"
-    # The trainer's auto steps per call: one on a CPU, several on a GPU.
-    assert report["steps_per_execution"] == (1 if report["device"] == "CPU" else 3)
-    configurations = report["configurations"]
-    assert set(configurations) == {
-        "effpipe/noaug/synthetic", "effpipe/noaug/pipeline", "effpipe/aug/synthetic",
-        "effpipe/aug/pipeline", "notebook/synthetic", "notebook/numpy", "notebook/generator",
-        "effpipe/noaug/feature_cache", "effpipe/noaug/feature_cache/multistep",
-    }  # fmt: skip
-    on_gpu = report["device"] != "CPU"
-    for name, figures in configurations.items():
-        assert figures["ms_per_step"] > 0 and figures["images_per_sec"] > 0, name
-        assert (figures["peak_memory_mb"] > 0) if on_gpu else figures["peak_memory_mb"] is None
-    for name in ("effpipe/noaug/synthetic", "effpipe/noaug/pipeline", "effpipe/aug/pipeline"):
-        assert configurations[name]["speedup_vs_notebook"] > 0, name
-    # Every configuration fed by an input pipeline has its compute-only counterpart.
-    fed = {name for name, figures in configurations.items() if "input_bound_fraction" in figures}
-    assert fed == {
-        "effpipe/noaug/pipeline", "effpipe/aug/pipeline", "notebook/numpy", "notebook/generator",
-    }  # fmt: skip
-    assert set(report["targets"]) == {"augment_share_of_step", "noaug_speedup_vs_notebook_as_run"}
-    # Phase 1 on cached features against the full model, per epoch of the same steps.
-    cache = report["phase1_feature_cache"]
-    assert cache["epoch_seconds_with_cache"] > 0 and cache["cache_build_seconds"] > 0
-    assert cache["epoch_time_ratio"] == (
-        cache["epoch_seconds_with_cache"] / cache["epoch_seconds_without_cache"]
-    )
-    assert cache["cache_build_images"] == report["steps_per_repeat"] * report["batch_size"]
-    # The same cached epoch with the trainer's auto steps per call (3 smoke steps: 3).
-    assert cache["steps_per_execution"] == 3 and cache["ms_per_step_with_cache_multistep"] > 0
 
 
 @pytest.mark.parametrize(

@@ -217,11 +217,13 @@ def test_the_seed_head_has_no_cacheable_features():
 
 def test_a_kill_in_the_feature_pass_or_its_write_leaves_nothing_a_rerun_trusts(tmp_path):
     # The binary, SIGKILLed (effpipe.faults) between the two splits' passes, then
-    # inside the cache file's write; the third start computes, saves and trains.
+    # inside the cache file's write; the third start computes, saves and trains. Under
+    # --mixed_precision, which resolves to bfloat16 on a CPU, without loss scaling.
     workdir = tmp_path / "run"
     command = (
         "--flagfile=flags/smoke.flags", "--image_size=32", "--noaugment", "--noexport",
-        "--phase1_feature_cache=on", "--phase2_epochs=0", f"--workdir={workdir}",
+        "--phase1_feature_cache=on", "--phase2_epochs=0", "--mixed_precision",
+        f"--workdir={workdir}",
     )  # fmt: skip
     cache_file = workdir / feature_cache.CACHE_FILE
     for point in ("feature_cache", "write:phase1_features"):
@@ -237,4 +239,6 @@ def test_a_kill_in_the_feature_pass_or_its_write_leaves_nothing_a_rerun_trusts(t
         assert len(stored["train"]) == 180 and len(stored["validation"]) == 20
     history = json.loads((workdir / "history.json").read_text())
     assert len(history["phase1"]) == 1 and history["phase2"] == []
-    assert json.loads((workdir / "metrics.json").read_text())["phase1_feature_cache"] is True
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["phase1_feature_cache"] is True
+    assert metrics["precision"] == "mixed_bfloat16" and metrics["loss_scaling"] is False

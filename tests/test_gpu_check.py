@@ -203,6 +203,10 @@ def test_smoke_runs_every_part_and_records_finite_figures(repo_root, tmp_path):
     replica_phase = parts["step_p1_float32_xla_off"]["figures"]
     for name in gpu_check_parts.NOAUG + gpu_check_parts.REPLICA:
         assert replica_phase[f"{name}/ms_per_step"] > 0, name
+    _check_step_benchmark(parts["step_p1_float32_xla_off"]["result"])
+    _check_augment_benchmark(
+        parts["augment"]["result"], (tmp_path / "gpu_check_logs" / "augment.stdout").read_text()
+    )
     # Only the named configurations were timed.
     mixed_phase = parts["step_p2_mixed_xla_off"]
     assert set(mixed_phase["result"]["configurations"]) == {"effpipe/noaug/synthetic"}
@@ -217,3 +221,55 @@ def test_smoke_runs_every_part_and_records_finite_figures(repo_root, tmp_path):
     )
     assert steps["step_p2_mixed_xla_off"]["speedup_vs_replica"] is None  # No phase-2 replica.
     assert result.stdout.strip().splitlines()[-1].startswith(f"gpu_check: wrote {output}")
+
+
+def _check_step_benchmark(report):
+    """benchmarks.step_throughput --smoke at its defaults (the smoke's first step part
+    times every configuration)."""
+    assert report["benchmark"] == "step_throughput"
+    # The trainer's auto steps per call: one on a CPU, several on a GPU.
+    assert report["steps_per_execution"] == (1 if report["device"] == "CPU" else 3)
+    configurations = report["configurations"]
+    assert set(configurations) == {
+        "effpipe/noaug/synthetic", "effpipe/noaug/pipeline", "effpipe/aug/synthetic",
+        "effpipe/aug/pipeline", "notebook/synthetic", "notebook/numpy", "notebook/generator",
+        "effpipe/noaug/feature_cache", "effpipe/noaug/feature_cache/multistep",
+    }  # fmt: skip
+    on_gpu = report["device"] != "CPU"
+    for name, figures in configurations.items():
+        assert figures["ms_per_step"] > 0 and figures["images_per_sec"] > 0, name
+        assert (figures["peak_memory_mb"] > 0) if on_gpu else figures["peak_memory_mb"] is None
+    for name in ("effpipe/noaug/synthetic", "effpipe/noaug/pipeline", "effpipe/aug/pipeline"):
+        assert configurations[name]["speedup_vs_notebook"] > 0, name
+    # Every configuration fed by an input pipeline has its compute-only counterpart.
+    fed = {name for name, figures in configurations.items() if "input_bound_fraction" in figures}
+    assert fed == {
+        "effpipe/noaug/pipeline", "effpipe/aug/pipeline", "notebook/numpy", "notebook/generator",
+    }  # fmt: skip
+    assert set(report["targets"]) == {"augment_share_of_step", "noaug_speedup_vs_notebook_as_run"}
+    # Phase 1 on cached features against the full model, per epoch of the same steps.
+    cache = report["phase1_feature_cache"]
+    assert cache["epoch_seconds_with_cache"] > 0 and cache["cache_build_seconds"] > 0
+    assert cache["epoch_time_ratio"] == (
+        cache["epoch_seconds_with_cache"] / cache["epoch_seconds_without_cache"]
+    )
+    assert cache["cache_build_images"] == report["steps_per_repeat"] * report["batch_size"]
+    # The same cached epoch with the trainer's auto steps per call (3 smoke steps: 3).
+    assert cache["steps_per_execution"] == 3 and cache["ms_per_step_with_cache_multistep"] > 0
+
+
+def _check_augment_benchmark(report, stdout):
+    """benchmarks.augment_throughput --smoke: its table and its JSON line."""
+    assert any("fused" in line and "keras_chain" not in line for line in stdout.splitlines())
+    assert report["benchmark"] == "augment_throughput"
+    (size,) = report["sizes"].values()
+    assert size["fused_images_per_sec"] > 0 and size["keras_chain_images_per_sec"] > 0
+    assert size["speedup"] == size["fused_images_per_sec"] / size["keras_chain_images_per_sec"]
+    # The fused operation is built to compile under XLA; the trainer relies on it.
+    assert size["xla_compiles"]["fused"] is True
+    assert set(size["xla_compiles"]) == {"fused", "keras_chain", "resize_only"}
+    assert {
+        "fused/step_xla",
+        "fused/step_not_compiled",
+        "fused_uncompiled/step_not_compiled",
+    } <= set(size["images_per_sec"])

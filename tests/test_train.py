@@ -271,23 +271,6 @@ def test_smoke_run_killed_at_every_stage_after_training_finishes_with_every_outp
     assert reproduced == original
 
 
-def test_mixed_precision_resolves_to_bfloat16_on_cpu(tmp_path):
-    workdir = tmp_path / "mixed"
-    result = run_train(
-        "--flagfile=flags/smoke.flags",
-        "--mixed_precision",
-        "--phase2_epochs=0",
-        "--noexport",
-        *AT_32_PX,
-        f"--workdir={workdir}",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((workdir / "metrics.json").read_text())
-    assert metrics["precision"] == "mixed_bfloat16" and metrics["loss_scaling"] is False
-    history = json.loads((workdir / "history.json").read_text())
-    assert len(history["phase1"]) == 1 and history["phase2"] == []
-
-
 def test_the_gpu_path_runs_forced_on_the_cpu_float16_loss_scaling_and_xla(tmp_path):
     """The whole trainer as a GPU runs it: float16 with a LossScaleOptimizer, the
     EfficientNet step and the augmentation compiled by XLA, several steps per call.
