@@ -4,18 +4,30 @@
     python -m effpipe.train ... --data_service=grpc://HOST:5050   # elsewhere
 
 The dispatcher listens on --port; the workers (tf.data.experimental.service
-WorkerServer, in this process) run the trainers' input pipelines and serve their
-batches over gRPC. More workers take the host pipeline off the training machines;
-they can also run on other machines, started with TensorFlow's WorkerServer and
-pointed at this dispatcher. Stops on SIGINT or SIGTERM: exits with status 0 at once,
-without TensorFlow's server teardown (see `_exit_without_teardown`).
+WorkerServer) run the trainers' input pipelines and serve their batches over gRPC.
+More workers take the host pipeline off the training machines. --role picks what
+this process runs: `all` (the default) the dispatcher and --num_workers workers;
+`dispatcher` the dispatcher alone; `worker` --num_workers workers that register
+with the dispatcher at --dispatcher=HOST:PORT, on this machine or another:
 
-A restarted service does not keep the jobs of running trainers: its dispatcher holds
-them in memory. Once it is back on the same port, a trainer that still reads from it
-gets TensorFlow's "Unknown iteration client id" at its next step and stops; run
-again with the same command, it resumes. TensorFlow's `fault_tolerant_mode` with a `work_dir` is
-not offered: it restores the jobs, but the workers restart with this process, and a
-restored job with a restarted worker never serves again (the trainer waits for ever).
+    python -m effpipe.data_service --role=dispatcher --port=5050 --work_dir=/srv/ds
+    python -m effpipe.data_service --role=worker --dispatcher=HOST:5050 --num_workers=4
+
+Each prints one line once it serves. Stops on SIGINT or SIGTERM: exits with status
+0 at once, without TensorFlow's server teardown (see `_exit_without_teardown`).
+
+Restarts. With --work_dir the dispatcher runs in TensorFlow's fault_tolerant_mode:
+it journals the datasets, jobs and trainers' iterations there before it answers,
+and restarted with the same --work_dir (and --port) restores them. That keeps the
+jobs only for workers that outlive the dispatcher, i.e. run with --role=worker: a
+trainer reads its batches from the workers, trains on while the dispatcher is down,
+and goes on with the restored one (tested: SIGKILL of the dispatcher mid-phase,
+restart, the trainer ends with status 0). Workers that restart with it cannot serve
+a restored job (the trainer would wait for ever), so the `all` role refuses
+--work_dir in one line. Without --work_dir a restarted dispatcher
+does not know the running jobs: once it is back on the same port, a trainer still
+reading gets TensorFlow's "Unknown iteration client id" and stops in one line;
+run again with the same command, it resumes.
 
 Trust boundary: TensorFlow's servers listen on every interface (0.0.0.0; they take no
 bind address) and run the dataset graphs any client sends; the README says what to
@@ -160,6 +172,16 @@ def check_flags() -> None:
     if DISPATCHER.value is not None:
         raise UsageError(
             f"--dispatcher is for --role=worker: --role={role} starts its own dispatcher on --port"
+        )
+    if role == "all" and WORK_DIR.value:
+        # Measured with TensorFlow 2.21: the restored job waits for the workers that
+        # died with this process, and a trainer then waits for ever; without
+        # --work_dir it stops in one line.
+        raise UsageError(
+            f"--work_dir={WORK_DIR.value} needs workers that outlive the dispatcher: run "
+            "--role=dispatcher --work_dir=DIR, and the workers with --role=worker "
+            f"--dispatcher=HOST:{PORT.value} (--role=all restarts its workers with it, and "
+            "a restored job then never serves again)"
         )
     if role == "dispatcher":
         for name in ("num_workers", "worker_host"):

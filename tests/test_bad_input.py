@@ -454,6 +454,28 @@ CASES = {
         "pass another --port",
         setup=_port_in_use,
     ),
+    "data_service-work_dir-under-a-file": Case(
+        "data_service",
+        ("--role=dispatcher", "--port={port}", "--work_dir={tmp}/a_file/journal"),
+        "--work_dir={tmp}/a_file/journal cannot be created (Not a directory",
+        "pick a directory path you can write to",
+        setup=_file_in_the_way,
+    ),
+    "data_service-work_dir-with-role-all": Case(
+        "data_service",
+        ("--work_dir={tmp}/journal",),
+        "--work_dir={tmp}/journal needs workers that outlive the dispatcher",
+        "--role=dispatcher --work_dir=DIR",
+    ),
+    "data_service-role-worker-without-dispatcher": Case(
+        "data_service", ("--role=worker",), "--role=worker needs --dispatcher", "--role=dispatcher"
+    ),
+    "data_service-dispatcher-refused": Case(
+        "data_service",
+        ("--role=worker", "--dispatcher=127.0.0.1:{port}"),
+        "--dispatcher=127.0.0.1:{port} does not answer (Connection refused",
+        "--role=dispatcher --port={port}",
+    ),
 }
 
 
@@ -509,6 +531,6 @@ def _check_case(case: Case, tmp_path: pathlib.Path, port: int) -> None:
     lines = [line for line in result.stderr.splitlines() if line.startswith(f"{program}: ")]
     assert len(lines) == 1 and lines[0].startswith(f"{program}: error: "), result.stderr[-3000:]
     assert case.value.format(tmp=tmp_path, port=port) in lines[0]
-    assert case.fix in lines[0]
+    assert case.fix.format(port=port) in lines[0]
     if output_path is not None:
         _check_outputs(case, output_path, before)

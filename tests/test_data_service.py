@@ -277,12 +277,16 @@ def test_a_trainer_stops_in_one_line_when_its_service_restarts(tmp_path):
 
 
 def test_a_trainer_survives_a_restart_of_a_fault_tolerant_dispatcher(tmp_path):
-    """SIGKILL of a --role=dispatcher --work_dir service in the middle of phase 1, then a
-    restart on its port with the same --work_dir, while its worker (--role=worker, a
-    process of its own) runs on.
+    """SIGKILL of a --role=dispatcher --work_dir service after phase 1's first epoch,
+    then a restart on its port with the same --work_dir, while its worker (--role=worker,
+    a process of its own) runs on; the trainer finishes its 6 epochs, exit 0.
 
-    The restarted dispatcher restores the run's job from its journal, the worker
-    registers again with its task, and the trainer finishes its 6 epochs, exit 0.
+    The trainer is held (SIGSTOP) from the kill until the restarted dispatcher serves:
+    a trainer keeps reading from a live worker while the dispatcher is down, and this
+    one would finish its few epochs before the restart is up (measured, with or without
+    a --work_dir). Held, it makes all 5 remaining epochs' requests to the restarted
+    dispatcher: without a --work_dir, the same steps stop the trainer in one line
+    ("restarted and lost this run's input jobs", exit 1) within two epochs.
     """
     port, workdir, journal = free_port(), tmp_path / "run", tmp_path / "journal"
     dispatcher_flags = ["--role=dispatcher", f"--port={port}", f"--work_dir={journal}"]
@@ -319,10 +323,12 @@ def test_a_trainer_survives_a_restart_of_a_fault_tolerant_dispatcher(tmp_path):
             line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
             assert line is not None, "".join(seen)[-3000:]
             seen.append(line)
+        trainer.send_signal(signal.SIGSTOP)
         killed = services.pop("dispatcher")
         killed.kill()
         killed.wait()
         services["restarted"], _ = start_service(dispatcher_flags, tmp_path / "restarted.log")
+        trainer.send_signal(signal.SIGCONT)
         trainer.wait(timeout=TRAINER_HANG_GUARD_SEC)
     except (queue.Empty, subprocess.TimeoutExpired):
         pytest.fail(f"trainer hung: {''.join(seen)[-3000:]}")

@@ -99,10 +99,10 @@ DISPATCHER_RESTART_MARKER = "Unknown iteration client id"
 def dispatcher_restart_message(address: str, error: Exception) -> str | None:
     """The one line for a training step that failed because its dispatcher restarted.
 
-    The dispatcher keeps a run's jobs in memory only: a restarted one no longer knows
-    them, and the run cannot continue in this process (a dispatcher with TensorFlow's
-    fault_tolerant_mode does not help while its workers restart with it: the
-    restored job never serves again and the trainer waits for ever).
+    A dispatcher without a journal (effpipe.data_service without --work_dir) keeps a
+    run's jobs in memory only: a restarted one no longer knows them, and the run
+    cannot continue in this process. One with --work_dir restores them, and the
+    trainer goes on without an error.
 
     Args:
       address: grpc://HOST:PORT of the dispatcher (--data_service).
