@@ -174,22 +174,6 @@ def test_the_service_exits_0_within_the_bound_while_a_trainer_still_reads(
     assert seconds <= STOP_BOUND_SEC
 
 
-def test_a_port_in_use_is_one_line_and_exit_status_2():
-    with socket.socket() as holder:
-        holder.bind(("localhost", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "effpipe.data_service", f"--port={port}"],
-            cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=START_HANG_GUARD_SEC,
-        )  # fmt: skip
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.splitlines() == [
-        f"effpipe.data_service: error: --port={port} is in use: pass another --port, or stop "
-        f"the process holding it (ss -ltnp 'sport = :{port}' names it)"
-    ]
-
-
 # The service with its check skipped, as when another server takes the port between
 # the check and TensorFlow's bind.
 _SERVICE_WITHOUT_PORT_CHECK = """
