@@ -45,7 +45,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app, flags, logging
 
-from effpipe import cli_flags
+from effpipe import cli_flags, run_dir
 from effpipe.errors import UsageError
 
 PROGRAM = "effpipe.data_service"
@@ -238,14 +238,7 @@ def make_work_dir(path: str) -> str:
       UsageError: it cannot be created (a file in its place or on its path, no
         permission, a read-only filesystem), or is not writable.
     """
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as error:
-        raise UsageError(
-            f"--work_dir={path} cannot be created ({error.strerror or error}"
-            f"{': ' + error.filename if error.filename else ''}): pick a directory path "
-            "you can write to"
-        ) from None
+    run_dir.make_directory(path, "work_dir")
     if not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(
             f"--work_dir={path} is not writable: pick a directory path you can write to"

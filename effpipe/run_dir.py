@@ -173,11 +173,20 @@ def create(workdir: str) -> None:
       UsageError: it cannot be created: a file in its place or on its path, no
         permission, a read-only filesystem.
     """
+    make_directory(workdir, "workdir")
+
+
+def make_directory(path: str, flag_name: str) -> None:
+    """Creates the folder a flag names (and its parents) when missing.
+
+    Raises:
+      UsageError: one line naming --FLAG_NAME=PATH, when it cannot be created.
+    """
     try:
-        os.makedirs(workdir, exist_ok=True)
+        os.makedirs(path, exist_ok=True)
     except OSError as error:
         raise UsageError(
-            f"--workdir={workdir} cannot be created ({error.strerror or error}"
+            f"--{flag_name}={path} cannot be created ({error.strerror or error}"
             f"{': ' + error.filename if error.filename else ''}): pick a directory path "
             "you can write to"
         ) from error

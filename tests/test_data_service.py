@@ -204,6 +204,24 @@ def test_a_port_taken_after_the_check_is_still_one_line_and_exit_status_2():
     ]
 
 
+def _start_reading_trainer(port, workdir):
+    """A smoke trainer (6 phase-1 epochs) reading through the service on `port`, and a
+    queue of its stderr lines, ended by None (a thread reads them: a full pipe would
+    block the trainer)."""
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "effpipe.train", "--flagfile=flags/smoke.flags",
+         "--image_size=32", "--noexport", "--phase1_epochs=6", "--phase2_epochs=0",
+         f"--workdir={workdir}", f"--data_service=grpc://localhost:{port}"],
+        cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines = queue.Queue()
+    threading.Thread(
+        target=lambda: [lines.put(line) for line in trainer.stderr] + [lines.put(None)],
+        daemon=True,
+    ).start()
+    return trainer, lines
+
+
 def test_a_trainer_stops_in_one_line_when_its_service_restarts(tmp_path):
     """SIGKILL of the service in the middle of phase 1, then a restart on its port.
 
@@ -214,18 +232,7 @@ def test_a_trainer_stops_in_one_line_when_its_service_restarts(tmp_path):
     """
     port, workdir = free_port(), tmp_path / "run"
     service, _ = start_data_service(port, tmp_path / "service.log")
-    trainer = subprocess.Popen(
-        [sys.executable, "-m", "effpipe.train", "--flagfile=flags/smoke.flags",
-         "--image_size=32", "--noexport", "--phase1_epochs=6", "--phase2_epochs=0",
-         f"--workdir={workdir}", f"--data_service=grpc://localhost:{port}"],
-        cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    # The trainer's stderr, read to the end by a thread (a full pipe would block it).
-    lines = queue.Queue()
-    threading.Thread(
-        target=lambda: [lines.put(line) for line in trainer.stderr] + [lines.put(None)],
-        daemon=True,
-    ).start()
+    trainer, lines = _start_reading_trainer(port, workdir)
     seen, restarted = [], None
     try:
         # After the first epoch the trainer has read from the service's job.
@@ -289,18 +296,7 @@ def test_a_trainer_survives_a_restart_of_a_fault_tolerant_dispatcher(tmp_path):
             ready
             == f"effpipe.data_service: 1 worker(s) serving the dispatcher at localhost:{port}\n"
         )
-        trainer = subprocess.Popen(
-            [sys.executable, "-m", "effpipe.train", "--flagfile=flags/smoke.flags",
-             "--image_size=32", "--noexport", "--phase1_epochs=6", "--phase2_epochs=0",
-             f"--workdir={workdir}", f"--data_service=grpc://localhost:{port}"],
-            cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        # The trainer's stderr, read to the end by a thread (a full pipe would block it).
-        lines = queue.Queue()
-        threading.Thread(
-            target=lambda: [lines.put(line) for line in trainer.stderr] + [lines.put(None)],
-            daemon=True,
-        ).start()
+        trainer, lines = _start_reading_trainer(port, workdir)
         # After the first epoch the trainer has read from the dispatcher's job.
         deadline = time.monotonic() + TRAINER_HANG_GUARD_SEC
         while not any("epoch 1:" in line for line in seen):
