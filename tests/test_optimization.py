@@ -182,3 +182,23 @@ def test_label_smoothing_is_keras_categorical_smoothing_on_sparse_labels():
     assert float(smoothed(labels[:, None], probabilities)) == pytest.approx(by_hand, rel=1e-5)
     # No smoothing: Keras' own sparse loss, unchanged.
     assert isinstance(factory.make_loss(3), keras.losses.SparseCategoricalCrossentropy)
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_a_compiled_model_traces_its_train_step_once(kind):
+    # Keras builds the optimizer lazily inside the first train step when no strategy
+    # is set, and TensorFlow traces a function whose first trace made variables a
+    # second time: twice the start of every phase (a B0 smoke phase: 12 s, not 6).
+    # compile_model builds the optimizer first, so the step is traced once.
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+    config = TrainConfig.from_flat(optimizer=kind, weight_decay=0.01 if kind == "adamw" else 0)
+    optimizer = optimization.make_optimizer(config, 1e-3, model)
+    factory.compile_model(model, 1e-3, jit_compile=False, optimizer=optimizer)
+    assert model.optimizer.built
+    traces, train_step = [], model.train_step
+    # Python runs this once per trace, never per step.
+    model.train_step = lambda data: traces.append(1) or train_step(data)
+    x, y = np.zeros((8, 4), np.float32), np.zeros((8,), np.int32)
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0)
+    assert len(traces) == 1

@@ -124,6 +124,13 @@ def compile_model(
         jit_compile=jit_compile,
         steps_per_execution=steps_per_execution,
     )
+    # The optimizer's slots are made now, not inside the first train step: a
+    # tf.function whose first trace creates variables is traced a second time
+    # (TensorFlow's rule), which doubled the start of every fit on one device (Keras
+    # builds them up front only under a distribution strategy). Under a strategy this
+    # runs in its scope, so the slots are its mirrored variables.
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
 
 
 def make_loss(num_classes: int, label_smoothing: float = 0.0) -> keras.losses.Loss:

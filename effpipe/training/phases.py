@@ -209,10 +209,6 @@ def _compile_and_restore(phase, model, state, context, learning_rate) -> int:
         steps_per_execution=1 if head_only else steps_per_execution,
         label_smoothing=config.phases.label_smoothing,
     )
-    if context.distribution.is_distributed:
-        # Its slots are mirrored variables: made here, in the scope, not
-        # lazily inside the first replicated step.
-        model.optimizer.build(model.trainable_variables)
     if state.phase == phase.number:
         run_state.restore(model, context.workdir, state)
         if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
