@@ -45,7 +45,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app, flags, logging
 
-from effpipe import cli_flags, run_dir
+from effpipe import cli_flags, network, run_dir
 from effpipe.errors import UsageError
 
 PROGRAM = "effpipe.data_service"
@@ -219,11 +219,9 @@ def check_dispatcher_answers(address: str, timeout_sec: float = DISPATCHER_TIMEO
       UsageError: nothing accepts connections there within `timeout_sec`.
     """
     host, port = dispatcher_host_port(address)
-    try:
-        with socket.create_connection((host.strip("[]"), port), timeout=timeout_sec):
-            return
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
+    reason = network.connection_error(host, port, timeout_sec)
+    if reason is None:
+        return
     raise UsageError(
         f"--dispatcher={address} does not answer ({reason} within {timeout_sec:g} s): start "
         f"`python -m {PROGRAM} --role=dispatcher --port={port}` on that host first, or "

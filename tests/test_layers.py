@@ -1,6 +1,6 @@
 """The layer packages: no module imports from a layer above its own.
 
-The order, as the data flows: core (config, config_checks, errors, faults, variants, run_dir) <- data <-
+The order, as the data flows: core (config, config_checks, errors, faults, network, variants, run_dir) <- data <-
 model <- outputs <- training <- tune <- the binaries (train, evaluate, predict,
 tune_batch, data_service, cli_flags). A module may import its own layer and any
 below it.
@@ -13,7 +13,9 @@ import effpipe
 
 PACKAGE_DIR = pathlib.Path(effpipe.__file__).parent
 LAYERS = {
-    **dict.fromkeys(("config", "config_checks", "errors", "faults", "variants", "run_dir"), 0),
+    **dict.fromkeys(
+        ("config", "config_checks", "errors", "faults", "network", "variants", "run_dir"), 0
+    ),
     "data": 1,
     "model": 2,
     "outputs": 3,

@@ -19,11 +19,11 @@ imports nothing from the model.
 """
 
 import dataclasses
-import socket
 
 import numpy as np
 import tensorflow as tf
 
+from effpipe import network
 from effpipe.config import RuntimeConfig
 from effpipe.data import splits, stores
 from effpipe.errors import UsageError
@@ -79,11 +79,9 @@ def check_dispatcher_answers(address: str, timeout_sec: float = DISPATCHER_TIMEO
       UsageError: nothing accepts connections there within `timeout_sec`.
     """
     host, _, port = address.removeprefix("grpc://").rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_sec):
-            return
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
+    reason = network.connection_error(host, int(port), timeout_sec)
+    if reason is None:
+        return
     raise UsageError(
         f"--data_service={address} does not answer ({reason} within {timeout_sec:g} s): start "
         "`python -m effpipe.data_service --port=PORT` on that host, or check the address "

@@ -14,10 +14,10 @@ on the device.
 """
 
 import dataclasses
-import socket
 
 import numpy as np
 
+from effpipe import network
 from effpipe.config import DataConfig
 from effpipe.data import cache, cifar100_names, folders, shapes, tfds_source
 from effpipe.data.splits import DataSource
@@ -167,8 +167,4 @@ def load_tfds(name: str, *, data_dir: str | None, size: int, keep_native_size: b
 
 
 def _host_reachable(host: str, port: int = 443, timeout_sec: float = 10.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout_sec):
-            return True
-    except OSError:
-        return False
+    return network.connection_error(host, port, timeout_sec) is None
