@@ -1,4 +1,5 @@
-"""Interrupting the binary and resuming it: SIGKILL, SIGTERM, exact --deterministic resume.
+"""Interrupting the binary and resuming it: SIGTERM, SIGKILL, a damaged newest state,
+and the exact resume of --deterministic.
 
 Each test runs `python -m effpipe.train` on the smoke recipe in a subprocess and
 interrupts it once the resume state records enough completed epochs.
@@ -72,10 +73,25 @@ def _epochs(history):
     ]
 
 
-def test_sigterm_then_sigkill_in_phase_1_and_the_same_command_finishes(tmp_path):
+# A recipe with a schedule in each phase, AdamW and label smoothing: the resumed run
+# must continue the schedule where the killed one stood.
+SCHEDULED = (
+    *("--lr_schedule=cosine", "--warmup_epochs=0.5", "--optimizer=adamw"),
+    *("--weight_decay=0.01", "--label_smoothing=0.1"),
+)
+
+
+def test_sigterm_in_phase_1_then_sigkill_in_phase_2_and_the_run_ends_exactly_as_uninterrupted(
+    tmp_path,
+):
+    """One run stopped twice (SIGTERM in phase 1, SIGKILL in phase 2 with its newest
+    state damaged) and rerun each time with the same command, against the same run
+    uninterrupted: with --deterministic every figure is equal, to the last bit."""
+    args = ("--deterministic", "--phase1_epochs=3", "--phase2_epochs=3", *SCHEDULED)
+    uninterrupted, _ = _run_to_completion(tmp_path / "whole", *args)
     workdir = tmp_path / "run"
     # SIGTERM: the current step finishes, one line says how to resume.
-    process = _start(workdir, "--phase1_epochs=3")
+    process = _start(workdir, *args)
     _wait_for_epochs(process, workdir, 1)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=300)
@@ -86,62 +102,41 @@ def test_sigterm_then_sigkill_in_phase_1_and_the_same_command_finishes(tmp_path)
     assert "rerun the same command to resume" in last_line and "Traceback" not in stderr
     state_dir = workdir / "state"
     stopped_at = json.loads((state_dir / "state.json").read_text())["epochs_done"]
-    assert stopped_at >= 1 and not (workdir / "metrics.json").exists()
-    # The same command resumes; SIGKILL it an epoch later.
-    process = _start(workdir, "--phase1_epochs=3", log_name="resumed.txt")
-    _wait_for_epochs(process, workdir, stopped_at + 1)
+    assert 1 <= stopped_at < 3 and not (workdir / "metrics.json").exists()
+    # The same command resumes; SIGKILL it once phase 2 has two epochs done.
+    process = _start(workdir, *args, log_name="resumed.txt")
+    _wait_for_epochs(process, workdir, 5)
     _kill(process, workdir)
     assert f"phase 1, {stopped_at} epochs done" in process.log_path.read_text()
     done = json.loads((state_dir / "state.json").read_text())["epochs_done"]
+    before_kill = json.loads((state_dir / "state.json").read_text())["history"]
     # The kill also damaged the newest weights, as a full disk would: the rerun
-    # falls back to the epoch before, which the state folder keeps.
+    # falls back to the epoch before (mid phase 2), which the state folder keeps.
     newest = state_dir / f"epoch-{done:04d}.weights.h5"
     newest.write_bytes(newest.read_bytes()[:1000])
-    history, log = _run_to_completion(workdir, "--phase1_epochs=3", log_name="rerun.txt")
-    assert "the newest resume state is damaged" in log and str(newest) in log
-    assert f"phase 1, {done - 1} epochs done" in log
-    assert _epochs(history) == ([1, 2, 3], [4])
-    assert (workdir / "metrics.json").is_file()
-    # The last two epochs' states stay, no more.
-    assert sorted(path.name for path in state_dir.glob("epoch-*")) == [
-        f"epoch-{epoch:04d}{suffix}"
-        for epoch in (3, 4)
-        for suffix in (".seeds.npz", ".state.json", ".weights.h5")
-    ]
-
-
-# A recipe with a schedule in each phase, AdamW and label smoothing: the resumed run
-# must continue the schedule where the killed one stood.
-SCHEDULED = (
-    *("--lr_schedule=cosine", "--warmup_epochs=0.5", "--optimizer=adamw"),
-    *("--weight_decay=0.01", "--label_smoothing=0.1"),
-)
-
-
-def test_sigkill_in_phase_2_resumes_exactly_with_deterministic(tmp_path):
-    args = ("--deterministic", "--phase1_epochs=2", "--phase2_epochs=2", *SCHEDULED)
-    uninterrupted, _ = _run_to_completion(tmp_path / "whole", *args)
-    workdir = tmp_path / "killed"
-    process = _start(workdir, *args)
-    _wait_for_epochs(process, workdir, 3)  # Phase 1 and one epoch of phase 2.
-    _kill(process, workdir)
-    before_kill = json.loads((workdir / "state" / "state.json").read_text())["history"]
     resumed, log = _run_to_completion(workdir, *args, log_name="rerun.txt")
+    assert "the newest resume state is damaged" in log and str(newest) in log
+    assert f"phase 2, {done - 1} epochs done" in log
     # It resumed (a fresh start would be identical under --deterministic, too): the
     # epochs before the kill keep the timings of the killed process.
-    assert "resumed from" in log and "phase 2, 3 epochs done" in log
     assert resumed["phase1"] == before_kill["phase1"]
-    assert _epochs(resumed) == ([1, 2], [3, 4])
+    assert _epochs(resumed) == ([1, 2, 3], [4, 5, 6])
     # Exact: the same batches, augmentation draws, dropout masks and optimizer state.
     for key in ("loss", "val_loss", "val_accuracy", "learning_rate"):
         assert [r[key] for r in resumed["phase1"] + resumed["phase2"]] == [
             r[key] for r in uninterrupted["phase1"] + uninterrupted["phase2"]
         ], key
-    # Each phase warms up and decays over its own epochs: its second epoch ends near
+    # Each phase warms up and decays over its own epochs: its last epoch ends near
     # the cosine's floor (0), well below the first (smoke: 1e-3 and 1e-4).
     for phase, rate in (("phase1", 1e-3), ("phase2", 1e-4)):
-        first, last = (record["learning_rate"] for record in resumed[phase])
+        first, last = (resumed[phase][index]["learning_rate"] for index in (0, -1))
         assert 0 < last < 0.1 * rate < first <= rate, (phase, first, last)
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     after_kill = json.loads((workdir / "metrics.json").read_text())
     assert (after_kill["top1"], after_kill["loss"]) == (whole["top1"], whole["loss"])
+    # The last two epochs' states stay, no more.
+    assert sorted(path.name for path in state_dir.glob("epoch-*")) == [
+        f"epoch-{epoch:04d}{suffix}"
+        for epoch in (5, 6)
+        for suffix in (".seeds.npz", ".state.json", ".weights.h5")
+    ]
