@@ -164,3 +164,17 @@ def test_a_tf_data_service_serves_file_backed_splits(tmp_path, mode):
     assert labels == sorted(source.train.labels.tolist())
     assert images.shape == (12, SIZE, SIZE, 3)
     del worker
+
+
+@pytest.mark.parametrize("mode", ["off", "disk"])
+def test_an_evaluation_pass_is_deterministic_whatever_the_runs_options(tmp_path, mode):
+    # Predictions are matched to labels by place: a one-pass read must keep the
+    # split's order even when the run lets parallel stages reorder for speed.
+    split = _load(_make_folder(tmp_path / "data"), tmp_path / "cache", cache=mode).train
+    fast = pipeline.PipelineOptions(deterministic=False)
+    dataset = pipeline.make_dataset(split, batch_size=4, is_training=False, options=fast)
+    assert dataset.options().deterministic is True
+    images = np.concatenate([batch for batch, _ in dataset.as_numpy_iterator()])
+    np.testing.assert_array_equal(images, split.load_images())
+    training = pipeline.make_dataset(split, batch_size=4, is_training=True, options=fast)
+    assert training.options().deterministic is False

@@ -151,6 +151,10 @@ def make_dataset(
     """
     if labels is not None:
         split = splits.Split(split, labels)
+    if not is_training:
+        # One pass in the split's order (predictions are matched to labels by place):
+        # parallel reads and decodes must not reorder it.
+        options = dataclasses.replace(options, deterministic=True)
     keys = stores.keys(split.store, split.positions)
     if isinstance(split.store, stores.ArrayStore) and keys.dtype != np.uint8:
         raise ValueError(f"images must be uint8 at source resolution, got {keys.dtype}")
