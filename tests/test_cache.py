@@ -178,3 +178,13 @@ def test_an_evaluation_pass_is_deterministic_whatever_the_runs_options(tmp_path,
     np.testing.assert_array_equal(images, split.load_images())
     training = pipeline.make_dataset(split, batch_size=4, is_training=True, options=fast)
     assert training.options().deterministic is False
+
+
+def test_a_cache_file_holds_the_images_rows_and_nothing_else(tmp_path):
+    split = _load(_make_folder(tmp_path / "data"), tmp_path / "cache", cache="disk").train
+    images = split.load_images()
+    for index in (0, len(split) - 1):
+        path = stores.cache_path(split.store.directory, int(split.positions[index]))
+        with open(path, "rb") as file:
+            rows = np.frombuffer(file.read(), np.uint8)
+        np.testing.assert_array_equal(rows.reshape(SIZE, SIZE, 3), images[index])

@@ -38,7 +38,7 @@ from effpipe.errors import UsageError, is_disk_full
 
 MANIFEST_FILE = "manifest.json"
 # Bump when what a cache file holds changes: older caches are then not reused.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # Images per batch handed from the decoding pipeline to the Python loop (a progress
 # update each, about twice a second).
 PASS_BATCH = 256
@@ -199,7 +199,7 @@ def _disk_cache(encoded, size, crop, directory):
 def _written_positions(directory: str, count: int, size: int) -> np.ndarray:
     """Which positions a killed first pass wrote whole (a file of the full length)."""
     done = np.zeros(count, bool)
-    whole = len(tf.io.serialize_tensor(tf.zeros((size, size, 3), tf.uint8)).numpy())
+    whole = stores.cached_bytes(size)
     for folder in range((count + stores.FILES_PER_FOLDER - 1) // stores.FILES_PER_FOLDER):
         path = os.path.join(directory, f"{folder:05d}")
         if not os.path.isdir(path):
@@ -240,7 +240,7 @@ def _first_pass(encoded, size, crop, *, images=None, directory=None, done=None):
     def write_one(position, label, image):
         def work():
             path = stores.cache_path_tensor(directory, position)
-            with tf.control_dependencies([tf.io.write_file(path, tf.io.serialize_tensor(image))]):
+            with tf.control_dependencies([tf.io.write_file(path, stores.raw_bytes(image))]):
                 return tf.zeros((0, 0, 3), tf.uint8)
 
         if not resuming:
@@ -276,7 +276,7 @@ def _first_pass(encoded, size, crop, *, images=None, directory=None, done=None):
         if directory is None or not is_disk_full(error):
             raise
         left = int(todo_array.sum()) - progress.count
-        image_bytes = len(tf.io.serialize_tensor(empty).numpy())
+        image_bytes = stores.cached_bytes(size)
         raise run_dir.disk_full_error(
             directory,
             left * image_bytes,

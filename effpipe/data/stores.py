@@ -26,7 +26,9 @@ from effpipe.data import decode
 
 # Cache files per subfolder: small enough for any filesystem's directories.
 FILES_PER_FOLDER = 1000
-CACHE_SUFFIX = ".tensor"
+# A cache file is the image's rows, height x width x 3 bytes with no header: one copy
+# from the file's bytes to the tensor on every read (a serialized TensorProto took two).
+CACHE_SUFFIX = ".rgb"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +89,19 @@ def cache_path_tensor(directory: str, position: tf.Tensor) -> tf.Tensor:
     )
 
 
+def raw_bytes(image: tf.Tensor) -> tf.Tensor:
+    """A uint8 (H, W, 3) image as the bytes of a cache file, in the graph."""
+    serialized = tf.io.serialize_tensor(image)
+    # A TensorProto ends with its tensor_content, the rows themselves.
+    length = tf.size(image)
+    return tf.strings.substr(serialized, -length, length)
+
+
+def cached_bytes(size: int) -> int:
+    """The length of a whole cache file of a `size` px image."""
+    return size * size * 3
+
+
 def image_size(store) -> tuple[int, int]:
     """(height, width) of the images `store` yields."""
     if isinstance(store, ArrayStore):
@@ -113,10 +128,8 @@ def fetch(store):
     size = store.size
 
     def read_cached(position):
-        image = tf.io.parse_tensor(
-            tf.io.read_file(cache_path_tensor(store.directory, position)), tf.uint8
-        )
-        return tf.ensure_shape(image, (size, size, 3))
+        contents = tf.io.read_file(cache_path_tensor(store.directory, position))
+        return tf.reshape(tf.io.decode_raw(contents, tf.uint8), (size, size, 3))
 
     return read_cached
 
