@@ -50,6 +50,21 @@ PROGRESS_BAR_IMAGES = 500
 
 
 @dataclasses.dataclass(frozen=True)
+class RecordStream:
+    """How to stream a tfds split's records on every pass (--cache=off).
+
+    Attributes:
+      read: as `stores.RecordStore.read`.
+      num_files: files the split is stored in.
+      record_bytes: mean size of an encoded record.
+    """
+
+    read: Callable[[int | None, tuple[int, int]], tf.data.Dataset]
+    num_files: int
+    record_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
 class EncodedSplit:
     """The encoded images of one split, in a fixed order: what the first pass decodes.
 
@@ -62,6 +77,8 @@ class EncodedSplit:
       reads_files: whether keys are paths.
       describe: position -> how to name that image in a message (its path).
       paths: the files (folders), so --cache=off can decode them on every pass.
+      stream: the records as a stream (tfds), so --cache=off can decode them on
+        every pass.
     """
 
     name: str
@@ -71,6 +88,7 @@ class EncodedSplit:
     reads_files: bool
     describe: Callable[[int], str]
     paths: tuple[str, ...] | None = None
+    stream: RecordStream | None = None
 
 
 def materialize(
@@ -104,13 +122,21 @@ def materialize(
         source that has no files to re-read.
     """
     if mode == "off":
-        if encoded.paths is None:
+        skip_bad = on_bad_image == "skip"
+        if encoded.paths is not None:
+            store = stores.FileStore(encoded.paths, size, crop, skip_bad=skip_bad)
+            return Split(store, labels), ()
+        if encoded.stream is None:
             raise UsageError(
-                "--cache=off decodes files on every pass, and tfds records are read in "
-                "order: use --cache=auto, memory or disk for tfds sources"
+                f"--cache=off streams a dataset's files on every pass, and the {encoded.name} "
+                "split lists none (a dataset under tfds.testing.mock_data): use --cache=auto, "
+                "memory or disk"
             )
-        store = stores.FileStore(encoded.paths, size, crop, skip_bad=on_bad_image == "skip")
-        return Split(store, labels), ()
+        stream = encoded.stream
+        store = stores.RecordStore(
+            stream.read, encoded.count, stream.num_files, stream.record_bytes, size, crop, skip_bad
+        )
+        return Split(store, _stream_labels(encoded, cache_root)), ()
     decoded_mb = encoded.count * size * size * 3 / 2**20
     if mode == "auto":
         mode = "memory" if decoded_mb <= memory_budget_mb else "disk"
@@ -123,6 +149,38 @@ def materialize(
         pass_labels, bad = _disk_cache(encoded, size, crop, directory)
         store = stores.CacheStore(directory, size)
     return _finish(encoded, store, pass_labels, bad, on_bad_image, decoded_mb, mode)
+
+
+def _stream_labels(encoded: EncodedSplit, cache_root: str) -> np.ndarray:
+    """The labels of a streamed split in position order: read once (every record, no
+    image decoded) and kept in a small file under `cache_root` for later runs."""
+    key = f"{CACHE_FORMAT}\0{encoded.fingerprint}\0{encoded.count}"
+    path = os.path.join(
+        cache_root, f"{encoded.name}-labels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+    )
+    if os.path.isfile(path):
+        labels = np.load(path)
+        if labels.shape == (encoded.count,):
+            return labels
+    logging.info("%s: reading the labels of %d records (once)", encoded.name, encoded.count)
+    start = time.monotonic()
+    labels = np.full(encoded.count, -1, np.int32)
+    records = encoded.stream.read(None, (1, 0)).map(
+        lambda position, image, label: (position, label)
+    )
+    for positions, batch_labels in records.batch(4096).as_numpy_iterator():
+        labels[positions] = batch_labels
+    if (labels < 0).any():
+        raise UsageError(
+            f"the {encoded.name} split lists {encoded.count} records but "
+            f"{int((labels >= 0).sum())} were read: prepare the dataset again"
+        )
+    # The temporary's name ends in .npy too, so np.save keeps it.
+    run_dir.write_atomically(path, lambda temporary: np.save(temporary, labels))
+    logging.info(
+        "%s: labels read in %.1f s, kept in %s", encoded.name, time.monotonic() - start, path
+    )
+    return labels
 
 
 def _finish(encoded, store, labels, bad, on_bad_image, decoded_mb, mode):

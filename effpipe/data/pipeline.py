@@ -7,7 +7,9 @@ A key is what a split's store addresses an image by (`effpipe.data.stores`): the
 image itself when it is in memory, a file's path, a position in the decoded cache.
 Sharding and shuffling act on keys, so each worker reads only its own files and a
 shuffle buffer holds paths or integers, never decoded photos; every store yields the
-same images in the same order for the same seed.
+same images in the same order for the same seed. The exception is a tfds split with
+--cache=off (`stores.RecordStore`): its records are streamed, files shuffled and
+sharded by file, encoded records mixed in a buffer sized in MB, in an order of its own.
 
 `make_feature_dataset` runs the same chain over cached per-image features (phase 1
 with the feature cache), in the same order.
@@ -25,7 +27,7 @@ import tensorflow as tf
 
 from effpipe import network
 from effpipe.config import RuntimeConfig
-from effpipe.data import splits, stores
+from effpipe.data import decode, splits, stores
 from effpipe.errors import UsageError
 
 
@@ -155,6 +157,8 @@ def make_dataset(
         # One pass in the split's order (predictions are matched to labels by place):
         # parallel reads and decodes must not reorder it.
         options = dataclasses.replace(options, deterministic=True)
+    if isinstance(split.store, stores.RecordStore):
+        return _record_stream(split, batch_size, is_training, seed, options, shard, data_service)
     keys = stores.keys(split.store, split.positions)
     if isinstance(split.store, stores.ArrayStore) and keys.dtype != np.uint8:
         raise ValueError(f"images must be uint8 at source resolution, got {keys.dtype}")
@@ -242,6 +246,55 @@ def _batched_stream(
         if skip_bad:
             # --cache=off with --on_bad_image=skip: a file that does not decode drops out.
             dataset = dataset.ignore_errors()
+    return _batch_and_serve(dataset, batch_size, is_training, data_service, options)
+
+
+# The shuffle buffer of a tfds stream (--cache=off), in MB of encoded records: the
+# stream's files are shuffled too, so the buffer only mixes records of nearby files.
+RECORD_SHUFFLE_MB = 64
+
+
+def _record_stream(split, batch_size, is_training, seed, options, shard, data_service):
+    """tfds records -> shard by file -> shuffle (train) -> decode -> batch -> ...
+
+    The records' files are sharded before anything is read (each worker reads only
+    its own files; by record, still before decoding, when there are fewer files than
+    workers) and shuffled, and a buffer of encoded records sized in MB shuffles
+    within them. The order is not the positions' order the other stores give.
+    """
+    store = split.store
+    count, index = shard
+    if count == 1 or store.num_files >= count:
+        records = store.read(seed + index if is_training else None, shard)
+    else:
+        # Fewer files than workers: each reads them all and keeps the records whose
+        # position is its own (positions, not arrival order, which parallel reads vary).
+        records = store.read(None, (1, 0)).filter(
+            lambda position, encoded, label: position % count == index
+        )
+    if len(split) < store.count:
+        # A carved split (validation off train): the other records are skipped unread.
+        wanted = np.zeros(store.count, bool)
+        wanted[split.positions] = True
+        mask = tf.constant(wanted)
+        records = records.filter(lambda position, encoded, label: mask[position])
+    if is_training:
+        buffer = max(1, RECORD_SHUFFLE_MB * 2**20 // max(store.record_bytes, 1))
+        records = records.shuffle(buffer, seed=seed + index, reshuffle_each_iteration=True)
+    dataset = records.map(
+        lambda position, encoded, label: (
+            decode.decode_to_size(encoded, store.size, store.crop),
+            tf.cast(label, tf.int32),
+        ),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    if store.skip_bad:
+        dataset = dataset.ignore_errors()
+    return _batch_and_serve(dataset, batch_size, is_training, data_service, options)
+
+
+def _batch_and_serve(dataset, batch_size, is_training, data_service, options):
+    """batch -> repeat (train) -> tf.data service (optional) -> prefetch."""
     # drop_remainder in training gives a static batch dimension, so a compiled
     # (XLA) step is built once and every step sees a full batch.
     dataset = dataset.batch(batch_size, drop_remainder=is_training)

@@ -3,6 +3,7 @@
     ArrayStore   decoded uint8 rows in memory (shapes; --cache=memory)
     FileStore    encoded files, read and decoded on every pass (--cache=off)
     CacheStore   the decoded cache on disk: one file per image (--cache=disk)
+    RecordStore  tfds records, read in a stream and decoded on every pass (--cache=off)
 
 The input pipeline streams `keys` (an array row, a path, a cache position), shuffles
 them, and maps `fetch` over them in parallel: a shuffle buffer holds keys, never a
@@ -14,10 +15,16 @@ is addressable by position, so every pass is a uniform shuffle over positions, a
 killed first pass resumes where it stopped (each finished file stays), and the
 page cache serves the files at memory speed once read (WORKSPACE.md has the
 measurements).
+
+A RecordStore is the exception: tfds records are not addressable one by one, so its
+images are streamed (`effpipe.data.pipeline`) with the tfds files shuffled and
+sharded, and a shuffle buffer of encoded records sized in MB; a position is still
+the record's place in the split, read in order, as the cache numbers it.
 """
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -67,6 +74,32 @@ class CacheStore:
 
     directory: str
     size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordStore:
+    """The encoded records of a tfds split, read and decoded on every pass.
+
+    Attributes:
+      read: (shuffle_seed, (count, index)) -> dataset of (position int64, encoded
+        image string, label int64), each record of the split once: its files in order
+        when `shuffle_seed` is None, else in a seeded order drawn anew each pass; with
+        count > 1 only the index-th of `count` shares of the files.
+      count: records in the split.
+      num_files: files the split is stored in.
+      record_bytes: mean size of an encoded record (sizes shuffle buffers in MB).
+      size: side in pixels images are decoded to.
+      crop: "resize" or "centre" (effpipe.data.decode).
+      skip_bad: drop images that cannot be decoded instead of failing.
+    """
+
+    read: Callable[[int | None, tuple[int, int]], tf.data.Dataset]
+    count: int
+    num_files: int
+    record_bytes: int
+    size: int
+    crop: str
+    skip_bad: bool = False
 
 
 def cache_path(directory: str, position: int) -> str:
@@ -125,6 +158,8 @@ def fetch(store):
         return tf.identity
     if isinstance(store, FileStore):
         return lambda path: decode.decode_to_size(tf.io.read_file(path), store.size, store.crop)
+    if isinstance(store, RecordStore):
+        raise TypeError("a RecordStore is streamed (effpipe.data.pipeline), not fetched by key")
     size = store.size
 
     def read_cached(position):
@@ -145,7 +180,34 @@ def load_images(store, positions: np.ndarray) -> np.ndarray:
     size = image_size(store)
     if len(positions) == 0:
         return np.zeros((0, *size, 3), np.uint8)
+    if isinstance(store, RecordStore):
+        return _load_records(store, positions)
     dataset = tf.data.Dataset.from_tensor_slices(keys(store, positions)).map(
         fetch(store), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
     return np.concatenate(list(dataset.batch(256).as_numpy_iterator()))
+
+
+def _load_records(store: RecordStore, positions: np.ndarray) -> np.ndarray:
+    """The records at `positions`, read in order until the last of them: only those
+    are decoded."""
+    wanted = np.zeros(store.count, bool)
+    wanted[positions] = True
+    mask = tf.constant(wanted)
+    dataset = (
+        store.read(None, (1, 0))
+        .filter(lambda position, encoded, label: mask[position])
+        .take(int(wanted.sum()))
+        .map(
+            lambda position, encoded, label: (
+                position,
+                decode.decode_to_size(encoded, store.size, store.crop),
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+    )
+    found = {}
+    for batch_positions, images in dataset.batch(256).as_numpy_iterator():
+        found.update(zip(batch_positions.tolist(), images))
+    return np.stack([found[int(position)] for position in positions])

@@ -1,0 +1,176 @@
+"""--cache=off for tfds: a dataset prepared here in several files, streamed and decoded
+on every pass.
+
+tfds.testing.mock_data serves made-up examples without files, so this module builds a
+real dataset (JPEG images of two shapes in three tfrecord files per split) with
+tensorflow-datasets' own writer.
+"""
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from effpipe.data import pipeline, sources, splits, stores
+from effpipe.errors import UsageError
+
+SIZE = 16
+TRAIN, TEST, FILES = 24, 6, 3
+
+
+class EffpipeStreamTest(tfds.core.GeneratorBasedBuilder):
+    """24 train and 6 test images in three classes, JPEG, 20x30 and 30x20 px."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                    "label": tfds.features.ClassLabel(names=["ant", "bee", "cat"]),
+                }
+            ),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {
+            "train": self._generate_examples(TRAIN, 0),
+            "test": self._generate_examples(TEST, 1),
+        }
+
+    def _generate_examples(self, count, seed):
+        rng = np.random.default_rng(seed)
+        ramp = np.linspace(0, 255, 30)
+        for index in range(count):
+            # Smooth ramps with a little noise: JPEG keeps them apart after decoding.
+            height, width = (20, 30) if index % 2 else (30, 20)
+            image = np.empty((height, width, 3), np.float64)
+            image[..., 0] = ramp[:width][None, :] * rng.uniform(0.3, 1)
+            image[..., 1] = ramp[:height][:, None] * rng.uniform(0.3, 1)
+            image[..., 2] = rng.uniform(0, 255)
+            image += rng.normal(0, 8, image.shape)
+            yield index, {"image": np.clip(image, 0, 255).astype(np.uint8), "label": index % 3}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("tfds"))
+    EffpipeStreamTest(data_dir=root).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(num_shards=FILES)
+    )
+    return root
+
+
+def _load(data_dir, cache_root, mode):
+    return sources.load_tfds(
+        "effpipe_stream_test",
+        data_dir=data_dir,
+        size=SIZE,
+        keep_native_size=False,
+        crop="resize",
+        mode=mode,
+        cache_root=str(cache_root),
+        memory_budget_mb=256,
+        on_bad_image="fail",
+    )
+
+
+def _digests(images):
+    return [hashlib.sha256(image.tobytes()).hexdigest() for image in images]
+
+
+def _stream(split, *, batches, batch_size=4, shard=(1, 0), seed=0):
+    dataset = pipeline.make_dataset(
+        split, batch_size=batch_size, is_training=True, seed=seed, shard=shard
+    )
+    images, labels = zip(*dataset.take(batches).as_numpy_iterator())
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def test_a_streamed_split_numbers_and_decodes_its_records_as_the_cache_does(data_dir, tmp_path):
+    memory = _load(data_dir, tmp_path / "cache", "memory")
+    off = _load(data_dir, tmp_path / "cache", "off")
+    assert isinstance(off.train.store, stores.RecordStore)
+    assert off.train.store.num_files == FILES
+    for split in ("train", "test"):
+        streamed, cached = getattr(off, split), getattr(memory, split)
+        np.testing.assert_array_equal(streamed.labels, cached.labels)
+        np.testing.assert_array_equal(streamed.load_images(), cached.load_images())
+    positions = np.array([17, 3, 9])
+    np.testing.assert_array_equal(
+        off.train.subset(positions).load_images(), memory.train.images[positions]
+    )
+    # The labels were read once and kept: a second load reads them from the file.
+    kept = [name for name in os.listdir(tmp_path / "cache") if "-labels-" in name]
+    assert len(kept) == 2
+    again = _load(data_dir, tmp_path / "cache", "off")
+    np.testing.assert_array_equal(again.train.labels, memory.train.labels)
+
+
+def test_each_training_pass_streams_every_image_once_in_a_new_order(data_dir, tmp_path):
+    memory = _load(data_dir, tmp_path / "cache", "memory")
+    off = _load(data_dir, tmp_path / "cache", "off")
+    images, labels = _stream(off.train, batches=2 * TRAIN // 4)
+    first, second = _digests(images[:TRAIN]), _digests(images[TRAIN:])
+    assert sorted(first) == sorted(second) == sorted(_digests(memory.train.images))
+    assert first != second
+    assert first != _digests(memory.train.images)
+    # Each image comes with its own label.
+    label_of = dict(zip(_digests(memory.train.images), memory.train.labels.tolist()))
+    assert [label_of[digest] for digest in first] == labels[:TRAIN].tolist()
+
+
+def test_workers_read_only_their_own_files(data_dir, tmp_path):
+    memory = _load(data_dir, tmp_path / "cache", "memory")
+    off = _load(data_dir, tmp_path / "cache", "off")
+    per_file = TRAIN // FILES
+    for index in range(FILES):
+        images, _ = _stream(off.train, batches=per_file // 4, shard=(FILES, index))
+        own = memory.train.images[index * per_file : (index + 1) * per_file]
+        assert sorted(_digests(images)) == sorted(_digests(own))
+    # More workers than files: each still decodes only its share of the records.
+    shares = [
+        _digests(_stream(off.train, batches=1, shard=(4, i), batch_size=6)[0]) for i in range(4)
+    ]
+    assert sorted(sum(shares, [])) == sorted(_digests(memory.train.images))
+
+
+def test_a_carved_validation_split_streams_only_its_records_in_order(data_dir, tmp_path):
+    memory = _load(data_dir, tmp_path / "cache", "memory")
+    off = _load(data_dir, tmp_path / "cache", "off")
+    train, validation = splits.split_validation(off.train, 0.25, seed=0)
+    dataset = pipeline.make_dataset(validation, batch_size=4, is_training=False)
+    images = np.concatenate([batch for batch, _ in dataset.as_numpy_iterator()])
+    np.testing.assert_array_equal(images, memory.train.images[validation.positions])
+    streamed, _ = _stream(train, batches=len(train) // 6, batch_size=6)
+    assert sorted(_digests(streamed)) == sorted(_digests(memory.train.images[train.positions]))
+
+
+def test_off_without_files_to_stream_is_one_line(tmp_path):
+    with tfds.testing.mock_data(num_examples=4):
+        with pytest.raises(UsageError, match="--cache=auto, memory or disk"):
+            _load(None, tmp_path / "cache", "off")
+
+
+def test_a_tf_data_service_serves_a_streamed_split(data_dir, tmp_path):
+    import tensorflow as tf
+
+    memory = _load(data_dir, tmp_path / "cache", "memory")
+    off = _load(data_dir, tmp_path / "cache", "off")
+    dispatcher = tf.data.experimental.service.DispatchServer()
+    worker = tf.data.experimental.service.WorkerServer(
+        tf.data.experimental.service.WorkerConfig(
+            dispatcher_address=dispatcher.target.split("://")[1]
+        )
+    )
+    service = pipeline.DataService(dispatcher.target, "tfds-stream")
+    dataset = pipeline.make_dataset(
+        off.train, batch_size=4, is_training=False, data_service=service
+    )
+    images = np.concatenate([batch for batch, _ in dataset.as_numpy_iterator()])
+    assert sorted(_digests(images)) == sorted(_digests(memory.train.images))
+    del worker
