@@ -9,10 +9,11 @@ import tensorflow as tf
 from binaries import REPO_ROOT, check_png, check_run_outputs, run_train
 
 # The demo must learn well, not merely run: chance is 10% (ten balanced classes),
-# and the three seeds README reports end between 0.880 and 0.919 (this test runs
-# seed 0, which gave 0.908 both times it ran). 1,000 test images give a binomial
-# standard deviation of about 1% at 0.9, so 0.85 leaves three of them below the
-# weakest seed.
+# and the three seeds README reports end between 0.940 and 0.951 on the Intel Xeon
+# (this test runs seed 0: 0.951). 1,000 test images give a binomial standard
+# deviation of about 1% at 0.9; the margin is for other CPUs, whose rounding takes
+# a seed down another path (the 1 + 5 epoch recipe gave seed 0 0.908 on an AMD EPYC
+# and 0.849 on the Intel Xeon).
 DEMO_MIN_TOP1 = 0.85
 
 
@@ -20,7 +21,7 @@ def test_demo_learns_well_above_chance(tmp_path):
     workdir = tmp_path / "demo"
     result = run_train("--flagfile=flags/demo.flags", f"--workdir={workdir}", timeout_sec=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    history, metrics = check_run_outputs(workdir, (1, 5))
+    history, metrics = check_run_outputs(workdir, (1, 6))
     assert metrics["top1"] >= DEMO_MIN_TOP1, metrics
     assert metrics["best_val_accuracy"] >= DEMO_MIN_TOP1, metrics
     check_png(workdir / "history.png")
