@@ -226,6 +226,27 @@ def test_folder_without_cache_skips_bad_files_in_the_stream(tmp_path):
     assert sorted(labels) == [0, 0, 0, 1, 1, 1]
 
 
+def test_without_cache_the_evaluated_split_lists_only_images_that_decode(tmp_path, caplog):
+    # The evaluation matches predictions to labels by place: the stream drops a bad
+    # file, so the split it evaluates must not list it.
+    _make_folder(str(tmp_path / "data"), with_test=True)
+    image_files.write_truncated_jpeg(tmp_path / "data" / "test" / "cat" / "cut.jpg")
+    data = config.DataConfig(
+        dataset=f"folder:{tmp_path / 'data'}", cache="off", on_bad_image="skip"
+    )
+    source = sources.load_configured_source(data, size=8, seed=0, cache_root=str(tmp_path))
+    with caplog.at_level("WARNING"):
+        _, _, evaluated, name = splits.configured_splits(data, source, seed=0)
+    assert name == "test" and len(evaluated) == len(source.test) - 1
+    assert "cut.jpg" in caplog.text
+    streamed = [
+        label
+        for _, batch in pipeline.make_dataset(evaluated, batch_size=2, is_training=False)
+        for label in batch.numpy()
+    ]
+    assert streamed == evaluated.labels.tolist()
+
+
 def test_skipping_every_image_of_a_class_is_refused(tmp_path):
     _make_folder(str(tmp_path), with_test=False)
     for image in (tmp_path / "train" / "dog").iterdir():
