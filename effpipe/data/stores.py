@@ -188,13 +188,13 @@ def load_images(store, positions: np.ndarray) -> np.ndarray:
     return np.concatenate(list(dataset.batch(256).as_numpy_iterator()))
 
 
-def _load_records(store: RecordStore, positions: np.ndarray) -> np.ndarray:
-    """The records at `positions`, read in order until the last of them: only those
-    are decoded."""
+def _decoded_records(store: RecordStore, positions: np.ndarray) -> tf.data.Dataset:
+    """(position, image) of the records at `positions`, read in order; the reading
+    stops after the last of them, and only they are decoded."""
     wanted = np.zeros(store.count, bool)
     wanted[positions] = True
     mask = tf.constant(wanted)
-    dataset = (
+    return (
         store.read(None, (1, 0))
         .filter(lambda position, encoded, label: mask[position])
         .take(int(wanted.sum()))
@@ -207,8 +207,14 @@ def _load_records(store: RecordStore, positions: np.ndarray) -> np.ndarray:
             deterministic=True,
         )
     )
+
+
+def _load_records(store: RecordStore, positions: np.ndarray) -> np.ndarray:
+    """The records at `positions`, in that order."""
     found = {}
-    for batch_positions, images in dataset.batch(256).as_numpy_iterator():
+    for batch_positions, images in (
+        _decoded_records(store, positions).batch(256).as_numpy_iterator()
+    ):
         found.update(zip(batch_positions.tolist(), images))
     return np.stack([found[int(position)] for position in positions])
 
@@ -229,20 +235,7 @@ def decodable_positions(store, positions: np.ndarray) -> np.ndarray:
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     else:
-        wanted = np.zeros(store.count, bool)
-        wanted[positions] = True
-        mask = tf.constant(wanted)
-        dataset = (
-            store.read(None, (1, 0))
-            .filter(lambda position, encoded, label: mask[position])
-            .map(
-                lambda position, encoded, label: (
-                    position,
-                    decode.decode_to_size(encoded, store.size, store.crop),
-                ),
-                num_parallel_calls=tf.data.AUTOTUNE,
-            )
-        )
+        dataset = _decoded_records(store, positions)
     dataset = dataset.ignore_errors().map(lambda position, image: position)
     decoded = np.concatenate([np.zeros(0, np.int64), *dataset.batch(1024).as_numpy_iterator()])
     return positions[np.isin(positions, decoded)]
