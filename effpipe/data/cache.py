@@ -50,21 +50,6 @@ PROGRESS_BAR_IMAGES = 500
 
 
 @dataclasses.dataclass(frozen=True)
-class RecordStream:
-    """How to stream a tfds split's records on every pass (--cache=off).
-
-    Attributes:
-      read: as `stores.RecordStore.read`.
-      num_files: files the split is stored in.
-      record_bytes: mean size of an encoded record.
-    """
-
-    read: Callable[[int | None, tuple[int, int]], tf.data.Dataset]
-    num_files: int
-    record_bytes: int
-
-
-@dataclasses.dataclass(frozen=True)
 class EncodedSplit:
     """The encoded images of one split, in a fixed order: what the first pass decodes.
 
@@ -77,8 +62,8 @@ class EncodedSplit:
       reads_files: whether keys are paths.
       describe: position -> how to name that image in a message (its path).
       paths: the files (folders), so --cache=off can decode them on every pass.
-      stream: the records as a stream (tfds), so --cache=off can decode them on
-        every pass.
+      stream: (size, crop, skip_bad) -> the records as a `stores.RecordStore` (tfds),
+        so --cache=off can decode them on every pass.
     """
 
     name: str
@@ -88,7 +73,7 @@ class EncodedSplit:
     reads_files: bool
     describe: Callable[[int], str]
     paths: tuple[str, ...] | None = None
-    stream: RecordStream | None = None
+    stream: Callable[[int, str, bool], stores.RecordStore] | None = None
 
 
 def materialize(
@@ -132,11 +117,8 @@ def materialize(
                 "split lists none (a dataset under tfds.testing.mock_data): use --cache=auto, "
                 "memory or disk"
             )
-        stream = encoded.stream
-        store = stores.RecordStore(
-            stream.read, encoded.count, stream.num_files, stream.record_bytes, size, crop, skip_bad
-        )
-        return Split(store, _stream_labels(encoded, cache_root)), ()
+        store = encoded.stream(size, crop, skip_bad)
+        return Split(store, _stream_labels(encoded, store, cache_root)), ()
     decoded_mb = encoded.count * size * size * 3 / 2**20
     if mode == "auto":
         mode = "memory" if decoded_mb <= memory_budget_mb else "disk"
@@ -151,7 +133,7 @@ def materialize(
     return _finish(encoded, store, pass_labels, bad, on_bad_image, decoded_mb, mode)
 
 
-def _stream_labels(encoded: EncodedSplit, cache_root: str) -> np.ndarray:
+def _stream_labels(encoded: EncodedSplit, store: stores.RecordStore, cache_root: str) -> np.ndarray:
     """The labels of a streamed split in position order: read once (every record, no
     image decoded) and kept in a small file under `cache_root` for later runs."""
     key = f"{CACHE_FORMAT}\0{encoded.fingerprint}\0{encoded.count}"
@@ -165,9 +147,7 @@ def _stream_labels(encoded: EncodedSplit, cache_root: str) -> np.ndarray:
     logging.info("%s: reading the labels of %d records (once)", encoded.name, encoded.count)
     start = time.monotonic()
     labels = np.full(encoded.count, -1, np.int32)
-    records = encoded.stream.read(None, (1, 0)).map(
-        lambda position, image, label: (position, label)
-    )
+    records = store.read(None, (1, 0)).map(lambda position, image, label: (position, label))
     for positions, batch_labels in records.batch(4096).as_numpy_iterator():
         labels[positions] = batch_labels
     if (labels < 0).any():

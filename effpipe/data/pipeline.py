@@ -273,11 +273,8 @@ def _record_stream(split, batch_size, is_training, seed, options, shard, data_se
             lambda position, encoded, label: position % count == index
         )
     if len(split) < store.count:
-        # A carved split (validation off train): the other records are skipped unread.
-        wanted = np.zeros(store.count, bool)
-        wanted[split.positions] = True
-        mask = tf.constant(wanted)
-        records = records.filter(lambda position, encoded, label: mask[position])
+        # A carved split (validation off train): the other records are not decoded.
+        records = records.filter(stores.keep_positions(store, split.positions))
     if is_training:
         buffer = max(1, RECORD_SHUFFLE_MB * 2**20 // max(store.record_bytes, 1))
         records = records.shuffle(buffer, seed=seed + index, reshuffle_each_iteration=True)

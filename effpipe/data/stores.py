@@ -188,16 +188,21 @@ def load_images(store, positions: np.ndarray) -> np.ndarray:
     return np.concatenate(list(dataset.batch(256).as_numpy_iterator()))
 
 
-def _decoded_records(store: RecordStore, positions: np.ndarray) -> tf.data.Dataset:
-    """(position, image) of the records at `positions`, read in order; the reading
-    stops after the last of them, and only they are decoded."""
+def keep_positions(store: RecordStore, positions: np.ndarray):
+    """A `filter` predicate over (position, encoded, label) records: those at `positions`."""
     wanted = np.zeros(store.count, bool)
     wanted[positions] = True
     mask = tf.constant(wanted)
+    return lambda position, encoded, label: mask[position]
+
+
+def _decoded_records(store: RecordStore, positions: np.ndarray) -> tf.data.Dataset:
+    """(position, image) of the records at `positions`, read in order; the reading
+    stops after the last of them, and only they are decoded."""
     return (
         store.read(None, (1, 0))
-        .filter(lambda position, encoded, label: mask[position])
-        .take(int(wanted.sum()))
+        .filter(keep_positions(store, positions))
+        .take(len(np.unique(positions)))
         .map(
             lambda position, encoded, label: (
                 position,

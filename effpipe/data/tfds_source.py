@@ -8,11 +8,14 @@ test when it has them); class names come from its ClassLabel feature.
 """
 
 import dataclasses
+import functools
 import hashlib
 import os
 from collections.abc import Callable
 
-from effpipe.data import cache
+import numpy as np
+
+from effpipe.data import cache, stores
 from effpipe.errors import UsageError
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -70,9 +73,9 @@ class TfdsDataset:
             add_tfds_id=with_ids,
             shuffle_seed=shuffle_seed,
             shuffle_reshuffle_each_iteration=True,
-            # In order, one file after the other, unless shuffled: a record's position
-            # is its place in the split's files.
-            interleave_cycle_length=1 if shuffle_seed is None else 16,
+            # In order, one file after the other, unless shuffled (then tfds' default):
+            # a record's position is its place in the split's files.
+            **({"interleave_cycle_length": 1} if shuffle_seed is None else {}),
             input_context=(
                 tf.distribute.InputContext(num_input_pipelines=count, input_pipeline_id=index)
                 if count > 1
@@ -102,20 +105,22 @@ class TfdsDataset:
 
     def _file_offsets(self, split: str) -> list[int]:
         """The position of each file's first record in the split."""
-        lengths = list(self.builder.info.splits[split].shard_lengths)
-        return [sum(lengths[:file]) for file in range(len(lengths))]
+        lengths = self.builder.info.splits[split].shard_lengths
+        return [0, *np.cumsum(lengths[:-1]).tolist()]
 
     def _encoded(self, split: str) -> cache.EncodedSplit:
         info = self.builder.info.splits[split] if self.builder.info.splits.keys() else None
         count = info.num_examples if info else int(self._records(split).reduce(0, _count))
         stream = None
         if info is not None and info.shard_lengths:
-            stream = cache.RecordStream(
-                read=lambda shuffle_seed, shard: self._records(
+            stream = functools.partial(
+                stores.RecordStore,
+                lambda shuffle_seed, shard: self._records(
                     split, shuffle_seed=shuffle_seed, shard=shard, with_ids=True
                 ),
-                num_files=len(info.shard_lengths),
-                record_bytes=max(1, int(info.num_bytes) // max(count, 1)),
+                count,
+                len(info.shard_lengths),
+                max(1, int(info.num_bytes) // max(count, 1)),
             )
         return cache.EncodedSplit(
             name=f"tfds-{self.builder.name}-{split}",
