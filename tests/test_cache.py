@@ -82,12 +82,18 @@ def test_a_first_pass_killed_midway_is_resumed_not_mistaken_for_complete(tmp_pat
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     [folder] = _cache_folders(cache_root)
     assert not os.path.exists(os.path.join(cache_root, folder, cache.MANIFEST_FILE))
-    written = cache._written_positions(os.path.join(cache_root, folder), 360, SIZE)
+    directory = os.path.join(cache_root, folder)
+    written = cache._written_positions(directory, 360, SIZE)
     assert 200 <= written.sum() < 360
-    # A file the kill cut short is rewritten, not read as an image.
-    cut = stores.cache_path(os.path.join(cache_root, folder), int(np.flatnonzero(written)[0]))
-    with open(cut, "r+b") as file:
-        file.truncate(100)
+    # A kill inside the log's write leaves part of a position, and rows outside the
+    # log may hold anything: the rerun rewrites them, never reads them as images.
+    with open(os.path.join(directory, cache.WRITTEN_FILE), "ab") as log:
+        log.write(b"\x07\x00\x00")
+    row = stores.cached_bytes(SIZE)
+    with open(stores.cache_file(directory), "r+b") as rows:
+        rows.seek(int(np.flatnonzero(~written)[0]) * row)
+        rows.write(b"\xff" * row)
+    np.testing.assert_array_equal(cache._written_positions(directory, 360, SIZE), written)
     resumed = _load(root, cache_root, cache="disk")
     fresh = _load(root, tmp_path / "fresh", cache="memory")
     np.testing.assert_array_equal(resumed.train.images, fresh.train.images)
@@ -129,19 +135,24 @@ def test_workers_read_only_their_own_files(tmp_path, mode):
     root = _make_folder(tmp_path / "data", per_class=4)
     source = _load(root, tmp_path / "cache", cache=mode)
     positions = source.train.positions
-    # Shard 1's files broken after loading: shard 0 never reads them.
+    # Shard 1's files (its rows of the cache) broken after loading: shard 0 never
+    # reads them.
     shard_one = positions[: len(positions) // 2 * 2][1::2]
+    shard_zero = positions[: len(positions) // 2 * 2][0::2]
+    expected = source.train.subset(np.searchsorted(positions, shard_zero))
+    expected_images = expected.load_images()
     for position in shard_one:
         if mode == "off":
-            path = source.train.store.paths[position]
+            with open(source.train.store.paths[position], "wb") as file:
+                file.write(b"broken")
         else:
-            path = stores.cache_path(source.train.store.directory, int(position))
-        with open(path, "wb") as file:
-            file.write(b"broken")
-    _, labels = _stream(source.train, shard=(2, 0), batches=3, batch_size=2)
-    shard_zero = positions[: len(positions) // 2 * 2][0::2]
-    expected = source.train.labels[np.searchsorted(positions, shard_zero)]
-    assert sorted(labels[: len(shard_zero)].tolist()) == sorted(expected.tolist())
+            with open(stores.cache_file(source.train.store.directory), "r+b") as rows:
+                rows.seek(int(position) * stores.cached_bytes(SIZE))
+                rows.write(b"\xff" * stores.cached_bytes(SIZE))
+    images, labels = _stream(source.train, shard=(2, 0), batches=3, batch_size=2)
+    assert sorted(labels[: len(shard_zero)].tolist()) == sorted(expected.labels.tolist())
+    read = {image.tobytes() for image in images[: len(shard_zero)]}
+    assert read == {image.tobytes() for image in expected_images}
 
 
 @pytest.mark.parametrize("mode", ["off", "disk"])
@@ -163,6 +174,12 @@ def test_a_tf_data_service_serves_file_backed_splits(tmp_path, mode):
     images = np.concatenate([batch for batch, _ in dataset.as_numpy_iterator()])
     assert labels == sorted(source.train.labels.tolist())
     assert images.shape == (12, SIZE, SIZE, 3)
+    # The service's workers read the cache through a memory map, not this process's
+    # reads: the same images.
+    expected = source.train.load_images()
+    assert sorted(image.tobytes() for image in images) == sorted(
+        image.tobytes() for image in expected
+    )
     del worker
 
 
@@ -180,11 +197,12 @@ def test_an_evaluation_pass_is_deterministic_whatever_the_runs_options(tmp_path,
     assert training.options().deterministic is False
 
 
-def test_a_cache_file_holds_the_images_rows_and_nothing_else(tmp_path):
-    split = _load(_make_folder(tmp_path / "data"), tmp_path / "cache", cache="disk").train
-    images = split.load_images()
-    for index in (0, len(split) - 1):
-        path = stores.cache_path(split.store.directory, int(split.positions[index]))
-        with open(path, "rb") as file:
-            rows = np.frombuffer(file.read(), np.uint8)
-        np.testing.assert_array_equal(rows.reshape(SIZE, SIZE, 3), images[index])
+def test_the_cache_file_holds_the_images_rows_and_nothing_else(tmp_path):
+    root = _make_folder(tmp_path / "data")
+    split = _load(root, tmp_path / "cache", cache="disk").train
+    images = _load(root, tmp_path / "fresh", cache="memory").train
+    rows = np.fromfile(stores.cache_file(split.store.directory), np.uint8)
+    assert rows.size == split.store.count * SIZE * SIZE * 3
+    np.testing.assert_array_equal(
+        rows.reshape(-1, SIZE, SIZE, 3)[split.positions], images.load_images()
+    )

@@ -22,7 +22,7 @@ import tensorflow as tf
 from binaries import run_train
 
 from effpipe import config, errors, run_dir
-from effpipe.data import sources
+from effpipe.data import sources, stores
 from effpipe.training import checkpoints, run_state
 
 
@@ -93,17 +93,35 @@ def test_a_full_disk_while_exporting_leaves_no_half_saved_model(small_disk):
     assert os.listdir(small_disk) == []
 
 
-def test_a_full_disk_during_the_first_pass_stops_it_unmarked_as_complete(tmp_path, small_disk):
+def _first_pass_on(disk, photos):
     layout = {"train": {name: [f"{i:03d}.jpg" for i in range(40)] for name in ("ant", "bee")}}
-    image_files.write_class_folder_tree(tmp_path / "photos", layout)
-    data = config.DataConfig(dataset=f"folder:{tmp_path / 'photos'}", cache="disk")
+    image_files.write_class_folder_tree(photos, layout)
+    data = config.DataConfig(dataset=f"folder:{photos}", cache="disk")
     with pytest.raises(errors.DiskFullError) as raised:
         # 80 images of 96 x 96 x 3 bytes: 2.2 MB, twice the disk.
-        sources.load_configured_source(data, size=96, seed=0, cache_root=str(small_disk))
-    message = str(raised.value)
-    assert str(small_disk) in message and "the rerun resumes the cache" in message, message
-    # Not marked complete: the rerun resumes the cache instead of trusting it.
-    assert not list(small_disk.rglob("manifest.json"))
+        sources.load_configured_source(data, size=96, seed=0, cache_root=str(disk))
+    # Not marked complete: a rerun resumes the cache instead of trusting it.
+    assert not list(disk.rglob("manifest.json"))
+    return str(raised.value)
+
+
+def test_a_disk_too_small_for_the_cache_stops_the_first_pass_before_decoding(tmp_path, small_disk):
+    message = _first_pass_on(small_disk, tmp_path / "photos")
+    assert str(small_disk) in message and "about 2.1 MB" in message, message
+    assert "Nothing was decoded yet" in message
+    # The allocation that failed is not left taking the space.
+    assert not list(small_disk.rglob(stores.CACHE_FILE))
+
+
+def test_a_full_disk_during_the_first_pass_keeps_what_it_wrote(tmp_path, small_disk, monkeypatch):
+    # A filesystem that cannot allocate ahead: the writes themselves find it full.
+    def cannot_allocate(descriptor, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", cannot_allocate)
+    message = _first_pass_on(small_disk, tmp_path / "photos")
+    assert stores.CACHE_FILE in message and "the rerun resumes the cache" in message, message
+    assert "\n" not in message
 
 
 def test_a_full_disk_is_not_taken_for_the_device_running_out_of_memory():

@@ -1,7 +1,7 @@
 """The decoded cache: every image of a split decoded once, kept in memory or on disk.
 
     encoded split (files, tfds records) -> parallel read + decode to --source_size
-    -> memory (an array) | disk (one file per image, under --cache_dir) -> a Split
+    -> memory (an array) | disk (one file of rows, under --cache_dir) -> a Split
 
 The first pass decodes in a parallel tf.data map and shows a progress
 bar with images/s and the ETA. A file that cannot be decoded (truncated, empty, not
@@ -12,14 +12,18 @@ traceback and without losing the other images.
 On disk a cache is a folder named after a fingerprint of what the images depend on
 (the file list with sizes and modification times, or the tfds dataset's files; the
 storage size; the crop), so a second run on the same data decodes nothing and a
-change of any file makes a new cache. `manifest.json`, written last and atomically,
-marks a cache complete: a folder without it is a first pass that was killed, and a
-rerun resumes it, keeping the image files that were written whole. There is no lock
-file to go stale. A full disk stops the pass in one line (the space the rest needs,
-the space free); it is never taken for images that do not decode.
+change of any file makes a new cache. It holds one file of rows (`stores.CACHE_FILE`,
+its whole size allocated before any decoding) and a log of the positions whose rows
+are written whole (`WRITTEN_FILE`, appended after the rows). `manifest.json`, written
+last and atomically, marks a cache complete: a folder without it is a first pass that
+was killed, and a rerun resumes it, keeping the rows its log names. There is no lock
+file to go stale. A full disk stops the pass in one line (the space the cache needs,
+the space free), before decoding when the allocation fails; it is never taken for
+images that do not decode.
 """
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -37,8 +41,10 @@ from effpipe.data.splits import Split
 from effpipe.errors import UsageError, is_disk_full
 
 MANIFEST_FILE = "manifest.json"
-# Bump when what a cache file holds changes: older caches are then not reused.
-CACHE_FORMAT = 2
+# The positions whose rows the first pass wrote whole, as little-endian int64s.
+WRITTEN_FILE = "written.i64"
+# Bump when what a cache holds changes: older caches are then not reused.
+CACHE_FORMAT = 3
 # Images per batch handed from the decoding pipeline to the Python loop (a progress
 # update each, about twice a second).
 PASS_BATCH = 256
@@ -129,7 +135,7 @@ def materialize(
     else:
         directory = os.path.join(cache_root, _folder_name(encoded, size, crop))
         pass_labels, bad = _disk_cache(encoded, size, crop, directory)
-        store = stores.CacheStore(directory, size)
+        store = stores.CacheStore(directory, size, encoded.count)
     return _finish(encoded, store, pass_labels, bad, on_bad_image, decoded_mb, mode)
 
 
@@ -215,7 +221,11 @@ def _disk_cache(encoded, size, crop, directory):
             done.sum(),
             encoded.count,
         )
-    labels, bad = _first_pass(encoded, size, crop, directory=directory, done=done)
+    writer = _RowWriter(directory, encoded.count, size, resuming=done.any())
+    try:
+        labels, bad = _first_pass(encoded, size, crop, writer=writer, done=done)
+    finally:
+        writer.close()
     manifest = {
         "format": CACHE_FORMAT,
         "split": encoded.name,
@@ -235,30 +245,79 @@ def _disk_cache(encoded, size, crop, directory):
 
 
 def _written_positions(directory: str, count: int, size: int) -> np.ndarray:
-    """Which positions a killed first pass wrote whole (a file of the full length)."""
+    """Which positions a killed first pass wrote whole: those its log names, when the
+    file of rows is whole (a log cut in the middle of a position ignores that one)."""
     done = np.zeros(count, bool)
-    whole = stores.cached_bytes(size)
-    for folder in range((count + stores.FILES_PER_FOLDER - 1) // stores.FILES_PER_FOLDER):
-        path = os.path.join(directory, f"{folder:05d}")
-        if not os.path.isdir(path):
-            continue
-        with os.scandir(path) as entries:
-            for entry in entries:
-                stem = entry.name.removesuffix(stores.CACHE_SUFFIX)
-                if stem.isdigit() and int(stem) < count and entry.stat().st_size == whole:
-                    done[int(stem)] = True
+    rows, log = stores.cache_file(directory), os.path.join(directory, WRITTEN_FILE)
+    if not os.path.isfile(log) or not os.path.isfile(rows):
+        return done
+    if os.path.getsize(rows) != count * stores.cached_bytes(size):
+        return done
+    logged = np.fromfile(log, "<i8", count=os.path.getsize(log) // 8)
+    done[logged[(logged >= 0) & (logged < count)]] = True
     return done
 
 
-def _first_pass(encoded, size, crop, *, images=None, directory=None, done=None):
-    """Decodes every image not `done` into `images` (memory) or `directory` (disk).
+class _RowWriter:
+    """Writes decoded images into the cache's file of rows, then logs their positions.
+
+    The file's whole size is allocated first (posix_fallocate), so a disk too small
+    stops the pass before any decoding, and no later write finds the disk full.
+    """
+
+    def __init__(self, directory: str, count: int, size: int, *, resuming: bool):
+        self.row = stores.cached_bytes(size)
+        self.path = stores.cache_file(directory)
+        self.rows = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.log = open(os.path.join(directory, WRITTEN_FILE), "ab")
+        if not resuming:
+            self.log.truncate(0)
+            self._allocate(directory, count * self.row)
+        else:
+            # A kill during a log write can leave a part of a position: drop it.
+            self.log.truncate(self.log.tell() // 8 * 8)
+
+    def _allocate(self, directory: str, total_bytes: int) -> None:
+        os.ftruncate(self.rows, 0)
+        try:
+            os.posix_fallocate(self.rows, 0, total_bytes)
+        except OSError as error:
+            if is_disk_full(error):
+                self.close()
+                os.remove(self.path)
+                raise run_dir.disk_full_error(
+                    directory,
+                    total_bytes,
+                    at_least=False,
+                    kept="Nothing was decoded yet; --cache_dir puts the cache on another disk, "
+                    "--cache=memory or off keeps it off the disk.",
+                ) from error
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            # A filesystem that cannot allocate ahead: a sparse file, and the writes
+            # themselves may find the disk full (`_first_pass` says so then).
+            os.ftruncate(self.rows, total_bytes)
+
+    def write(self, positions: np.ndarray, images: np.ndarray) -> None:
+        for position, image in zip(positions.tolist(), images):
+            os.pwrite(self.rows, image, position * self.row)
+        # The rows before their positions: a kill between the two redoes those rows.
+        self.log.write(np.asarray(positions, "<i8").tobytes())
+        self.log.flush()
+
+    def close(self) -> None:
+        if self.rows >= 0:
+            os.close(self.rows)
+            self.log.close()
+            self.rows = -1
+
+
+def _first_pass(encoded, size, crop, *, images=None, writer=None, done=None):
+    """Decodes every image not `done` into `images` (memory) or `writer` (disk).
 
     Returns:
       (labels of every position, positions that could not be decoded).
     """
-    for start in range(0, encoded.count, stores.FILES_PER_FOLDER) if directory else ():
-        folder = os.path.join(directory, f"{start // stores.FILES_PER_FOLDER:05d}")
-        os.makedirs(folder, exist_ok=True)
     resuming = done is not None and done.any()
     todo_array = ~done if resuming else np.ones(encoded.count, bool)
     todo = tf.constant(todo_array)
@@ -275,16 +334,6 @@ def _first_pass(encoded, size, crop, *, images=None, directory=None, done=None):
         # Positions already written pass through undecoded: their labels are still read.
         return position, label, tf.cond(todo[position], work, lambda: empty)
 
-    def write_one(position, label, image):
-        def work():
-            path = stores.cache_path_tensor(directory, position)
-            with tf.control_dependencies([tf.io.write_file(path, stores.raw_bytes(image))]):
-                return tf.zeros((0, 0, 3), tf.uint8)
-
-        if not resuming:
-            return position, label, work()
-        return position, label, tf.cond(todo[position], work, lambda: tf.zeros((0, 0, 3), tf.uint8))
-
     dataset = tf.data.Dataset.zip(tf.data.Dataset.range(encoded.count), encoded.make_records())
     # In any order (faster than keeping it): images are placed by position, and one
     # that fails to decode is the position that never arrives. Only decoding errors
@@ -294,8 +343,6 @@ def _first_pass(encoded, size, crop, *, images=None, directory=None, done=None):
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=False,
     ).ignore_errors()
-    if directory is not None:
-        dataset = dataset.map(write_one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     dataset = dataset.batch(PASS_BATCH).prefetch(2)
     labels = np.zeros(encoded.count, np.int32)
     arrived = np.zeros(encoded.count, bool)
@@ -305,19 +352,21 @@ def _first_pass(encoded, size, crop, *, images=None, directory=None, done=None):
         for positions, batch_labels, batch_images in dataset.as_numpy_iterator():
             arrived[positions] = True
             labels[positions] = batch_labels
+            fresh = todo_array[positions]
             if images is not None:
                 images[positions] = batch_images
-            progress.update(int(todo_array[positions].sum()))
+            else:
+                writer.write(positions[fresh], batch_images[fresh])
+            progress.update(int(fresh.sum()))
             if kill_after and progress.count >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-    except tf.errors.OpError as error:
-        if directory is None or not is_disk_full(error):
+    except OSError as error:
+        if writer is None or not is_disk_full(error):
             raise
         left = int(todo_array.sum()) - progress.count
-        image_bytes = stores.cached_bytes(size)
         raise run_dir.disk_full_error(
-            directory,
-            left * image_bytes,
+            writer.path,
+            left * stores.cached_bytes(size),
             at_least=False,
             kept=f"The {progress.count} images decoded so far are kept, and the rerun resumes "
             "the cache; --cache_dir puts it on another disk, --cache=memory or off keeps it "

@@ -3,6 +3,8 @@
     keys of the split's images -> shard (workers) -> shuffle (train) -> fetch (read,
     decode) -> batch -> repeat (train) -> tf.data service (optional) -> prefetch
 
+(the decoded cache is fetched after `batch`: a batch of positions, then their rows).
+
 A key is what a split's store addresses an image by (`effpipe.data.stores`): the
 image itself when it is in memory, a file's path, a position in the decoded cache.
 Sharding and shuffling act on keys, so each worker reads only its own files and a
@@ -159,9 +161,15 @@ def make_dataset(
         options = dataclasses.replace(options, deterministic=True)
     if isinstance(split.store, stores.RecordStore):
         return _record_stream(split, batch_size, is_training, seed, options, shard, data_service)
-    keys = stores.keys(split.store, split.positions)
-    if isinstance(split.store, stores.ArrayStore) and keys.dtype != np.uint8:
+    store = split.store
+    keys = stores.keys(store, split.positions)
+    if isinstance(store, stores.ArrayStore) and keys.dtype != np.uint8:
         raise ValueError(f"images must be uint8 at source resolution, got {keys.dtype}")
+    fetch = fetch_batch = None
+    if isinstance(store, stores.CacheStore):
+        fetch_batch = stores.fetch_batch(store, in_process=data_service is None)
+    elif not isinstance(store, stores.ArrayStore):
+        fetch = stores.fetch(store)
     return _batched_stream(
         keys,
         split.labels,
@@ -171,8 +179,9 @@ def make_dataset(
         options,
         shard,
         data_service,
-        fetch=None if isinstance(split.store, stores.ArrayStore) else stores.fetch(split.store),
-        skip_bad=getattr(split.store, "skip_bad", False),
+        fetch=fetch,
+        fetch_batch=fetch_batch,
+        skip_bad=getattr(store, "skip_bad", False),
     )
 
 
@@ -215,9 +224,11 @@ def _batched_stream(
     shard=(1, 0),
     data_service=None,
     fetch=None,
+    fetch_batch=None,
     skip_bad=False,
 ):
-    """shard -> shuffle (train) -> fetch -> batch -> repeat (train) -> service -> prefetch."""
+    """shard -> shuffle (train) -> fetch -> batch (-> fetch_batch) -> repeat (train)
+    -> service -> prefetch."""
     dataset = tf.data.Dataset.from_tensor_slices((elements, labels.astype(np.int32)))
     count, index = shard
     if count > 1:
@@ -229,7 +240,7 @@ def _batched_stream(
         labels, seed = labels[:shard_size], seed + index
     # In-memory elements are cached as they are; file-backed keys must not be (the
     # decoded images would pile up in memory): their decoded cache is on disk.
-    if options.cache and fetch is None:
+    if options.cache and fetch is None and fetch_batch is None:
         dataset = dataset.cache()
     if is_training:
         # A buffer as large as the split is a uniform shuffle, and it holds keys (a
@@ -246,7 +257,7 @@ def _batched_stream(
         if skip_bad:
             # --cache=off with --on_bad_image=skip: a file that does not decode drops out.
             dataset = dataset.ignore_errors()
-    return _batch_and_serve(dataset, batch_size, is_training, data_service, options)
+    return _batch_and_serve(dataset, batch_size, is_training, data_service, options, fetch_batch)
 
 
 # The shuffle buffer of a tfds stream (--cache=off), in MB of encoded records: the
@@ -290,11 +301,18 @@ def _record_stream(split, batch_size, is_training, seed, options, shard, data_se
     return _batch_and_serve(dataset, batch_size, is_training, data_service, options)
 
 
-def _batch_and_serve(dataset, batch_size, is_training, data_service, options):
-    """batch -> repeat (train) -> tf.data service (optional) -> prefetch."""
+def _batch_and_serve(dataset, batch_size, is_training, data_service, options, fetch_batch=None):
+    """batch (-> fetch_batch) -> repeat (train) -> tf.data service (optional) -> prefetch."""
     # drop_remainder in training gives a static batch dimension, so a compiled
     # (XLA) step is built once and every step sees a full batch.
     dataset = dataset.batch(batch_size, drop_remainder=is_training)
+    if fetch_batch is not None:
+        # The decoded cache is read a batch of positions at a time, in parallel:
+        # a tf.data element per image cost more than the read itself (stores).
+        dataset = dataset.map(
+            lambda positions, labels: (fetch_batch(positions), labels),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
     if is_training:
         # Endless: an epoch is fit's steps_per_epoch = len // batch_size steps. The
         # pass orders come from this dataset object's own seed sequence, so a fresh

@@ -2,19 +2,22 @@
 
     ArrayStore   decoded uint8 rows in memory (shapes; --cache=memory)
     FileStore    encoded files, read and decoded on every pass (--cache=off)
-    CacheStore   the decoded cache on disk: one file per image (--cache=disk)
+    CacheStore   the decoded cache on disk: one file of rows, image i at row i
+                 (--cache=disk)
     RecordStore  tfds records, read in a stream and decoded on every pass (--cache=off)
 
 The input pipeline streams `keys` (an array row, a path, a cache position), shuffles
 them, and maps `fetch` over them in parallel: a shuffle buffer holds keys, never a
 decoded photo, and the same keys in the same order give the same images whatever the
-store, so a run's batches do not depend on where its images are kept.
+store, so a run's batches do not depend on where its images are kept. A CacheStore
+is read a batch at a time (`fetch_batch`): the batch's positions, then their rows.
 
-Why one file per decoded image and not TFRecord or `Dataset.save` shards: a file
-is addressable by position, so every pass is a uniform shuffle over positions, a
-killed first pass resumes where it stopped (each finished file stays), and the
-page cache serves the files at memory speed once read (WORKSPACE.md has the
-measurements).
+Why one file of rows and not TFRecord or `Dataset.save` shards: a row is addressable
+by position, so every pass is a uniform shuffle over positions and a killed first
+pass resumes where it stopped (a log names the rows written whole); and a batch is
+read with one call per image straight into the batch's memory, with no tf.data
+element per image, which bounded the one-file-per-image cache before it (README's
+photo table has both).
 
 A RecordStore is the exception: tfds records are not addressable one by one, so its
 images are streamed (`effpipe.data.pipeline`) with the tfds files shuffled and
@@ -31,11 +34,11 @@ import tensorflow as tf
 
 from effpipe.data import decode
 
-# Cache files per subfolder: small enough for any filesystem's directories.
-FILES_PER_FOLDER = 1000
-# A cache file is the image's rows, height x width x 3 bytes with no header: one copy
-# from the file's bytes to the tensor on every read (a serialized TensorProto took two).
-CACHE_SUFFIX = ".rgb"
+# The decoded cache's images: row i (height x width x 3 bytes, no header) is image i.
+CACHE_FILE = "images.u8"
+# TensorFlow takes a numpy array's memory as a tensor's without a copy when it is
+# aligned to this many bytes (Eigen's largest alignment).
+TENSOR_ALIGNMENT = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,15 +68,18 @@ class FileStore:
 
 @dataclasses.dataclass(frozen=True)
 class CacheStore:
-    """The decoded cache: position i's image in `cache_path(directory, i)`.
+    """The decoded cache: position i's image is row i of `cache_file(directory)`.
 
     Attributes:
       directory: the cache's folder (effpipe.data.cache).
       size: side in pixels of the stored images.
+      count: rows in the file, one per image of the encoded split (the row of an
+        image that did not decode is never read).
     """
 
     directory: str
     size: int
+    count: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,37 +108,41 @@ class RecordStore:
     skip_bad: bool = False
 
 
-def cache_path(directory: str, position: int) -> str:
-    """The file that holds decoded image `position` of a cache folder."""
-    return os.path.join(
-        directory, f"{position // FILES_PER_FOLDER:05d}", f"{position}{CACHE_SUFFIX}"
-    )
-
-
-def cache_path_tensor(directory: str, position: tf.Tensor) -> tf.Tensor:
-    """`cache_path` in the graph, for int64 `position`."""
-    return tf.strings.join(
-        [
-            directory + os.sep,
-            tf.strings.as_string(position // FILES_PER_FOLDER, width=5, fill="0"),
-            os.sep,
-            tf.strings.as_string(position),
-            CACHE_SUFFIX,
-        ]
-    )
-
-
-def raw_bytes(image: tf.Tensor) -> tf.Tensor:
-    """A uint8 (H, W, 3) image as the bytes of a cache file, in the graph."""
-    serialized = tf.io.serialize_tensor(image)
-    # A TensorProto ends with its tensor_content, the rows themselves.
-    length = tf.size(image)
-    return tf.strings.substr(serialized, -length, length)
+def cache_file(directory: str) -> str:
+    """The file of rows of a cache folder."""
+    return os.path.join(directory, CACHE_FILE)
 
 
 def cached_bytes(size: int) -> int:
-    """The length of a whole cache file of a `size` px image."""
+    """The length of one row of the cache file: a `size` px image."""
     return size * size * 3
+
+
+def read_rows(path: str, positions: np.ndarray, size: int) -> np.ndarray:
+    """Rows `positions` of the cache file at `path`, (N, size, size, 3) uint8.
+
+    One read per row straight into the result, which is aligned so TensorFlow takes
+    it as a tensor without a copy (`fetch_batch`).
+
+    Raises:
+      OSError: the file is missing or shorter than the rows asked for.
+    """
+    row = cached_bytes(size)
+    buffer = np.empty(len(positions) * row + TENSOR_ALIGNMENT, np.uint8)
+    start = -buffer.ctypes.data % TENSOR_ALIGNMENT
+    images = buffer[start : start + len(positions) * row].reshape(len(positions), size, size, 3)
+    rows = images.reshape(len(positions), row)
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        for index, position in enumerate(np.asarray(positions).tolist()):
+            if os.preadv(descriptor, [rows[index]], position * row) != row:
+                raise OSError(
+                    f"the decoded cache {path} ends before image {position}: delete its "
+                    "folder and rerun, which decodes the images again"
+                )
+    finally:
+        os.close(descriptor)
+    return images
 
 
 def image_size(store) -> tuple[int, int]:
@@ -158,15 +168,41 @@ def fetch(store):
         return tf.identity
     if isinstance(store, FileStore):
         return lambda path: decode.decode_to_size(tf.io.read_file(path), store.size, store.crop)
-    if isinstance(store, RecordStore):
-        raise TypeError("a RecordStore is streamed (effpipe.data.pipeline), not fetched by key")
-    size = store.size
+    raise TypeError(f"a {type(store).__name__} is not fetched one key at a time")
 
-    def read_cached(position):
-        contents = tf.io.read_file(cache_path_tensor(store.directory, position))
-        return tf.reshape(tf.io.decode_raw(contents, tf.uint8), (size, size, 3))
 
-    return read_cached
+def fetch_batch(store: CacheStore, *, in_process: bool):
+    """positions (B,) int64 -> images (B, H, W, 3) uint8, for `Dataset.map` after `batch`.
+
+    Args:
+      store: the decoded cache.
+      in_process: the dataset runs in this process. Then each row is read into the
+        batch by Python (`read_rows`, the file's reads release the interpreter lock),
+        and the process's memory holds only the batches in flight. Otherwise (a
+        tf.data service's worker, which runs a serialized graph and no Python) the
+        file is memory-mapped by TensorFlow's ImmutableConst and the batch gathered
+        from it: as fast, but every page read stays in the worker's resident memory
+        (page cache, which the kernel reclaims under pressure).
+    """
+    path, size = cache_file(store.directory), store.size
+    if in_process:
+
+        def read(positions):
+            images = tf.numpy_function(
+                lambda rows: read_rows(path, rows, size), [positions], tf.uint8, stateful=False
+            )
+            # The positions' static batch size (training drops the remainder) stays.
+            return tf.ensure_shape(images, positions.shape.concatenate((size, size, 3)))
+
+        return read
+
+    def gather(positions):
+        rows = tf.raw_ops.ImmutableConst(
+            dtype=tf.uint8, shape=[store.count, size, size, 3], memory_region_name=path
+        )
+        return tf.gather(rows, positions)
+
+    return gather
 
 
 def load_images(store, positions: np.ndarray) -> np.ndarray:
@@ -182,6 +218,8 @@ def load_images(store, positions: np.ndarray) -> np.ndarray:
         return np.zeros((0, *size, 3), np.uint8)
     if isinstance(store, RecordStore):
         return _load_records(store, positions)
+    if isinstance(store, CacheStore):
+        return read_rows(cache_file(store.directory), positions, store.size)
     dataset = tf.data.Dataset.from_tensor_slices(keys(store, positions)).map(
         fetch(store), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
