@@ -16,14 +16,17 @@ train images at --source_size (0: the model resolution, --image_size), batches o
   tf.data ceiling      the same decoded images (up to CEILING_IMAGES of them) from a
                        numpy array in memory -> shuffle -> batch -> prefetch: what
                        tf.data itself delivers at this size, with no file read at all
+  decode ceiling       the train files read and decoded in full (tf.io.decode_image
+                       in a parallel map) and nothing else: no resize, no write. A
+                       first pass that decodes every photo in full cannot beat it
   keras                keras.utils.image_dataset_from_directory on the same files at
                        the same size and batch, with the same tf.data threads
   notebook             the notebook's ImageDataGenerator.flow_from_directory (Python,
                        PIL), over --notebook_batches batches only: it is slow
 
 Prints a table and, last, one JSON line with first_pass_images_per_sec,
-cached_images_per_sec, keras_images_per_sec, notebook_images_per_sec,
-speedup_first_pass, speedup_cached and peak_rss_mb (this process's peak resident
+cached_images_per_sec, decode_ceiling_images_per_sec, keras_images_per_sec,
+notebook_images_per_sec, speedup_first_pass, speedup_cached and peak_rss_mb (this process's peak resident
 memory, all pipelines included).
 """
 
@@ -41,6 +44,8 @@ import tensorflow as tf
 from benchmarks import harness, notebook_replica
 from effpipe.data import pipeline, sources
 
+# The files Keras' image_dataset_from_directory reads, which the decode ceiling reads too.
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 # Images the tf.data ceiling row holds in memory.
 CEILING_IMAGES = 1000
 # The issue's targets, measured in this benchmark (never in tests).
@@ -61,7 +66,8 @@ def run(config, *, repeats: int, notebook_batches: int) -> dict:
     options = pipeline.pipeline_options_of(config.runtime)
     size, batch_size = config.source_size, config.batch_size
     scratch = tempfile.mkdtemp(prefix="effpipe-input-benchmark-")
-    samples = {name: [] for name in ("first", "cached", "ceiling", "keras", "notebook")}
+    names = ("first", "cached", "ceiling", "decode", "keras", "notebook")
+    samples = {name: [] for name in names}
     try:
         # Warm-up: one of each, untimed (tracing, the page cache of the files).
         for repeat in range(repeats + 1):
@@ -72,11 +78,13 @@ def run(config, *, repeats: int, notebook_batches: int) -> dict:
             )
             cached = _consume(stream.take(len(train) // batch_size))
             ceiling = _consume(_ceiling_dataset(train, batch_size, config.seed, options))
+            decode = _consume(_decode_dataset(config, batch_size, options))
             keras_pass = _consume(_keras_dataset(config, options))
             notebook = _notebook_pass(config, notebook_batches)
             shutil.rmtree(cache_root)
             if repeat:
-                for name, result in zip(samples, (first, cached, ceiling, keras_pass, notebook)):
+                passes = (first, cached, ceiling, decode, keras_pass, notebook)
+                for name, result in zip(names, passes):
                     samples[name].append(result)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -85,6 +93,7 @@ def run(config, *, repeats: int, notebook_batches: int) -> dict:
         ["effpipe first pass (decode -> disk cache)", rates["first"]],
         ["effpipe cached pass (the training stream)", rates["cached"]],
         ["tf.data ceiling (decoded array in memory)", rates["ceiling"]],
+        ["decode ceiling (read + full decode, nothing else)", rates["decode"]],
         ["keras image_dataset_from_directory", rates["keras"]],
         ["notebook ImageDataGenerator.flow_from_directory", rates["notebook"]],
     ]
@@ -102,6 +111,7 @@ def run(config, *, repeats: int, notebook_batches: int) -> dict:
         "first_pass_images_per_sec": rates["first"],
         "cached_images_per_sec": rates["cached"],
         "tf_data_ceiling_images_per_sec": rates["ceiling"],
+        "decode_ceiling_images_per_sec": rates["decode"],
         "keras_images_per_sec": rates["keras"],
         "notebook_images_per_sec": rates["notebook"],
         "speedup_first_pass": rates["first"] / rates["keras"],
@@ -156,6 +166,28 @@ def _ceiling_dataset(train, batch_size: int, seed: int, options) -> tf.data.Data
     dataset = tf.data.Dataset.from_tensor_slices((images, train.labels[:count]))
     dataset = dataset.shuffle(count, seed=seed).batch(batch_size, drop_remainder=True)
     return dataset.prefetch(tf.data.AUTOTUNE).with_options(pipeline.tf_data_options(options))
+
+
+def _decode_dataset(config, batch_size: int, options) -> tf.data.Dataset:
+    """The train files, each read and decoded in full and reduced to its height: the
+    decoding work of a first pass (or of Keras' loader) without its resize or writes."""
+    paths = sorted(
+        os.path.join(folder, name)
+        for folder, _, names in os.walk(_train_folder(config))
+        for name in names
+        if name.lower().endswith(IMAGE_SUFFIXES)
+    )
+    dataset = tf.data.Dataset.from_tensor_slices(paths).map(
+        lambda path: tf.shape(
+            tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        )[0],
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return (
+        dataset.batch(batch_size)
+        .map(lambda heights: (heights, heights))
+        .with_options(pipeline.tf_data_options(options))
+    )
 
 
 def _train_folder(config) -> str:
