@@ -97,3 +97,23 @@ def test_serving_resize_matches_the_decoder_for_decoded_images():
     from_bytes = decode.decode_to_size(tf.io.encode_png(picture), 16, "centre")
     from_pixels = decode.resize_to_size(tf.constant(picture[None]), 16, "centre")[0]
     np.testing.assert_array_equal(from_bytes.numpy(), from_pixels.numpy())
+
+
+@pytest.mark.parametrize("size", [30, 16])
+def test_uint8_and_float_pixels_resize_alike(size):
+    # 40x60 to 30 is a plain bilinear resize; to 16 (a 3.75x shrink) it is antialiased.
+    picture = np.random.default_rng(0).integers(0, 256, (2, 40, 60, 3), dtype=np.uint8)
+    from_uint8 = decode.resize_to_size(tf.constant(picture), size, "resize")
+    from_float = decode.resize_to_size(tf.constant(picture, tf.float32), size, "resize")
+    np.testing.assert_array_equal(from_uint8.numpy(), from_float.numpy())
+
+
+@pytest.mark.parametrize("dtype", [tf.uint8, tf.float32])
+def test_halves_round_to_even_and_float_pixels_saturate(dtype):
+    # A 2x2 picture resizes to its mean: 2.5, 3.5 and 0.5 round to even (tf.round).
+    picture = np.array([[[2, 3, 0], [3, 4, 1]]] * 2)
+    resized = decode.resize_to_size(tf.constant(picture, dtype), 1, "resize").numpy()
+    np.testing.assert_array_equal(resized, [[[2, 4, 0]]])
+    if dtype == tf.float32:
+        beyond = decode.resize_to_size(tf.constant([[[-40.0, 300.0, 7.0]]]), 1, "resize")
+        np.testing.assert_array_equal(beyond.numpy(), [[[0, 255, 7]]])

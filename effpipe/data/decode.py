@@ -67,7 +67,10 @@ def _decode_jpeg(contents, size, crop):
     # How many of the ratios 2, 4, 8 leave at least `size` pixels: the branch index.
     fits = tf.cast(shorter_side >= size * tf.constant(DCT_RATIOS[1:]), tf.int32)
     branches = [_decode_jpeg_at(contents, window, ratio, crop) for ratio in DCT_RATIOS]
+    # One 8-way switch_case (ratio x antialias) in place of this one and the resize's
+    # tf.cond measured 4% slower: the control flow costs a few microseconds a photo.
     image = tf.switch_case(tf.reduce_sum(fits), branches)
+    # The decode kept only the window: "resize" takes it whole, with no slice.
     return resize_to_size(image, size, crop="resize")
 
 
@@ -102,17 +105,31 @@ def resize_to_size(images: tf.Tensor, size: int, crop: str) -> tf.Tensor:
       size: side in pixels of the result.
       crop: "resize" or "centre" (`crop_window`).
     """
-    shape = tf.shape(images)
-    height, width = shape[-3], shape[-2]
-    window = crop_window(height, width, crop)
-    images = images[..., window[0] : window[0] + window[2], window[1] : window[1] + window[3], :]
+    if crop != "resize":
+        shape = tf.shape(images)
+        window = crop_window(shape[-3], shape[-2], crop)
+        images = images[
+            ..., window[0] : window[0] + window[2], window[1] : window[1] + window[3], :
+        ]
+    if images.dtype != tf.uint8:
+        # Float pixels may lie outside [0, 255]: saturate.
+        return tf.saturate_cast(tf.round(_resize(tf.cast(images, tf.float32), size)), tf.uint8)
+    # uint8 goes into the resize as it is: both resize kernels read it into the same
+    # float32 arithmetic (identical pixels), and skipping the float32 copy of a whole
+    # 500x375 photo measured 6% faster (15% when antialiased). Their weights are >= 0
+    # and sum to 1, so the rounded pixels are already in [0, 255]: saturate_cast's
+    # clip cost another 4%. tf.cast(x + 0.5) measured no faster than tf.round, and
+    # rounds halves up where tf.round rounds them to even.
+    return tf.cast(tf.round(_resize(images, size)), tf.uint8)
+
+
+def _resize(images, size):
     # Bilinear shrinking by more than MAX_PLAIN_SHRINK skips most source pixels:
-    # antialias then. (Resizing float input measured faster than uint8 input.)
-    images = tf.cast(images, tf.float32)
-    shrinks_much = tf.maximum(window[2], window[3]) > MAX_PLAIN_SHRINK * size
-    resized = tf.cond(
+    # antialias then.
+    shape = tf.shape(images)
+    shrinks_much = tf.maximum(shape[-3], shape[-2]) > MAX_PLAIN_SHRINK * size
+    return tf.cond(
         shrinks_much,
         lambda: tf.image.resize(images, (size, size), antialias=True),
         lambda: tf.image.resize(images, (size, size)),
     )
-    return tf.saturate_cast(tf.round(resized), tf.uint8)
