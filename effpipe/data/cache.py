@@ -355,6 +355,8 @@ def _first_pass(encoded, size, crop, *, images=None, writer=None, done=None):
             fresh = todo_array[positions]
             if images is not None:
                 images[positions] = batch_images
+            elif fresh.all():
+                writer.write(positions, batch_images)
             else:
                 writer.write(positions[fresh], batch_images[fresh])
             progress.update(int(fresh.sum()))
