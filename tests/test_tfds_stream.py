@@ -7,11 +7,13 @@ tensorflow-datasets' own writer.
 """
 
 import hashlib
+import json
 import os
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from binaries import run_train
 
 from effpipe.data import pipeline, sources, splits, stores
 from effpipe.errors import UsageError
@@ -177,3 +179,29 @@ def test_a_tf_data_service_serves_a_streamed_split(data_dir, tmp_path):
     images = np.concatenate([batch for batch, _ in dataset.as_numpy_iterator()])
     assert sorted(_digests(images)) == sorted(_digests(memory.train.images))
     del worker
+
+
+def test_a_training_run_streams_a_tfds_dataset_with_the_cache_off(data_dir, tmp_path):
+    # The binary, in a process of its own, opens the dataset from its prepared files:
+    # tfds needs no builder code for that.
+    workdir = tmp_path / "run"
+    result = run_train(
+        "--flagfile=flags/smoke.flags",
+        "--dataset=tfds:effpipe_stream_test",
+        f"--data_dir={data_dir}",
+        "--cache=off",
+        "--image_size=32",
+        "--batch_size=4",
+        # Phase 1 alone and no export: the data path is what this test is about.
+        "--phase2_epochs=0",
+        "--noexport",
+        f"--workdir={workdir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["num_classes"] == 3 and metrics["skipped_images"] == 0
+    # Streamed: the labels were read once and kept, and no image was cached.
+    assert "reading the labels of 24 records" in result.stderr
+    cache_root = workdir / "cache" / "images"
+    assert list(cache_root.glob("*-labels-*.npy"))
+    assert not list(cache_root.rglob(stores.CACHE_FILE))
