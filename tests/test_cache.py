@@ -206,3 +206,24 @@ def test_the_cache_file_holds_the_images_rows_and_nothing_else(tmp_path):
     np.testing.assert_array_equal(
         rows.reshape(-1, SIZE, SIZE, 3)[split.positions], images.load_images()
     )
+
+
+def test_a_cached_stream_reuses_a_batchs_memory_only_once_it_is_released(tmp_path):
+    import gc
+
+    root = _make_folder(tmp_path / "data")
+    streams = {}
+    for mode in ("disk", "memory"):
+        split = _load(root, tmp_path / "cache", cache=mode).train
+        options = pipeline.PipelineOptions(deterministic=True)
+        dataset = pipeline.make_dataset(
+            split, batch_size=4, is_training=True, seed=1, options=options
+        )
+        # Held while the stream goes on: 30 batches, more than the pool keeps.
+        streams[mode] = [images for images, _ in dataset.take(30).as_numpy_iterator()]
+    for disk_batch, memory_batch in zip(streams["disk"], streams["memory"], strict=True):
+        np.testing.assert_array_equal(disk_batch, memory_batch)
+    del streams, disk_batch, memory_batch
+    gc.collect()
+    # Released, the batches' buffers wait for the next ones.
+    assert stores._BATCH_BUFFERS.free[(4, SIZE, SIZE, 3)]

@@ -27,6 +27,7 @@ the record's place in the split, read in order, as the cache numbers it.
 
 import dataclasses
 import os
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -118,19 +119,24 @@ def cached_bytes(size: int) -> int:
     return size * size * 3
 
 
-def read_rows(path: str, positions: np.ndarray, size: int) -> np.ndarray:
+def read_rows(path: str, positions: np.ndarray, size: int, *, pooled: bool = False) -> np.ndarray:
     """Rows `positions` of the cache file at `path`, (N, size, size, 3) uint8.
 
     One read per row straight into the result, which is aligned so TensorFlow takes
     it as a tensor without a copy (`fetch_batch`).
 
+    Args:
+      path: the cache file.
+      positions: the rows to read, in the order wanted.
+      size: side in pixels of the stored images.
+      pooled: read into a buffer of `_BATCH_BUFFERS`, which takes it back once the
+        result is released (the training stream's batches).
+
     Raises:
       OSError: the file is missing or shorter than the rows asked for.
     """
     row = cached_bytes(size)
-    buffer = np.empty(len(positions) * row + TENSOR_ALIGNMENT, np.uint8)
-    start = -buffer.ctypes.data % TENSOR_ALIGNMENT
-    images = buffer[start : start + len(positions) * row].reshape(len(positions), size, size, 3)
+    images = (_BATCH_BUFFERS.take if pooled else _aligned)((len(positions), size, size, 3))
     rows = images.reshape(len(positions), row)
     descriptor = os.open(path, os.O_RDONLY)
     try:
@@ -143,6 +149,46 @@ def read_rows(path: str, positions: np.ndarray, size: int) -> np.ndarray:
     finally:
         os.close(descriptor)
     return images
+
+
+def _aligned(shape: tuple[int, ...], buffer: np.ndarray | None = None) -> np.ndarray:
+    """An uninitialized uint8 array of `shape` aligned to TENSOR_ALIGNMENT, in `buffer`
+    (of the size `_aligned` gives it) or a new one."""
+    nbytes = int(np.prod(shape))
+    if buffer is None:
+        buffer = np.empty(nbytes + TENSOR_ALIGNMENT, np.uint8)
+    start = -buffer.ctypes.data % TENSOR_ALIGNMENT
+    return buffer[start : start + nbytes].reshape(shape)
+
+
+class _BufferPool:
+    """Batch buffers handed back once the array made from one is released.
+
+    A new buffer of a batch's megabytes costs a page fault per 4 KB it is first
+    written to, about as much as reading the rows into it; the allocator returns
+    such buffers to the system when freed, so every batch paid it again. A buffer
+    returns here only when nothing refers to the array made from it any more
+    (TensorFlow holds the array for as long as the tensor that shares its memory
+    lives), and at most `keep` of each size wait here.
+    """
+
+    def __init__(self, keep: int):
+        self.keep, self.free = keep, {}
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        free = self.free.setdefault(shape, [])
+        images = _aligned(shape, free.pop() if free else None)
+        weakref.finalize(images, self._give_back, free, images.base)
+        return images
+
+    def _give_back(self, free: list, buffer: np.ndarray) -> None:
+        if len(free) < self.keep:
+            free.append(buffer)
+
+
+# Batches in flight in a training stream: the parallel reads, the prefetch buffer
+# and the step's own batch.
+_BATCH_BUFFERS = _BufferPool(keep=8)
 
 
 def image_size(store) -> tuple[int, int]:
@@ -189,7 +235,10 @@ def fetch_batch(store: CacheStore, *, in_process: bool):
 
         def read(positions):
             images = tf.numpy_function(
-                lambda rows: read_rows(path, rows, size), [positions], tf.uint8, stateful=False
+                lambda rows: read_rows(path, rows, size, pooled=True),
+                [positions],
+                tf.uint8,
+                stateful=False,
             )
             # The positions' static batch size (training drops the remainder) stays.
             return tf.ensure_shape(images, positions.shape.concatenate((size, size, 3)))
