@@ -227,3 +227,46 @@ def test_a_cached_stream_reuses_a_batchs_memory_only_once_it_is_released(tmp_pat
     gc.collect()
     # Released, the batches' buffers wait for the next ones.
     assert stores._BATCH_BUFFERS.free[(4, SIZE, SIZE, 3)]
+
+
+def test_a_second_process_waits_for_the_first_pass_writing_the_same_cache(tmp_path):
+    import fcntl
+    import time
+
+    root = _make_folder(tmp_path / "data")
+    # The cache's folder name depends on the files, not on where the caches are.
+    expected = _load(root, tmp_path / "elsewhere", cache="disk").train.images
+    [name] = _cache_folders(tmp_path / "elsewhere")
+    cache_root = tmp_path / "cache"
+    program = textwrap.dedent(
+        f"""
+        import numpy as np
+        from absl import logging
+        from effpipe import config
+        from effpipe.data import sources
+        logging.set_verbosity(logging.INFO)
+        data = config.DataConfig(dataset="folder:{root}", cache="disk")
+        source = sources.load_configured_source(
+            data, size={SIZE}, seed=0, cache_root="{cache_root}"
+        )
+        np.save("{tmp_path / "images.npy"}", source.train.images)
+        """
+    )
+    directory = cache_root / name
+    directory.mkdir(parents=True)
+    stderr = tmp_path / "stderr.txt"
+    # This process holds the lock, as another run's first pass into the cache would.
+    with open(directory / cache.LOCK_FILE, "a") as lock, open(stderr, "w") as log:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        second = subprocess.Popen([sys.executable, "-c", program], stderr=log)
+        # A bound against hanging for ever, not a measure of speed.
+        deadline = time.monotonic() + 300
+        while "waiting for it" not in stderr.read_text():
+            assert second.poll() is None, stderr.read_text()[-2000:]
+            assert time.monotonic() < deadline, stderr.read_text()[-2000:]
+            time.sleep(0.2)
+        # It writes nothing while it waits.
+        assert not (directory / stores.CACHE_FILE).exists()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        assert second.wait(timeout=300) == 0, stderr.read_text()[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), expected)

@@ -16,14 +16,18 @@ change of any file makes a new cache. It holds one file of rows (`stores.CACHE_F
 its whole size allocated before any decoding) and a log of the positions whose rows
 are written whole (`WRITTEN_FILE`, appended after the rows). `manifest.json`, written
 last and atomically, marks a cache complete: a folder without it is a first pass that
-was killed, and a rerun resumes it, keeping the rows its log names. There is no lock
-file to go stale. A full disk stops the pass in one line (the space the cache needs,
+was killed, and a rerun resumes it, keeping the rows its log names. A process
+writing a cache holds an flock on its `lock` file, so a second process given the same
+--cache_dir waits and then reuses the cache; the kernel releases that lock when its
+process ends, even by SIGKILL, so it cannot go stale. A full disk stops the pass in one line (the space the cache needs,
 the space free), before decoding when the allocation fails; it is never taken for
 images that do not decode.
 """
 
+import contextlib
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -41,6 +45,8 @@ from effpipe.data.splits import Split
 from effpipe.errors import UsageError, is_disk_full
 
 MANIFEST_FILE = "manifest.json"
+# Held (flock) by the process writing a cache; empty.
+LOCK_FILE = "lock"
 # The positions whose rows the first pass wrote whole, as little-endian int64s.
 WRITTEN_FILE = "written.i64"
 # Bump when what a cache holds changes: older caches are then not reused.
@@ -204,14 +210,59 @@ def _folder_name(encoded: EncodedSplit, size: int, crop: str) -> str:
 
 def _disk_cache(encoded, size, crop, directory):
     """(labels, bad positions) of a complete disk cache, built or resumed here first."""
-    manifest_path = os.path.join(directory, MANIFEST_FILE)
-    if os.path.isfile(manifest_path):
-        with open(manifest_path) as file:
-            manifest = json.load(file)
-        if manifest.get("format") == CACHE_FORMAT and len(manifest["labels"]) == encoded.count:
-            logging.info("%s: reusing the decoded cache %s", encoded.name, directory)
-            return np.asarray(manifest["labels"], np.int32), manifest["bad"]
+    complete = _complete_cache(encoded, directory)
+    if complete is not None:
+        return complete
     os.makedirs(directory, exist_ok=True)
+    with _first_pass_lock(encoded, directory):
+        # Another process may have completed it while this one waited.
+        complete = _complete_cache(encoded, directory)
+        if complete is not None:
+            return complete
+        return _build_cache(encoded, size, crop, directory)
+
+
+def _complete_cache(encoded, directory):
+    """(labels, bad positions) of the cache in `directory` when it is complete."""
+    manifest_path = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.isfile(manifest_path):
+        return None
+    with open(manifest_path) as file:
+        manifest = json.load(file)
+    if manifest.get("format") != CACHE_FORMAT or len(manifest["labels"]) != encoded.count:
+        return None
+    logging.info("%s: reusing the decoded cache %s", encoded.name, directory)
+    return np.asarray(manifest["labels"], np.int32), manifest["bad"]
+
+
+@contextlib.contextmanager
+def _first_pass_lock(encoded, directory):
+    """Holds the cache's lock while this process writes it.
+
+    Two processes given the same --cache_dir (a sweep of runs, the workers of one
+    run) would otherwise write one file together; the second waits, then finds the
+    cache complete. The lock is an flock on LOCK_FILE, which the kernel releases when
+    its process ends, however it ends: it cannot go stale.
+    """
+    with open(os.path.join(directory, LOCK_FILE), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.info(
+                "%s: another process is writing the decoded cache %s; waiting for it",
+                encoded.name,
+                directory,
+            )
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build_cache(encoded, size, crop, directory):
+    """Runs (or resumes) the first pass into `directory` and marks the cache complete."""
+    manifest_path = os.path.join(directory, MANIFEST_FILE)
     done = _written_positions(directory, encoded.count, size)
     if done.any():
         logging.info(
