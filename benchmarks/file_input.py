@@ -29,8 +29,8 @@ train images at --source_size (0: the model resolution, --image_size), batches o
 
 Prints a table and, last, one JSON line with first_pass_images_per_sec,
 cached_images_per_sec, decode_ceiling_images_per_sec, keras_images_per_sec,
-notebook_images_per_sec, speedup_first_pass, speedup_cached and peak_rss_mb (this process's peak resident
-memory, all pipelines included).
+notebook_images_per_sec, speedup_first_pass, speedup_cached and peak_rss_mb (this
+process's peak resident memory, all pipelines included).
 """
 
 import dataclasses

@@ -270,3 +270,12 @@ def test_a_second_process_waits_for_the_first_pass_writing_the_same_cache(tmp_pa
         fcntl.flock(lock, fcntl.LOCK_UN)
         assert second.wait(timeout=300) == 0, stderr.read_text()[-2000:]
     np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), expected)
+
+
+def test_a_complete_cache_whose_file_was_cut_short_is_decoded_again(tmp_path):
+    root = _make_folder(tmp_path / "data")
+    first = _load(root, tmp_path / "cache", cache="disk").train
+    with open(stores.cache_file(first.store.directory), "r+b") as rows:
+        rows.truncate(100)
+    again = _load(root, tmp_path / "cache", cache="disk").train
+    np.testing.assert_array_equal(again.images, first.images)

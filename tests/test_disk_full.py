@@ -22,7 +22,7 @@ import tensorflow as tf
 from binaries import run_train
 
 from effpipe import config, errors, run_dir
-from effpipe.data import sources, stores
+from effpipe.data import cache, sources, stores
 from effpipe.training import checkpoints, run_state
 
 
@@ -150,3 +150,17 @@ def test_a_full_disk_while_saving_the_state_stops_the_run_in_one_line(tmp_path, 
     state = run_state.load_state(str(workdir))
     assert state.epochs_done == 1 and state.weights_file == "epoch-0001.weights.h5"
     assert _leftovers(workdir / "state") == []
+
+
+def test_a_write_cut_short_is_a_full_disk_and_its_row_is_not_logged(tmp_path, monkeypatch):
+    # A filesystem that cannot allocate ahead writes what fits and returns the count.
+    written = os.pwrite
+
+    def cut_short(descriptor, data, offset):
+        return written(descriptor, bytes(data)[:100], offset)
+
+    monkeypatch.setattr(os, "pwrite", cut_short)
+    message = _first_pass_on(tmp_path / "cache", tmp_path / "photos")
+    assert stores.CACHE_FILE in message and "the rerun resumes the cache" in message, message
+    [log] = (tmp_path / "cache").rglob(cache.WRITTEN_FILE)
+    assert log.stat().st_size == 0

@@ -16,12 +16,13 @@ change of any file makes a new cache. It holds one file of rows (`stores.CACHE_F
 its whole size allocated before any decoding) and a log of the positions whose rows
 are written whole (`WRITTEN_FILE`, appended after the rows). `manifest.json`, written
 last and atomically, marks a cache complete: a folder without it is a first pass that
-was killed, and a rerun resumes it, keeping the rows its log names. A process
-writing a cache holds an flock on its `lock` file, so a second process given the same
+was killed, and a rerun resumes it, keeping the rows its log names; a complete
+cache whose file of rows is no longer whole is decoded again. A process writing a
+cache holds an flock on its `lock` file, so a second process given the same
 --cache_dir waits and then reuses the cache; the kernel releases that lock when its
-process ends, even by SIGKILL, so it cannot go stale. A full disk stops the pass in one line (the space the cache needs,
-the space free), before decoding when the allocation fails; it is never taken for
-images that do not decode.
+process ends, even by SIGKILL, so it cannot go stale. A full disk stops the pass in
+one line (the space the cache needs, the space free), before decoding when the
+allocation fails; it is never taken for images that do not decode.
 """
 
 import contextlib
@@ -210,22 +211,28 @@ def _folder_name(encoded: EncodedSplit, size: int, crop: str) -> str:
 
 def _disk_cache(encoded, size, crop, directory):
     """(labels, bad positions) of a complete disk cache, built or resumed here first."""
-    complete = _complete_cache(encoded, directory)
+    complete = _complete_cache(encoded, size, directory)
     if complete is not None:
         return complete
     os.makedirs(directory, exist_ok=True)
     with _first_pass_lock(encoded, directory):
         # Another process may have completed it while this one waited.
-        complete = _complete_cache(encoded, directory)
+        complete = _complete_cache(encoded, size, directory)
         if complete is not None:
             return complete
         return _build_cache(encoded, size, crop, directory)
 
 
-def _complete_cache(encoded, directory):
-    """(labels, bad positions) of the cache in `directory` when it is complete."""
+def _complete_cache(encoded, size, directory):
+    """(labels, bad positions) of the cache in `directory` when it is complete: its
+    manifest says so and its file of rows is still whole."""
     manifest_path = os.path.join(directory, MANIFEST_FILE)
-    if not os.path.isfile(manifest_path):
+    rows = stores.cache_file(directory)
+    if not os.path.isfile(manifest_path) or not os.path.isfile(rows):
+        return None
+    if os.path.getsize(rows) != encoded.count * stores.cached_bytes(size):
+        logging.warning("%s: the decoded cache %s is cut short: decoding again", encoded.name, rows)
+        os.remove(manifest_path)
         return None
     with open(manifest_path) as file:
         manifest = json.load(file)
@@ -247,7 +254,18 @@ def _first_pass_lock(encoded, directory):
     with open(os.path.join(directory, LOCK_FILE), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                # A filesystem without locks (some NFS and Lustre mounts).
+                logging.warning(
+                    "%s: cannot lock the decoded cache %s (%s): do not start two runs "
+                    "with this --cache_dir at once",
+                    encoded.name,
+                    directory,
+                    error.strerror,
+                )
+                yield
+                return
             logging.info(
                 "%s: another process is writing the decoded cache %s; waiting for it",
                 encoded.name,
@@ -313,20 +331,28 @@ class _RowWriter:
     """Writes decoded images into the cache's file of rows, then logs their positions.
 
     The file's whole size is allocated first (posix_fallocate), so a disk too small
-    stops the pass before any decoding, and no later write finds the disk full.
+    stops the pass before any decoding. Where it cannot be (a filesystem that cannot
+    allocate ahead), a write cut short is a full disk, and its row is not logged.
     """
 
     def __init__(self, directory: str, count: int, size: int, *, resuming: bool):
         self.row = stores.cached_bytes(size)
         self.path = stores.cache_file(directory)
         self.rows = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        self.log = open(os.path.join(directory, WRITTEN_FILE), "ab")
-        if not resuming:
-            self.log.truncate(0)
-            self._allocate(directory, count * self.row)
-        else:
-            # A kill during a log write can leave a part of a position: drop it.
-            self.log.truncate(self.log.tell() // 8 * 8)
+        # Unbuffered: a position is in the log once its write returns, and a failed
+        # write is not tried again at close.
+        self.log = os.open(os.path.join(directory, WRITTEN_FILE), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            if not resuming:
+                os.ftruncate(self.log, 0)
+                self._allocate(directory, count * self.row)
+            else:
+                # A kill during a log write can leave a part of a position: drop it.
+                os.ftruncate(self.log, os.fstat(self.log).st_size // 8 * 8)
+            os.lseek(self.log, 0, os.SEEK_END)
+        except BaseException:
+            self.close()
+            raise
 
     def _allocate(self, directory: str, total_bytes: int) -> None:
         os.ftruncate(self.rows, 0)
@@ -351,15 +377,17 @@ class _RowWriter:
 
     def write(self, positions: np.ndarray, images: np.ndarray) -> None:
         for position, image in zip(positions.tolist(), images):
-            os.pwrite(self.rows, image, position * self.row)
+            if os.pwrite(self.rows, image, position * self.row) != self.row:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
         # The rows before their positions: a kill between the two redoes those rows.
-        self.log.write(np.asarray(positions, "<i8").tobytes())
-        self.log.flush()
+        entries = np.asarray(positions, "<i8").tobytes()
+        if os.write(self.log, entries) != len(entries):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
 
     def close(self) -> None:
         if self.rows >= 0:
             os.close(self.rows)
-            self.log.close()
+            os.close(self.log)
             self.rows = -1
 
 
