@@ -70,7 +70,7 @@ flags.DEFINE_enum(
     config_lib.BAD_IMAGE_POLICIES,
     "An image file that cannot be decoded (truncated, empty, not an image): fail (stop, "
     "naming the file) or skip (leave it out; the count and first paths are logged and "
-    "in metrics.json).",
+    "in metrics.json; with --cache=off each split is decoded once first to find them).",
 )
 flags.DEFINE_float(
     "validation_fraction",

@@ -188,15 +188,20 @@ def test_folder_errors_name_the_problem(tmp_path, damage, fragment):
         assert "broken.png" in str(raised.value)
 
 
-@pytest.mark.parametrize("cache", ["memory", "disk"])
+def _write_bad_files(train_dog):
+    image_files.write_truncated_jpeg(train_dog / "cut.jpg")
+    image_files.write_empty_file(train_dog / "empty.png")
+    image_files.write_text_as_jpg(train_dog / "text.jpg")
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk", "off"])
 def test_folder_skips_bad_files_counting_them(tmp_path, caplog, cache):
     _make_folder(str(tmp_path / "data"), with_test=False)
-    dog = tmp_path / "data" / "train" / "dog"
-    image_files.write_truncated_jpeg(dog / "cut.jpg")
-    image_files.write_empty_file(dog / "empty.png")
-    image_files.write_text_as_jpg(dog / "text.jpg")
-    with pytest.raises(UsageError, match="--on_bad_image=skip"):
-        _load(f"folder:{tmp_path / 'data'}", tmp_path, size=8, cache=cache)
+    _write_bad_files(tmp_path / "data" / "train" / "dog")
+    if cache != "off":
+        # --cache=off decodes nothing before training: a bad file stops it there.
+        with pytest.raises(UsageError, match="--on_bad_image=skip"):
+            _load(f"folder:{tmp_path / 'data'}", tmp_path, size=8, cache=cache)
     with caplog.at_level("WARNING"):
         source = _load(
             f"folder:{tmp_path / 'data'}", tmp_path, size=8, cache=cache, on_bad_image="skip"
@@ -211,40 +216,67 @@ def test_folder_skips_bad_files_counting_them(tmp_path, caplog, cache):
     assert source.train.images.shape == (6, 8, 8, 3)
 
 
-def test_folder_without_cache_skips_bad_files_in_the_stream(tmp_path):
-    _make_folder(str(tmp_path / "data"), with_test=False)
-    image_files.write_empty_file(tmp_path / "data" / "train" / "dog" / "empty.png")
-    source = _load(
-        f"folder:{tmp_path / 'data'}", tmp_path, size=8, cache="off", on_bad_image="skip"
-    )
-    labels = [
-        label
-        for _, batch in pipeline.make_dataset(source.train, batch_size=1, is_training=False)
-        for label in batch.numpy()
-    ]
-    # The parallel decode may reorder images: the empty file is what must be missing.
-    assert sorted(labels) == [0, 0, 0, 1, 1, 1]
-
-
-def test_without_cache_the_evaluated_split_lists_only_images_that_decode(tmp_path, caplog):
-    # The evaluation matches predictions to labels by place: the stream drops a bad
-    # file, so the split it evaluates must not list it.
+def test_without_cache_the_bad_files_are_found_once_and_the_splits_match_the_cache(
+    tmp_path, caplog
+):
+    # --cache=off with --on_bad_image=skip decodes the split once to find the bad
+    # files, so its splits, its stream and its count equal a cached run's; later
+    # runs on the same files reuse that scan, and a changed file scans again.
     _make_folder(str(tmp_path / "data"), with_test=True)
+    _write_bad_files(tmp_path / "data" / "train" / "dog")
     image_files.write_truncated_jpeg(tmp_path / "data" / "test" / "cat" / "cut.jpg")
-    data = config.DataConfig(
-        dataset=f"folder:{tmp_path / 'data'}", cache="off", on_bad_image="skip"
-    )
-    source = sources.load_configured_source(data, size=8, seed=0, cache_root=str(tmp_path))
-    with caplog.at_level("WARNING"):
-        _, _, evaluated, name = splits.configured_splits(data, source, seed=0)
-    assert name == "test" and len(evaluated) == len(source.test) - 1
-    assert "cut.jpg" in caplog.text
+
+    def load(cache):
+        data = config.DataConfig(
+            dataset=f"folder:{tmp_path / 'data'}", cache=cache, on_bad_image="skip"
+        )
+        source = sources.load_configured_source(
+            data, size=8, seed=0, cache_root=str(tmp_path / "cache")
+        )
+        return source, splits.configured_splits(data, source, seed=0)
+
+    cached, (cached_train, cached_validation, cached_test, _) = load("memory")
+    with caplog.at_level("INFO"):
+        uncached, (train, validation, evaluated, name) = load("off")
+    assert "decoding every image once" in caplog.text
+    assert sorted(uncached.skipped) == sorted(cached.skipped) and len(uncached.skipped) == 4
+    assert name == "test" and evaluated.positions.tolist() == cached_test.positions.tolist()
+    for split, cached_split in ((train, cached_train), (validation, cached_validation)):
+        assert split.positions.tolist() == cached_split.positions.tolist()
+        assert split.labels.tolist() == cached_split.labels.tolist()
+    # The stream of the evaluated split yields its labels in order: predictions are
+    # matched to labels by place.
     streamed = [
         label
         for _, batch in pipeline.make_dataset(evaluated, batch_size=2, is_training=False)
         for label in batch.numpy()
     ]
     assert streamed == evaluated.labels.tolist()
+    images = np.concatenate(
+        [
+            batch.numpy()
+            for batch, _ in pipeline.make_dataset(train, batch_size=1, is_training=False)
+        ]
+    )
+    np.testing.assert_array_equal(images, cached_train.images)
+
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        again, _ = load("off")
+    assert "decoding every image once" not in caplog.text
+    assert sorted(again.skipped) == sorted(uncached.skipped)
+    # A bad file replaced by a good one is a new file list: scanned again.
+    os.remove(tmp_path / "data" / "train" / "dog" / "cut.jpg")
+    _write_image(
+        str(tmp_path / "data" / "train" / "dog" / "cut.jpg"),
+        np.zeros((40, 50, 3), np.uint8),
+        "jpg",
+    )
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        mended, _ = load("off")
+    assert "decoding every image once" in caplog.text
+    assert len(mended.skipped) == 3 and len(mended.train) == len(uncached.train) + 1
 
 
 def test_skipping_every_image_of_a_class_is_refused(tmp_path):

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 
+import image_files
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -205,3 +206,41 @@ def test_a_training_run_streams_a_tfds_dataset_with_the_cache_off(data_dir, tmp_
     cache_root = workdir / "cache" / "images"
     assert list(cache_root.glob("*-labels-*.npy"))
     assert not list(cache_root.rglob(stores.CACHE_FILE))
+
+
+class EffpipeStreamBadTest(EffpipeStreamTest):
+    """EffpipeStreamTest with train record 5 a JPEG cut short (an interrupted copy)."""
+
+    def _generate_examples(self, count, seed):
+        for index, example in super()._generate_examples(count, seed):
+            if seed == 0 and index == 5:
+                path = os.path.join(self.data_dir, "cut.jpg")
+                image_files.write_truncated_jpeg(path)
+                example = {**example, "image": path}
+            yield index, example
+
+
+def test_with_the_cache_off_a_bad_record_is_skipped_and_counted(tmp_path):
+    root = str(tmp_path / "tfds")
+    EffpipeStreamBadTest(data_dir=root).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(num_shards=FILES)
+    )
+    options = dict(
+        data_dir=root,
+        size=SIZE,
+        keep_native_size=False,
+        crop="resize",
+        cache_root=str(tmp_path / "cache"),
+        memory_budget_mb=256,
+    )
+    memory = sources.load_tfds(
+        "effpipe_stream_bad_test", mode="memory", on_bad_image="skip", **options
+    )
+    off = sources.load_tfds("effpipe_stream_bad_test", mode="off", on_bad_image="skip", **options)
+    assert len(off.skipped) == 1 and off.skipped == memory.skipped
+    assert off.train.positions.tolist() == memory.train.positions.tolist()
+    assert len(off.train) == TRAIN - 1
+    np.testing.assert_array_equal(off.train.labels, memory.train.labels)
+    # The stream never meets the bad record: one pass is every other image once.
+    images, _ = _stream(off.train, batches=(TRAIN - 1) // 23, batch_size=23)
+    assert sorted(_digests(images)) == sorted(_digests(memory.train.images))

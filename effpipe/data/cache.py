@@ -119,20 +119,9 @@ def materialize(
       UsageError: a bad image with "fail", no image that decodes, or "off" for a
         source that has no files to re-read.
     """
-    if mode == "off":
-        skip_bad = on_bad_image == "skip"
-        if encoded.paths is not None:
-            store = stores.FileStore(encoded.paths, size, crop, skip_bad=skip_bad)
-            return Split(store, labels), ()
-        if encoded.stream is None:
-            raise UsageError(
-                f"--cache=off streams a dataset's files on every pass, and the {encoded.name} "
-                "split lists none (a dataset under tfds.testing.mock_data): use --cache=auto, "
-                "memory or disk"
-            )
-        store = encoded.stream(size, crop, skip_bad)
-        return Split(store, _stream_labels(encoded, store, cache_root)), ()
     decoded_mb = encoded.count * size * size * 3 / 2**20
+    if mode == "off":
+        return _uncached(encoded, size, crop, cache_root, on_bad_image, labels, decoded_mb)
     if mode == "auto":
         mode = "memory" if decoded_mb <= memory_budget_mb else "disk"
     if mode == "memory":
@@ -144,6 +133,60 @@ def materialize(
         pass_labels, bad = _disk_cache(encoded, size, crop, directory)
         store = stores.CacheStore(directory, size, encoded.count)
     return _finish(encoded, store, pass_labels, bad, on_bad_image, decoded_mb, mode)
+
+
+def _uncached(encoded, size, crop, cache_root, on_bad_image, labels, decoded_mb):
+    """--cache=off: the split over its files (folders) or records (tfds), decoded on
+    every pass. With --on_bad_image=skip the split is decoded once first to find the
+    images that do not decode (`_scan`): they are left out of the split and counted as
+    the cached modes count them, so a run's splits and its metrics do not depend on
+    --cache."""
+    skip_bad = on_bad_image == "skip"
+    if encoded.paths is not None:
+        store = stores.FileStore(encoded.paths, size, crop, skip_bad=skip_bad)
+    elif encoded.stream is None:
+        raise UsageError(
+            f"--cache=off streams a dataset's files on every pass, and the {encoded.name} "
+            "split lists none (a dataset under tfds.testing.mock_data): use --cache=auto, "
+            "memory or disk"
+        )
+    else:
+        store = encoded.stream(size, crop, skip_bad)
+    if skip_bad:
+        scan_labels, bad = _scan(encoded, size, crop, cache_root)
+        labels = scan_labels if labels is None else labels
+        return _finish(encoded, store, labels, bad, on_bad_image, decoded_mb, "off")
+    if labels is None:
+        labels = _stream_labels(encoded, store, cache_root)
+    return Split(store, labels), ()
+
+
+def _scan(encoded, size, crop, cache_root):
+    """(labels, positions that do not decode) of a split, from one decoding pass that
+    keeps nothing; kept in a small file under `cache_root`, so later runs on the same
+    files do not decode them again."""
+    key = f"{CACHE_FORMAT}\0{encoded.fingerprint}\0{encoded.count}"
+    path = os.path.join(
+        cache_root, f"{encoded.name}-scan-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    )
+    if os.path.isfile(path):
+        with open(path) as file:
+            scanned = json.load(file)
+        if len(scanned["labels"]) == encoded.count:
+            return np.asarray(scanned["labels"], np.int32), scanned["bad"]
+    logging.info(
+        "%s: decoding every image once to find those that do not decode "
+        "(--cache=off with --on_bad_image=skip)",
+        encoded.name,
+    )
+    labels, bad = _first_pass(encoded, size, crop)
+
+    def write(temporary):
+        with open(temporary, "w") as file:
+            json.dump({"labels": labels.tolist(), "bad": bad}, file)
+
+    run_dir.write_atomically(path, write)
+    return labels, bad
 
 
 def _stream_labels(encoded: EncodedSplit, store: stores.RecordStore, cache_root: str) -> np.ndarray:
@@ -194,13 +237,16 @@ def _finish(encoded, store, labels, bad, on_bad_image, decoded_mb, mode):
             encoded.name,
             ", ".join(skipped[:3]),
         )
-    logging.info(
-        "%s: %d images, %.0f MB decoded, cached in %s",
-        encoded.name,
-        len(kept),
-        decoded_mb,
-        mode if mode == "memory" else store.directory,
-    )
+    if mode == "off":
+        logging.info("%s: %d images, decoded on every pass (--cache=off)", encoded.name, len(kept))
+    else:
+        logging.info(
+            "%s: %d images, %.0f MB decoded, cached in %s",
+            encoded.name,
+            len(kept),
+            decoded_mb,
+            mode if mode == "memory" else store.directory,
+        )
     return Split(store, np.asarray(labels)[kept], kept.astype(np.int64)), skipped
 
 
@@ -392,7 +438,8 @@ class _RowWriter:
 
 
 def _first_pass(encoded, size, crop, *, images=None, writer=None, done=None):
-    """Decodes every image not `done` into `images` (memory) or `writer` (disk).
+    """Decodes every image not `done` into `images` (memory) or `writer` (disk), or,
+    with neither, only to find those that do not decode (`_scan`).
 
     Returns:
       (labels of every position, positions that could not be decoded).
@@ -434,9 +481,9 @@ def _first_pass(encoded, size, crop, *, images=None, writer=None, done=None):
             fresh = todo_array[positions]
             if images is not None:
                 images[positions] = batch_images
-            elif fresh.all():
+            elif writer is not None and fresh.all():
                 writer.write(positions, batch_images)
-            else:
+            elif writer is not None:
                 writer.write(positions[fresh], batch_images[fresh])
             progress.update(int(fresh.sum()))
             if kill_after and progress.count >= kill_after:

@@ -9,7 +9,6 @@ worker's shard, are index operations, done before anything is decoded.
 import dataclasses
 
 import numpy as np
-from absl import logging
 
 from effpipe.config import DataConfig
 from effpipe.data import stores
@@ -41,24 +40,6 @@ class Split:
     def subset(self, index: np.ndarray) -> "Split":
         """The examples at `index` (positions in this split), in that order."""
         return Split(self.store, self.labels[index], self.positions[index])
-
-    def decodable(self) -> "Split":
-        """This split without the images that do not decode (--cache=off with
-        --on_bad_image=skip decodes each once here; other stores hold none)."""
-        kept = stores.decodable_positions(self.store, self.positions)
-        if len(kept) == len(self.positions):
-            return self
-        dropped = np.setdiff1d(self.positions, kept)
-        paths = getattr(self.store, "paths", None)
-        names = [paths[position] if paths else f"record {position}" for position in dropped[:3]]
-        logging.warning(
-            "skipped %d of %d evaluated images that cannot be decoded (--on_bad_image=skip), "
-            "first %s",
-            len(dropped),
-            len(self.positions),
-            ", ".join(names),
-        )
-        return self.subset(np.flatnonzero(np.isin(self.positions, kept)))
 
     def load_images(self, count: int | None = None) -> np.ndarray:
         """The first `count` images (all by default) decoded, (count, H, W, 3) uint8.
@@ -161,9 +142,6 @@ def configured_splits(
             seed=seed,
             selection=data.validation_selection,
         )
-    # The evaluation matches predictions to labels by place: with --cache=off and
-    # --on_bad_image=skip its split must list only images that decode.
     if source.test is None:
-        validation = validation.decodable()
         return train, validation, validation, "validation"
-    return train, validation, source.test.decodable(), "test"
+    return train, validation, source.test, "test"

@@ -309,25 +309,3 @@ def _load_records(store: RecordStore, positions: np.ndarray) -> np.ndarray:
     ):
         found.update(zip(batch_positions.tolist(), images))
     return np.stack([found[int(position)] for position in positions])
-
-
-def decodable_positions(store, positions: np.ndarray) -> np.ndarray:
-    """`positions` without those whose image does not decode, in order.
-
-    Only a store that skips bad images on every pass (--cache=off with
-    --on_bad_image=skip) can hold such positions; it decodes each image once here.
-    A cache holds only images that decoded.
-    """
-    if not getattr(store, "skip_bad", False) or len(positions) == 0:
-        return positions
-    if isinstance(store, FileStore):
-        paths = np.asarray(store.paths, dtype=object)[positions].astype(bytes)
-        dataset = tf.data.Dataset.from_tensor_slices((positions, paths)).map(
-            lambda position, path: (position, fetch(store)(path)),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-    else:
-        dataset = _decoded_records(store, positions)
-    dataset = dataset.ignore_errors().map(lambda position, image: position)
-    decoded = np.concatenate([np.zeros(0, np.int64), *dataset.batch(1024).as_numpy_iterator()])
-    return positions[np.isin(positions, decoded)]
