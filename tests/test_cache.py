@@ -16,6 +16,7 @@ import pytest
 
 from effpipe import config
 from effpipe.data import cache, pipeline, sources, stores
+from effpipe.errors import UsageError
 
 SIZE = 12
 
@@ -279,3 +280,32 @@ def test_a_complete_cache_whose_file_was_cut_short_is_decoded_again(tmp_path):
         rows.truncate(100)
     again = _load(root, tmp_path / "cache", cache="disk").train
     np.testing.assert_array_equal(again.images, first.images)
+
+
+def test_a_writer_that_started_alongside_is_found_before_the_manifest(tmp_path, monkeypatch):
+    # On a shared filesystem whose flock holds on one machine only, a process on
+    # another machine can start writing the same cache: the one that finds another
+    # writer's token in place of its own does not mark the cache complete.
+    root = _make_folder(tmp_path / "data")
+    first_pass = cache._first_pass
+
+    def with_another_writer(encoded, *args, **kwargs):
+        result = first_pass(encoded, *args, **kwargs)
+        if kwargs.get("writer") is not None:
+            directory = os.path.dirname(kwargs["writer"].path)
+            with open(os.path.join(directory, cache.WRITER_FILE), "w") as file:
+                file.write("other-host pid 7 0123abcd")
+        return result
+
+    monkeypatch.setattr(cache, "_first_pass", with_another_writer)
+    with pytest.raises(UsageError, match=r"another process \(other-host pid 7\) started writing"):
+        _load(root, tmp_path / "cache", cache="disk")
+    [name] = _cache_folders(tmp_path / "cache")
+    folder = tmp_path / "cache" / name
+    assert not (folder / cache.MANIFEST_FILE).exists()
+    monkeypatch.setattr(cache, "_first_pass", first_pass)
+    # The rerun completes the cache from the rows the log names.
+    again = _load(root, tmp_path / "cache", cache="disk").train
+    memory = _load(root, tmp_path / "memory", cache="memory").train
+    np.testing.assert_array_equal(again.images, memory.images)
+    assert (folder / cache.MANIFEST_FILE).is_file()

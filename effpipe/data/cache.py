@@ -20,7 +20,10 @@ was killed, and a rerun resumes it, keeping the rows its log names; a complete
 cache whose file of rows is no longer whole is decoded again. A process writing a
 cache holds an flock on its `lock` file, so a second process given the same
 --cache_dir waits and then reuses the cache; the kernel releases that lock when its
-process ends, even by SIGKILL, so it cannot go stale. A full disk stops the pass in
+process ends, even by SIGKILL, so it cannot go stale. Where a shared filesystem's
+lock holds on one machine only, a writer that finds another's token in `WRITER_FILE`
+at the end does not mark the cache complete. The rows, the log and the manifest are
+fsynced before the cache counts as complete (a power loss). A full disk stops the pass in
 one line (the space the cache needs, the space free), before decoding when the
 allocation fails; it is never taken for images that do not decode.
 """
@@ -33,7 +36,9 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import time
+import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -50,6 +55,10 @@ MANIFEST_FILE = "manifest.json"
 LOCK_FILE = "lock"
 # The positions whose rows the first pass wrote whole, as little-endian int64s.
 WRITTEN_FILE = "written.i64"
+# Who is writing the cache (host, PID, a random token), written when a first pass
+# starts and read again before the manifest: a different writer there means the lock
+# did not hold (a shared filesystem whose locks hold on one machine only).
+WRITER_FILE = "writer"
 # Bump when what a cache holds changes: older caches are then not reused.
 CACHE_FORMAT = 3
 # Images per batch handed from the decoding pipeline to the Python loop (a progress
@@ -336,11 +345,25 @@ def _build_cache(encoded, size, crop, directory):
             done.sum(),
             encoded.count,
         )
+    token = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex}"
+    writer_path = os.path.join(directory, WRITER_FILE)
+    run_dir.write_atomically(writer_path, lambda path: _write_text(path, token))
     writer = _RowWriter(directory, encoded.count, size, resuming=done.any())
     try:
         labels, bad = _first_pass(encoded, size, crop, writer=writer, done=done)
+        # On disk before the manifest says the cache is complete (a power loss).
+        writer.sync()
     finally:
         writer.close()
+    with open(writer_path) as file:
+        other = file.read()
+    if other != token:
+        raise UsageError(
+            f"another process ({other.rsplit(' ', 1)[0]}) started writing the decoded cache "
+            f"{directory} while this one ({token.rsplit(' ', 1)[0]}) wrote it: the cache's "
+            "lock holds on one machine only on this filesystem. Rerun when that process has "
+            "finished (it completes the cache), or give each machine its own --cache_dir"
+        )
     manifest = {
         "format": CACHE_FORMAT,
         "split": encoded.name,
@@ -351,12 +374,26 @@ def _build_cache(encoded, size, crop, directory):
         "bad": [int(position) for position in bad],
     }
 
-    def write_manifest(path):
-        with open(path, "w") as file:
-            json.dump(manifest, file)
-
-    run_dir.write_atomically(manifest_path, write_manifest)
+    run_dir.write_atomically(manifest_path, lambda path: _write_text(path, json.dumps(manifest)))
+    _sync_folder(directory)
     return labels, manifest["bad"]
+
+
+def _write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` and to the disk (fsync)."""
+    with open(path, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _sync_folder(directory: str) -> None:
+    """Puts the folder's entries (a rename into it) on the disk."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _written_positions(directory: str, count: int, size: int) -> np.ndarray:
@@ -429,6 +466,11 @@ class _RowWriter:
         entries = np.asarray(positions, "<i8").tobytes()
         if os.write(self.log, entries) != len(entries):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+
+    def sync(self) -> None:
+        """Puts the rows and the log on the disk."""
+        os.fsync(self.rows)
+        os.fsync(self.log)
 
     def close(self) -> None:
         if self.rows >= 0:
