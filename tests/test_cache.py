@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import image_files
 import numpy as np
@@ -309,3 +310,41 @@ def test_a_writer_that_started_alongside_is_found_before_the_manifest(tmp_path, 
     memory = _load(root, tmp_path / "memory", cache="memory").train
     np.testing.assert_array_equal(again.images, memory.images)
     assert (folder / cache.MANIFEST_FILE).is_file()
+
+
+def test_the_log_names_a_row_only_once_the_row_is_on_the_disk(tmp_path, monkeypatch):
+    # After a power loss the rerun keeps the rows the log names: each must have been
+    # fdatasynced after it was written and before its position was logged.
+    root = _make_folder(tmp_path / "data", per_class=200)
+    events, lock = [], threading.Lock()
+    pwrite, fdatasync, write = os.pwrite, os.fdatasync, os.write
+
+    def path_of(descriptor):
+        return os.readlink(f"/proc/self/fd/{descriptor}")
+
+    def recorded(kind, function):
+        def call(descriptor, *args):
+            result = function(descriptor, *args)
+            with lock:
+                events.append((kind, path_of(descriptor), args))
+            return result
+
+        return call
+
+    monkeypatch.setattr(os, "pwrite", recorded("pwrite", pwrite))
+    monkeypatch.setattr(os, "fdatasync", recorded("fdatasync", fdatasync))
+    monkeypatch.setattr(os, "write", recorded("write", write))
+    monkeypatch.setattr(cache, "PASS_BATCH", 32)
+    split = _load(root, tmp_path / "cache", cache="disk").train
+    row = stores.cached_bytes(SIZE)
+    written_at, synced, logged = {}, -1, set()
+    for index, (kind, path, args) in enumerate(events):
+        if kind == "pwrite" and path.endswith(stores.CACHE_FILE):
+            written_at[args[1] // row] = index
+        elif kind == "fdatasync" and path.endswith(stores.CACHE_FILE):
+            synced = index
+        elif kind == "write" and path.endswith(cache.WRITTEN_FILE):
+            for position in np.frombuffer(args[0], "<i8").tolist():
+                assert written_at[position] < synced, position
+                logged.add(position)
+    assert logged == set(range(len(split))) and len(split) == 600

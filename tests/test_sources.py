@@ -236,7 +236,7 @@ def test_without_cache_the_bad_files_are_found_once_and_the_splits_match_the_cac
         return source, splits.configured_splits(data, source, seed=0)
 
     cached, (cached_train, cached_validation, cached_test, _) = load("memory")
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         uncached, (train, validation, evaluated, name) = load("off")
     assert "decoding every image once" in caplog.text
     assert sorted(uncached.skipped) == sorted(cached.skipped) and len(uncached.skipped) == 4
@@ -261,7 +261,7 @@ def test_without_cache_the_bad_files_are_found_once_and_the_splits_match_the_cac
     np.testing.assert_array_equal(images, cached_train.images)
 
     caplog.clear()
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         again, _ = load("off")
     assert "decoding every image once" not in caplog.text
     assert sorted(again.skipped) == sorted(uncached.skipped)
@@ -273,7 +273,7 @@ def test_without_cache_the_bad_files_are_found_once_and_the_splits_match_the_cac
         "jpg",
     )
     caplog.clear()
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         mended, _ = load("off")
     assert "decoding every image once" in caplog.text
     assert len(mended.skipped) == 3 and len(mended.train) == len(uncached.train) + 1

@@ -28,6 +28,7 @@ one line (the space the cache needs, the space free), before decoding when the
 allocation fails; it is never taken for images that do not decode.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -350,9 +351,8 @@ def _build_cache(encoded, size, crop, directory):
     run_dir.write_atomically(writer_path, lambda path: _write_text(path, token))
     writer = _RowWriter(directory, encoded.count, size, resuming=done.any())
     try:
+        # Returns once every row is on the disk and in the log (a power loss).
         labels, bad = _first_pass(encoded, size, crop, writer=writer, done=done)
-        # On disk before the manifest says the cache is complete (a power loss).
-        writer.sync()
     finally:
         writer.close()
     with open(writer_path) as file:
@@ -422,9 +422,13 @@ class _RowWriter:
         self.row = stores.cached_bytes(size)
         self.path = stores.cache_file(directory)
         self.rows = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        # Unbuffered: a position is in the log once its write returns, and a failed
-        # write is not tried again at close.
+        # Unbuffered: a position is in the log once its write returns (`write`), and
+        # a failed write is not tried again at close.
         self.log = os.open(os.path.join(directory, WRITTEN_FILE), os.O_WRONLY | os.O_CREAT, 0o644)
+        # Positions written and not yet in the log, the sync in flight, and how many
+        # positions this writer has logged.
+        self.pending, self.syncing, self.logged = [], None, 0
+        self.syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cache-sync")
         try:
             if not resuming:
                 os.ftruncate(self.log, 0)
@@ -459,21 +463,53 @@ class _RowWriter:
             os.ftruncate(self.rows, total_bytes)
 
     def write(self, positions: np.ndarray, images: np.ndarray) -> None:
+        """Writes the rows; their positions reach the log once the rows are on the disk.
+
+        A background thread puts the rows written so far on the disk (fdatasync) and
+        then appends their positions to the log, one sync at a time, while decoding
+        goes on: the log never names a row the disk does not hold, even after a power
+        loss, and the pass does not wait for the disk. A kill redoes the rows written
+        since the last sync.
+        """
         for position, image in zip(positions.tolist(), images):
             if os.pwrite(self.rows, image, position * self.row) != self.row:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
-        # The rows before their positions: a kill between the two redoes those rows.
-        entries = np.asarray(positions, "<i8").tobytes()
-        if os.write(self.log, entries) != len(entries):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+        self.pending.append(np.asarray(positions, "<i8"))
+        if self.syncing is None or self.syncing.done():
+            self._collect()
+            self.syncing = self.syncer.submit(self._sync_and_log, self._take_pending())
 
     def sync(self) -> None:
-        """Puts the rows and the log on the disk."""
-        os.fsync(self.rows)
+        """Waits until every row written is on the disk and in the log, and the log on
+        the disk."""
+        self._collect()
+        self._sync_and_log(self._take_pending())
         os.fsync(self.log)
+
+    def _take_pending(self) -> bytes:
+        entries = b"".join(positions.tobytes() for positions in self.pending)
+        self.pending = []
+        return entries
+
+    def _sync_and_log(self, entries: bytes) -> None:
+        if not entries:
+            return
+        os.fdatasync(self.rows)
+        if os.write(self.log, entries) != len(entries):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+        self.logged += len(entries) // 8
+
+    def _collect(self) -> None:
+        """Raises the error of the sync in flight, if it failed, once it has ended."""
+        syncing, self.syncing = self.syncing, None
+        if syncing is not None:
+            syncing.result()
 
     def close(self) -> None:
         if self.rows >= 0:
+            # The sync in flight uses the descriptors; its error, if any, was
+            # raised by `sync` or gives way to the one being raised.
+            self.syncer.shutdown(wait=True)
             os.close(self.rows)
             os.close(self.log)
             self.rows = -1
@@ -529,16 +565,23 @@ def _first_pass(encoded, size, crop, *, images=None, writer=None, done=None):
                 writer.write(positions[fresh], batch_images[fresh])
             progress.update(int(fresh.sum()))
             if kill_after and progress.count >= kill_after:
+                if writer is not None:
+                    # The rows so far in the log first, so that the rerun has some to keep.
+                    writer.sync()
                 os.kill(os.getpid(), signal.SIGKILL)
+        if writer is not None:
+            writer.sync()
     except OSError as error:
         if writer is None or not is_disk_full(error):
             raise
-        left = int(todo_array.sum()) - progress.count
+        with contextlib.suppress(OSError):
+            writer.sync()  # What is on the disk goes into the log, for the rerun.
+        kept = writer.logged + (int(done.sum()) if resuming else 0)
         raise run_dir.disk_full_error(
             writer.path,
-            left * stores.cached_bytes(size),
+            (encoded.count - kept) * stores.cached_bytes(size),
             at_least=False,
-            kept=f"The {progress.count} images decoded so far are kept, and the rerun resumes "
+            kept=f"The {kept} images written so far are kept, and the rerun resumes "
             "the cache; --cache_dir puts it on another disk, --cache=memory or off keeps it "
             "off the disk.",
         ) from error
