@@ -14,7 +14,9 @@ On disk a cache is a folder named after a fingerprint of what the images depend 
 storage size; the crop), so a second run on the same data decodes nothing and a
 change of any file makes a new cache. It holds one file of rows (`stores.CACHE_FILE`,
 its whole size allocated before any decoding) and a log of the positions whose rows
-are written whole (`WRITTEN_FILE`, appended after the rows). `manifest.json`, written
+are on the disk whole (`WRITTEN_FILE`, appended by a background thread after each
+fdatasync of the rows, so that neither a kill nor a power loss leaves it naming a
+row the disk lacks). `manifest.json`, written
 last and atomically, marks a cache complete: a folder without it is a first pass that
 was killed, and a rerun resumes it, keeping the rows its log names; a complete
 cache whose file of rows is no longer whole is decoded again. A process writing a
@@ -23,7 +25,7 @@ cache holds an flock on its `lock` file, so a second process given the same
 process ends, even by SIGKILL, so it cannot go stale. Where a shared filesystem's
 lock holds on one machine only, a writer that finds another's token in `WRITER_FILE`
 at the end does not mark the cache complete. The rows, the log and the manifest are
-fsynced before the cache counts as complete (a power loss). A full disk stops the pass in
+on the disk before the cache counts as complete. A full disk stops the pass in
 one line (the space the cache needs, the space free), before decoding when the
 allocation fails; it is never taken for images that do not decode.
 """
