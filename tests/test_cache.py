@@ -4,6 +4,7 @@ Reuse, a fingerprint change, a SIGKILL during the first pass, the same labels an
 images with and without the cache for a seed, and sharding by file.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -85,17 +86,18 @@ def test_a_first_pass_killed_midway_is_resumed_not_mistaken_for_complete(tmp_pat
     [folder] = _cache_folders(cache_root)
     assert not os.path.exists(os.path.join(cache_root, folder, cache.MANIFEST_FILE))
     directory = os.path.join(cache_root, folder)
-    written = cache._written_positions(directory, 360, SIZE)
-    assert 200 <= written.sum() < 360
+    # 360 images are one chunk.
+    written = cache._logged(directory, 0, 0, 360)
+    assert 200 <= len(written) < 360
     # A kill inside the log's write leaves part of a position, and rows outside the
     # log may hold anything: the rerun rewrites them, never reads them as images.
-    with open(os.path.join(directory, cache.WRITTEN_FILE), "ab") as log:
+    with open(cache._chunk_file(directory, 0, ".i64"), "ab") as log:
         log.write(b"\x07\x00\x00")
     row = stores.cached_bytes(SIZE)
     with open(stores.cache_file(directory), "r+b") as rows:
-        rows.seek(int(np.flatnonzero(~written)[0]) * row)
+        rows.seek(int(np.setdiff1d(np.arange(360), written)[0]) * row)
         rows.write(b"\xff" * row)
-    np.testing.assert_array_equal(cache._written_positions(directory, 360, SIZE), written)
+    np.testing.assert_array_equal(cache._logged(directory, 0, 0, 360), written)
     resumed = _load(root, cache_root, cache="disk")
     fresh = _load(root, tmp_path / "fresh", cache="memory")
     np.testing.assert_array_equal(resumed.train.images, fresh.train.images)
@@ -231,13 +233,82 @@ def test_a_cached_stream_reuses_a_batchs_memory_only_once_it_is_released(tmp_pat
     assert stores._BATCH_BUFFERS.free[(4, SIZE, SIZE, 3)]
 
 
-def test_a_second_process_waits_for_the_first_pass_writing_the_same_cache(tmp_path):
+def test_processes_sharing_a_cache_decode_its_chunks_between_them(tmp_path):
+
+    root = _make_folder(tmp_path / "data", per_class=120)
+    expected = _load(root, tmp_path / "memory", cache="memory").train.images
+    cache_root = tmp_path / "cache"
+    go = tmp_path / "go"
+
+    def program(me, other):
+        return textwrap.dedent(
+            f"""
+            import json, os, time
+            import numpy as np
+            from absl import logging
+            from effpipe import config
+            from effpipe.data import cache, sources
+            logging.set_verbosity(logging.INFO)
+            cache.CHUNK_IMAGES = 30  # 12 chunks of the 360 images
+            decoded, first_pass = [], cache._first_pass
+
+            def counted(encoded, *args, **kwargs):
+                result = first_pass(encoded, *args, **kwargs)
+                if kwargs.get("writer") is not None and encoded.name == "folder-train":
+                    decoded.append([kwargs["start"], kwargs["stop"]])
+                    if len(decoded) == 1:
+                        # Each waits for the other's first chunk, so that both
+                        # decode some whatever the order they start in.
+                        open("{tmp_path}/{me}-1", "w").close()
+                        deadline = time.monotonic() + 120
+                        while not os.path.exists("{tmp_path}/{other}-1"):
+                            assert time.monotonic() < deadline
+                            time.sleep(0.05)
+                return result
+
+            cache._first_pass = counted
+            data = config.DataConfig(dataset="folder:{root}", cache="disk")
+            while not os.path.exists("{go}"):
+                time.sleep(0.05)
+            source = sources.load_configured_source(
+                data, size={SIZE}, seed=0, cache_root="{cache_root}"
+            )
+            np.save("{tmp_path}/{me}.npy", source.train.images)
+            with open("{tmp_path}/{me}.json", "w") as file:
+                json.dump(decoded, file)
+            """
+        )
+
+    logs = {name: tmp_path / f"{name}.log" for name in ("a", "b")}
+    processes = [
+        subprocess.Popen([sys.executable, "-c", program(me, other)], stderr=open(logs[me], "w"))
+        for me, other in (("a", "b"), ("b", "a"))
+    ]
+    go.touch()
+    for process, name in zip(processes, ("a", "b")):
+        # A bound against hanging for ever, not a measure of speed.
+        assert process.wait(timeout=300) == 0, logs[name].read_text()[-3000:]
+    chunks = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("a", "b")}
+    # Each decoded a share, and every chunk was decoded once.
+    assert chunks["a"] and chunks["b"], chunks
+    assert sorted(map(tuple, chunks["a"] + chunks["b"])) == [
+        (start, start + 30) for start in range(0, 360, 30)
+    ]
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(np.load(tmp_path / f"{name}.npy"), expected)
+    assert "decoded 360 folder-train images" not in logs["a"].read_text() + logs["b"].read_text()
+
+
+def test_a_chunk_whose_holder_ended_before_completing_it_is_decoded_by_a_waiting_process(
+    tmp_path,
+):
     import fcntl
     import time
 
-    root = _make_folder(tmp_path / "data")
+    root = _make_folder(tmp_path / "data", per_class=40)
+    expected = _load(root, tmp_path / "memory", cache="memory").train.images
     # The cache's folder name depends on the files, not on where the caches are.
-    expected = _load(root, tmp_path / "elsewhere", cache="disk").train.images
+    _load(root, tmp_path / "elsewhere", cache="disk")
     [name] = _cache_folders(tmp_path / "elsewhere")
     cache_root = tmp_path / "cache"
     program = textwrap.dedent(
@@ -245,8 +316,9 @@ def test_a_second_process_waits_for_the_first_pass_writing_the_same_cache(tmp_pa
         import numpy as np
         from absl import logging
         from effpipe import config
-        from effpipe.data import sources
+        from effpipe.data import cache, sources
         logging.set_verbosity(logging.INFO)
+        cache.CHUNK_IMAGES = 30  # 4 chunks of the 120 images
         data = config.DataConfig(dataset="folder:{root}", cache="disk")
         source = sources.load_configured_source(
             data, size={SIZE}, seed=0, cache_root="{cache_root}"
@@ -257,21 +329,24 @@ def test_a_second_process_waits_for_the_first_pass_writing_the_same_cache(tmp_pa
     directory = cache_root / name
     directory.mkdir(parents=True)
     stderr = tmp_path / "stderr.txt"
-    # This process holds the lock, as another run's first pass into the cache would.
-    with open(directory / cache.LOCK_FILE, "a") as lock, open(stderr, "w") as log:
+    # This process holds chunk 2, as another worker decoding it would.
+    with open(cache._chunk_file(str(directory), 2, ".lock"), "a") as lock, open(stderr, "w") as log:
         fcntl.flock(lock, fcntl.LOCK_EX)
         second = subprocess.Popen([sys.executable, "-c", program], stderr=log)
         # A bound against hanging for ever, not a measure of speed.
         deadline = time.monotonic() + 300
-        while "waiting for it" not in stderr.read_text():
+        while "waiting for 1 chunks" not in stderr.read_text():
             assert second.poll() is None, stderr.read_text()[-2000:]
             assert time.monotonic() < deadline, stderr.read_text()[-2000:]
             time.sleep(0.2)
-        # It writes nothing while it waits.
-        assert not (directory / stores.CACHE_FILE).exists()
+        # The other three are complete; chunk 2 is not, and its holder ends without it.
+        assert [os.path.isfile(cache._chunk_file(str(directory), k, ".json")) for k in range(4)] == [
+            True, True, False, True
+        ]  # fmt: skip
         fcntl.flock(lock, fcntl.LOCK_UN)
         assert second.wait(timeout=300) == 0, stderr.read_text()[-2000:]
     np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), expected)
+    assert (directory / cache.MANIFEST_FILE).is_file()
 
 
 def test_a_complete_cache_whose_file_was_cut_short_is_decoded_again(tmp_path):
@@ -294,12 +369,14 @@ def test_a_writer_that_started_alongside_is_found_before_the_manifest(tmp_path, 
         result = first_pass(encoded, *args, **kwargs)
         if kwargs.get("writer") is not None:
             directory = os.path.dirname(kwargs["writer"].path)
-            with open(os.path.join(directory, cache.WRITER_FILE), "w") as file:
+            with open(os.path.join(directory, cache.ALLOCATION_FILE), "w") as file:
                 file.write("other-host pid 7 0123abcd")
         return result
 
     monkeypatch.setattr(cache, "_first_pass", with_another_writer)
-    with pytest.raises(UsageError, match=r"another process \(other-host pid 7\) started writing"):
+    with pytest.raises(
+        UsageError, match=r"another process \(other-host pid 7\) started the decoded cache"
+    ):
         _load(root, tmp_path / "cache", cache="disk")
     [name] = _cache_folders(tmp_path / "cache")
     folder = tmp_path / "cache" / name
@@ -343,7 +420,7 @@ def test_the_log_names_a_row_only_once_the_row_is_on_the_disk(tmp_path, monkeypa
             written_at[args[1] // row] = index
         elif kind == "fdatasync" and path.endswith(stores.CACHE_FILE):
             synced = index
-        elif kind == "write" and path.endswith(cache.WRITTEN_FILE):
+        elif kind == "write" and os.path.basename(path).startswith(cache.CHUNK_PREFIX):
             for position in np.frombuffer(args[0], "<i8").tolist():
                 assert written_at[position] < synced, position
                 logged.add(position)

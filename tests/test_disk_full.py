@@ -162,5 +162,5 @@ def test_a_write_cut_short_is_a_full_disk_and_its_row_is_not_logged(tmp_path, mo
     monkeypatch.setattr(os, "pwrite", cut_short)
     message = _first_pass_on(tmp_path / "cache", tmp_path / "photos")
     assert stores.CACHE_FILE in message and "the rerun resumes the cache" in message, message
-    [log] = (tmp_path / "cache").rglob(cache.WRITTEN_FILE)
+    [log] = (tmp_path / "cache").rglob(f"{cache.CHUNK_PREFIX}*.i64")
     assert log.stat().st_size == 0

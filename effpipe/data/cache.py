@@ -13,21 +13,24 @@ On disk a cache is a folder named after a fingerprint of what the images depend 
 (the file list with sizes and modification times, or the tfds dataset's files; the
 storage size; the crop), so a second run on the same data decodes nothing and a
 change of any file makes a new cache. It holds one file of rows (`stores.CACHE_FILE`,
-its whole size allocated before any decoding) and a log of the positions whose rows
-are on the disk whole (`WRITTEN_FILE`, appended by a background thread after each
-fdatasync of the rows, so that neither a kill nor a power loss leaves it naming a
-row the disk lacks). `manifest.json`, written
-last and atomically, marks a cache complete: a folder without it is a first pass that
-was killed, and a rerun resumes it, keeping the rows its log names; a complete
-cache whose file of rows is no longer whole is decoded again. A process writing a
-cache holds an flock on its `lock` file, so a second process given the same
---cache_dir waits and then reuses the cache; the kernel releases that lock when its
-process ends, even by SIGKILL, so it cannot go stale. Where a shared filesystem's
-lock holds on one machine only, a writer that finds another's token in `WRITER_FILE`
-at the end does not mark the cache complete. The rows, the log and the manifest are
-on the disk before the cache counts as complete. A full disk stops the pass in
-one line (the space the cache needs, the space free), before decoding when the
-allocation fails; it is never taken for images that do not decode.
+its whole size allocated before any decoding) and `manifest.json`, written last and
+atomically, which marks the cache complete.
+
+The first pass decodes a folder's images in chunks of consecutive positions
+(`CHUNK_IMAGES`; a tfds split is one chunk). Each chunk has an flock, a log of the
+positions whose rows are on the disk whole (appended by a background thread after
+each fdatasync of the rows, so that neither a kill nor a power loss leaves it naming
+a row the disk lacks) and, once complete, a file of its labels and bad positions.
+Every process given the folder (the workers of a run sharing --cache_dir, a sweep)
+claims the chunks nobody holds, then waits for the others' and decodes any whose
+holder died: the split is decoded once, shared between them. The kernel releases an
+flock when its process ends, even by SIGKILL, so no lock goes stale; a killed pass
+is resumed from the chunks' logs. A complete cache whose file of rows is no longer
+whole is decoded again. Where a shared filesystem's locks hold on one machine only,
+a process that finds the file allocated again by another (`ALLOCATION_FILE`) does
+not mark the cache complete. A full disk stops the pass in one line (the space the
+cache needs, the space free), before decoding when the allocation fails; it is never
+taken for images that do not decode.
 """
 
 import concurrent.futures
@@ -38,6 +41,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import time
@@ -56,14 +60,20 @@ from effpipe.errors import UsageError, is_disk_full
 MANIFEST_FILE = "manifest.json"
 # Held (flock) by the process writing a cache; empty.
 LOCK_FILE = "lock"
-# The positions whose rows the first pass wrote whole, as little-endian int64s.
-WRITTEN_FILE = "written.i64"
-# Who is writing the cache (host, PID, a random token), written when a first pass
-# starts and read again before the manifest: a different writer there means the lock
-# did not hold (a shared filesystem whose locks hold on one machine only).
-WRITER_FILE = "writer"
+# Who allocated the file of rows (host, PID, a random token), written once it is
+# allocated: a first pass starts by it, and a different token there at the end means
+# another process allocated the file again meanwhile, which the lock should have
+# prevented (a shared filesystem whose locks hold on one machine only).
+ALLOCATION_FILE = "allocation"
+# A first pass decodes its split in chunks of consecutive positions, which processes
+# sharing the cache's folder claim one at a time (each chunk has a lock, a log of its
+# positions written and, once complete, a file of its labels and bad positions).
+CHUNK_PREFIX = "chunk-"
+# Images per chunk, at least; a split has at most MAX_CHUNKS chunks.
+CHUNK_IMAGES = 4096
+MAX_CHUNKS = 64
 # Bump when what a cache holds changes: older caches are then not reused.
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 # Images per batch handed from the decoding pipeline to the Python loop (a progress
 # update each, about twice a second).
 PASS_BATCH = 256
@@ -142,7 +152,7 @@ def materialize(
         store = stores.ArrayStore(images)
     else:
         directory = os.path.join(cache_root, _folder_name(encoded, size, crop))
-        pass_labels, bad = _disk_cache(encoded, size, crop, directory)
+        pass_labels, bad = _disk_cache(encoded, size, crop, directory, labels)
         store = stores.CacheStore(directory, size, encoded.count)
     return _finish(encoded, store, pass_labels, bad, on_bad_image, decoded_mb, mode)
 
@@ -267,18 +277,40 @@ def _folder_name(encoded: EncodedSplit, size: int, crop: str) -> str:
     return f"{encoded.name}-{size}px-{crop}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def _disk_cache(encoded, size, crop, directory):
-    """(labels, bad positions) of a complete disk cache, built or resumed here first."""
+def _disk_cache(encoded, size, crop, directory, labels):
+    """(labels, bad positions) of a complete disk cache, built or resumed here first.
+
+    Every process given this folder takes part: each claims the chunks nobody holds,
+    decodes them, then waits for the chunks others hold (decoding any whose holder
+    died), so workers or runs sharing a --cache_dir decode the split once, between
+    them.
+    """
     complete = _complete_cache(encoded, size, directory)
     if complete is not None:
         return complete
     os.makedirs(directory, exist_ok=True)
-    with _first_pass_lock(encoded, directory):
-        # Another process may have completed it while this one waited.
+    with _folder_lock(encoded, directory):
         complete = _complete_cache(encoded, size, directory)
         if complete is not None:
             return complete
-        return _build_cache(encoded, size, crop, directory)
+        token = _allocated(encoded, size, directory)
+    chunks = _chunks(encoded.count, encoded.paths is not None and labels is not None)
+    _decode_chunks(encoded, size, crop, directory, labels, chunks)
+    with _folder_lock(encoded, directory):
+        complete = _complete_cache(encoded, size, directory)
+        if complete is not None:
+            return complete
+        with open(os.path.join(directory, ALLOCATION_FILE)) as file:
+            other = file.read()
+        if other != token:
+            raise UsageError(
+                f"another process ({other.rsplit(' ', 1)[0]}) started the decoded cache "
+                f"{directory} again while this one ({token.rsplit(' ', 1)[0]}) wrote it: the "
+                "cache's lock holds on one machine only on this filesystem. Rerun when that "
+                "process has finished (it completes the cache), or give each machine its own "
+                "--cache_dir"
+            )
+        return _write_manifest(encoded, size, crop, directory, chunks)
 
 
 def _complete_cache(encoded, size, directory):
@@ -301,84 +333,226 @@ def _complete_cache(encoded, size, directory):
 
 
 @contextlib.contextmanager
-def _first_pass_lock(encoded, directory):
-    """Holds the cache's lock while this process writes it.
+def _folder_lock(encoded, directory):
+    """Holds the cache folder's lock: for allocating its file and for its manifest.
 
-    Two processes given the same --cache_dir (a sweep of runs, the workers of one
-    run) would otherwise write one file together; the second waits, then finds the
-    cache complete. The lock is an flock on LOCK_FILE, which the kernel releases when
-    its process ends, however it ends: it cannot go stale.
+    An flock on LOCK_FILE, which the kernel releases when its process ends, however
+    it ends: it cannot go stale.
     """
-    with open(os.path.join(directory, LOCK_FILE), "a") as lock:
+    with _flock(encoded, directory, LOCK_FILE, block=True) as held:
+        yield held
+
+
+@contextlib.contextmanager
+def _flock(encoded, directory, name, *, block):
+    """An flock on the file `name` of the cache folder: yields whether it is held
+    (always, when `block`)."""
+    with open(os.path.join(directory, name), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
                 # A filesystem without locks (some NFS and Lustre mounts).
-                logging.warning(
+                logging.log_first_n(
+                    logging.WARNING,
                     "%s: cannot lock the decoded cache %s (%s): do not start two runs "
                     "with this --cache_dir at once",
+                    1,
                     encoded.name,
                     directory,
                     error.strerror,
                 )
-                yield
+                yield True
                 return
-            logging.info(
-                "%s: another process is writing the decoded cache %s; waiting for it",
-                encoded.name,
-                directory,
-            )
+            if not block:
+                yield False
+                return
             fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _build_cache(encoded, size, crop, directory):
-    """Runs (or resumes) the first pass into `directory` and marks the cache complete."""
-    manifest_path = os.path.join(directory, MANIFEST_FILE)
-    done = _written_positions(directory, encoded.count, size)
-    if done.any():
+def _allocated(encoded, size, directory) -> str:
+    """The token of the allocation of the cache's file of rows, which this process
+    makes when there is none or the file is not whole (nothing of an earlier pass is
+    kept then)."""
+    token_path = os.path.join(directory, ALLOCATION_FILE)
+    rows = stores.cache_file(directory)
+    total = encoded.count * stores.cached_bytes(size)
+    if os.path.isfile(token_path) and os.path.isfile(rows) and os.path.getsize(rows) == total:
+        with open(token_path) as file:
+            return file.read()
+    if os.path.exists(token_path):
+        os.remove(token_path)
+    for name in os.listdir(directory):
+        if name.startswith(CHUNK_PREFIX) and not name.endswith(".lock"):
+            os.remove(os.path.join(directory, name))
+    _allocate_rows(directory, rows, total)
+    token = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex}"
+    run_dir.write_atomically(token_path, lambda path: _write_text(path, token))
+    _sync_folder(directory)
+    return token
+
+
+def _allocate_rows(directory: str, rows: str, total_bytes: int) -> None:
+    """Allocates the file of rows whole (posix_fallocate), so a disk too small stops
+    the pass before any decoding; where that cannot be (a filesystem that cannot
+    allocate ahead), a sparse file, and the writes may find the disk full."""
+    descriptor = os.open(rows, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(descriptor, 0)
+        try:
+            os.posix_fallocate(descriptor, 0, total_bytes)
+        except OSError as error:
+            if is_disk_full(error):
+                os.close(descriptor)
+                descriptor = -1
+                os.remove(rows)
+                raise run_dir.disk_full_error(
+                    directory,
+                    total_bytes,
+                    at_least=False,
+                    kept="Nothing was decoded yet; --cache_dir puts the cache on another disk, "
+                    "--cache=memory or off keeps it off the disk.",
+                ) from error
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(descriptor, total_bytes)
+    finally:
+        if descriptor >= 0:
+            os.close(descriptor)
+
+
+def _chunks(count: int, chunked: bool) -> list[tuple[int, int]]:
+    """(start, stop) of each chunk of a split of `count` images; one chunk when the
+    split's records cannot be read from a position on (tfds)."""
+    if not chunked:
+        return [(0, count)]
+    size = max(CHUNK_IMAGES, -(-count // MAX_CHUNKS))
+    return [(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def _chunk_file(directory: str, index: int, suffix: str) -> str:
+    return os.path.join(directory, f"{CHUNK_PREFIX}{index:03d}{suffix}")
+
+
+def _decode_chunks(encoded, size, crop, directory, labels, chunks):
+    """Decodes the chunks of the split that no process has completed."""
+    complete = [os.path.isfile(_chunk_file(directory, k, ".json")) for k in range(len(chunks))]
+    written = sum(
+        stop - start if complete[k] else len(_logged(directory, k, start, stop))
+        for k, (start, stop) in enumerate(chunks)
+    )
+    if written:
         logging.info(
             "%s: resuming the decoded cache %s, %d of %d images already written",
             encoded.name,
             directory,
-            done.sum(),
+            written,
             encoded.count,
         )
-    token = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex}"
-    writer_path = os.path.join(directory, WRITER_FILE)
-    run_dir.write_atomically(writer_path, lambda path: _write_text(path, token))
-    writer = _RowWriter(directory, encoded.count, size, resuming=done.any())
-    try:
-        # Returns once every row is on the disk and in the log (a power loss).
-        labels, bad = _first_pass(encoded, size, crop, writer=writer, done=done)
-    finally:
-        writer.close()
-    with open(writer_path) as file:
-        other = file.read()
-    if other != token:
-        raise UsageError(
-            f"another process ({other.rsplit(' ', 1)[0]}) started writing the decoded cache "
-            f"{directory} while this one ({token.rsplit(' ', 1)[0]}) wrote it: the cache's "
-            "lock holds on one machine only on this filesystem. Rerun when that process has "
-            "finished (it completes the cache), or give each machine its own --cache_dir"
+    if not chunks:
+        return
+    progress = _Progress(encoded, encoded.count)
+    # Processes start at different chunks, so that they rarely meet.
+    first = random.Random(f"{socket.gethostname()}-{os.getpid()}").randrange(len(chunks))
+    order = list(range(first, len(chunks))) + list(range(first))
+    # Chunks nobody holds first; then those another process held, once it lets go
+    # (decoded here only when that process ended before completing one).
+    held_elsewhere = [
+        k
+        for k in order
+        if not _decode_chunk(
+            encoded, size, crop, directory, labels, chunks, k, progress, block=False
         )
+    ]
+    if held_elsewhere:
+        logging.info(
+            "%s: waiting for %d chunks of the decoded cache %s that other processes decode",
+            encoded.name,
+            len(held_elsewhere),
+            directory,
+        )
+    for k in held_elsewhere:
+        _decode_chunk(encoded, size, crop, directory, labels, chunks, k, progress, block=True)
+    progress.close()
+
+
+def _decode_chunk(encoded, size, crop, directory, labels, chunks, k, progress, *, block):
+    """Decodes chunk `k` unless it is complete; False when another process holds it
+    (and not `block`)."""
+    start, stop = chunks[k]
+    done_path = _chunk_file(directory, k, ".json")
+    if os.path.isfile(done_path):
+        progress.elsewhere(stop - start)
+        return True
+    with _flock(
+        encoded, directory, os.path.basename(_chunk_file(directory, k, ".lock")), block=block
+    ) as held:
+        if not held:
+            return False
+        if os.path.isfile(done_path):
+            progress.elsewhere(stop - start)
+            return True
+        done = np.zeros(stop - start, bool)
+        done[_logged(directory, k, start, stop) - start] = True
+        progress.elsewhere(int(done.sum()))
+        writer = _RowWriter(directory, _chunk_file(directory, k, ".i64"), size)
+        try:
+            chunk_labels, bad = _first_pass(
+                encoded,
+                size,
+                crop,
+                writer=writer,
+                done=done,
+                start=start,
+                stop=stop,
+                labels=labels,
+                progress=progress,
+            )
+        finally:
+            writer.close()
+        chunk = {"labels": chunk_labels.tolist(), "bad": [int(position) for position in bad]}
+        run_dir.write_atomically(done_path, lambda path: _write_text(path, json.dumps(chunk)))
+        return True
+
+
+def _logged(directory: str, k: int, start: int, stop: int) -> np.ndarray:
+    """The positions of chunk `k` its log names: their rows are on the disk whole (a
+    log cut in the middle of a position ignores that one)."""
+    log = _chunk_file(directory, k, ".i64")
+    if not os.path.isfile(log):
+        return np.zeros(0, np.int64)
+    logged = np.fromfile(log, "<i8", count=os.path.getsize(log) // 8)
+    return np.unique(logged[(logged >= start) & (logged < stop)])
+
+
+def _write_manifest(encoded, size, crop, directory, chunks):
+    """Marks the cache complete from its chunks' files: (labels, bad positions)."""
+    labels, bad = [], []
+    for k in range(len(chunks)):
+        with open(_chunk_file(directory, k, ".json")) as file:
+            chunk = json.load(file)
+        labels += chunk["labels"]
+        bad += chunk["bad"]
+    if len(labels) != encoded.count:
+        raise RuntimeError(f"the decoded cache {directory} lacks chunks: delete it and rerun")
     manifest = {
         "format": CACHE_FORMAT,
         "split": encoded.name,
         "size": size,
         "crop": crop,
         "fingerprint": encoded.fingerprint,
-        "labels": labels.tolist(),
-        "bad": [int(position) for position in bad],
+        "labels": labels,
+        "bad": bad,
     }
-
-    run_dir.write_atomically(manifest_path, lambda path: _write_text(path, json.dumps(manifest)))
+    run_dir.write_atomically(
+        os.path.join(directory, MANIFEST_FILE), lambda path: _write_text(path, json.dumps(manifest))
+    )
     _sync_folder(directory)
-    return labels, manifest["bad"]
+    return np.asarray(labels, np.int32), bad
 
 
 def _write_text(path: str, text: str) -> None:
@@ -398,71 +572,32 @@ def _sync_folder(directory: str) -> None:
         os.close(descriptor)
 
 
-def _written_positions(directory: str, count: int, size: int) -> np.ndarray:
-    """Which positions a killed first pass wrote whole: those its log names, when the
-    file of rows is whole (a log cut in the middle of a position ignores that one)."""
-    done = np.zeros(count, bool)
-    rows, log = stores.cache_file(directory), os.path.join(directory, WRITTEN_FILE)
-    if not os.path.isfile(log) or not os.path.isfile(rows):
-        return done
-    if os.path.getsize(rows) != count * stores.cached_bytes(size):
-        return done
-    logged = np.fromfile(log, "<i8", count=os.path.getsize(log) // 8)
-    done[logged[(logged >= 0) & (logged < count)]] = True
-    return done
-
-
 class _RowWriter:
-    """Writes decoded images into the cache's file of rows, then logs their positions.
+    """Writes decoded images into the cache's file of rows (allocated before, by
+    `_allocated`), then logs their positions in a chunk's log.
 
-    The file's whole size is allocated first (posix_fallocate), so a disk too small
-    stops the pass before any decoding. Where it cannot be (a filesystem that cannot
-    allocate ahead), a write cut short is a full disk, and its row is not logged.
+    A write cut short (a filesystem that cannot allocate ahead) is a full disk, and
+    its row is not logged.
     """
 
-    def __init__(self, directory: str, count: int, size: int, *, resuming: bool):
+    def __init__(self, directory: str, log_path: str, size: int):
         self.row = stores.cached_bytes(size)
         self.path = stores.cache_file(directory)
-        self.rows = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.rows = os.open(self.path, os.O_RDWR)
         # Unbuffered: a position is in the log once its write returns (`write`), and
         # a failed write is not tried again at close.
-        self.log = os.open(os.path.join(directory, WRITTEN_FILE), os.O_WRONLY | os.O_CREAT, 0o644)
+        self.log = os.open(log_path, os.O_WRONLY | os.O_CREAT, 0o644)
         # Positions written and not yet in the log, the sync in flight, and how many
         # positions this writer has logged.
         self.pending, self.syncing, self.logged = [], None, 0
         self.syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cache-sync")
         try:
-            if not resuming:
-                os.ftruncate(self.log, 0)
-                self._allocate(directory, count * self.row)
-            else:
-                # A kill during a log write can leave a part of a position: drop it.
-                os.ftruncate(self.log, os.fstat(self.log).st_size // 8 * 8)
+            # A kill during a log write can leave a part of a position: drop it.
+            os.ftruncate(self.log, os.fstat(self.log).st_size // 8 * 8)
             os.lseek(self.log, 0, os.SEEK_END)
         except BaseException:
             self.close()
             raise
-
-    def _allocate(self, directory: str, total_bytes: int) -> None:
-        os.ftruncate(self.rows, 0)
-        try:
-            os.posix_fallocate(self.rows, 0, total_bytes)
-        except OSError as error:
-            if is_disk_full(error):
-                self.close()
-                os.remove(self.path)
-                raise run_dir.disk_full_error(
-                    directory,
-                    total_bytes,
-                    at_least=False,
-                    kept="Nothing was decoded yet; --cache_dir puts the cache on another disk, "
-                    "--cache=memory or off keeps it off the disk.",
-                ) from error
-            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            # A filesystem that cannot allocate ahead: a sparse file, and the writes
-            # themselves may find the disk full (`_first_pass` says so then).
-            os.ftruncate(self.rows, total_bytes)
 
     def write(self, positions: np.ndarray, images: np.ndarray) -> None:
         """Writes the rows; their positions reach the log once the rows are on the disk.
@@ -517,15 +652,32 @@ class _RowWriter:
             self.rows = -1
 
 
-def _first_pass(encoded, size, crop, *, images=None, writer=None, done=None):
-    """Decodes every image not `done` into `images` (memory) or `writer` (disk), or,
-    with neither, only to find those that do not decode (`_scan`).
+def _first_pass(
+    encoded, size, crop, *, images=None, writer=None, done=None, start=0, stop=None,
+    labels=None, progress=None,
+):  # fmt: skip
+    """Decodes the images at positions [start, stop) not `done` into `images`
+    (memory) or `writer` (disk), or, with neither, only to find those that do not
+    decode (`_scan`).
+
+    Args:
+      encoded: the split.
+      size, crop: how images are stored.
+      images: (count, size, size, 3) uint8 to fill (memory).
+      writer: a `_RowWriter` (disk).
+      done: (stop - start,) bool, positions already written: not decoded again.
+      start, stop: the positions to decode (the whole split by default); a part of
+        the split needs the split's `paths` and `labels`.
+      labels: the labels of the split, when known before decoding (folders).
+      progress: a `_Progress` to count decoded images in; by default one of this pass.
 
     Returns:
-      (labels of every position, positions that could not be decoded).
+      (labels of positions [start, stop), the positions that could not be decoded).
     """
+    stop = encoded.count if stop is None else stop
+    count = stop - start
     resuming = done is not None and done.any()
-    todo_array = ~done if resuming else np.ones(encoded.count, bool)
+    todo_array = ~done if resuming else np.ones(count, bool)
     todo = tf.constant(todo_array)
 
     empty = tf.zeros((size, size, 3), tf.uint8)
@@ -538,9 +690,15 @@ def _first_pass(encoded, size, crop, *, images=None, writer=None, done=None):
         if not resuming:
             return position, label, work()
         # Positions already written pass through undecoded: their labels are still read.
-        return position, label, tf.cond(todo[position], work, lambda: empty)
+        return position, label, tf.cond(todo[position - start], work, lambda: empty)
 
-    dataset = tf.data.Dataset.zip(tf.data.Dataset.range(encoded.count), encoded.make_records())
+    if count == encoded.count:
+        records = encoded.make_records()
+    else:
+        records = tf.data.Dataset.from_tensor_slices(
+            (list(encoded.paths[start:stop]), np.asarray(labels)[start:stop])
+        )
+    dataset = tf.data.Dataset.zip(tf.data.Dataset.range(start, stop), records)
     # In any order (faster than keeping it): images are placed by position, and one
     # that fails to decode is the position that never arrives. Only decoding errors
     # are ignored: a write that fails (a full disk) stops the pass.
@@ -550,17 +708,20 @@ def _first_pass(encoded, size, crop, *, images=None, writer=None, done=None):
         deterministic=False,
     ).ignore_errors()
     dataset = dataset.batch(PASS_BATCH).prefetch(2)
-    labels = np.zeros(encoded.count, np.int32)
-    arrived = np.zeros(encoded.count, bool)
-    progress = _Progress(encoded, int(todo_array.sum()))
+    pass_labels = np.zeros(count, np.int32)
+    arrived = np.zeros(count, bool)
+    own_progress = progress is None
+    if own_progress:
+        progress = _Progress(encoded, int(todo_array.sum()))
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
     try:
         for positions, batch_labels, batch_images in dataset.as_numpy_iterator():
-            arrived[positions] = True
-            labels[positions] = batch_labels
-            fresh = todo_array[positions]
+            index = positions - start
+            arrived[index] = True
+            pass_labels[index] = batch_labels
+            fresh = todo_array[index]
             if images is not None:
-                images[positions] = batch_images
+                images[index] = batch_images
             elif writer is not None and fresh.all():
                 writer.write(positions, batch_images)
             elif writer is not None:
@@ -572,23 +733,23 @@ def _first_pass(encoded, size, crop, *, images=None, writer=None, done=None):
                     writer.sync()
                 os.kill(os.getpid(), signal.SIGKILL)
         if writer is not None:
+            # Returns once every row is on the disk and in the log (a power loss).
             writer.sync()
     except OSError as error:
         if writer is None or not is_disk_full(error):
             raise
         with contextlib.suppress(OSError):
             writer.sync()  # What is on the disk goes into the log, for the rerun.
-        kept = writer.logged + (int(done.sum()) if resuming else 0)
         raise run_dir.disk_full_error(
             writer.path,
-            (encoded.count - kept) * stores.cached_bytes(size),
-            at_least=False,
-            kept=f"The {kept} images written so far are kept, and the rerun resumes "
-            "the cache; --cache_dir puts it on another disk, --cache=memory or off keeps it "
-            "off the disk.",
+            (int(todo_array.sum()) - writer.logged) * stores.cached_bytes(size),
+            at_least=True,
+            kept="The images written so far are kept, and the rerun resumes the cache; "
+            "--cache_dir puts it on another disk, --cache=memory or off keeps it off the disk.",
         ) from error
-    progress.close()
-    return labels, np.flatnonzero(~arrived).tolist()
+    if own_progress:
+        progress.close()
+    return pass_labels, (np.flatnonzero(~arrived) + start).tolist()
 
 
 class _Progress:
@@ -598,6 +759,7 @@ class _Progress:
         import keras
 
         self.start, self.count, self.total, self.name = time.monotonic(), 0, total, encoded.name
+        self.others = 0
         logging.info("decoding %d %s images (the first pass)", total, encoded.name)
         # A pass of a few hundred images ends in seconds: the log lines say enough.
         self.bar = None
@@ -605,10 +767,17 @@ class _Progress:
             self.bar = keras.utils.Progbar(total, unit_name="image", stateful_metrics=["images/s"])
 
     def update(self, decoded: int) -> None:
+        """Counts images decoded here."""
         self.count += decoded
         rate = self.count / max(time.monotonic() - self.start, 1e-9)
         if self.bar is not None:
-            self.bar.update(min(self.count, self.total), values=[("images/s", rate)])
+            self.bar.update(min(self.count + self.others, self.total), values=[("images/s", rate)])
+
+    def elsewhere(self, written: int) -> None:
+        """Counts images another process (or an earlier pass) wrote: toward the bar's
+        total, not the rate."""
+        self.others += written
+        self.update(0)
 
     def close(self) -> None:
         seconds = time.monotonic() - self.start
