@@ -50,6 +50,7 @@ def test_a_second_run_reuses_the_disk_cache_without_decoding(tmp_path, monkeypat
         raise AssertionError("the cache was decoded again")
 
     monkeypatch.setattr(cache, "_first_pass", no_decoding)
+    monkeypatch.setattr(cache, "_decode_chunks", no_decoding)
     second = _load(root, tmp_path / "cache", cache="disk")
     np.testing.assert_array_equal(first.train.images, second.train.images)
     np.testing.assert_array_equal(first.train.labels, second.train.labels)
@@ -250,23 +251,23 @@ def test_processes_sharing_a_cache_decode_its_chunks_between_them(tmp_path):
             from effpipe.data import cache, sources
             logging.set_verbosity(logging.INFO)
             cache.CHUNK_IMAGES = 30  # 12 chunks of the 360 images
-            decoded, first_pass = [], cache._first_pass
+            decoded, add_log = [], cache._RowWriter.add_log
 
-            def counted(encoded, *args, **kwargs):
-                result = first_pass(encoded, *args, **kwargs)
-                if kwargs.get("writer") is not None and encoded.name == "folder-train":
-                    decoded.append([kwargs["start"], kwargs["stop"]])
-                    if len(decoded) == 1:
-                        # Each waits for the other's first chunk, so that both
-                        # decode some whatever the order they start in.
-                        open("{tmp_path}/{me}-1", "w").close()
+            def counted(writer, k, path):
+                # Called when this process has claimed chunk k of the train split.
+                add_log(writer, k, path)
+                if os.path.basename(os.path.dirname(path)).startswith("folder-train"):
+                    decoded.append(cache._chunks(360, True)[k])
+                    if len(decoded) == 2:
+                        # Each waits for the other's first claim before its second,
+                        # so that both decode some whatever the order they start in.
                         deadline = time.monotonic() + 120
                         while not os.path.exists("{tmp_path}/{other}-1"):
                             assert time.monotonic() < deadline
                             time.sleep(0.05)
-                return result
+                    open("{tmp_path}/{me}-1", "w").close()
 
-            cache._first_pass = counted
+            cache._RowWriter.add_log = counted
             data = config.DataConfig(dataset="folder:{root}", cache="disk")
             while not os.path.exists("{go}"):
                 time.sleep(0.05)
@@ -363,17 +364,14 @@ def test_a_writer_that_started_alongside_is_found_before_the_manifest(tmp_path, 
     # another machine can start writing the same cache: the one that finds another
     # writer's token in place of its own does not mark the cache complete.
     root = _make_folder(tmp_path / "data")
-    first_pass = cache._first_pass
+    first_pass = cache._decode_chunks
 
-    def with_another_writer(encoded, *args, **kwargs):
-        result = first_pass(encoded, *args, **kwargs)
-        if kwargs.get("writer") is not None:
-            directory = os.path.dirname(kwargs["writer"].path)
-            with open(os.path.join(directory, cache.ALLOCATION_FILE), "w") as file:
-                file.write("other-host pid 7 0123abcd")
-        return result
+    def with_another_writer(encoded, size, crop, directory, *args):
+        first_pass(encoded, size, crop, directory, *args)
+        with open(os.path.join(directory, cache.ALLOCATION_FILE), "w") as file:
+            file.write("other-host pid 7 0123abcd")
 
-    monkeypatch.setattr(cache, "_first_pass", with_another_writer)
+    monkeypatch.setattr(cache, "_decode_chunks", with_another_writer)
     with pytest.raises(
         UsageError, match=r"another process \(other-host pid 7\) started the decoded cache"
     ):
@@ -381,7 +379,7 @@ def test_a_writer_that_started_alongside_is_found_before_the_manifest(tmp_path, 
     [name] = _cache_folders(tmp_path / "cache")
     folder = tmp_path / "cache" / name
     assert not (folder / cache.MANIFEST_FILE).exists()
-    monkeypatch.setattr(cache, "_first_pass", first_pass)
+    monkeypatch.setattr(cache, "_decode_chunks", first_pass)
     # The rerun completes the cache from the rows the log names.
     again = _load(root, tmp_path / "cache", cache="disk").train
     memory = _load(root, tmp_path / "memory", cache="memory").train

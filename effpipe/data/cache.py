@@ -70,8 +70,8 @@ ALLOCATION_FILE = "allocation"
 # positions written and, once complete, a file of its labels and bad positions).
 CHUNK_PREFIX = "chunk-"
 # Images per chunk, at least; a split has at most MAX_CHUNKS chunks.
-CHUNK_IMAGES = 4096
-MAX_CHUNKS = 64
+CHUNK_IMAGES = 1024
+MAX_CHUNKS = 1024
 # Bump when what a cache holds changes: older caches are then not reused.
 CACHE_FORMAT = 4
 # Images per batch handed from the decoding pipeline to the Python loop (a progress
@@ -439,8 +439,12 @@ def _chunk_file(directory: str, index: int, suffix: str) -> str:
 
 
 def _decode_chunks(encoded, size, crop, directory, labels, chunks):
-    """Decodes the chunks of the split that no process has completed."""
-    complete = [os.path.isfile(_chunk_file(directory, k, ".json")) for k in range(len(chunks))]
+    """Decodes the chunks of the split that no process has completed: first those
+    nobody holds, then, once their holders let go, any that another process held and
+    did not complete (it ended before)."""
+    if not chunks:
+        return
+    complete = [_chunk_complete(directory, k) for k in range(len(chunks))]
     written = sum(
         stop - start if complete[k] else len(_logged(directory, k, start, stop))
         for k, (start, stop) in enumerate(chunks)
@@ -453,21 +457,13 @@ def _decode_chunks(encoded, size, crop, directory, labels, chunks):
             written,
             encoded.count,
         )
-    if not chunks:
-        return
     progress = _Progress(encoded, encoded.count)
     # Processes start at different chunks, so that they rarely meet.
     first = random.Random(f"{socket.gethostname()}-{os.getpid()}").randrange(len(chunks))
     order = list(range(first, len(chunks))) + list(range(first))
-    # Chunks nobody holds first; then those another process held, once it lets go
-    # (decoded here only when that process ended before completing one).
-    held_elsewhere = [
-        k
-        for k in order
-        if not _decode_chunk(
-            encoded, size, crop, directory, labels, chunks, k, progress, block=False
-        )
-    ]
+    held_elsewhere = _decode_free_chunks(
+        encoded, size, crop, directory, labels, chunks, order, progress, block=False
+    )
     if held_elsewhere:
         logging.info(
             "%s: waiting for %d chunks of the decoded cache %s that other processes decode",
@@ -476,47 +472,155 @@ def _decode_chunks(encoded, size, crop, directory, labels, chunks):
             directory,
         )
     for k in held_elsewhere:
-        _decode_chunk(encoded, size, crop, directory, labels, chunks, k, progress, block=True)
+        _decode_free_chunks(
+            encoded, size, crop, directory, labels, chunks, [k], progress, block=True
+        )
     progress.close()
 
 
-def _decode_chunk(encoded, size, crop, directory, labels, chunks, k, progress, *, block):
-    """Decodes chunk `k` unless it is complete; False when another process holds it
-    (and not `block`)."""
-    start, stop = chunks[k]
-    done_path = _chunk_file(directory, k, ".json")
-    if os.path.isfile(done_path):
-        progress.elsewhere(stop - start)
-        return True
-    with _flock(
-        encoded, directory, os.path.basename(_chunk_file(directory, k, ".lock")), block=block
-    ) as held:
-        if not held:
-            return False
-        if os.path.isfile(done_path):
+def _chunk_complete(directory: str, k: int) -> bool:
+    return os.path.isfile(_chunk_file(directory, k, ".json"))
+
+
+def _decode_free_chunks(encoded, size, crop, directory, labels, chunks, order, progress, *, block):
+    """Decodes the chunks of `order` that are not complete and that this process can
+    lock (waiting for each lock when `block`), in one pipeline: a folder's chunks are
+    claimed one at a time as the decoding reaches them, so a process that starts
+    later finds the ones not reached yet.
+
+    Returns:
+      The chunks another process held.
+    """
+    held_elsewhere, claimed = [], []
+    writer = _RowWriter(directory, size, [start for start, _ in chunks])
+
+    def claim(k):
+        """The positions left to decode in chunk `k`, once this process holds it and
+        it is not complete; else None."""
+        start, stop = chunks[k]
+        if _chunk_complete(directory, k):
             progress.elsewhere(stop - start)
-            return True
-        done = np.zeros(stop - start, bool)
-        done[_logged(directory, k, start, stop) - start] = True
-        progress.elsewhere(int(done.sum()))
-        writer = _RowWriter(directory, _chunk_file(directory, k, ".i64"), size)
-        try:
+            return None
+        lock = contextlib.ExitStack()
+        name = os.path.basename(_chunk_file(directory, k, ".lock"))
+        if not lock.enter_context(_flock(encoded, directory, name, block=block)):
+            held_elsewhere.append(k)
+            return None
+        if _chunk_complete(directory, k):
+            lock.close()
+            progress.elsewhere(stop - start)
+            return None
+        logged = _logged(directory, k, start, stop)
+        progress.elsewhere(len(logged))
+        writer.add_log(k, _chunk_file(directory, k, ".i64"))
+        todo = np.setdiff1d(np.arange(start, stop), logged)
+        claimed.append((k, todo, lock))
+        return todo
+
+    try:
+        if encoded.paths is None:
+            # A tfds split: one chunk, whose records are read in order.
+            todo = claim(0)
+            if todo is None:
+                return held_elsewhere
+            done = np.ones(encoded.count, bool)
+            done[todo] = False
             chunk_labels, bad = _first_pass(
-                encoded,
-                size,
-                crop,
-                writer=writer,
-                done=done,
-                start=start,
-                stop=stop,
-                labels=labels,
-                progress=progress,
+                encoded, size, crop, writer=writer, done=done, progress=progress
             )
-        finally:
-            writer.close()
-        chunk = {"labels": chunk_labels.tolist(), "bad": [int(position) for position in bad]}
-        run_dir.write_atomically(done_path, lambda path: _write_text(path, json.dumps(chunk)))
-        return True
+        else:
+            chunk_labels = labels
+            arrived = _decode_claimed(encoded, size, crop, labels, order, claim, writer, progress)
+            bad = [int(position) for _, todo, _ in claimed for position in todo[~arrived[todo]]]
+        bad = np.asarray(bad, np.int64)
+        for k, _, _ in claimed:
+            start, stop = chunks[k]
+            chunk = {
+                "labels": np.asarray(chunk_labels[start:stop]).tolist(),
+                "bad": bad[(bad >= start) & (bad < stop)].tolist(),
+            }
+            text = json.dumps(chunk)
+            run_dir.write_atomically(
+                _chunk_file(directory, k, ".json"), lambda path, text=text: _write_text(path, text)
+            )
+    finally:
+        writer.close()
+        for _, _, lock in claimed:
+            lock.close()
+    return held_elsewhere
+
+
+def _decode_claimed(encoded, size, crop, labels, order, claim, writer, progress) -> np.ndarray:
+    """Decodes the folder images of the chunks `claim` gives, in `order`, into `writer`.
+
+    Returns:
+      Which positions arrived decoded (bool, one per position of the split).
+    """
+    paths = np.asarray(encoded.paths, dtype=object)
+
+    def chunks():
+        for k in order:
+            todo = claim(k)
+            if todo is not None and len(todo):
+                yield todo, paths[todo].astype(bytes), np.asarray(labels)[todo]
+
+    records = tf.data.Dataset.from_generator(
+        chunks,
+        output_signature=(
+            tf.TensorSpec([None], tf.int64),
+            tf.TensorSpec([None], tf.string),
+            tf.TensorSpec([None], tf.int32),
+        ),
+    ).unbatch()
+    # In any order (faster than keeping it): images are placed by position, and one
+    # that fails to decode is the position that never arrives. Only decoding errors
+    # are ignored: a write that fails (a full disk) stops the pass.
+    dataset = records.map(
+        lambda position, path, label: (
+            position,
+            decode.decode_to_size(tf.io.read_file(path), size, crop),
+        ),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=False,
+    ).ignore_errors()
+    dataset = dataset.batch(PASS_BATCH).prefetch(2)
+    arrived = np.zeros(encoded.count, bool)
+    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
+    try:
+        for positions, images in dataset.as_numpy_iterator():
+            arrived[positions] = True
+            writer.write(positions, images)
+            progress.update(len(positions))
+            _kill_for_tests(kill_after, progress, writer)
+        # Returns once every row is on the disk and in the log (a power loss).
+        writer.sync()
+    except OSError as error:
+        _raise_disk_full(error, writer, size)
+    return arrived
+
+
+def _kill_for_tests(kill_after, progress, writer) -> None:
+    """KILL_AFTER_ENV: SIGKILL this process once it has decoded that many images."""
+    if kill_after and progress.count >= kill_after:
+        if writer is not None:
+            # The rows so far in the log first, so that the rerun has some to keep.
+            writer.sync()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _raise_disk_full(error: OSError, writer, size: int):
+    """Raises `error`, or, for a full disk, the one line that says so."""
+    if writer is None or not is_disk_full(error):
+        raise error
+    with contextlib.suppress(OSError):
+        writer.sync()  # What is on the disk goes into the log, for the rerun.
+    raise run_dir.disk_full_error(
+        writer.path,
+        stores.cached_bytes(size),
+        at_least=True,
+        kept="The images written so far are kept, and the rerun resumes the cache; "
+        "--cache_dir puts it on another disk, --cache=memory or off keeps it off the disk.",
+    ) from error
 
 
 def _logged(directory: str, k: int, start: int, stop: int) -> np.ndarray:
@@ -574,67 +678,73 @@ def _sync_folder(directory: str) -> None:
 
 class _RowWriter:
     """Writes decoded images into the cache's file of rows (allocated before, by
-    `_allocated`), then logs their positions in a chunk's log.
+    `_allocated`), and their positions into their chunks' logs once the rows are on
+    the disk.
 
-    A write cut short (a filesystem that cannot allocate ahead) is a full disk, and
-    its row is not logged.
+    A background thread puts the rows written so far on the disk (fdatasync) and then
+    appends their positions to the logs, one sync at a time, while decoding goes on:
+    a log never names a row the disk does not hold, even after a power loss, and the
+    pass does not wait for the disk. A kill redoes the rows written since the last
+    sync. A write cut short (a filesystem that cannot allocate ahead) is a full disk,
+    and its row is not logged.
     """
 
-    def __init__(self, directory: str, log_path: str, size: int):
+    def __init__(self, directory: str, size: int, starts: list[int]):
         self.row = stores.cached_bytes(size)
         self.path = stores.cache_file(directory)
         self.rows = os.open(self.path, os.O_RDWR)
-        # Unbuffered: a position is in the log once its write returns (`write`), and
-        # a failed write is not tried again at close.
-        self.log = os.open(log_path, os.O_WRONLY | os.O_CREAT, 0o644)
-        # Positions written and not yet in the log, the sync in flight, and how many
+        # The first position of each chunk, and the open logs of the chunks claimed.
+        self.starts, self.logs = np.asarray(starts, np.int64), {}
+        # Positions written and not yet logged, by chunk; the sync in flight; how many
         # positions this writer has logged.
-        self.pending, self.syncing, self.logged = [], None, 0
+        self.pending, self.syncing, self.logged = {}, None, 0
         self.syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cache-sync")
-        try:
-            # A kill during a log write can leave a part of a position: drop it.
-            os.ftruncate(self.log, os.fstat(self.log).st_size // 8 * 8)
-            os.lseek(self.log, 0, os.SEEK_END)
-        except BaseException:
-            self.close()
-            raise
+
+    def add_log(self, k: int, path: str) -> None:
+        """Opens chunk `k`'s log, to append to."""
+        # Unbuffered: a position is in the log once its write returns, and a failed
+        # write is not tried again at close.
+        self.logs[k] = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        # A kill during a log write can leave a part of a position: drop it.
+        os.ftruncate(self.logs[k], os.fstat(self.logs[k]).st_size // 8 * 8)
+        os.lseek(self.logs[k], 0, os.SEEK_END)
 
     def write(self, positions: np.ndarray, images: np.ndarray) -> None:
-        """Writes the rows; their positions reach the log once the rows are on the disk.
-
-        A background thread puts the rows written so far on the disk (fdatasync) and
-        then appends their positions to the log, one sync at a time, while decoding
-        goes on: the log never names a row the disk does not hold, even after a power
-        loss, and the pass does not wait for the disk. A kill redoes the rows written
-        since the last sync.
-        """
+        """Writes the rows; their positions reach the logs once the rows are on the disk."""
         for position, image in zip(positions.tolist(), images):
             if os.pwrite(self.rows, image, position * self.row) != self.row:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
-        self.pending.append(np.asarray(positions, "<i8"))
+        chunk_of = np.searchsorted(self.starts, positions, side="right") - 1
+        for k in np.unique(chunk_of).tolist():
+            self.pending.setdefault(k, []).append(np.asarray(positions[chunk_of == k], "<i8"))
         if self.syncing is None or self.syncing.done():
             self._collect()
             self.syncing = self.syncer.submit(self._sync_and_log, self._take_pending())
 
     def sync(self) -> None:
-        """Waits until every row written is on the disk and in the log, and the log on
+        """Waits until every row written is on the disk and in its log, and the logs on
         the disk."""
         self._collect()
         self._sync_and_log(self._take_pending())
-        os.fsync(self.log)
+        for log in self.logs.values():
+            os.fsync(log)
 
-    def _take_pending(self) -> bytes:
-        entries = b"".join(positions.tobytes() for positions in self.pending)
-        self.pending = []
+    def _take_pending(self) -> dict[int, bytes]:
+        entries = {
+            k: b"".join(positions.tobytes() for positions in arrays)
+            for k, arrays in self.pending.items()
+        }
+        self.pending = {}
         return entries
 
-    def _sync_and_log(self, entries: bytes) -> None:
+    def _sync_and_log(self, entries: dict[int, bytes]) -> None:
         if not entries:
             return
         os.fdatasync(self.rows)
-        if os.write(self.log, entries) != len(entries):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
-        self.logged += len(entries) // 8
+        for k, data in entries.items():
+            if os.write(self.logs[k], data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+            self.logged += len(data) // 8
 
     def _collect(self) -> None:
         """Raises the error of the sync in flight, if it failed, once it has ended."""
@@ -648,36 +758,28 @@ class _RowWriter:
             # raised by `sync` or gives way to the one being raised.
             self.syncer.shutdown(wait=True)
             os.close(self.rows)
-            os.close(self.log)
+            for log in self.logs.values():
+                os.close(log)
             self.rows = -1
 
 
-def _first_pass(
-    encoded, size, crop, *, images=None, writer=None, done=None, start=0, stop=None,
-    labels=None, progress=None,
-):  # fmt: skip
-    """Decodes the images at positions [start, stop) not `done` into `images`
-    (memory) or `writer` (disk), or, with neither, only to find those that do not
-    decode (`_scan`).
+def _first_pass(encoded, size, crop, *, images=None, writer=None, done=None, progress=None):
+    """Decodes every image not `done` into `images` (memory) or `writer` (disk), or,
+    with neither, only to find those that do not decode (`_scan`).
 
     Args:
       encoded: the split.
       size, crop: how images are stored.
       images: (count, size, size, 3) uint8 to fill (memory).
-      writer: a `_RowWriter` (disk).
-      done: (stop - start,) bool, positions already written: not decoded again.
-      start, stop: the positions to decode (the whole split by default); a part of
-        the split needs the split's `paths` and `labels`.
-      labels: the labels of the split, when known before decoding (folders).
+      writer: a `_RowWriter` (disk), its log open.
+      done: (count,) bool, positions already written: not decoded again.
       progress: a `_Progress` to count decoded images in; by default one of this pass.
 
     Returns:
-      (labels of positions [start, stop), the positions that could not be decoded).
+      (labels of every position, positions that could not be decoded).
     """
-    stop = encoded.count if stop is None else stop
-    count = stop - start
     resuming = done is not None and done.any()
-    todo_array = ~done if resuming else np.ones(count, bool)
+    todo_array = ~done if resuming else np.ones(encoded.count, bool)
     todo = tf.constant(todo_array)
 
     empty = tf.zeros((size, size, 3), tf.uint8)
@@ -690,66 +792,43 @@ def _first_pass(
         if not resuming:
             return position, label, work()
         # Positions already written pass through undecoded: their labels are still read.
-        return position, label, tf.cond(todo[position - start], work, lambda: empty)
+        return position, label, tf.cond(todo[position], work, lambda: empty)
 
-    if count == encoded.count:
-        records = encoded.make_records()
-    else:
-        records = tf.data.Dataset.from_tensor_slices(
-            (list(encoded.paths[start:stop]), np.asarray(labels)[start:stop])
-        )
-    dataset = tf.data.Dataset.zip(tf.data.Dataset.range(start, stop), records)
-    # In any order (faster than keeping it): images are placed by position, and one
-    # that fails to decode is the position that never arrives. Only decoding errors
-    # are ignored: a write that fails (a full disk) stops the pass.
+    dataset = tf.data.Dataset.zip(tf.data.Dataset.range(encoded.count), encoded.make_records())
+    # In any order, as in `_decode_claimed`.
     dataset = dataset.map(
         lambda position, record: decode_one(position, *record),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=False,
     ).ignore_errors()
     dataset = dataset.batch(PASS_BATCH).prefetch(2)
-    pass_labels = np.zeros(count, np.int32)
-    arrived = np.zeros(count, bool)
+    labels = np.zeros(encoded.count, np.int32)
+    arrived = np.zeros(encoded.count, bool)
     own_progress = progress is None
     if own_progress:
         progress = _Progress(encoded, int(todo_array.sum()))
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
     try:
         for positions, batch_labels, batch_images in dataset.as_numpy_iterator():
-            index = positions - start
-            arrived[index] = True
-            pass_labels[index] = batch_labels
-            fresh = todo_array[index]
+            arrived[positions] = True
+            labels[positions] = batch_labels
+            fresh = todo_array[positions]
             if images is not None:
-                images[index] = batch_images
+                images[positions] = batch_images
             elif writer is not None and fresh.all():
                 writer.write(positions, batch_images)
             elif writer is not None:
                 writer.write(positions[fresh], batch_images[fresh])
             progress.update(int(fresh.sum()))
-            if kill_after and progress.count >= kill_after:
-                if writer is not None:
-                    # The rows so far in the log first, so that the rerun has some to keep.
-                    writer.sync()
-                os.kill(os.getpid(), signal.SIGKILL)
+            _kill_for_tests(kill_after, progress, writer)
         if writer is not None:
             # Returns once every row is on the disk and in the log (a power loss).
             writer.sync()
     except OSError as error:
-        if writer is None or not is_disk_full(error):
-            raise
-        with contextlib.suppress(OSError):
-            writer.sync()  # What is on the disk goes into the log, for the rerun.
-        raise run_dir.disk_full_error(
-            writer.path,
-            (int(todo_array.sum()) - writer.logged) * stores.cached_bytes(size),
-            at_least=True,
-            kept="The images written so far are kept, and the rerun resumes the cache; "
-            "--cache_dir puts it on another disk, --cache=memory or off keeps it off the disk.",
-        ) from error
+        _raise_disk_full(error, writer, size)
     if own_progress:
         progress.close()
-    return pass_labels, (np.flatnonzero(~arrived) + start).tolist()
+    return labels, np.flatnonzero(~arrived).tolist()
 
 
 class _Progress:
