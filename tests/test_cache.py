@@ -241,7 +241,7 @@ def test_processes_sharing_a_cache_decode_its_chunks_between_them(tmp_path):
     cache_root = tmp_path / "cache"
     go = tmp_path / "go"
 
-    def program(me, other):
+    def program(me, other, index):
         return textwrap.dedent(
             f"""
             import json, os, time
@@ -251,28 +251,29 @@ def test_processes_sharing_a_cache_decode_its_chunks_between_them(tmp_path):
             from effpipe.data import cache, sources
             logging.set_verbosity(logging.INFO)
             cache.CHUNK_IMAGES = 30  # 12 chunks of the 360 images
-            decoded, add_log = [], cache._RowWriter.add_log
+            decoded, rounds, decode_claimed = [], [], cache._decode_claimed
 
-            def counted(writer, k, path):
-                # Called when this process has claimed chunk k of the train split.
-                add_log(writer, k, path)
-                if os.path.basename(os.path.dirname(path)).startswith("folder-train"):
-                    decoded.append(cache._chunks(360, True)[k])
-                    if len(decoded) == 2:
-                        # Each waits for the other's first claim before its second,
+            def counted(encoded, size, crop, directory, labels, chunks, claimed, progress):
+                # Called with the chunks this process claimed in one round.
+                if encoded.name == "folder-train":
+                    rounds.append(len(claimed))
+                    decoded.extend(chunks[k] for k, _, _ in claimed)
+                    if len(rounds) == 2:
+                        # Each waits for the other's first round before its second,
                         # so that both decode some whatever the order they start in.
                         deadline = time.monotonic() + 120
                         while not os.path.exists("{tmp_path}/{other}-1"):
                             assert time.monotonic() < deadline
                             time.sleep(0.05)
                     open("{tmp_path}/{me}-1", "w").close()
+                decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, progress)
 
-            cache._RowWriter.add_log = counted
+            cache._decode_claimed = counted
             data = config.DataConfig(dataset="folder:{root}", cache="disk")
             while not os.path.exists("{go}"):
                 time.sleep(0.05)
             source = sources.load_configured_source(
-                data, size={SIZE}, seed=0, cache_root="{cache_root}"
+                data, size={SIZE}, seed=0, cache_root="{cache_root}", workers=(2, {index})
             )
             np.save("{tmp_path}/{me}.npy", source.train.images)
             with open("{tmp_path}/{me}.json", "w") as file:
@@ -282,8 +283,10 @@ def test_processes_sharing_a_cache_decode_its_chunks_between_them(tmp_path):
 
     logs = {name: tmp_path / f"{name}.log" for name in ("a", "b")}
     processes = [
-        subprocess.Popen([sys.executable, "-c", program(me, other)], stderr=open(logs[me], "w"))
-        for me, other in (("a", "b"), ("b", "a"))
+        subprocess.Popen(
+            [sys.executable, "-c", program(me, other, index)], stderr=open(logs[me], "w")
+        )
+        for index, (me, other) in enumerate((("a", "b"), ("b", "a")))
     ]
     go.touch()
     for process, name in zip(processes, ("a", "b")):

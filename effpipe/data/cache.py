@@ -41,7 +41,6 @@ import fcntl
 import hashlib
 import json
 import os
-import random
 import signal
 import socket
 import time
@@ -121,6 +120,7 @@ def materialize(
     memory_budget_mb: int,
     on_bad_image: str,
     labels: np.ndarray | None = None,
+    workers: tuple[int, int] = (1, 0),
 ) -> tuple[Split, tuple[str, ...]]:
     """Decodes a split once into memory or the disk cache, or reuses the disk cache.
 
@@ -133,6 +133,8 @@ def materialize(
       memory_budget_mb: with "auto", the largest decoded split kept in memory.
       on_bad_image: "fail" or "skip".
       labels: the labels when known before decoding (folders).
+      workers: (count, index) of the processes expected to share a disk cache's
+        first pass (the workers of a run): each first claims a 1/count share.
 
     Returns:
       (the split over its store, the names of skipped images).
@@ -152,7 +154,7 @@ def materialize(
         store = stores.ArrayStore(images)
     else:
         directory = os.path.join(cache_root, _folder_name(encoded, size, crop))
-        pass_labels, bad = _disk_cache(encoded, size, crop, directory, labels)
+        pass_labels, bad = _disk_cache(encoded, size, crop, directory, labels, workers)
         store = stores.CacheStore(directory, size, encoded.count)
     return _finish(encoded, store, pass_labels, bad, on_bad_image, decoded_mb, mode)
 
@@ -277,7 +279,7 @@ def _folder_name(encoded: EncodedSplit, size: int, crop: str) -> str:
     return f"{encoded.name}-{size}px-{crop}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def _disk_cache(encoded, size, crop, directory, labels):
+def _disk_cache(encoded, size, crop, directory, labels, workers=(1, 0)):
     """(labels, bad positions) of a complete disk cache, built or resumed here first.
 
     Every process given this folder takes part: each claims the chunks nobody holds,
@@ -295,7 +297,7 @@ def _disk_cache(encoded, size, crop, directory, labels):
             return complete
         token = _allocated(encoded, size, directory)
     chunks = _chunks(encoded.count, encoded.paths is not None and labels is not None)
-    _decode_chunks(encoded, size, crop, directory, labels, chunks)
+    _decode_chunks(encoded, size, crop, directory, labels, chunks, workers)
     with _folder_lock(encoded, directory):
         complete = _complete_cache(encoded, size, directory)
         if complete is not None:
@@ -438,10 +440,16 @@ def _chunk_file(directory: str, index: int, suffix: str) -> str:
     return os.path.join(directory, f"{CHUNK_PREFIX}{index:03d}{suffix}")
 
 
-def _decode_chunks(encoded, size, crop, directory, labels, chunks):
-    """Decodes the chunks of the split that no process has completed: first those
-    nobody holds, then, once their holders let go, any that another process held and
-    did not complete (it ended before)."""
+def _decode_chunks(encoded, size, crop, directory, labels, chunks, workers=(1, 0)):
+    """Decodes the chunks of the split that no process has completed.
+
+    In rounds: each round claims, from this worker's place in the order on, up to
+    1/`workers[0]` of the chunks not complete that nobody holds, and decodes them in
+    one pipeline (a pipeline per chunk would pay its start and end for each); then,
+    once their holders let go, any chunk another process held and did not complete.
+    Workers started together thus take one share each, and a worker that finishes
+    early takes part of what is left.
+    """
     if not chunks:
         return
     complete = [_chunk_complete(directory, k) for k in range(len(chunks))]
@@ -458,12 +466,17 @@ def _decode_chunks(encoded, size, crop, directory, labels, chunks):
             encoded.count,
         )
     progress = _Progress(encoded, encoded.count)
-    # Processes start at different chunks, so that they rarely meet.
-    first = random.Random(f"{socket.gethostname()}-{os.getpid()}").randrange(len(chunks))
+    progress.elsewhere(written)
+    count, index = workers
+    first = index * len(chunks) // count
     order = list(range(first, len(chunks))) + list(range(first))
-    held_elsewhere = _decode_free_chunks(
-        encoded, size, crop, directory, labels, chunks, order, progress, block=False
-    )
+    held_elsewhere = []
+    while True:
+        left = [k for k in order if not _chunk_complete(directory, k)]
+        claimed, held_elsewhere = _claim(encoded, directory, chunks, left, -(-len(left) // count))
+        if not claimed:
+            break
+        _decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, progress)
     if held_elsewhere:
         logging.info(
             "%s: waiting for %d chunks of the decoded cache %s that other processes decode",
@@ -472,9 +485,9 @@ def _decode_chunks(encoded, size, crop, directory, labels, chunks):
             directory,
         )
     for k in held_elsewhere:
-        _decode_free_chunks(
-            encoded, size, crop, directory, labels, chunks, [k], progress, block=True
-        )
+        claimed, _ = _claim(encoded, directory, chunks, [k], 1, block=True)
+        if claimed:  # Its holder ended before completing it.
+            _decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, progress)
     progress.close()
 
 
@@ -482,64 +495,61 @@ def _chunk_complete(directory: str, k: int) -> bool:
     return os.path.isfile(_chunk_file(directory, k, ".json"))
 
 
-def _decode_free_chunks(encoded, size, crop, directory, labels, chunks, order, progress, *, block):
-    """Decodes the chunks of `order` that are not complete and that this process can
-    lock (waiting for each lock when `block`), in one pipeline: a folder's chunks are
-    claimed one at a time as the decoding reaches them, so a process that starts
-    later finds the ones not reached yet.
+def _claim(encoded, directory, chunks, candidates, most, *, block=False):
+    """Locks up to `most` chunks of `candidates` that are not complete.
 
     Returns:
-      The chunks another process held.
+      ([(chunk, positions left to decode in it, its lock)], the candidates that
+      another process held).
     """
-    held_elsewhere, claimed = [], []
-    writer = _RowWriter(directory, size, [start for start, _ in chunks])
-
-    def claim(k):
-        """The positions left to decode in chunk `k`, once this process holds it and
-        it is not complete; else None."""
-        start, stop = chunks[k]
-        if _chunk_complete(directory, k):
-            progress.elsewhere(stop - start)
-            return None
+    claimed, held_elsewhere = [], []
+    for k in candidates:
+        if len(claimed) == most:
+            break
         lock = contextlib.ExitStack()
         name = os.path.basename(_chunk_file(directory, k, ".lock"))
         if not lock.enter_context(_flock(encoded, directory, name, block=block)):
             held_elsewhere.append(k)
-            return None
+            continue
         if _chunk_complete(directory, k):
             lock.close()
-            progress.elsewhere(stop - start)
-            return None
-        logged = _logged(directory, k, start, stop)
-        progress.elsewhere(len(logged))
-        writer.add_log(k, _chunk_file(directory, k, ".i64"))
-        todo = np.setdiff1d(np.arange(start, stop), logged)
+            continue
+        start, stop = chunks[k]
+        todo = np.setdiff1d(np.arange(start, stop), _logged(directory, k, start, stop))
         claimed.append((k, todo, lock))
-        return todo
+    return claimed, held_elsewhere
 
+
+def _decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, progress):
+    """Decodes the positions left in the `claimed` chunks, writes each chunk's file of
+    labels and bad positions, and lets go of their locks."""
+    writer = _RowWriter(directory, size, [start for start, _ in chunks])
     try:
+        for k, _, _ in claimed:
+            writer.add_log(k, _chunk_file(directory, k, ".i64"))
+        todo = np.concatenate([positions for _, positions, _ in claimed])
         if encoded.paths is None:
             # A tfds split: one chunk, whose records are read in order.
-            todo = claim(0)
-            if todo is None:
-                return held_elsewhere
             done = np.ones(encoded.count, bool)
             done[todo] = False
             chunk_labels, bad = _first_pass(
                 encoded, size, crop, writer=writer, done=done, progress=progress
             )
+            bad = np.asarray(bad, np.int64)
         else:
             chunk_labels = labels
-            arrived = _decode_claimed(encoded, size, crop, labels, order, claim, writer, progress)
-            bad = [int(position) for _, todo, _ in claimed for position in todo[~arrived[todo]]]
-        bad = np.asarray(bad, np.int64)
+            arrived = np.ones(len(todo), bool)
+            if len(todo):  # Else every row was logged, and the pass killed before the end.
+                arrived = _decode_positions(encoded, size, crop, todo, writer, progress)
+            bad = todo[~arrived]
         for k, _, _ in claimed:
             start, stop = chunks[k]
-            chunk = {
-                "labels": np.asarray(chunk_labels[start:stop]).tolist(),
-                "bad": bad[(bad >= start) & (bad < stop)].tolist(),
-            }
-            text = json.dumps(chunk)
+            text = json.dumps(
+                {
+                    "labels": np.asarray(chunk_labels[start:stop]).tolist(),
+                    "bad": bad[(bad >= start) & (bad < stop)].tolist(),
+                }
+            )
             run_dir.write_atomically(
                 _chunk_file(directory, k, ".json"), lambda path, text=text: _write_text(path, text)
             )
@@ -547,39 +557,21 @@ def _decode_free_chunks(encoded, size, crop, directory, labels, chunks, order, p
         writer.close()
         for _, _, lock in claimed:
             lock.close()
-    return held_elsewhere
 
 
-def _decode_claimed(encoded, size, crop, labels, order, claim, writer, progress) -> np.ndarray:
-    """Decodes the folder images of the chunks `claim` gives, in `order`, into `writer`.
+def _decode_positions(encoded, size, crop, todo, writer, progress) -> np.ndarray:
+    """Decodes the folder images at positions `todo` into `writer`.
 
     Returns:
-      Which positions arrived decoded (bool, one per position of the split).
+      Which of `todo` arrived decoded (bool, one per position of `todo`).
     """
-    paths = np.asarray(encoded.paths, dtype=object)
-
-    def chunks():
-        for k in order:
-            todo = claim(k)
-            if todo is not None and len(todo):
-                yield todo, paths[todo].astype(bytes), np.asarray(labels)[todo]
-
-    records = tf.data.Dataset.from_generator(
-        chunks,
-        output_signature=(
-            tf.TensorSpec([None], tf.int64),
-            tf.TensorSpec([None], tf.string),
-            tf.TensorSpec([None], tf.int32),
-        ),
-    ).unbatch()
+    paths = np.asarray(encoded.paths, dtype=object)[todo].astype(bytes)
+    records = tf.data.Dataset.from_tensor_slices((todo, paths))
     # In any order (faster than keeping it): images are placed by position, and one
     # that fails to decode is the position that never arrives. Only decoding errors
     # are ignored: a write that fails (a full disk) stops the pass.
     dataset = records.map(
-        lambda position, path, label: (
-            position,
-            decode.decode_to_size(tf.io.read_file(path), size, crop),
-        ),
+        lambda position, path: (position, decode.decode_to_size(tf.io.read_file(path), size, crop)),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=False,
     ).ignore_errors()
@@ -596,7 +588,7 @@ def _decode_claimed(encoded, size, crop, labels, order, claim, writer, progress)
         writer.sync()
     except OSError as error:
         _raise_disk_full(error, writer, size)
-    return arrived
+    return arrived[todo]
 
 
 def _kill_for_tests(kill_after, progress, writer) -> None:

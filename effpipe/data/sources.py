@@ -29,7 +29,7 @@ CIFAR100_DOWNLOAD_HOST = "www.cs.toronto.edu"
 
 
 def load_configured_source(
-    data: DataConfig, *, size: int, seed: int, cache_root: str
+    data: DataConfig, *, size: int, seed: int, cache_root: str, workers: tuple[int, int] = (1, 0)
 ) -> DataSource:
     """Loads the run's source, its images decoded into the cache (trainer, evaluation,
     benchmarks).
@@ -39,6 +39,8 @@ def load_configured_source(
       size: side in pixels images are stored at (`TrainConfig.source_size`).
       seed: seeds the shapes dataset's draws.
       cache_root: the folder of disk caches (--cache_dir, or WORKDIR/cache/images).
+      workers: (count, index) of the run's workers, which share the first pass of a
+        disk cache under a shared --cache_dir (effpipe.data.cache).
 
     Returns:
       The loaded DataSource.
@@ -61,6 +63,7 @@ def load_configured_source(
         cache_root=cache_root,
         memory_budget_mb=data.cache_memory_mb,
         on_bad_image=data.on_bad_image,
+        workers=workers,
     )
     if dataset.startswith("folder:"):
         return load_folder(dataset.removeprefix("folder:"), size=size, **options)
@@ -89,7 +92,7 @@ def load_folder(path: str, *, size: int, **options) -> DataSource:
     Args:
       path: the dataset folder.
       size: side in pixels images are stored at.
-      **options: crop, mode, cache_root, memory_budget_mb, on_bad_image.
+      **options: crop, mode, cache_root, memory_budget_mb, on_bad_image, workers.
 
     Raises:
       UsageError: see `folders.list_folder` and `cache.materialize`.
@@ -143,7 +146,7 @@ def load_tfds(name: str, *, data_dir: str | None, size: int, keep_native_size: b
       size: side in pixels images are stored at.
       keep_native_size: store the dataset's own size when all its images share one
         smaller than `size` (CIFAR-100 at 32 px).
-      **options: crop, mode, cache_root, memory_budget_mb, on_bad_image.
+      **options: crop, mode, cache_root, memory_budget_mb, on_bad_image, workers.
 
     Raises:
       UsageError: an unknown or unprepared dataset, no image or label feature.

@@ -74,7 +74,9 @@ def prepare_data(
         # Before any decoding: a dispatcher that is not there would stall the first step.
         pipeline.check_dispatcher_answers(config.distribution.data_service)
     source, train_split, validation_split, test_split, evaluated_on = load_data(
-        config, cache_root(config, output_dir)
+        config,
+        cache_root(config, output_dir),
+        workers=(distribution.num_workers, distribution.worker_index),
     )
     options = pipeline.pipeline_options_of(config.runtime)
     workers = distribution.num_workers
@@ -104,12 +106,14 @@ def cache_root(config: TrainConfig, output_dir: str) -> str:
     return config.data.cache_dir or os.path.join(output_dir, "cache", "images")
 
 
-def load_data(config: TrainConfig, cache_root: str):
+def load_data(config: TrainConfig, cache_root: str, *, workers: tuple[int, int] = (1, 0)):
     """The source and its splits, checked against the batch size and logged.
 
     Args:
       config: the run configuration.
       cache_root: the folder of the decoded-image caches.
+      workers: (count, index) of the run's workers (a shared --cache_dir's first
+        pass is split between them).
 
     Returns:
       (source, train split, validation split, test split, the name of the split
@@ -119,7 +123,11 @@ def load_data(config: TrainConfig, cache_root: str):
       UsageError: the batch is larger than the training split.
     """
     source = sources.load_configured_source(
-        config.data, size=config.source_size, seed=config.seed, cache_root=cache_root
+        config.data,
+        size=config.source_size,
+        seed=config.seed,
+        cache_root=cache_root,
+        workers=workers,
     )
     train_split, validation_split, test_split, evaluated_on = splits.configured_splits(
         config.data, source, seed=config.seed
