@@ -22,8 +22,9 @@ positions whose rows are on the disk whole (appended by a background thread afte
 each fdatasync of the rows, so that neither a kill nor a power loss leaves it naming
 a row the disk lacks) and, once complete, a file of its labels and bad positions.
 Every process given the folder (the workers of a run sharing --cache_dir, a sweep)
-claims the chunks nobody holds, then waits for the others' and decodes any whose
-holder died: the split is decoded once, shared between them. The kernel releases an
+claims, round by round, a share of the chunks nobody holds and decodes them, then
+waits for the others' and decodes any whose holder died: the split is decoded once,
+shared between them (`_decode_chunks`). The kernel releases an
 flock when its process ends, even by SIGKILL, so no lock goes stale; a killed pass
 is resumed from the chunks' logs. A complete cache whose file of rows is no longer
 whole is decoded again. Where a shared filesystem's locks hold on one machine only,
