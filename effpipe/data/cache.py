@@ -325,7 +325,8 @@ def _complete_cache(encoded, size, directory):
         return None
     if os.path.getsize(rows) != encoded.count * stores.cached_bytes(size):
         logging.warning("%s: the decoded cache %s is cut short: decoding again", encoded.name, rows)
-        os.remove(manifest_path)
+        with contextlib.suppress(FileNotFoundError):  # Another process's check removed it.
+            os.remove(manifest_path)
         return None
     with open(manifest_path) as file:
         manifest = json.load(file)
@@ -510,6 +511,7 @@ def _claim(encoded, directory, chunks, candidates, most, *, block=False):
         lock = contextlib.ExitStack()
         name = os.path.basename(_chunk_file(directory, k, ".lock"))
         if not lock.enter_context(_flock(encoded, directory, name, block=block)):
+            lock.close()
             held_elsewhere.append(k)
             continue
         if _chunk_complete(directory, k):
