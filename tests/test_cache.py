@@ -304,14 +304,16 @@ def test_processes_sharing_a_cache_decode_its_chunks_between_them(tmp_path):
 
 
 def test_a_chunk_whose_holder_ended_before_completing_it_is_decoded_by_a_waiting_process(
-    tmp_path,
+    tmp_path, monkeypatch
 ):
     import fcntl
     import time
 
     root = _make_folder(tmp_path / "data", per_class=40)
     expected = _load(root, tmp_path / "memory", cache="memory").train.images
-    # The cache's folder name depends on the files, not on where the caches are.
+    # The cache's folder name depends on the files and the chunks, not on where the
+    # caches are.
+    monkeypatch.setattr(cache, "CHUNK_IMAGES", 30)
     _load(root, tmp_path / "elsewhere", cache="disk")
     [name] = _cache_folders(tmp_path / "elsewhere")
     cache_root = tmp_path / "cache"
@@ -426,3 +428,55 @@ def test_the_log_names_a_row_only_once_the_row_is_on_the_disk(tmp_path, monkeypa
                 assert written_at[position] < synced, position
                 logged.add(position)
     assert logged == set(range(len(split))) and len(split) == 600
+
+
+def test_after_a_failed_sync_the_writer_logs_no_row(tmp_path, monkeypatch):
+    # The kernel reports a writeback error once: a sync after a failed one can succeed
+    # though rows were lost, so nothing may be logged after a failure.
+    directory = tmp_path / "cache"
+    directory.mkdir()
+    row = stores.cached_bytes(SIZE)
+    cache._allocate_rows(str(directory), stores.cache_file(str(directory)), 8 * row)
+    writer = cache._RowWriter(str(directory), SIZE, [0])
+    log = str(directory / "chunk-000.i64")
+    writer.add_log(0, log)
+    fdatasync, failures = os.fdatasync, [OSError(5, "Input/output error")]
+
+    def fails_once(descriptor):
+        if failures:
+            raise failures.pop()
+        fdatasync(descriptor)
+
+    monkeypatch.setattr(os, "fdatasync", fails_once)
+    images = np.zeros((2, SIZE, SIZE, 3), np.uint8)
+    try:
+        writer.write(np.array([0, 1]), images)
+        with pytest.raises(OSError, match="Input/output"):
+            writer.sync()
+        writer.write(np.array([2, 3]), images)
+        writer.sync()
+    finally:
+        writer.close()
+    assert not failures and os.path.getsize(log) == 0
+
+
+def test_a_pass_over_more_chunks_than_one_pipeline_takes_claims_them_in_rounds(
+    tmp_path, monkeypatch
+):
+    # A pipeline holds two descriptors per chunk it decodes: one takes MAX_CLAIM at most.
+    root = _make_folder(tmp_path / "data", per_class=40)
+    monkeypatch.setattr(cache, "CHUNK_IMAGES", 10)  # 12 chunks of the 120 images
+    monkeypatch.setattr(cache, "MAX_CLAIM", 5)
+    rounds, decode_claimed = [], cache._decode_claimed
+
+    def recorded(encoded, size, crop, directory, labels, chunks, claimed, progress):
+        if encoded.name == "folder-train":
+            rounds.append([k for k, _, _ in claimed])
+        return decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, progress)
+
+    monkeypatch.setattr(cache, "_decode_claimed", recorded)
+    split = _load(root, tmp_path / "cache", cache="disk").train
+    assert rounds == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]]
+    expected = _load(root, tmp_path / "memory", cache="memory").train
+    np.testing.assert_array_equal(split.images, expected.images)
+    np.testing.assert_array_equal(split.labels, expected.labels)

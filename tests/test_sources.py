@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from effpipe import config
-from effpipe.data import cifar100_names, pipeline, shapes, sources, splits, stores
+from effpipe.data import cifar100_names, folders, pipeline, shapes, sources, splits, stores
 from effpipe.errors import UsageError
 
 
@@ -121,6 +121,40 @@ def test_folder_loads_png_and_jpeg_resized_with_class_names(tmp_path, cache):
     assert source.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert source.test.labels.tolist() == [0, 1]
     assert source.source_image_size == (16, 16)
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk", "off"])
+def test_folder_reads_file_and_class_names_in_any_encoding(tmp_path, cache):
+    root = tmp_path / "data"
+    image = np.full((20, 20, 3), 200, np.uint8)
+    _write_image(str(root / "train" / "café" / "über.jpg"), image, "jpg")
+    _write_image(str(root / "train" / "café" / "日本.png"), image, "png")
+    # A name that is not UTF-8 (a Latin-1 é), as old archives hold.
+    raw = os.path.join(os.fsencode(root / "train" / "dog"), b"\xe9t\xe9.png")
+    _write_image(str(root / "train" / "dog" / "a.png"), image, "png")
+    os.rename(os.fsencode(root / "train" / "dog" / "a.png"), raw)
+    source = _load(f"folder:{root}", tmp_path, size=8, cache=cache)
+    assert source.class_names == ("café", "dog")
+    assert source.train.labels.tolist() == [0, 0, 1]
+    np.testing.assert_allclose(source.train.images.mean(axis=(1, 2, 3)), 200, atol=2)
+
+
+def test_a_file_that_cannot_be_read_is_not_counted_as_a_bad_image(tmp_path, monkeypatch):
+    # A read error (here a file removed after the listing) stops the run in one line:
+    # it would otherwise be kept in the cache as an image that does not decode.
+    _make_folder(str(tmp_path / "data"), with_test=False)
+    list_folder = folders.list_folder
+
+    def listed_then_removed(path):
+        listed = list_folder(path)
+        os.remove(listed[1].paths[1])
+        return listed
+
+    monkeypatch.setattr(folders, "list_folder", listed_then_removed)
+    for cache in ("memory", "disk"):
+        with pytest.raises(UsageError, match=r"cannot read .*1\.jpg \(No such file"):
+            _load(f"folder:{tmp_path / 'data'}", tmp_path, cache=cache, on_bad_image="skip")
+        _make_folder(str(tmp_path / "data"), with_test=False)
 
 
 def test_folder_ignores_hidden_folders_and_files(tmp_path):

@@ -21,17 +21,17 @@ The first pass decodes a folder's images in chunks of consecutive positions
 positions whose rows are on the disk whole (appended by a background thread after
 each fdatasync of the rows, so that neither a kill nor a power loss leaves it naming
 a row the disk lacks) and, once complete, a file of its labels and bad positions.
-Every process given the folder (the workers of a run sharing --cache_dir, a sweep)
-claims, round by round, a share of the chunks nobody holds and decodes them, then
-waits for the others' and decodes any whose holder died: the split is decoded once,
-shared between them (`_decode_chunks`). The kernel releases an
-flock when its process ends, even by SIGKILL, so no lock goes stale; a killed pass
-is resumed from the chunks' logs. A complete cache whose file of rows is no longer
+Every process given the folder (the workers of a run sharing --cache_dir, runs side
+by side) claims, round by round, a share of the chunks nobody holds and decodes
+them, then waits for the others' and decodes any whose holder died: the split is
+decoded once, shared between them (`_decode_chunks`). The kernel releases an flock
+when its process ends, even by SIGKILL, so no lock goes stale; a killed pass is
+resumed from the chunks' logs. A complete cache whose file of rows is no longer
 whole is decoded again. Where a shared filesystem's locks hold on one machine only,
 a process that finds the file allocated again by another (`ALLOCATION_FILE`) does
 not mark the cache complete. A full disk stops the pass in one line (the space the
 cache needs, the space free), before decoding when the allocation fails; it is never
-taken for images that do not decode.
+taken for images that do not decode, and neither is a file that cannot be read.
 """
 
 import concurrent.futures
@@ -72,6 +72,8 @@ CHUNK_PREFIX = "chunk-"
 # Images per chunk, at least; a split has at most MAX_CHUNKS chunks.
 CHUNK_IMAGES = 1024
 MAX_CHUNKS = 1024
+# Chunks one pipeline decodes at most (each holds two descriptors while it does).
+MAX_CLAIM = 64
 # Bump when what a cache holds changes: older caches are then not reused.
 CACHE_FORMAT = 4
 # Images per batch handed from the decoding pipeline to the Python loop (a progress
@@ -276,7 +278,11 @@ def _finish(encoded, store, labels, bad, on_bad_image, decoded_mb, mode):
 
 
 def _folder_name(encoded: EncodedSplit, size: int, crop: str) -> str:
-    key = f"{CACHE_FORMAT}\0{encoded.fingerprint}\0{size}\0{crop}\0{encoded.count}"
+    # The chunks' layout is in the key: a cache of other chunks is another folder.
+    key = (
+        f"{CACHE_FORMAT}\0{encoded.fingerprint}\0{size}\0{crop}\0{encoded.count}"
+        f"\0{CHUNK_IMAGES}\0{MAX_CHUNKS}"
+    )
     return f"{encoded.name}-{size}px-{crop}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -303,17 +309,21 @@ def _disk_cache(encoded, size, crop, directory, labels, workers=(1, 0)):
         complete = _complete_cache(encoded, size, directory)
         if complete is not None:
             return complete
-        with open(os.path.join(directory, ALLOCATION_FILE)) as file:
-            other = file.read()
-        if other != token:
-            raise UsageError(
-                f"another process ({other.rsplit(' ', 1)[0]}) started the decoded cache "
-                f"{directory} again while this one ({token.rsplit(' ', 1)[0]}) wrote it: the "
-                "cache's lock holds on one machine only on this filesystem. Rerun when that "
-                "process has finished (it completes the cache), or give each machine its own "
-                "--cache_dir"
-            )
-        return _write_manifest(encoded, size, crop, directory, chunks)
+        try:
+            with open(os.path.join(directory, ALLOCATION_FILE)) as file:
+                other = file.read()
+            if other == token:
+                return _write_manifest(encoded, size, crop, directory, chunks)
+            holder = other.rsplit(" ", 1)[0]
+        except FileNotFoundError:  # Removed by a process allocating the file again.
+            holder = "on another host"
+        raise UsageError(
+            f"another process ({holder}) started the decoded cache "
+            f"{directory} again while this one ({token.rsplit(' ', 1)[0]}) wrote it: the "
+            "cache's lock holds on one machine only on this filesystem. Rerun when that "
+            "process has finished (it completes the cache), or give each machine its own "
+            "--cache_dir"
+        )
 
 
 def _complete_cache(encoded, size, directory):
@@ -446,39 +456,50 @@ def _decode_chunks(encoded, size, crop, directory, labels, chunks, workers=(1, 0
     """Decodes the chunks of the split that no process has completed.
 
     In rounds: each round claims, from this worker's place in the order on, up to
-    1/`workers[0]` of the chunks not complete that nobody holds, and decodes them in
-    one pipeline (a pipeline per chunk would pay its start and end for each); then,
-    once their holders let go, any chunk another process held and did not complete.
-    Workers started together thus take one share each, and a worker that finishes
-    early takes part of what is left.
+    1/`workers[0]` of the chunks not complete that nobody holds (MAX_CLAIM at most),
+    and decodes them in one pipeline (a pipeline per chunk would pay its start and end
+    for each); then, once their holders let go, any chunk another process held and
+    did not complete. Workers started together thus take one share each, and a worker
+    that finishes early takes part of what is left.
     """
     if not chunks:
         return
-    complete = [_chunk_complete(directory, k) for k in range(len(chunks))]
-    written = sum(
-        stop - start if complete[k] else len(_logged(directory, k, start, stop))
+    # The images of each chunk the progress bar has counted.
+    counted = [
+        stop - start if _chunk_complete(directory, k) else len(_logged(directory, k, start, stop))
         for k, (start, stop) in enumerate(chunks)
-    )
-    if written:
+    ]
+    if sum(counted):
         logging.info(
             "%s: resuming the decoded cache %s, %d of %d images already written",
             encoded.name,
             directory,
-            written,
+            sum(counted),
             encoded.count,
         )
     progress = _Progress(encoded, encoded.count)
-    progress.elsewhere(written)
+    progress.elsewhere(sum(counted))
+
+    def decode(claimed):
+        for k, todo, _ in claimed:
+            # Rows logged since the count above (a process that ended midway); the
+            # images decoded here are counted as they arrive.
+            start, stop = chunks[k]
+            progress.elsewhere(max(stop - start - len(todo) - counted[k], 0))
+            counted[k] = stop - start
+        _decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, progress)
+
     count, index = workers
     first = index * len(chunks) // count
     order = list(range(first, len(chunks))) + list(range(first))
     held_elsewhere = []
     while True:
         left = [k for k in order if not _chunk_complete(directory, k)]
-        claimed, held_elsewhere = _claim(encoded, directory, chunks, left, -(-len(left) // count))
+        most = min(-(-len(left) // count), MAX_CLAIM)
+        claimed, held_elsewhere = _claim(encoded, directory, chunks, left, most)
         if not claimed:
             break
-        _decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, progress)
+        decode(claimed)
     if held_elsewhere:
         logging.info(
             "%s: waiting for %d chunks of the decoded cache %s that other processes decode",
@@ -489,7 +510,11 @@ def _decode_chunks(encoded, size, crop, directory, labels, chunks, workers=(1, 0
     for k in held_elsewhere:
         claimed, _ = _claim(encoded, directory, chunks, [k], 1, block=True)
         if claimed:  # Its holder ended before completing it.
-            _decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, progress)
+            decode(claimed)
+        else:  # Another process decoded it.
+            start, stop = chunks[k]
+            progress.elsewhere(max(stop - start - counted[k], 0))
+            counted[k] = stop - start
     progress.close()
 
 
@@ -505,27 +530,37 @@ def _claim(encoded, directory, chunks, candidates, most, *, block=False):
       another process held).
     """
     claimed, held_elsewhere = [], []
-    for k in candidates:
-        if len(claimed) == most:
-            break
-        lock = contextlib.ExitStack()
-        name = os.path.basename(_chunk_file(directory, k, ".lock"))
-        if not lock.enter_context(_flock(encoded, directory, name, block=block)):
+    try:
+        for k in candidates:
+            if len(claimed) == most:
+                break
+            with contextlib.ExitStack() as lock:
+                name = os.path.basename(_chunk_file(directory, k, ".lock"))
+                if not lock.enter_context(_flock(encoded, directory, name, block=block)):
+                    held_elsewhere.append(k)
+                    continue
+                if _chunk_complete(directory, k):
+                    continue
+                start, stop = chunks[k]
+                todo = np.setdiff1d(np.arange(start, stop), _logged(directory, k, start, stop))
+                claimed.append((k, todo, lock.pop_all()))
+    except BaseException:
+        for _, _, lock in claimed:
             lock.close()
-            held_elsewhere.append(k)
-            continue
-        if _chunk_complete(directory, k):
-            lock.close()
-            continue
-        start, stop = chunks[k]
-        todo = np.setdiff1d(np.arange(start, stop), _logged(directory, k, start, stop))
-        claimed.append((k, todo, lock))
+        raise
     return claimed, held_elsewhere
 
 
 def _decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, progress):
     """Decodes the positions left in the `claimed` chunks, writes each chunk's file of
     labels and bad positions, and lets go of their locks."""
+    with contextlib.ExitStack() as locks:
+        for _, _, lock in claimed:
+            locks.push(lock)
+        _decode_claimed_held(encoded, size, crop, directory, labels, chunks, claimed, progress)
+
+
+def _decode_claimed_held(encoded, size, crop, directory, labels, chunks, claimed, progress):
     writer = _RowWriter(directory, size, [start for start, _ in chunks])
     try:
         for k, _, _ in claimed:
@@ -549,6 +584,8 @@ def _decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, pro
             start, stop = chunks[k]
             text = json.dumps(
                 {
+                    "start": start,
+                    "stop": stop,
                     "labels": np.asarray(chunk_labels[start:stop]).tolist(),
                     "bad": bad[(bad >= start) & (bad < stop)].tolist(),
                 }
@@ -558,8 +595,6 @@ def _decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, pro
             )
     finally:
         writer.close()
-        for _, _, lock in claimed:
-            lock.close()
 
 
 def _decode_positions(encoded, size, crop, todo, writer, progress) -> np.ndarray:
@@ -568,8 +603,7 @@ def _decode_positions(encoded, size, crop, todo, writer, progress) -> np.ndarray
     Returns:
       Which of `todo` arrived decoded (bool, one per position of `todo`).
     """
-    paths = np.asarray(encoded.paths, dtype=object)[todo].astype(bytes)
-    records = tf.data.Dataset.from_tensor_slices((todo, paths))
+    records = tf.data.Dataset.from_tensor_slices((todo, stores.path_bytes(encoded.paths, todo)))
     # In any order (faster than keeping it): images are placed by position, and one
     # that fails to decode is the position that never arrives. Only decoding errors
     # are ignored: a write that fails (a full disk) stops the pass.
@@ -591,7 +625,26 @@ def _decode_positions(encoded, size, crop, todo, writer, progress) -> np.ndarray
         writer.sync()
     except OSError as error:
         _raise_disk_full(error, writer, size)
+    _check_readable(encoded, todo[~arrived[todo]])
     return arrived[todo]
+
+
+def _check_readable(encoded, positions) -> None:
+    """Raises when a file at `positions` (images that did not arrive decoded) cannot be
+    read: a read error (a disk failing, a file removed or made unreadable since the
+    listing) is not a bad image, and is not kept in the cache as one."""
+    if encoded.paths is None:
+        return
+    for position in np.asarray(positions).tolist():
+        path = encoded.paths[position]
+        try:
+            with open(path, "rb") as file:
+                file.read()
+        except OSError as error:
+            raise UsageError(
+                f"cannot read {path} ({error.strerror}): a read error, not an image that "
+                "does not decode; check the file and the disk, then rerun"
+            ) from error
 
 
 def _kill_for_tests(kill_after, progress, writer) -> None:
@@ -631,13 +684,15 @@ def _logged(directory: str, k: int, start: int, stop: int) -> np.ndarray:
 def _write_manifest(encoded, size, crop, directory, chunks):
     """Marks the cache complete from its chunks' files: (labels, bad positions)."""
     labels, bad = [], []
-    for k in range(len(chunks)):
+    for k, (start, stop) in enumerate(chunks):
         with open(_chunk_file(directory, k, ".json")) as file:
             chunk = json.load(file)
+        if (chunk["start"], chunk["stop"], len(chunk["labels"])) != (start, stop, stop - start):
+            raise RuntimeError(
+                f"the decoded cache {directory} holds chunks of another layout: delete it and rerun"
+            )
         labels += chunk["labels"]
         bad += chunk["bad"]
-    if len(labels) != encoded.count:
-        raise RuntimeError(f"the decoded cache {directory} lacks chunks: delete it and rerun")
     manifest = {
         "format": CACHE_FORMAT,
         "split": encoded.name,
@@ -693,6 +748,10 @@ class _RowWriter:
         # Positions written and not yet logged, by chunk; the sync in flight; how many
         # positions this writer has logged.
         self.pending, self.syncing, self.logged = {}, None, 0
+        # A sync failed: what it did not put on the disk may be lost even if a later
+        # one succeeds (the kernel reports a writeback error once), so nothing more
+        # is logged; the rerun decodes those rows again.
+        self.failed = False
         self.syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cache-sync")
 
     def add_log(self, k: int, path: str) -> None:
@@ -733,13 +792,17 @@ class _RowWriter:
         return entries
 
     def _sync_and_log(self, entries: dict[int, bytes]) -> None:
-        if not entries:
+        if not entries or self.failed:
             return
-        os.fdatasync(self.rows)
-        for k, data in entries.items():
-            if os.write(self.logs[k], data) != len(data):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
-            self.logged += len(data) // 8
+        try:
+            os.fdatasync(self.rows)
+            for k, data in entries.items():
+                if os.write(self.logs[k], data) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+                self.logged += len(data) // 8
+        except BaseException:
+            self.failed = True
+            raise
 
     def _collect(self) -> None:
         """Raises the error of the sync in flight, if it failed, once it has ended."""
@@ -823,7 +886,10 @@ def _first_pass(encoded, size, crop, *, images=None, writer=None, done=None, pro
         _raise_disk_full(error, writer, size)
     if own_progress:
         progress.close()
-    return labels, np.flatnonzero(~arrived).tolist()
+    bad = np.flatnonzero(~arrived)
+    if encoded.reads_files:
+        _check_readable(encoded, bad)
+    return labels, bad.tolist()
 
 
 class _Progress:

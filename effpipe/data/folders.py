@@ -104,7 +104,7 @@ def _list_split(directory: str, class_names: tuple[str, ...], *, is_train: bool)
         for name in names:
             file_path = os.path.join(class_dir, name)
             stat = os.stat(file_path)
-            digest.update(f"{class_name}/{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            digest.update(os.fsencode(f"{class_name}/{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n"))
             paths.append(file_path)
         labels += [label] * len(names)
     if not paths:

@@ -19,7 +19,7 @@ import numpy as np
 
 from effpipe import network
 from effpipe.config import DataConfig
-from effpipe.data import cache, cifar100_names, folders, shapes, tfds_source
+from effpipe.data import cache, cifar100_names, folders, shapes, stores, tfds_source
 from effpipe.data.splits import DataSource
 from effpipe.errors import UsageError
 
@@ -106,7 +106,9 @@ def load_folder(path: str, *, size: int, **options) -> DataSource:
             continue
 
         def make_records(listed=listed):
-            return tf.data.Dataset.from_tensor_slices((list(listed.paths), listed.labels))
+            return tf.data.Dataset.from_tensor_slices(
+                (stores.path_bytes(listed.paths), listed.labels)
+            )
 
         encoded = cache.EncodedSplit(
             name=f"folder-{name}",

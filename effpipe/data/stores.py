@@ -204,8 +204,16 @@ def keys(store, positions: np.ndarray) -> np.ndarray:
     if isinstance(store, ArrayStore):
         return store.images[positions]
     if isinstance(store, FileStore):
-        return np.asarray(store.paths, dtype=object)[positions].astype(bytes)
+        return path_bytes(store.paths, positions)
     return np.asarray(positions, dtype=np.int64)
+
+
+def path_bytes(paths, positions=None) -> np.ndarray:
+    """The paths at `positions` (all by default) as the file system's bytes, for a
+    string tensor: any name the folder holds, in any encoding."""
+    if positions is not None:
+        paths = [paths[position] for position in np.asarray(positions).tolist()]
+    return np.asarray([os.fsencode(path) for path in paths], dtype=bytes)
 
 
 def fetch(store):
