@@ -477,8 +477,9 @@ def _decode_chunks(encoded, size, crop, directory, labels, chunks, workers=(1, 0
             sum(counted),
             encoded.count,
         )
-    progress = _Progress(encoded, encoded.count)
-    progress.elsewhere(sum(counted))
+    # The bar counts what is left: its rate and ETA are those of this pass (with the
+    # chunks other processes complete meanwhile), not of the images written before.
+    progress = _Progress(encoded, encoded.count - sum(counted))
 
     def decode(claimed):
         for k, todo, _ in claimed:
@@ -914,8 +915,8 @@ class _Progress:
             self.bar.update(min(self.count + self.others, self.total), values=[("images/s", rate)])
 
     def elsewhere(self, written: int) -> None:
-        """Counts images another process (or an earlier pass) wrote: toward the bar's
-        total, not the rate."""
+        """Counts images another process wrote during this pass: toward the bar's
+        total and its ETA, not this process's rate."""
         self.others += written
         self.update(0)
 
