@@ -41,6 +41,11 @@ def _cache_folders(cache_root):
     return sorted(name for name in os.listdir(cache_root) if name.startswith("folder-train"))
 
 
+def _allocation_tag(directory):
+    with open(os.path.join(directory, cache.ALLOCATION_FILE)) as file:
+        return cache._tag(file.read())
+
+
 def test_a_second_run_reuses_the_disk_cache_without_decoding(tmp_path, monkeypatch):
     root = _make_folder(tmp_path / "data")
     first = _load(root, tmp_path / "cache", cache="disk")
@@ -87,18 +92,19 @@ def test_a_first_pass_killed_midway_is_resumed_not_mistaken_for_complete(tmp_pat
     [folder] = _cache_folders(cache_root)
     assert not os.path.exists(os.path.join(cache_root, folder, cache.MANIFEST_FILE))
     directory = os.path.join(cache_root, folder)
+    tag = _allocation_tag(directory)
     # 360 images are one chunk.
-    written = cache._logged(directory, 0, 0, 360)
+    written = cache._logged(directory, 0, 0, 360, tag)
     assert 200 <= len(written) < 360
     # A kill inside the log's write leaves part of a position, and rows outside the
     # log may hold anything: the rerun rewrites them, never reads them as images.
-    with open(cache._chunk_file(directory, 0, ".i64"), "ab") as log:
+    with open(cache._chunk_file(directory, 0, ".i64", tag), "ab") as log:
         log.write(b"\x07\x00\x00")
     row = stores.cached_bytes(SIZE)
     with open(stores.cache_file(directory), "r+b") as rows:
         rows.seek(int(np.setdiff1d(np.arange(360), written)[0]) * row)
         rows.write(b"\xff" * row)
-    np.testing.assert_array_equal(cache._logged(directory, 0, 0, 360), written)
+    np.testing.assert_array_equal(cache._logged(directory, 0, 0, 360, tag), written)
     resumed = _load(root, cache_root, cache="disk")
     fresh = _load(root, tmp_path / "fresh", cache="memory")
     np.testing.assert_array_equal(resumed.train.images, fresh.train.images)
@@ -253,7 +259,7 @@ def test_processes_sharing_a_cache_decode_its_chunks_between_them(tmp_path):
             cache.CHUNK_IMAGES = 30  # 12 chunks of the 360 images
             decoded, rounds, decode_claimed = [], [], cache._decode_claimed
 
-            def counted(encoded, size, crop, directory, labels, chunks, claimed, progress):
+            def counted(encoded, size, crop, directory, labels, chunks, claimed, progress, **tag):
                 # Called with the chunks this process claimed in one round.
                 if encoded.name == "folder-train":
                     rounds.append(len(claimed))
@@ -266,7 +272,9 @@ def test_processes_sharing_a_cache_decode_its_chunks_between_them(tmp_path):
                             assert time.monotonic() < deadline
                             time.sleep(0.05)
                     open("{tmp_path}/{me}-1", "w").close()
-                decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, progress)
+                decode_claimed(
+                    encoded, size, crop, directory, labels, chunks, claimed, progress, **tag
+                )
 
             cache._decode_claimed = counted
             data = config.DataConfig(dataset="folder:{root}", cache="disk")
@@ -346,7 +354,8 @@ def test_a_chunk_whose_holder_ended_before_completing_it_is_decoded_by_a_waiting
             assert time.monotonic() < deadline, stderr.read_text()[-2000:]
             time.sleep(0.2)
         # The other three are complete; chunk 2 is not, and its holder ends without it.
-        assert [os.path.isfile(cache._chunk_file(str(directory), k, ".json")) for k in range(4)] == [
+        tag = _allocation_tag(directory)
+        assert [cache._chunk_complete(str(directory), k, tag) for k in range(4)] == [
             True, True, False, True
         ]  # fmt: skip
         fcntl.flock(lock, fcntl.LOCK_UN)
@@ -371,8 +380,8 @@ def test_a_writer_that_started_alongside_is_found_before_the_manifest(tmp_path, 
     root = _make_folder(tmp_path / "data")
     first_pass = cache._decode_chunks
 
-    def with_another_writer(encoded, size, crop, directory, *args):
-        first_pass(encoded, size, crop, directory, *args)
+    def with_another_writer(encoded, size, crop, directory, *args, **kwargs):
+        first_pass(encoded, size, crop, directory, *args, **kwargs)
         with open(os.path.join(directory, cache.ALLOCATION_FILE), "w") as file:
             file.write("other-host pid 7 0123abcd")
 
@@ -385,11 +394,44 @@ def test_a_writer_that_started_alongside_is_found_before_the_manifest(tmp_path, 
     folder = tmp_path / "cache" / name
     assert not (folder / cache.MANIFEST_FILE).exists()
     monkeypatch.setattr(cache, "_decode_chunks", first_pass)
-    # The rerun completes the cache from the rows the log names.
+    # The rerun completes the cache in the other's allocation.
     again = _load(root, tmp_path / "cache", cache="disk").train
     memory = _load(root, tmp_path / "memory", cache="memory").train
     np.testing.assert_array_equal(again.images, memory.images)
     assert (folder / cache.MANIFEST_FILE).is_file()
+
+
+def test_a_process_that_allocated_the_file_again_does_not_take_the_others_chunks(
+    tmp_path, monkeypatch
+):
+    # Where the folder's lock holds on one machine only, a process on another machine
+    # can allocate the file again (zeroing it, removing the chunks' files) while this
+    # one decodes a chunk: this one's file for that chunk, written afterwards, names
+    # rows that are now zeros. The other process must decode that chunk itself.
+    root = _make_folder(tmp_path / "data", per_class=40)
+    monkeypatch.setattr(cache, "CHUNK_IMAGES", 30)  # 4 chunks of the 120 images
+    monkeypatch.setattr(cache, "MAX_CLAIM", 1)
+    monkeypatch.setattr(cache, "PASS_BATCH", 8)
+    writes, write = [], cache._RowWriter.write
+
+    def allocated_again_midway(writer, positions, images):
+        write(writer, positions, images)
+        writes.append(positions.min())
+        if len(writes) == 6:  # Inside chunk 1, rows 30 to 59.
+            assert 30 <= writes[-1] < 60
+            directory = os.path.dirname(writer.path)
+            os.remove(os.path.join(directory, cache.ALLOCATION_FILE))
+            encoded = cache.EncodedSplit("folder-train", 120, "", None, True, str)
+            cache._allocated(encoded, SIZE, directory)
+
+    monkeypatch.setattr(cache._RowWriter, "write", allocated_again_midway)
+    with pytest.raises(UsageError, match="another process .* started the decoded cache"):
+        _load(root, tmp_path / "cache", cache="disk")
+    monkeypatch.setattr(cache._RowWriter, "write", write)
+    # The other process's pass, in the allocation it made.
+    again = _load(root, tmp_path / "cache", cache="disk").train
+    memory = _load(root, tmp_path / "memory", cache="memory").train
+    np.testing.assert_array_equal(again.images, memory.images)
 
 
 def test_the_log_names_a_row_only_once_the_row_is_on_the_disk(tmp_path, monkeypatch):
@@ -469,10 +511,12 @@ def test_a_pass_over_more_chunks_than_one_pipeline_takes_claims_them_in_rounds(
     monkeypatch.setattr(cache, "MAX_CLAIM", 5)
     rounds, decode_claimed = [], cache._decode_claimed
 
-    def recorded(encoded, size, crop, directory, labels, chunks, claimed, progress):
+    def recorded(encoded, size, crop, directory, labels, chunks, claimed, progress, **tag):
         if encoded.name == "folder-train":
             rounds.append([k for k, _, _ in claimed])
-        return decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, progress)
+        return decode_claimed(
+            encoded, size, crop, directory, labels, chunks, claimed, progress, **tag
+        )
 
     monkeypatch.setattr(cache, "_decode_claimed", recorded)
     split = _load(root, tmp_path / "cache", cache="disk").train

@@ -304,7 +304,7 @@ def _disk_cache(encoded, size, crop, directory, labels, workers=(1, 0)):
             return complete
         token = _allocated(encoded, size, directory)
     chunks = _chunks(encoded.count, encoded.paths is not None and labels is not None)
-    _decode_chunks(encoded, size, crop, directory, labels, chunks, workers)
+    _decode_chunks(encoded, size, crop, directory, labels, chunks, workers, tag=_tag(token))
     with _folder_lock(encoded, directory):
         complete = _complete_cache(encoded, size, directory)
         if complete is not None:
@@ -313,7 +313,7 @@ def _disk_cache(encoded, size, crop, directory, labels, workers=(1, 0)):
             with open(os.path.join(directory, ALLOCATION_FILE)) as file:
                 other = file.read()
             if other == token:
-                return _write_manifest(encoded, size, crop, directory, chunks)
+                return _write_manifest(encoded, size, crop, directory, chunks, _tag(token))
             holder = other.rsplit(" ", 1)[0]
         except FileNotFoundError:  # Removed by a process allocating the file again.
             holder = "on another host"
@@ -448,11 +448,20 @@ def _chunks(count: int, chunked: bool) -> list[tuple[int, int]]:
     return [(start, min(start + size, count)) for start in range(0, count, size)]
 
 
-def _chunk_file(directory: str, index: int, suffix: str) -> str:
-    return os.path.join(directory, f"{CHUNK_PREFIX}{index:03d}{suffix}")
+def _tag(token: str) -> str:
+    """The mark of one allocation of the file of rows in its chunks' file names."""
+    return token.rsplit(" ", 1)[-1][:12]
 
 
-def _decode_chunks(encoded, size, crop, directory, labels, chunks, workers=(1, 0)):
+def _chunk_file(directory: str, index: int, suffix: str, tag: str = "") -> str:
+    """A file of chunk `index`: its lock (no `tag`), or its log or file of labels,
+    which name the allocation they belong to (`tag`): a process never takes the
+    chunks written into another allocation of the file for its own, even where the
+    folder's lock did not keep the two apart."""
+    return os.path.join(directory, f"{CHUNK_PREFIX}{index:03d}{'.' + tag if tag else ''}{suffix}")
+
+
+def _decode_chunks(encoded, size, crop, directory, labels, chunks, workers=(1, 0), *, tag):
     """Decodes the chunks of the split that no process has completed.
 
     In rounds: each round claims, from this worker's place in the order on, up to
@@ -466,7 +475,9 @@ def _decode_chunks(encoded, size, crop, directory, labels, chunks, workers=(1, 0
         return
     # The images of each chunk the progress bar has counted.
     counted = [
-        stop - start if _chunk_complete(directory, k) else len(_logged(directory, k, start, stop))
+        stop - start
+        if _chunk_complete(directory, k, tag)
+        else len(_logged(directory, k, start, stop, tag))
         for k, (start, stop) in enumerate(chunks)
     ]
     if sum(counted):
@@ -488,16 +499,16 @@ def _decode_chunks(encoded, size, crop, directory, labels, chunks, workers=(1, 0
             start, stop = chunks[k]
             progress.elsewhere(max(stop - start - len(todo) - counted[k], 0))
             counted[k] = stop - start
-        _decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, progress)
+        _decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, progress, tag=tag)
 
     count, index = workers
     first = index * len(chunks) // count
     order = list(range(first, len(chunks))) + list(range(first))
     held_elsewhere = []
     while True:
-        left = [k for k in order if not _chunk_complete(directory, k)]
+        left = [k for k in order if not _chunk_complete(directory, k, tag)]
         most = min(-(-len(left) // count), MAX_CLAIM)
-        claimed, held_elsewhere = _claim(encoded, directory, chunks, left, most)
+        claimed, held_elsewhere = _claim(encoded, directory, chunks, left, most, tag=tag)
         if not claimed:
             break
         decode(claimed)
@@ -509,7 +520,7 @@ def _decode_chunks(encoded, size, crop, directory, labels, chunks, workers=(1, 0
             directory,
         )
     for k in held_elsewhere:
-        claimed, _ = _claim(encoded, directory, chunks, [k], 1, block=True)
+        claimed, _ = _claim(encoded, directory, chunks, [k], 1, block=True, tag=tag)
         if claimed:  # Its holder ended before completing it.
             decode(claimed)
         else:  # Another process decoded it.
@@ -519,11 +530,11 @@ def _decode_chunks(encoded, size, crop, directory, labels, chunks, workers=(1, 0
     progress.close()
 
 
-def _chunk_complete(directory: str, k: int) -> bool:
-    return os.path.isfile(_chunk_file(directory, k, ".json"))
+def _chunk_complete(directory: str, k: int, tag: str) -> bool:
+    return os.path.isfile(_chunk_file(directory, k, ".json", tag))
 
 
-def _claim(encoded, directory, chunks, candidates, most, *, block=False):
+def _claim(encoded, directory, chunks, candidates, most, *, block=False, tag):
     """Locks up to `most` chunks of `candidates` that are not complete.
 
     Returns:
@@ -540,10 +551,11 @@ def _claim(encoded, directory, chunks, candidates, most, *, block=False):
                 if not lock.enter_context(_flock(encoded, directory, name, block=block)):
                     held_elsewhere.append(k)
                     continue
-                if _chunk_complete(directory, k):
+                if _chunk_complete(directory, k, tag):
                     continue
                 start, stop = chunks[k]
-                todo = np.setdiff1d(np.arange(start, stop), _logged(directory, k, start, stop))
+                logged = _logged(directory, k, start, stop, tag)
+                todo = np.setdiff1d(np.arange(start, stop), logged)
                 claimed.append((k, todo, lock.pop_all()))
     except BaseException:
         for _, _, lock in claimed:
@@ -552,20 +564,20 @@ def _claim(encoded, directory, chunks, candidates, most, *, block=False):
     return claimed, held_elsewhere
 
 
-def _decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, progress):
+def _decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, progress, *, tag):
     """Decodes the positions left in the `claimed` chunks, writes each chunk's file of
     labels and bad positions, and lets go of their locks."""
     with contextlib.ExitStack() as locks:
         for _, _, lock in claimed:
             locks.push(lock)
-        _decode_claimed_held(encoded, size, crop, directory, labels, chunks, claimed, progress)
+        _decode_claimed_held(encoded, size, crop, directory, labels, chunks, claimed, progress, tag)
 
 
-def _decode_claimed_held(encoded, size, crop, directory, labels, chunks, claimed, progress):
+def _decode_claimed_held(encoded, size, crop, directory, labels, chunks, claimed, progress, tag):
     writer = _RowWriter(directory, size, [start for start, _ in chunks])
     try:
         for k, _, _ in claimed:
-            writer.add_log(k, _chunk_file(directory, k, ".i64"))
+            writer.add_log(k, _chunk_file(directory, k, ".i64", tag))
         todo = np.concatenate([positions for _, positions, _ in claimed])
         if encoded.paths is None:
             # A tfds split: one chunk, whose records are read in order.
@@ -592,7 +604,8 @@ def _decode_claimed_held(encoded, size, crop, directory, labels, chunks, claimed
                 }
             )
             run_dir.write_atomically(
-                _chunk_file(directory, k, ".json"), lambda path, text=text: _write_text(path, text)
+                _chunk_file(directory, k, ".json", tag),
+                lambda path, text=text: _write_text(path, text),
             )
     finally:
         writer.close()
@@ -672,21 +685,21 @@ def _raise_disk_full(error: OSError, writer, size: int):
     ) from error
 
 
-def _logged(directory: str, k: int, start: int, stop: int) -> np.ndarray:
+def _logged(directory: str, k: int, start: int, stop: int, tag: str) -> np.ndarray:
     """The positions of chunk `k` its log names: their rows are on the disk whole (a
     log cut in the middle of a position ignores that one)."""
-    log = _chunk_file(directory, k, ".i64")
+    log = _chunk_file(directory, k, ".i64", tag)
     if not os.path.isfile(log):
         return np.zeros(0, np.int64)
     logged = np.fromfile(log, "<i8", count=os.path.getsize(log) // 8)
     return np.unique(logged[(logged >= start) & (logged < stop)])
 
 
-def _write_manifest(encoded, size, crop, directory, chunks):
+def _write_manifest(encoded, size, crop, directory, chunks, tag):
     """Marks the cache complete from its chunks' files: (labels, bad positions)."""
     labels, bad = [], []
     for k, (start, stop) in enumerate(chunks):
-        with open(_chunk_file(directory, k, ".json")) as file:
+        with open(_chunk_file(directory, k, ".json", tag)) as file:
             chunk = json.load(file)
         if (chunk["start"], chunk["stop"], len(chunk["labels"])) != (start, stop, stop - start):
             raise RuntimeError(
