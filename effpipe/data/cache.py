@@ -146,6 +146,9 @@ def materialize(
       UsageError: a bad image with "fail", no image that decodes, or "off" for a
         source that has no files to re-read.
     """
+    count, index = workers
+    if not 0 <= index < count:
+        raise ValueError(f"workers must be (count, index) with 0 <= index < count: {workers}")
     decoded_mb = encoded.count * size * size * 3 / 2**20
     if mode == "off":
         return _uncached(encoded, size, crop, cache_root, on_bad_image, labels, decoded_mb)
@@ -303,7 +306,7 @@ def _disk_cache(encoded, size, crop, directory, labels, workers=(1, 0)):
         if complete is not None:
             return complete
         token = _allocated(encoded, size, directory)
-    chunks = _chunks(encoded.count, encoded.paths is not None and labels is not None)
+    chunks = _chunks(encoded.count, _chunked(encoded, labels))
     _decode_chunks(encoded, size, crop, directory, labels, chunks, workers, tag=_tag(token))
     with _folder_lock(encoded, directory):
         complete = _complete_cache(encoded, size, directory)
@@ -437,6 +440,12 @@ def _allocate_rows(directory: str, rows: str, total_bytes: int) -> None:
     finally:
         if descriptor >= 0:
             os.close(descriptor)
+
+
+def _chunked(encoded: EncodedSplit, labels) -> bool:
+    """Whether the split's images can be decoded from any position on: files whose
+    labels are known before decoding (a folder); else records read in order (tfds)."""
+    return encoded.paths is not None and labels is not None
 
 
 def _chunks(count: int, chunked: bool) -> list[tuple[int, int]]:
@@ -579,7 +588,7 @@ def _decode_claimed_held(encoded, size, crop, directory, labels, chunks, claimed
         for k, _, _ in claimed:
             writer.add_log(k, _chunk_file(directory, k, ".i64", tag))
         todo = np.concatenate([positions for _, positions, _ in claimed])
-        if encoded.paths is None:
+        if not _chunked(encoded, labels):
             # A tfds split: one chunk, whose records are read in order.
             done = np.ones(encoded.count, bool)
             done[todo] = False
