@@ -575,16 +575,12 @@ def _claim(encoded, directory, chunks, candidates, most, *, block=False, tag):
 
 def _decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, progress, *, tag):
     """Decodes the positions left in the `claimed` chunks, writes each chunk's file of
-    labels and bad positions, and lets go of their locks."""
-    with contextlib.ExitStack() as locks:
+    labels and bad positions, and lets go of their locks, whatever raises."""
+    with contextlib.ExitStack() as stack:
         for _, _, lock in claimed:
-            locks.push(lock)
-        _decode_claimed_held(encoded, size, crop, directory, labels, chunks, claimed, progress, tag)
-
-
-def _decode_claimed_held(encoded, size, crop, directory, labels, chunks, claimed, progress, tag):
-    writer = _RowWriter(directory, size, [start for start, _ in chunks])
-    try:
+            stack.push(lock)
+        writer = _RowWriter(directory, size, [start for start, _ in chunks])
+        stack.callback(writer.close)  # Before the locks are let go.
         for k, _, _ in claimed:
             writer.add_log(k, _chunk_file(directory, k, ".i64", tag))
         todo = np.concatenate([positions for _, positions, _ in claimed])
@@ -616,8 +612,6 @@ def _decode_claimed_held(encoded, size, crop, directory, labels, chunks, claimed
                 _chunk_file(directory, k, ".json", tag),
                 lambda path, text=text: _write_text(path, text),
             )
-    finally:
-        writer.close()
 
 
 def _decode_positions(encoded, size, crop, todo, writer, progress) -> np.ndarray:
@@ -910,8 +904,7 @@ def _first_pass(encoded, size, crop, *, images=None, writer=None, done=None, pro
     if own_progress:
         progress.close()
     bad = np.flatnonzero(~arrived)
-    if encoded.reads_files:
-        _check_readable(encoded, bad)
+    _check_readable(encoded, bad)
     return labels, bad.tolist()
 
 
