@@ -37,6 +37,13 @@ from effpipe.config import HEAD_ALIASES, RESUMABLE_CHANGES, TrainConfig
 from effpipe.errors import DiskFullError, UsageError, is_disk_full
 
 CONFIG_FILE = "config.json"
+# Phase 1's pooled features (effpipe.training.feature_cache): a run's output.
+FEATURE_CACHE_FILE = os.path.join("cache", "phase1_features.npz")
+# The decoded-image caches of a run without --cache_dir (effpipe.data.cache). Not a
+# run output: each is keyed by the files it holds and valid for any run over them,
+# and every worker of a multi-worker run shares it, so a new run keeps it (a run
+# killed before its first epoch resumes its first pass) and so does --overwrite.
+IMAGE_CACHE_DIR = os.path.join("cache", "images")
 
 
 # Everything a run writes; --overwrite removes exactly these, nothing else.
@@ -48,7 +55,7 @@ RUN_OUTPUTS = (
     "metrics.json",
     "checkpoints",
     "state",
-    "cache",
+    FEATURE_CACHE_FILE,
     "tensorboard",
     "export",
     "predictions.png",

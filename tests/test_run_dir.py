@@ -53,6 +53,37 @@ def test_a_run_that_failed_before_its_first_epoch_takes_corrected_flags(tmp_path
     assert run_dir.prepare(str(tmp_path), corrected, overwrite=False) == run_dir.NEW
 
 
+def test_a_new_run_and_overwrite_keep_the_decoded_image_cache(tmp_path):
+    # A run killed in its first pass or first epoch (no state yet): the rerun is a new
+    # run, and resumes the first pass from the decoded images already on the disk.
+    run_dir.prepare(str(tmp_path), CONFIG, overwrite=False)
+    images = tmp_path / run_dir.IMAGE_CACHE_DIR / "folder-train-224px-resize-0123" / "chunk-000.i64"
+    images.parent.mkdir(parents=True)
+    images.write_bytes(b"\0" * 8)
+    features = tmp_path / run_dir.FEATURE_CACHE_FILE
+    features.write_bytes(b"features")
+    (tmp_path / "tensorboard").mkdir()
+    assert run_dir.prepare(str(tmp_path), CONFIG, overwrite=False) == run_dir.NEW
+    assert images.is_file() and not features.exists()
+    assert not (tmp_path / "tensorboard").exists()
+    # --overwrite discards a finished run's outputs, not the decoded images.
+    (tmp_path / "state").mkdir()
+    (tmp_path / "metrics.json").write_text("{}")
+    features.write_bytes(b"features")
+    other = CONFIG.replace(batch_size=64)
+    assert run_dir.prepare(str(tmp_path), other, overwrite=True) == run_dir.NEW
+    assert images.is_file() and not features.exists()
+    assert not (tmp_path / "state").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_a_workdir_holding_only_decoded_images_is_a_new_run(tmp_path):
+    # Another worker of a multi-worker run may start decoding into the shared
+    # WORKDIR/cache/images before the chief prepares the directory.
+    (tmp_path / run_dir.IMAGE_CACHE_DIR / "folder-train-224px-resize-0123").mkdir(parents=True)
+    assert run_dir.prepare(str(tmp_path), CONFIG, overwrite=False) == run_dir.NEW
+    assert (tmp_path / run_dir.IMAGE_CACHE_DIR / "folder-train-224px-resize-0123").is_dir()
+
+
 def test_half_written_files_of_a_killed_run_are_removed(tmp_path):
     run_dir.prepare(str(tmp_path), CONFIG, overwrite=False)
     (tmp_path / "state").mkdir()

@@ -148,7 +148,7 @@ def evaluate_export(
         )
     exported = export.load(export_dir)
     model_names = [n.decode() for n in exported.signatures["class_names"]()["class_names"].numpy()]
-    cache_root = data.cache_dir or os.path.join(workdir, "cache", "images")
+    cache_root = data.cache_dir or os.path.join(workdir, run_dir.IMAGE_CACHE_DIR)
     source = sources.load_configured_source(data, size=size, seed=seed, cache_root=cache_root)
     if len(source.class_names) != len(model_names):
         raise UsageError(

@@ -36,7 +36,7 @@ from effpipe.errors import UsageError
 from effpipe.model import efficientnet
 
 FEATURE_LAYER = "head_pool"
-CACHE_FILE = os.path.join("cache", "phase1_features.npz")
+CACHE_FILE = run_dir.FEATURE_CACHE_FILE
 
 
 @dataclasses.dataclass

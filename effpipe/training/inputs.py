@@ -17,6 +17,7 @@ import tensorflow as tf
 from absl import logging
 
 from effpipe import config as config_lib
+from effpipe import run_dir
 from effpipe.config import TrainConfig
 from effpipe.data import pipeline, sources, splits
 from effpipe.errors import UsageError
@@ -53,7 +54,6 @@ def prepare_data(
     config: TrainConfig,
     distribution: distribution_lib.Distribution,
     workdir: str,
-    output_dir: str,
 ) -> RunData:
     """Loads the source and splits, and makes the validation dataset and the
     training streams' factory.
@@ -64,7 +64,8 @@ def prepare_data(
     the same ones). Each of several workers trains on its equal shard,
     batch_size / workers images of it per step.
 
-    Decoded images are cached under --cache_dir, or this process's `output_dir`
+    Decoded images are cached under --cache_dir, or WORKDIR/cache/images, which
+    every worker of a multi-worker run shares, so they split its first pass
     (effpipe.data.cache).
 
     Raises:
@@ -75,7 +76,7 @@ def prepare_data(
         pipeline.check_dispatcher_answers(config.distribution.data_service)
     source, train_split, validation_split, test_split, evaluated_on = load_data(
         config,
-        cache_root(config, output_dir),
+        cache_root(config, workdir),
         workers=(distribution.num_workers, distribution.worker_index),
     )
     options = pipeline.pipeline_options_of(config.runtime)
@@ -101,9 +102,11 @@ def prepare_data(
     )
 
 
-def cache_root(config: TrainConfig, output_dir: str) -> str:
-    """The folder of the decoded-image caches: --cache_dir, else OUTPUT_DIR/cache/images."""
-    return config.data.cache_dir or os.path.join(output_dir, "cache", "images")
+def cache_root(config: TrainConfig, workdir: str) -> str:
+    """The folder of the decoded-image caches: --cache_dir, else WORKDIR/cache/images
+    (on every worker of a run: not the temporary folder a worker other than the chief
+    writes its own files to)."""
+    return config.data.cache_dir or os.path.join(workdir, run_dir.IMAGE_CACHE_DIR)
 
 
 def load_data(config: TrainConfig, cache_root: str, *, workers: tuple[int, int] = (1, 0)):

@@ -65,7 +65,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         setup = _resolve_runtime(config, distribution)
 
         # --- Data: source arrays, validation split, tf.data pipelines. ---
-        data = inputs.prepare_data(config, distribution, workdir, output_dir)
+        data = inputs.prepare_data(config, distribution, workdir)
 
         # --- Model, under the resolved precision policy. ---
         stack.callback(
