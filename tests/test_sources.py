@@ -10,6 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from effpipe import config
+from effpipe.data import cache as image_cache
 from effpipe.data import cifar100_names, folders, pipeline, shapes, sources, splits, stores
 from effpipe.errors import UsageError
 
@@ -155,6 +156,34 @@ def test_a_file_that_cannot_be_read_is_not_counted_as_a_bad_image(tmp_path, monk
         with pytest.raises(UsageError, match=r"cannot read .*1\.jpg \(No such file"):
             _load(f"folder:{tmp_path / 'data'}", tmp_path, cache=cache, on_bad_image="skip")
         _make_folder(str(tmp_path / "data"), with_test=False)
+
+
+@pytest.mark.parametrize(
+    "cache_mode, on_bad_image", [("memory", "fail"), ("disk", "fail"), ("off", "skip")]
+)
+def test_an_image_that_decodes_when_read_again_is_kept(
+    tmp_path, monkeypatch, cache_mode, on_bad_image
+):
+    # A read error that has cleared by the time the pass reads the file again (here
+    # the file is cut short during the pass and whole again at the second read): the
+    # image is decoded and kept, not counted as one that does not decode.
+    root = tmp_path / "data"
+    _make_folder(str(root), with_test=False)
+    whole = _load(f"folder:{root}", tmp_path / "whole", cache="memory")
+    damaged = root / "train" / "dog" / "1.jpg"
+    contents = damaged.read_bytes()
+    damaged.write_bytes(contents[: len(contents) // 2])
+    read_again = image_cache._read_again
+
+    def whole_again(*args):
+        damaged.write_bytes(contents)
+        return read_again(*args)
+
+    monkeypatch.setattr(image_cache, "_read_again", whole_again)
+    source = _load(f"folder:{root}", tmp_path, cache=cache_mode, on_bad_image=on_bad_image)
+    assert source.skipped == ()
+    assert source.train.labels.tolist() == whole.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_array_equal(source.train.images, whole.train.images)
 
 
 def test_folder_ignores_hidden_folders_and_files(tmp_path):

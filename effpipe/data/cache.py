@@ -31,7 +31,9 @@ whole is decoded again. Where a shared filesystem's locks hold on one machine on
 a process that finds the file allocated again by another (`ALLOCATION_FILE`) does
 not mark the cache complete. A full disk stops the pass in one line (the space the
 cache needs, the space free), before decoding when the allocation fails; it is never
-taken for images that do not decode, and neither is a file that cannot be read.
+taken for images that do not decode, and neither is a file that cannot be read
+(each file that did not decode is read again: one that decodes then, after a read
+error that cleared, is kept as any other image).
 """
 
 import concurrent.futures
@@ -156,7 +158,7 @@ def materialize(
         mode = "memory" if decoded_mb <= memory_budget_mb else "disk"
     if mode == "memory":
         images = np.empty((encoded.count, size, size, 3), np.uint8)
-        pass_labels, bad = _first_pass(encoded, size, crop, images=images)
+        pass_labels, bad = _first_pass(encoded, size, crop, images=images, labels=labels)
         store = stores.ArrayStore(images)
     else:
         directory = os.path.join(cache_root, _folder_name(encoded, size, crop))
@@ -183,7 +185,7 @@ def _uncached(encoded, size, crop, cache_root, on_bad_image, labels, decoded_mb)
     else:
         store = encoded.stream(size, crop, skip_bad)
     if skip_bad:
-        scan_labels, bad = _scan(encoded, size, crop, cache_root)
+        scan_labels, bad = _scan(encoded, size, crop, cache_root, labels)
         labels = scan_labels if labels is None else labels
         return _finish(encoded, store, labels, bad, on_bad_image, decoded_mb, "off")
     if labels is None:
@@ -191,7 +193,7 @@ def _uncached(encoded, size, crop, cache_root, on_bad_image, labels, decoded_mb)
     return Split(store, labels), ()
 
 
-def _scan(encoded, size, crop, cache_root):
+def _scan(encoded, size, crop, cache_root, labels=None):
     """(labels, positions that do not decode) of a split, from one decoding pass that
     keeps nothing; kept in a small file under `cache_root`, so later runs on the same
     files do not decode them again."""
@@ -209,7 +211,7 @@ def _scan(encoded, size, crop, cache_root):
         "(--cache=off with --on_bad_image=skip)",
         encoded.name,
     )
-    labels, bad = _first_pass(encoded, size, crop)
+    labels, bad = _first_pass(encoded, size, crop, labels=labels)
 
     def write(temporary):
         with open(temporary, "w") as file:
@@ -638,30 +640,64 @@ def _decode_positions(encoded, size, crop, todo, writer, progress) -> np.ndarray
             writer.write(positions, images)
             progress.update(len(positions))
             _kill_for_tests(kill_after, progress, writer)
+        positions, images = _read_again(encoded, todo[~arrived[todo]], size, crop)
+        if len(positions):
+            arrived[positions] = True
+            writer.write(positions, images)
+            progress.update(len(positions))
         # Returns once every row is on the disk and in the log (a power loss).
         writer.sync()
     except OSError as error:
         _raise_disk_full(error, writer, size)
-    _check_readable(encoded, todo[~arrived[todo]])
     return arrived[todo]
 
 
-def _check_readable(encoded, positions) -> None:
-    """Raises when a file at `positions` (images that did not arrive decoded) cannot be
-    read: a read error (a disk failing, a file removed or made unreadable since the
-    listing) is not a bad image, and is not kept in the cache as one."""
-    if encoded.paths is None:
-        return
+def _read_again(encoded, positions, size, crop) -> tuple[np.ndarray, np.ndarray]:
+    """Reads and decodes once more, one at a time, the files at `positions` (images
+    that did not arrive decoded), to tell a bad image from a read error.
+
+    A file that cannot be read now (a disk failing, a file removed or made unreadable
+    since the listing) raises: it is not a bad image, and is not kept in the cache as
+    one. A file that reads and decodes now (a read error that has cleared) is an
+    image like any other. Only what does not decode from bytes read whole is bad.
+
+    Returns:
+      (the positions that decoded now (K,) int64, their images (K, size, size, 3)).
+
+    Raises:
+      UsageError: a file that cannot be read.
+    """
+    decoded, images = [], []
+    if encoded.paths is None:  # Records in memory (tfds): nothing to read again.
+        positions = ()
     for position in np.asarray(positions).tolist():
         path = encoded.paths[position]
         try:
             with open(path, "rb") as file:
-                file.read()
+                contents = file.read()
         except OSError as error:
             raise UsageError(
                 f"cannot read {path} ({error.strerror}): a read error, not an image that "
                 "does not decode; check the file and the disk, then rerun"
             ) from error
+        try:
+            image = decode.decode_to_size(tf.constant(contents), size, crop)
+        except tf.errors.OpError:
+            continue
+        decoded.append(position)
+        images.append(image.numpy())
+    if decoded:
+        logging.warning(
+            "%s: %d images that did not decode in the first pass decoded when read again "
+            "(a read error that cleared), the first %s",
+            encoded.name,
+            len(decoded),
+            encoded.describe(decoded[0]),
+        )
+    return (
+        np.asarray(decoded, np.int64),
+        np.stack(images) if images else np.empty((0, size, size, 3), np.uint8),
+    )
 
 
 def _kill_for_tests(kill_after, progress, writer) -> None:
@@ -838,7 +874,9 @@ class _RowWriter:
             self.rows = -1
 
 
-def _first_pass(encoded, size, crop, *, images=None, writer=None, done=None, progress=None):
+def _first_pass(
+    encoded, size, crop, *, images=None, writer=None, done=None, progress=None, labels=None
+):
     """Decodes every image not `done` into `images` (memory) or `writer` (disk), or,
     with neither, only to find those that do not decode (`_scan`).
 
@@ -849,6 +887,8 @@ def _first_pass(encoded, size, crop, *, images=None, writer=None, done=None, pro
       writer: a `_RowWriter` (disk), its log open.
       done: (count,) bool, positions already written: not decoded again.
       progress: a `_Progress` to count decoded images in; by default one of this pass.
+      labels: the labels when known before decoding (folders): those of the images
+        that decode only when read again (`_read_again`).
 
     Returns:
       (labels of every position, positions that could not be decoded).
@@ -877,7 +917,7 @@ def _first_pass(encoded, size, crop, *, images=None, writer=None, done=None, pro
         deterministic=False,
     ).ignore_errors()
     dataset = dataset.batch(PASS_BATCH).prefetch(2)
-    labels = np.zeros(encoded.count, np.int32)
+    known_labels, labels = labels, np.zeros(encoded.count, np.int32)
     arrived = np.zeros(encoded.count, bool)
     own_progress = progress is None
     if own_progress:
@@ -896,6 +936,15 @@ def _first_pass(encoded, size, crop, *, images=None, writer=None, done=None, pro
                 writer.write(positions[fresh], batch_images[fresh])
             progress.update(int(fresh.sum()))
             _kill_for_tests(kill_after, progress, writer)
+        positions, batch_images = _read_again(encoded, np.flatnonzero(~arrived), size, crop)
+        if len(positions):
+            arrived[positions] = True
+            labels[positions] = known_labels[positions]
+            if images is not None:
+                images[positions] = batch_images
+            elif writer is not None:
+                writer.write(positions, batch_images)
+            progress.update(len(positions))
         if writer is not None:
             # Returns once every row is on the disk and in the log (a power loss).
             writer.sync()
@@ -903,9 +952,7 @@ def _first_pass(encoded, size, crop, *, images=None, writer=None, done=None, pro
         _raise_disk_full(error, writer, size)
     if own_progress:
         progress.close()
-    bad = np.flatnonzero(~arrived)
-    _check_readable(encoded, bad)
-    return labels, bad.tolist()
+    return labels, np.flatnonzero(~arrived).tolist()
 
 
 class _Progress:
