@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 from binaries import run_train
 
-from effpipe.data import pipeline, sources, splits, stores
+from effpipe.data import cache, pipeline, sources, splits, stores
 from effpipe.errors import UsageError
 
 SIZE = 16
@@ -154,6 +154,45 @@ def test_a_carved_validation_split_streams_only_its_records_in_order(data_dir, t
     np.testing.assert_array_equal(images, memory.train.images[validation.positions])
     streamed, _ = _stream(train, batches=len(train) // 6, batch_size=6)
     assert sorted(_digests(streamed)) == sorted(_digests(memory.train.images[train.positions]))
+
+
+def test_the_disk_cache_decodes_a_split_in_chunks_of_records_and_resumes_by_chunk(
+    data_dir, tmp_path, monkeypatch
+):
+    memory = _load(data_dir, tmp_path / "memory", "memory")
+    # 5 chunks of the 24 train records, claimed two at a time.
+    monkeypatch.setattr(cache, "CHUNK_IMAGES", 5)
+    monkeypatch.setattr(cache, "MAX_CLAIM", 2)
+    decode_claimed, claims = cache._decode_claimed, []
+
+    def stopped_after_one_round(
+        encoded, size, crop, directory, labels, chunks, claimed, *rest, **tag
+    ):
+        if "-train" in encoded.name:
+            if claims:  # A pass that ends here, as a kill would, its first round done.
+                raise RuntimeError("stopped")
+            claims.append([chunks[k] for k, _, _ in claimed])
+        decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, *rest, **tag)
+
+    monkeypatch.setattr(cache, "_decode_claimed", stopped_after_one_round)
+    with pytest.raises(RuntimeError, match="stopped"):
+        _load(data_dir, tmp_path / "cache", "disk")
+    assert claims == [[(0, 5), (5, 10)]]
+    # The rerun decodes the three chunks left, each from its own records.
+    claims.clear()
+
+    def counted(encoded, size, crop, directory, labels, chunks, claimed, *rest, **tag):
+        if "-train" in encoded.name:
+            claims.append([chunks[k] for k, _, _ in claimed])
+        decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, *rest, **tag)
+
+    monkeypatch.setattr(cache, "_decode_claimed", counted)
+    disk = _load(data_dir, tmp_path / "cache", "disk")
+    assert claims == [[(10, 15), (15, 20)], [(20, 24)]]
+    assert isinstance(disk.train.store, stores.CacheStore)
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(getattr(disk, split).labels, getattr(memory, split).labels)
+        np.testing.assert_array_equal(getattr(disk, split).images, getattr(memory, split).images)
 
 
 def test_off_without_files_to_stream_is_one_line(tmp_path):

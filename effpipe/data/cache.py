@@ -16,8 +16,9 @@ change of any file makes a new cache. It holds one file of rows (`stores.CACHE_F
 its whole size allocated before any decoding) and `manifest.json`, written last and
 atomically, which marks the cache complete.
 
-The first pass decodes a folder's images in chunks of consecutive positions
-(`CHUNK_IMAGES`; a tfds split is one chunk). Each chunk has an flock, a log of the
+The first pass decodes a split's images in chunks of consecutive positions
+(`CHUNK_IMAGES`): a folder's files, or a tfds split's records read by ranges (one
+chunk where the split's file lengths are unknown, as under tfds.testing.mock_data). Each chunk has an flock, a log of the
 positions whose rows are on the disk whole (appended by a background thread after
 each fdatasync of the rows, so that neither a kill nor a power loss leaves it naming
 a row the disk lacks) and, once complete, a file of its labels and bad positions.
@@ -41,6 +42,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -103,6 +105,9 @@ class EncodedSplit:
       paths: the files (folders), so --cache=off can decode them on every pass.
       stream: (size, crop, skip_bad) -> the records as a `stores.RecordStore` (tfds),
         so --cache=off can decode them on every pass.
+      read_range: (start, stop) -> the records of positions start..stop-1, as
+        `make_records` yields them (tfds with its split's file lengths), so the first
+        pass decodes the split in chunks.
     """
 
     name: str
@@ -113,6 +118,7 @@ class EncodedSplit:
     describe: Callable[[int], str]
     paths: tuple[str, ...] | None = None
     stream: Callable[[int, str, bool], stores.RecordStore] | None = None
+    read_range: Callable[[int, int], tf.data.Dataset] | None = None
 
 
 def materialize(
@@ -283,10 +289,12 @@ def _finish(encoded, store, labels, bad, on_bad_image, decoded_mb, mode):
 
 
 def _folder_name(encoded: EncodedSplit, size: int, crop: str) -> str:
-    # The chunks' layout is in the key: a cache of other chunks is another folder.
+    # The chunks' layout is in the key: a cache of other chunks is another folder
+    # (records read by ranges were one chunk before; folders' keys are unchanged).
+    ranges = "\0ranges" if encoded.paths is None and encoded.read_range is not None else ""
     key = (
         f"{CACHE_FORMAT}\0{encoded.fingerprint}\0{size}\0{crop}\0{encoded.count}"
-        f"\0{CHUNK_IMAGES}\0{MAX_CHUNKS}"
+        f"\0{CHUNK_IMAGES}\0{MAX_CHUNKS}{ranges}"
     )
     return f"{encoded.name}-{size}px-{crop}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
@@ -446,13 +454,14 @@ def _allocate_rows(directory: str, rows: str, total_bytes: int) -> None:
 
 def _chunked(encoded: EncodedSplit, labels) -> bool:
     """Whether the split's images can be decoded from any position on: files whose
-    labels are known before decoding (a folder); else records read in order (tfds)."""
-    return encoded.paths is not None and labels is not None
+    labels are known before decoding (a folder), or records read by ranges (tfds);
+    else records read in order from the first (tfds under mock_data)."""
+    return (encoded.paths is not None and labels is not None) or encoded.read_range is not None
 
 
 def _chunks(count: int, chunked: bool) -> list[tuple[int, int]]:
     """(start, stop) of each chunk of a split of `count` images; one chunk when the
-    split's records cannot be read from a position on (tfds)."""
+    split's records can only be read from the first."""
     if not chunked:
         return [(0, count)]
     size = max(CHUNK_IMAGES, -(-count // MAX_CHUNKS))
@@ -586,12 +595,19 @@ def _decode_claimed(encoded, size, crop, directory, labels, chunks, claimed, pro
         for k, _, _ in claimed:
             writer.add_log(k, _chunk_file(directory, k, ".i64", tag))
         todo = np.concatenate([positions for _, positions, _ in claimed])
-        if not _chunked(encoded, labels):
-            # A tfds split: one chunk, whose records are read in order.
+        if labels is None:
+            # tfds records: each claimed chunk's records read in order, their labels
+            # with them (the rows already logged pass through undecoded).
             done = np.ones(encoded.count, bool)
             done[todo] = False
             chunk_labels, bad = _first_pass(
-                encoded, size, crop, writer=writer, done=done, progress=progress
+                encoded,
+                size,
+                crop,
+                writer=writer,
+                done=done,
+                progress=progress,
+                ranges=[chunks[k] for k, _, _ in claimed],
             )
             bad = np.asarray(bad, np.int64)
         else:
@@ -875,7 +891,16 @@ class _RowWriter:
 
 
 def _first_pass(
-    encoded, size, crop, *, images=None, writer=None, done=None, progress=None, labels=None
+    encoded,
+    size,
+    crop,
+    *,
+    images=None,
+    writer=None,
+    done=None,
+    progress=None,
+    labels=None,
+    ranges=None,
 ):
     """Decodes every image not `done` into `images` (memory) or `writer` (disk), or,
     with neither, only to find those that do not decode (`_scan`).
@@ -889,9 +914,12 @@ def _first_pass(
       progress: a `_Progress` to count decoded images in; by default one of this pass.
       labels: the labels when known before decoding (folders): those of the images
         that decode only when read again (`_read_again`).
+      ranges: the (start, stop) ranges of positions to read (`encoded.read_range`);
+        by default the whole split.
 
     Returns:
-      (labels of every position, positions that could not be decoded).
+      (labels of every position read (0 elsewhere), positions read that could not be
+      decoded).
     """
     resuming = done is not None and done.any()
     todo_array = ~done if resuming else np.ones(encoded.count, bool)
@@ -909,8 +937,19 @@ def _first_pass(
         # Positions already written pass through undecoded: their labels are still read.
         return position, label, tf.cond(todo[position], work, lambda: empty)
 
-    dataset = tf.data.Dataset.zip(tf.data.Dataset.range(encoded.count), encoded.make_records())
-    # In any order, as in `_decode_claimed`.
+    ranges = ranges or [(0, encoded.count)]
+    read = np.zeros(encoded.count, bool)
+    parts = []
+    for start, stop in ranges:
+        read[start:stop] = True
+        records = (
+            encoded.make_records()
+            if (start, stop) == (0, encoded.count)
+            else encoded.read_range(start, stop)
+        )
+        parts.append(tf.data.Dataset.zip(tf.data.Dataset.range(start, stop), records))
+    dataset = functools.reduce(tf.data.Dataset.concatenate, parts)
+    # In any order, as in `_decode_positions`.
     dataset = dataset.map(
         lambda position, record: decode_one(position, *record),
         num_parallel_calls=tf.data.AUTOTUNE,
@@ -952,7 +991,7 @@ def _first_pass(
         _raise_disk_full(error, writer, size)
     if own_progress:
         progress.close()
-    return labels, np.flatnonzero(~arrived).tolist()
+    return labels, np.flatnonzero(read & ~arrived).tolist()
 
 
 class _Progress:

@@ -130,6 +130,12 @@ class TfdsDataset:
             reads_files=False,
             describe=lambda position: f"record {position} of tfds:{self.name} {split}",
             stream=stream,
+            # tfds reads a slice from the files that hold it (their lengths known).
+            read_range=(
+                (lambda start, stop: self._records(f"{split}[{start}:{stop}]"))
+                if stream is not None
+                else None
+            ),
         )
 
     def _fingerprint(self, split: str, info) -> str:
