@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 
+import image_files
 import pytest
 from test_data_service import STOP_BOUND_SEC, free_port, start_data_service, stop_seconds
 
@@ -223,7 +224,7 @@ def test_xla_under_mirrored_over_two_cpus_fails_with_or_without_loss_scaling():
 TWO_WORKERS = ("--strategy=multi_worker", "--phase1_epochs=2")
 
 
-def _start_workers(workdir, scratch, kill_worker_1_at=None):
+def _start_workers(workdir, scratch, kill_worker_1_at=None, *args):
     """Starts both workers of a two-worker run; worker 1 SIGKILLs itself at the
     named point (effpipe.faults) when one is given."""
     ports = _free_ports(2)
@@ -231,6 +232,7 @@ def _start_workers(workdir, scratch, kill_worker_1_at=None):
     return [
         _train(
             *TWO_WORKERS,
+            *args,
             f"--workdir={workdir}",
             env={
                 **ENV,
@@ -254,10 +256,17 @@ def test_two_workers_one_killed_mid_phase_both_restarted_finish_and_only_the_chi
 ):
     workdir, scratch = tmp_path / "run", tmp_path / "scratch"
     scratch.mkdir()
+    # A folder of 200 photos: both workers decode it into the run's decoded cache on
+    # the disk, WORKDIR/cache/images, not each into a folder of its own.
+    photos = tmp_path / "photos"
+    image_files.write_class_folder_tree(
+        photos, {"train": {f"c{k}": [f"{i:02d}.jpg" for i in range(20)] for k in range(10)}}
+    )
+    folder = (f"--dataset=folder:{photos}", "--cache=disk")
     # Worker 1 dies at the start of epoch 2, in the middle of phase 1: the chief's next
     # collective fails within seconds, and it stops in one line (not a hang).
     (chief_code, chief_log), (worker_code, _) = _finish(
-        _start_workers(workdir, scratch, kill_worker_1_at="epoch:2")
+        _start_workers(workdir, scratch, "epoch:2", *folder)
     )
     assert worker_code == -signal.SIGKILL
     assert chief_code == 1, chief_log[-3000:]
@@ -273,9 +282,14 @@ def test_two_workers_one_killed_mid_phase_both_restarted_finish_and_only_the_chi
     # --deterministic the resumed run's figures equal an uninterrupted run's bit for
     # bit: WORKSPACE, Reliability; checked by hand, not here, to spare the suite a
     # third two-worker run.)
-    (chief_code, chief_log), (worker_code, worker_log) = _finish(_start_workers(workdir, scratch))
+    (chief_code, chief_log), (worker_code, worker_log) = _finish(
+        _start_workers(workdir, scratch, None, *folder)
+    )
     assert chief_code == 0, chief_log[-3000:]
     assert worker_code == 0, worker_log[-3000:]
+    [cached] = (workdir / "cache" / "images").glob("folder-train-*")
+    for log in (chief_log, worker_log):
+        assert f"reusing the decoded cache {cached}" in log, log[-3000:]
     assert "phase 1, 1 epochs done" in chief_log and "phase 1, 1 epochs done" in worker_log
     assert "strategy multi_worker (--strategy=multi_worker): 2 replica(s) over 2 worker(s)" in (
         chief_log
