@@ -46,6 +46,12 @@ FEATURE_CACHE_FILE = os.path.join("cache", "phase1_features.npz")
 IMAGE_CACHE_DIR = os.path.join("cache", "images")
 
 
+def image_cache_root(workdir: str, cache_dir: str) -> str:
+    """The folder of the decoded-image caches: --cache_dir, else WORKDIR/cache/images
+    (for every worker of a run, and for `effpipe.evaluate` on the run's folder)."""
+    return cache_dir or os.path.join(workdir, IMAGE_CACHE_DIR)
+
+
 # Everything a run writes; --overwrite removes exactly these, nothing else.
 RUN_OUTPUTS = (
     CONFIG_FILE,

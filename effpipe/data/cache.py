@@ -685,7 +685,7 @@ def _read_again(encoded, positions, size, crop) -> tuple[np.ndarray, np.ndarray]
     """
     decoded, images = [], []
     if encoded.paths is None:  # Records in memory (tfds): nothing to read again.
-        positions = ()
+        return np.zeros(0, np.int64), np.zeros((0, size, size, 3), np.uint8)
     for position in np.asarray(positions).tolist():
         path = encoded.paths[position]
         try:
@@ -712,7 +712,7 @@ def _read_again(encoded, positions, size, crop) -> tuple[np.ndarray, np.ndarray]
         )
     return (
         np.asarray(decoded, np.int64),
-        np.stack(images) if images else np.empty((0, size, size, 3), np.uint8),
+        np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
     )
 
 

@@ -148,8 +148,9 @@ def evaluate_export(
         )
     exported = export.load(export_dir)
     model_names = [n.decode() for n in exported.signatures["class_names"]()["class_names"].numpy()]
-    cache_root = data.cache_dir or os.path.join(workdir, run_dir.IMAGE_CACHE_DIR)
-    source = sources.load_configured_source(data, size=size, seed=seed, cache_root=cache_root)
+    source = sources.load_configured_source(
+        data, size=size, seed=seed, cache_root=run_dir.image_cache_root(workdir, data.cache_dir)
+    )
     if len(source.class_names) != len(model_names):
         raise UsageError(
             f"{data.dataset} has {len(source.class_names)} classes and the model "

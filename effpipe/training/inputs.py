@@ -76,7 +76,7 @@ def prepare_data(
         pipeline.check_dispatcher_answers(config.distribution.data_service)
     source, train_split, validation_split, test_split, evaluated_on = load_data(
         config,
-        cache_root(config, workdir),
+        run_dir.image_cache_root(workdir, config.data.cache_dir),
         workers=(distribution.num_workers, distribution.worker_index),
     )
     options = pipeline.pipeline_options_of(config.runtime)
@@ -100,13 +100,6 @@ def prepare_data(
             steps_per_epoch,
         ),
     )
-
-
-def cache_root(config: TrainConfig, workdir: str) -> str:
-    """The folder of the decoded-image caches: --cache_dir, else WORKDIR/cache/images
-    (on every worker of a run: not the temporary folder a worker other than the chief
-    writes its own files to)."""
-    return config.data.cache_dir or os.path.join(workdir, run_dir.IMAGE_CACHE_DIR)
 
 
 def load_data(config: TrainConfig, cache_root: str, *, workers: tuple[int, int] = (1, 0)):
