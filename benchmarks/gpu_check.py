@@ -11,18 +11,19 @@ recorded as skipped. After every part it rewrites --output, a JSON file with, pe
 part: status (ok, failed with its last stderr lines, timed_out, skipped with the
 reason, interrupted), wall seconds, the command, the part's figures (finite
 numbers) and its final JSON line as printed; each part's full stdout and stderr are
-kept in <output>_logs/. It ends with a summary table: each step setting against the
-notebook replica of its phase, on the same GPU. SIGTERM or Ctrl-C kills the running
-parts and still writes the file. Without a GPU (and without --smoke) it says so in
-one line and exits 0; a GPU that nvidia-smi lists but this TensorFlow cannot use (a
-CPU-only build) is one line on stderr and exit status 1, not a run on the CPU.
+kept in <output>_logs/. It ends with summary tables: each step setting against the
+notebook replica of its phase, and effpipe against the keras_recipe peer, on the
+same GPU. SIGTERM or Ctrl-C kills the running parts and still writes the file.
+Without a GPU (and without --smoke) it says so in one line and exits 0; a GPU that
+nvidia-smi lists but this TensorFlow cannot use (a CPU-only build) is one line on
+stderr and exit status 1, not a run on the CPU.
 
 The parts, in the order they run (benchmarks.gpu_check_parts defines each): the
 untimed stage together, cut at 200 s (smoke_run; tuner_estimate, then
 tuner_trial_phase1 and tuner_trial_phase2), then one at a time step_p1_mixed_xla_on,
-step_p1_float32_xla_off, step_p2_mixed_xla_on, augment, step_p2_float32_xla_off,
-step_p1_mixed_xla_off, step_p2_mixed_xla_off, step_p1_float32_xla_on,
-step_p2_float32_xla_on.
+step_p1_float32_xla_off, step_p2_mixed_xla_on, peer_p1_mixed_xla_on,
+peer_p2_mixed_xla_on, augment, step_p2_float32_xla_off, step_p1_mixed_xla_off,
+step_p2_mixed_xla_off, step_p1_float32_xla_on, step_p2_float32_xla_on.
 
 The deadline, not a plan, keeps the whole under 8 minutes: on a first run at the
 default --deadline_s=450 the last settings are likely skipped (each B5 setting with
@@ -46,7 +47,7 @@ from concurrent import futures
 from absl import flags
 
 from benchmarks import gpu_check_parts, harness, part_runner, step_report
-from benchmarks.gpu_check_parts import PART_NAMES, REPLICA
+from benchmarks.gpu_check_parts import PART_NAMES, PEER, REPLICA
 from benchmarks.part_runner import Runner
 
 PROGRAM = "benchmarks.gpu_check"
@@ -61,6 +62,8 @@ _PARTS = flags.DEFINE_list("parts", [], "Run only these parts (names as in the d
 # effpipe's phase-1 step, fed, against the replica as it ran (step_report imports no
 # TensorFlow, so this process still never loads it).
 PHASE1_TARGET_SPEEDUP = step_report.GPU_PHASE1_TARGET_SPEEDUP
+# effpipe fed and augmenting against the keras_recipe peer, each phase.
+PEER_TARGET_SPEEDUP = step_report.GPU_TARGET_SPEEDUP_VS_KERAS_RECIPE
 # Seconds the untimed stage (smoke run, tuner) may take on a GPU, of the deadline.
 UNTIMED_STAGE_S = 200
 
@@ -206,7 +209,8 @@ def main(argv):
 
 
 def summarize(parts: dict) -> dict:
-    """The step settings side by side, each against the replica of its phase."""
+    """The step settings side by side, each against the replica of its phase; and every
+    part that timed effpipe fed and augmenting beside the keras_recipe peer."""
     replica = {}
     for record in parts.values():
         result = record.get("result") or {}
@@ -214,13 +218,17 @@ def summarize(parts: dict) -> dict:
             for name in REPLICA:
                 if name in result["configurations"]:
                     replica[(result["phase"], name)] = result["configurations"][name]["ms_per_step"]
-    steps = []
+    steps, peers = [], []
     for name, record in parts.items():
         result = record.get("result") or {}
         if record["status"] != "ok" or result.get("benchmark") != "step_throughput":
             continue
         figures, phase = record["figures"], result["phase"]
-        compute = figures["effpipe/noaug/synthetic/ms_per_step"]
+        if all(f"{c}/ms_per_step" in figures for c in PEER):
+            peers.append(summarize_peer(name, result, figures))
+        compute = figures.get("effpipe/noaug/synthetic/ms_per_step")
+        if compute is None:
+            continue
         fed = figures.get("effpipe/noaug/pipeline/ms_per_step")
         notebook_compute, notebook_fed = (
             replica.get((phase, "notebook/synthetic")),
@@ -245,8 +253,16 @@ def summarize(parts: dict) -> dict:
         )
     summary = {
         "steps": steps,
+        "peers": peers,
         "replica_ms_per_step": {f"phase{p}/{n}": v for (p, n), v in replica.items()},
     }
+    for peer in peers:
+        if peer["part"].startswith("peer_"):
+            summary[f"target_phase{peer['phase']}_speedup_vs_keras_recipe"] = {
+                "value": peer["speedup_vs_keras_recipe"],
+                "limit": PEER_TARGET_SPEEDUP,
+                "met": peer["speedup_vs_keras_recipe"] >= PEER_TARGET_SPEEDUP,
+            }
     headline = [step for step in steps if step["part"] == "step_p1_mixed_xla_on"]
     speedup = headline[0]["fed_speedup_vs_replica_as_run"] if headline else None
     if speedup is not None:
@@ -256,6 +272,22 @@ def summarize(parts: dict) -> dict:
             "met": speedup >= PHASE1_TARGET_SPEEDUP,
         }
     return summary
+
+
+def summarize_peer(name: str, result: dict, figures: dict) -> dict:
+    """One part's effpipe (fed, augmenting) against the keras_recipe peer."""
+    effpipe_ms, peer_ms = (figures[f"{c}/ms_per_step"] for c in PEER)
+    return {
+        "part": name,
+        "phase": result["phase"],
+        "precision": result["precision"],
+        "xla": result["xla"],
+        "ms_per_step": effpipe_ms,
+        "images_per_sec": figures[f"{PEER[0]}/images_per_sec"],
+        "keras_recipe_ms_per_step": peer_ms,
+        "keras_recipe_images_per_sec": figures[f"{PEER[1]}/images_per_sec"],
+        "speedup_vs_keras_recipe": peer_ms / effpipe_ms,
+    }
 
 
 def print_summary(report: dict) -> None:
@@ -277,6 +309,16 @@ def print_summary(report: dict) -> None:
               s["speedup_vs_replica"], s["fed_speedup_vs_replica_as_run"],
               s["augment_share_of_step"]] for s in steps],
         )  # fmt: skip
+    peers = report["summary"]["peers"]
+    if peers:
+        print()
+        harness.print_table(
+            ["peer part", "phase", "precision", "XLA", "ms/step", "keras_recipe ms/step",
+             "x keras_recipe"],
+            [[p["part"], p["phase"], p["precision"], "on" if p["xla"] else "off",
+              p["ms_per_step"], p["keras_recipe_ms_per_step"], p["speedup_vs_keras_recipe"]]
+             for p in peers],
+        )  # fmt: skip
     trials = [
         (name, record["figures"]) for name, record in report["parts"].items()
         if name.startswith("tuner_trial") and record["status"] == "ok"
@@ -294,6 +336,14 @@ def print_summary(report: dict) -> None:
             f"target: phase-1 step (mixed, XLA, fed) {target['value']:.2f}x the replica as it "
             f"ran, against {target['limit']:g}x: {'met' if target['met'] else 'MISSED'}"
         )
+    for phase in (1, 2):
+        target = report["summary"].get(f"target_phase{phase}_speedup_vs_keras_recipe")
+        if target:
+            print(
+                f"target: phase-{phase} step (mixed, XLA, fed, augmenting) {target['value']:.2f}x "
+                f"keras_recipe, against {target['limit']:g}x: "
+                f"{'met' if target['met'] else 'MISSED'}"
+            )
 
 
 if __name__ == "__main__":

@@ -22,14 +22,17 @@ offline shapes data, since the GPU machine has no network):
                      steps, phase 1 mixed + XLA also augmentation's share; the float32,
                      XLA-off settings (the notebook's own) also time the notebook
                      replica; the other four time the compute step only.
+  peer_*             benchmarks.step_throughput, phase 1 and phase 2 with mixed
+                     precision and XLA: effpipe fed and augmenting against the
+                     keras_recipe peer (what the keras-io guide has a user write).
   augment            benchmarks.augment_throughput at its defaults (224 and 456 px).
 
 The smoke run and the tuner time nothing the others could disturb, so they run
 together first (the smoke run's GPU memory allowed to grow, so the trials' 8 GB caps
 fit beside it); every timed part runs alone after them. TIMED_ORDER puts first what
 the README's GPU tables need most: the 5x target (phase 1, mixed + XLA, fed, against
-the replica as the notebook ran it), the phase-2 step, augmentation; then the other
-precision x XLA cells. Each part's (timeout, least seconds worth starting) assume one
+the replica as the notebook ran it), the phase-2 step, the peer in both phases,
+augmentation; then the other precision x XLA cells. Each part's (timeout, least seconds worth starting) assume one
 H200: ~10 s of TensorFlow import and CUDA start per process, ~15 s of tracing per B5
 train step and up to a minute or more of XLA compilation at 456 px.
 
@@ -57,11 +60,16 @@ SMOKE_TUNER_FLAGS = ["--variant=b0", "--image_size=32", "--memory_budget_gb=8", 
 NOAUG = ["effpipe/noaug/synthetic", "effpipe/noaug/pipeline"]
 AUG = ["effpipe/aug/synthetic", "effpipe/aug/pipeline"]
 REPLICA = ["notebook/synthetic", "notebook/numpy", "notebook/generator"]
+# The peer and its like: both fed from the same uint8 images, both augmenting.
+PEER = ["effpipe/aug/pipeline", "keras_recipe"]
 # name, phase, mixed precision, XLA, configurations, (timeout s, least s worth starting).
 STEP_SETTINGS = [
     ("step_p1_mixed_xla_on", 1, True, "on", NOAUG + AUG, (240, 100)),
     ("step_p1_float32_xla_off", 1, False, "off", NOAUG + REPLICA, (180, 60)),
     ("step_p2_mixed_xla_on", 2, True, "on", NOAUG, (240, 80)),
+    # Two models, each compiled with XLA.
+    ("peer_p1_mixed_xla_on", 1, True, "on", PEER, (300, 150)),
+    ("peer_p2_mixed_xla_on", 2, True, "on", PEER, (300, 150)),
     ("step_p2_float32_xla_off", 2, False, "off", NOAUG + REPLICA, (180, 60)),
     ("step_p1_mixed_xla_off", 1, True, "off", NOAUG[:1], (120, 35)),
     ("step_p2_mixed_xla_off", 2, True, "off", NOAUG[:1], (120, 40)),
@@ -70,9 +78,9 @@ STEP_SETTINGS = [
 ]
 SMOKE_STEP_PARTS = ("step_p1_float32_xla_off", "step_p2_mixed_xla_off")
 TIMED_ORDER = (
-    [name for name, *_ in STEP_SETTINGS[:3]]
+    [name for name, *_ in STEP_SETTINGS[:5]]
     + ["augment"]
-    + [name for name, *_ in STEP_SETTINGS[3:]]
+    + [name for name, *_ in STEP_SETTINGS[5:]]
 )
 PART_NAMES = ["smoke_run", "tuner_estimate", "tuner_trial_phase1", "tuner_trial_phase2"]
 PART_NAMES += TIMED_ORDER

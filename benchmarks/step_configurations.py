@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from benchmarks import harness, notebook_replica
+from benchmarks import harness, keras_recipe, notebook_replica
 from effpipe.config import POOLING_HEADS, TrainConfig
 from effpipe.data import pipeline
 from effpipe.data.splits import Split
@@ -74,9 +74,10 @@ class StepSetting:
         return self.train.images.shape[1:3]
 
 
-def effpipe_model(setting: StepSetting, config, steps_per_execution: int) -> keras.Model:
-    """The trainer's model and compile for the setting's phase; `config` (the setting's,
-    with or without augmentation) says whether to augment."""
+def effpipe_network(setting: StepSetting, config) -> keras.Model:
+    """The trainer's model for the setting's phase, uncompiled: base frozen, or its top
+    --unfreeze_blocks blocks unfrozen in phase 2; `config` (the setting's, with or
+    without augmentation) says whether to augment."""
     model = factory.make_configured_model(
         config.model,
         config.augmentation,
@@ -88,7 +89,13 @@ def effpipe_model(setting: StepSetting, config, steps_per_execution: int) -> ker
     )
     if setting.phase == 2:
         freezing.unfreeze_top_blocks(model, config.phases.unfreeze_blocks)
-    phases = config.phases
+    return model
+
+
+def compile_step(setting: StepSetting, model: keras.Model, steps_per_execution: int) -> None:
+    """The trainer's compile for the setting's phase: Adam at the phase's learning rate,
+    the run's XLA switch."""
+    phases = setting.config.phases
     learning_rate = (
         phases.phase1_learning_rate if setting.phase == 1 else phases.phase2_learning_rate
     )
@@ -98,6 +105,13 @@ def effpipe_model(setting: StepSetting, config, steps_per_execution: int) -> ker
         jit_compile=setting.setup.xla,
         steps_per_execution=steps_per_execution,
     )
+
+
+def effpipe_model(setting: StepSetting, config, steps_per_execution: int) -> keras.Model:
+    """The trainer's model and compile for the setting's phase; `config` (the setting's,
+    with or without augmentation) says whether to augment."""
+    model = effpipe_network(setting, config)
+    compile_step(setting, model, steps_per_execution)
     return model
 
 
@@ -235,6 +249,34 @@ def notebook_group(setting: StepSetting) -> Group:
     )
 
 
+def keras_recipe_group(setting: StepSetting) -> Group:
+    """The keras_recipe peer (benchmarks.keras_recipe): effpipe's network from the base
+    on, fed augmented, resized batches by a tf.data chain on the host, compiled as
+    effpipe's step (the run's precision, XLA switch and steps per compiled call).
+
+    Its dataset is made when its model is, under the run's dtype policy, so that Keras'
+    layers in it compute in the policy's dtype as a user's script would.
+    """
+    config, steps = setting.config, setting.steps
+    configuration = Configuration("keras_recipe", {})
+
+    def build():
+        model = keras_recipe.make_model(effpipe_network(setting, config.replace(augment=False)))
+        compile_step(setting, model, setting.steps_per_execution)
+        if setting.setup.xla and not model.jit_compile:
+            # Keras turns XLA off, with a warning only, for a layer it cannot compile.
+            raise RuntimeError("keras_recipe: Keras compiled its step without XLA")
+        dataset = keras_recipe.make_dataset(
+            setting.train.images, setting.train.labels, batch_size=config.batch_size,
+            image_size=config.model.resolved_image_size, augmentation=config.augmentation,
+            seed=config.seed,
+        )  # fmt: skip
+        configuration.fit_inputs = {"x": dataset, "steps_per_epoch": steps, "shuffle": False}
+        return model
+
+    return Group(build, [configuration])
+
+
 def make_groups(
     setting: StepSetting, cache_build: dict, *, notebook_baseline: bool, names: list[str]
 ) -> list[Group]:
@@ -261,6 +303,7 @@ def make_groups(
         groups.extend(feature_cache_groups(setting, cache_build))
     if notebook_baseline:
         groups.append(notebook_group(setting))
+    groups.append(keras_recipe_group(setting))
     return select_configurations(groups, names)
 
 

@@ -1,4 +1,5 @@
-"""Train-step throughput: effpipe's step against the notebook's, compute and input apart.
+"""Train-step throughput: effpipe's step against the notebook's and a Keras user's
+of today, compute and input apart.
 
     python -m benchmarks.step_throughput                      # b0, 224 px, batch 32, CPU
     python -m benchmarks.step_throughput --phase=2
@@ -6,6 +7,8 @@
         --mixed_precision --xla=on                          # the GPU headline
     python -m benchmarks.step_throughput --smoke              # a few seconds
     python -m benchmarks.step_throughput --configurations=effpipe/noaug/synthetic
+    python -m benchmarks.step_throughput --mixed_precision \\
+        --configurations=effpipe/aug/pipeline,keras_recipe   # against the peer, bfloat16
 
 Times the real train step (Keras `fit`, the trainer's model and compile, phase 1:
 base frozen; phase 2: --unfreeze_blocks unfrozen) with the trainer's shared
@@ -24,27 +27,39 @@ base frozen; phase 2: --unfreeze_blocks unfrozen) with the trainer's shared
                             one train step per compiled call
   effpipe/noaug/feature_cache/multistep  the same with the steps per call the
                             trainer's --steps_per_execution=0 picks for it
+  keras_recipe              the peer: what the keras-io fine-tuning guide has a user
+                            write today (benchmarks.keras_recipe): effpipe's network
+                            from the base on, fed by a host tf.data chain that maps
+                            Keras' RandomRotation/Translation/Zoom/Flip and Resizing
+                            over batches with num_parallel_calls, then prefetches
 
 --configurations times only the named ones (default: every one), and builds only
 the models they train: on a GPU each model costs a compilation, so a run that
-needs one figure does not pay for seven.
+needs one figure does not pay for every model.
 
 speedup_vs_notebook pairs effpipe/noaug/synthetic with notebook/synthetic,
 effpipe/noaug/pipeline with notebook/numpy and effpipe/aug/pipeline with
-notebook/generator. The base gets random weights saved to a file and loaded as a
-pretrained base is (the same compute as ImageNet weights, no download). effpipe
-uses the trainer's precision, XLA and steps per compiled call (--steps_per_execution,
-resolved for an epoch of --steps_per_repeat steps: 1 on a CPU); the replica always
-runs float32 without XLA, one step per call, as the notebook did. Each repeat is
-one epoch of --steps_per_repeat steps per configuration, interleaved; the first
-repeat is warm-up; median of the rest.
+notebook/generator; speedup_vs_keras_recipe pairs effpipe/aug/pipeline with
+keras_recipe (both fed from the same uint8 images, both augmenting: effpipe on the
+device inside its step, the peer on the host). The base gets random weights saved
+to a file and loaded as a pretrained base is (the same compute as ImageNet weights,
+no download). effpipe uses the trainer's precision, XLA and steps per compiled call
+(--steps_per_execution, resolved for an epoch of --steps_per_repeat steps: 1 on a
+CPU); the replica always runs float32 without XLA, one step per call, as the
+notebook did. keras_recipe takes effpipe's precision, XLA switch and steps per
+call: the guide's mixed precision is --mixed_precision here (bfloat16 on a CPU,
+float16 on a GPU) and its jit_compile=True is --xla (auto: on on a GPU, off on a
+CPU, where a compiled step measured 8x slower), so that the ratio compares input
+paths and steps, not settings. Each repeat is one epoch of --steps_per_repeat steps
+per configuration, interleaved; the first repeat is warm-up; median of the rest.
 Prints a table and, last, one JSON line: one object per configuration with
-ms_per_step, images_per_sec, peak_memory_mb (GPU; null on CPU) and speedup_vs_notebook,
-and, in phase 1, phase1_feature_cache: the wall time of one epoch (--steps_per_repeat
-steps) on the full model against one on cached features, the one forward pass that
-computes the features of that epoch's images, and the ratio; and the cached epoch's
-ms/step at one step per call against the multistep one. --seed_baseline is the old
-name of --notebook_baseline and still works.
+ms_per_step, images_per_sec, peak_memory_mb (GPU; null on CPU), speedup_vs_notebook
+and speedup_vs_keras_recipe; the targets; and, in phase 1, phase1_feature_cache: the
+wall time of one epoch (--steps_per_repeat steps) on the full model against one on
+cached features, the one forward pass that computes the features of that epoch's
+images, and the ratio; and the cached epoch's ms/step at one step per call against
+the multistep one. --seed_baseline is the old name of --notebook_baseline and still
+works.
 
 The configurations live in benchmarks.step_configurations, the report in
 benchmarks.step_report.
@@ -151,8 +166,8 @@ def main(argv):
         f"step_throughput on {setup.device}: {model.variant} at {model.resolved_image_size} "
         f"px, batch {config.batch_size}, phase {phase} (effpipe unfreezes "
         f"{config.phases.unfreeze_blocks} blocks, the replica its last 51 layers); effpipe "
-        f"{setup.precision}, XLA {'on' if setup.xla else 'off'}; notebook replica float32, no "
-        f"XLA; median of {repeats} repeats x {steps} steps after one warm-up repeat; "
+        f"{setup.precision}, XLA {'on' if setup.xla else 'off'}, and so keras_recipe; notebook "
+        f"replica float32, no XLA; median of {repeats} repeats x {steps} steps after one warm-up repeat; "
         f"effpipe's {steps_per_execution_reason}"
     )
 

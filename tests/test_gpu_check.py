@@ -170,6 +170,40 @@ def test_a_failed_part_is_recorded_and_the_others_still_run(repo_root, tmp_path)
     assert report["finished"] is True
 
 
+def test_the_summary_sets_the_peer_parts_beside_keras_recipe_against_the_target():
+    def step_record(phase, milliseconds):
+        configurations = {name: {"ms_per_step": ms} for name, ms in milliseconds.items()}
+        result = {
+            "benchmark": "step_throughput", "phase": phase, "precision": "mixed_float16",
+            "xla": True, "configurations": configurations, "targets": {},
+        }  # fmt: skip
+        figures = {}
+        for name, ms in milliseconds.items():
+            figures[f"{name}/ms_per_step"] = ms
+            figures[f"{name}/images_per_sec"] = 32_000.0 / ms
+        return {"status": "ok", "result": result, "figures": figures}
+
+    parts = {
+        "step_p1_mixed_xla_on": step_record(1, {"effpipe/noaug/synthetic": 20.0}),
+        # A peer part times no compute-only step: it has no row among the steps.
+        "peer_p1_mixed_xla_on": step_record(
+            1, {"effpipe/aug/pipeline": 25.0, "keras_recipe": 50.0}
+        ),
+        "peer_p2_mixed_xla_on": step_record(
+            2, {"effpipe/aug/pipeline": 30.0, "keras_recipe": 36.0}
+        ),
+    }
+    summary = gpu_check.summarize(parts)
+    assert [step["part"] for step in summary["steps"]] == ["step_p1_mixed_xla_on"]
+    assert [peer["speedup_vs_keras_recipe"] for peer in summary["peers"]] == [2.0, 1.2]
+    assert summary["peers"][0]["keras_recipe_images_per_sec"] == 640.0
+    assert summary["target_phase1_speedup_vs_keras_recipe"]["met"] is True
+    assert summary["target_phase2_speedup_vs_keras_recipe"] == {
+        "value": 1.2, "limit": 1.5, "met": False,
+    }  # fmt: skip
+    assert {"peer_p1_mixed_xla_on", "peer_p2_mixed_xla_on"} <= set(gpu_check_parts.PART_NAMES)
+
+
 def test_smoke_runs_every_part_and_records_finite_figures(repo_root, tmp_path):
     output = tmp_path / "gpu_check.json"
     # The default deadline is the GPU's budget; on shared CPU cores every part must run.
@@ -220,6 +254,13 @@ def test_smoke_runs_every_part_and_records_finite_figures(repo_root, tmp_path):
         report["summary"]["replica_ms_per_step"]["phase1/notebook/synthetic"] / one["ms_per_step"]
     )
     assert steps["step_p2_mixed_xla_off"]["speedup_vs_replica"] is None  # No phase-2 replica.
+    # The part that times every configuration has effpipe beside the keras_recipe peer.
+    (peer,) = report["summary"]["peers"]
+    assert peer["part"] == "step_p1_float32_xla_off"
+    assert peer["speedup_vs_keras_recipe"] == (
+        replica_phase["keras_recipe/ms_per_step"]
+        / replica_phase["effpipe/aug/pipeline/ms_per_step"]
+    )
     assert result.stdout.strip().splitlines()[-1].startswith(f"gpu_check: wrote {output}")
 
 
@@ -233,7 +274,7 @@ def _check_step_benchmark(report):
     assert set(configurations) == {
         "effpipe/noaug/synthetic", "effpipe/noaug/pipeline", "effpipe/aug/synthetic",
         "effpipe/aug/pipeline", "notebook/synthetic", "notebook/numpy", "notebook/generator",
-        "effpipe/noaug/feature_cache", "effpipe/noaug/feature_cache/multistep",
+        "effpipe/noaug/feature_cache", "effpipe/noaug/feature_cache/multistep", "keras_recipe",
     }  # fmt: skip
     on_gpu = report["device"] != "CPU"
     for name, figures in configurations.items():
@@ -246,7 +287,13 @@ def _check_step_benchmark(report):
     assert fed == {
         "effpipe/noaug/pipeline", "effpipe/aug/pipeline", "notebook/numpy", "notebook/generator",
     }  # fmt: skip
-    assert set(report["targets"]) == {"augment_share_of_step", "noaug_speedup_vs_notebook_as_run"}
+    assert set(report["targets"]) == {
+        "augment_share_of_step", "noaug_speedup_vs_notebook_as_run", "aug_speedup_vs_keras_recipe",
+    }  # fmt: skip
+    assert configurations["effpipe/aug/pipeline"]["speedup_vs_keras_recipe"] == (
+        configurations["keras_recipe"]["ms_per_step"]
+        / configurations["effpipe/aug/pipeline"]["ms_per_step"]
+    )
     # Phase 1 on cached features against the full model, per epoch of the same steps.
     cache = report["phase1_feature_cache"]
     assert cache["epoch_seconds_with_cache"] > 0 and cache["cache_build_seconds"] > 0
