@@ -1,12 +1,18 @@
-"""Exporting a trained model as a SavedModel that serves encoded images by class name.
+"""Exporting a trained model as a SavedModel that serves images by class name, and
+converting that export to TFLite.
 
-    WORKDIR/export/      tf.saved_model.load(path) in any TensorFlow process
+    WORKDIR/export/      tf.saved_model.load(path) in any TensorFlow process, or a
+                         TF1 session load (TF Serving's loader, saved_model_cli run)
+    WORKDIR/export.tflite  `write_tflite`, run by `python -m effpipe.export_tflite`
 
-Signatures (both return the same outputs):
+Signatures (all return the same outputs):
   serving_default(images: string [N])      encoded JPEG, PNG, GIF or BMP bytes of any
                                            size; grayscale, palette and RGBA images are
                                            converted to RGB
   serve_images(images: uint8 [N, H, W, 3]) decoded images of any size
+  serve_source_images(images: uint8 [N, S, S, 3])
+                                           images already at the run's source size S:
+                                           the model alone, no resize (what TFLite runs)
 
 and class_names() returns every class name, in class order.
 
@@ -19,7 +25,14 @@ and classifies it. Outputs:
   all_probabilities  float32 [N, num_classes]
 
 The SavedModel holds the traced graph and the weights: loading it needs TensorFlow
-only, not effpipe or Keras.
+only, not effpipe or Keras. Keras' exporter (`keras.export.ExportArchive`) writes it:
+it saves the `tf.Variable`s that the traced functions read, so the restore op that
+TF Serving's loader runs fills, by name, the variables the signatures read. A
+`tf.Module` holding the Keras model, saved with `tf.saved_model.save`, would not
+serve there: each Keras variable is saved as a second copy of its `tf.Variable`,
+and the restore op fills only the copies. `tf.saved_model.load` binds functions to
+variables by object and never shows it; a session load finds the variables that
+the functions read uninitialized.
 
 It computes in float32 without XLA, whatever the run's precision and --xla: the
 export traces a serving copy of the trained model (`make_serving_model`), the same
@@ -30,68 +43,98 @@ sampling); and on CPU float16 kernels are slow or missing, bfloat16 ones fast on
 with bfloat16 instructions. Keras keeps a mixed-precision model's variables in
 float32, so no weight is rounded; each layer of the copy computes what the trained
 model's does, without its float16/bfloat16 rounding.
+
+TFLite converts `serve_source_images` only: the other signatures' resize has an
+antialiased branch (`ScaleAndTranslate`) that TFLite has no kernel for, builtin or
+TF Select. A TFLite caller resizes its images to S x S itself.
 """
+
+import pathlib
 
 import keras
 import tensorflow as tf
 from absl import logging
+from tensorflow.core.protobuf import saved_model_pb2
 
 from effpipe import run_dir
 from effpipe.data import decode
+from effpipe.errors import UsageError
 from effpipe.model import augment, efficientnet
 
 EXPORT_DIR = "export"
+# The signature that TFLite runs, and its file beside the export folder.
+TFLITE_SIGNATURE = "serve_source_images"
+TFLITE_FILE = "export.tflite"
 
 
-class ServingModule(tf.Module):
-    """The model with its pre- and post-processing, as traced TensorFlow functions.
+def make_archive(
+    model: keras.Model, class_names, top_k: int = 5, crop: str = "resize"
+) -> keras.export.ExportArchive:
+    """The serving signatures of `model`, with its pre- and post-processing.
 
     Args:
       model: a model built by `efficientnet.make_model` (uint8 source images in).
       class_names: one name per class.
       top_k: classes returned per image (at most the number of classes).
       crop: the run's --source_crop.
+
+    Returns:
+      The archive, ready for `write_out`.
     """
+    source_size = int(model.input.shape[1])
+    # A constant, not a variable: the names never change after the export.
+    names = tf.constant(list(class_names))
+    archive = keras.export.ExportArchive()
+    # serving_default calls serve_images' function, which calls serve_source_images':
+    # the model is traced once.
+    serve_source_images = archive.add_endpoint(
+        "serve_source_images",
+        _make_classify(model, names, min(top_k, len(class_names))),
+        input_signature=[_images_spec(source_size)],
+    )
+    serve_images = archive.add_endpoint(
+        "serve_images",
+        lambda images: serve_source_images(decode.resize_to_size(images, source_size, crop)),
+        input_signature=[_images_spec(None)],
+    )
 
-    def __init__(self, model: keras.Model, class_names, top_k: int = 5, crop: str = "resize"):
-        super().__init__()
-        self.crop = crop
-        self.model = model
-        self.class_names = tf.Variable(list(class_names), trainable=False, name="class_names")
-        self.top_k = min(top_k, len(class_names))
-        self.source_size = int(model.input.shape[1])
-        self.serve_bytes = tf.function(
-            self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="images")]
-        )
-        self.serve_images = tf.function(
-            self._serve_images,
-            input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
-        )
-        self.get_class_names = tf.function(
-            lambda: {"class_names": tf.identity(self.class_names)}, input_signature=[]
+    def decode_all(encoded_images):
+        return tf.map_fn(
+            lambda encoded: decode.decode_to_size(encoded, source_size, crop),
+            encoded_images,
+            fn_output_signature=tf.TensorSpec([source_size, source_size, 3], tf.uint8),
         )
 
-    def _serve_bytes(self, images):
-        decoded = tf.map_fn(
-            lambda encoded: decode.decode_to_size(encoded, self.source_size, self.crop),
-            images,
-            fn_output_signature=tf.TensorSpec([self.source_size, self.source_size, 3], tf.uint8),
-        )
-        # The uint8 signature's function: the model is traced once for both.
-        return self.serve_images(decoded)
+    archive.add_endpoint(
+        "serving_default",
+        lambda images: serve_images(decode_all(images)),
+        input_signature=[tf.TensorSpec([None], tf.string, name="images")],
+    )
+    archive.add_endpoint(
+        "class_names", lambda: {"class_names": tf.identity(names)}, input_signature=[]
+    )
+    return archive
 
-    def _serve_images(self, images):
-        return self._classify(decode.resize_to_size(images, self.source_size, self.crop))
 
-    def _classify(self, images):
-        probabilities = tf.cast(self.model(images, training=False), tf.float32)
-        top_probabilities, top_ids = tf.math.top_k(probabilities, k=self.top_k)
+def _images_spec(size: int | None) -> tf.TensorSpec:
+    """A batch of uint8 RGB images of side `size` (None: any height and width)."""
+    return tf.TensorSpec([None, size, size, 3], tf.uint8, name="images")
+
+
+def _make_classify(model: keras.Model, names: tf.Tensor, top_k: int):
+    """The function from uint8 images at the source size to the signatures' outputs."""
+
+    def classify(images):
+        probabilities = tf.cast(model(images, training=False), tf.float32)
+        top_probabilities, top_ids = tf.math.top_k(probabilities, k=top_k)
         return {
-            "classes": tf.gather(self.class_names, top_ids),
+            "classes": tf.gather(names, top_ids),
             "class_ids": top_ids,
             "probabilities": top_probabilities,
             "all_probabilities": probabilities,
         }
+
+    return classify
 
 
 def make_serving_model(model: keras.Model) -> keras.Model:
@@ -168,22 +211,14 @@ def export_model(
       top_k: classes each signature returns per image.
       crop: the run's --source_crop, applied to served images as in training.
     """
-    module = ServingModule(make_serving_model(model), class_names, top_k, crop)
-    signatures = {
-        "serving_default": module.serve_bytes,
-        "serve_images": module.serve_images,
-        "class_names": module.get_class_names,
-    }
+    archive = make_archive(make_serving_model(model), class_names, top_k, crop)
     # Serving needs no gradients: not tracing them halves the time to save.
     options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     previous_verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.WARNING)  # TensorFlow logs every saved function.
     try:
         run_dir.write_directory_atomically(
-            path,
-            lambda folder: tf.saved_model.save(
-                module, folder, signatures=signatures, options=options
-            ),
+            path, lambda folder: archive.write_out(folder, options=options, verbose=False)
         )
     finally:
         logging.set_verbosity(previous_verbosity)
@@ -198,3 +233,47 @@ def load(path: str):
         return tf.saved_model.load(path)
     finally:
         logging.set_verbosity(previous_verbosity)
+
+
+def write_tflite(export_dir: str, path: str, *, float16: bool = False) -> int:
+    """Converts the export's `serve_source_images` signature to a TFLite file.
+
+    The file holds that one signature, under its name, with the same inputs and
+    outputs (class names included): uint8 [N, S, S, 3] images at the run's source
+    size in.
+
+    Args:
+      export_dir: a folder written by `export_model`.
+      path: the .tflite file to write (replaced if it exists).
+      float16: store the weights in float16, half the file; on a CPU the
+        interpreter computes in float32 from them.
+
+    Returns:
+      The file's size in bytes.
+
+    Raises:
+      UsageError: an export without the signature (written by an older effpipe).
+    """
+    if TFLITE_SIGNATURE not in _signature_names(export_dir):
+        raise UsageError(
+            f"{export_dir} has no {TFLITE_SIGNATURE} signature (an export from an older "
+            "effpipe): train the run again to export it"
+        )
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        export_dir, signature_keys=[TFLITE_SIGNATURE]
+    )
+    if float16:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    flatbuffer = converter.convert()
+    run_dir.write_atomically(
+        path, lambda temporary: pathlib.Path(temporary).write_bytes(flatbuffer)
+    )
+    return len(flatbuffer)
+
+
+def _signature_names(export_dir: str) -> set[str]:
+    """The signature names in an export's saved_model.pb, read without loading it."""
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString(pathlib.Path(export_dir, "saved_model.pb").read_bytes())
+    return {name for graph in saved_model.meta_graphs for name in graph.signature_def}
