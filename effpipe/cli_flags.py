@@ -2,18 +2,26 @@
 
 Binaries import this module, call `flags.adopt_module_key_flags(cli_flags)` so
 `--helpshort` lists these flags, and build the config with `config_from_flags()`.
-This module imports neither TensorFlow nor Keras: a bad flag fails in a second.
+Each flag is a field of `config.TrainConfig` and its section here is the field's
+slice (`config.SECTION_TITLES`), which `--helpshort` and `--print_config` show. The
+command-line helpers of `effpipe.cli_usage` are reached through this module. It
+imports neither TensorFlow nor Keras: a bad flag fails in a second.
 """
 
 import datetime
-import re
 import sys
 
 from absl import flags
 
 from effpipe import config as config_lib
 from effpipe import variants
-from effpipe.errors import UsageError
+
+# The binaries' one import for their command line (effpipe.cli_usage).
+from effpipe.cli_usage import (  # noqa: F401 (re-exported)
+    exit_with_usage_error,
+    make_flags_parser,
+    refuse_arguments,
+)
 
 _DEFAULTS = config_lib.TrainConfig().to_flat()
 
@@ -174,8 +182,11 @@ flags.DEFINE_enum(
     "Samples outside the source: nearest (repeat the edge), reflect or constant (0).",
 )
 
-# --- Training recipe. ---
+# --- Batch size and seed. ---
 flags.DEFINE_integer("batch_size", _DEFAULTS["batch_size"], "Global batch size, in images.")
+flags.DEFINE_integer("seed", _DEFAULTS["seed"], "Seeds data order, splits and initialisation.")
+
+# --- Training recipe. ---
 flags.DEFINE_integer("phase1_epochs", _DEFAULTS["phase1_epochs"], "Epochs with the base frozen.")
 flags.DEFINE_float(
     "phase1_learning_rate", _DEFAULTS["phase1_learning_rate"], "Adam learning rate of phase 1."
@@ -252,6 +263,17 @@ flags.DEFINE_float(
     "the true class of K; 0: hard labels.",
 )
 
+flags.DEFINE_enum(
+    "phase1_feature_cache",
+    _DEFAULTS["phase1_feature_cache"],
+    config_lib.FEATURE_CACHE_MODES,
+    "Compute the frozen base's pooled features of the train and validation images "
+    "once (saved under WORKDIR/cache/) and train phase 1's head on them. auto: on "
+    "with --noaugment, --head=pooled and a pretrained base (with --weights=none the "
+    "base's stochastic depth varies the features); on: required, refused with "
+    "augmentation or the notebook head; off: every phase-1 epoch runs the whole model.",
+)
+
 # --- Performance and reproducibility. ---
 flags.DEFINE_bool(
     "mixed_precision",
@@ -281,7 +303,6 @@ flags.DEFINE_integer(
     "the phase-1 head on cached features and 8 for the whole model on a GPU or TPU; "
     "1 on CPU and while profiling. Must divide the steps of an epoch.",
 )
-flags.DEFINE_integer("seed", _DEFAULTS["seed"], "Seeds data order, splits and initialisation.")
 flags.DEFINE_bool(
     "deterministic",
     _DEFAULTS["deterministic"],
@@ -298,17 +319,6 @@ flags.DEFINE_bool(
     _DEFAULTS["debug_numerics"],
     "TensorFlow's numeric checks: stop at the first op that makes a NaN or infinity "
     "and name it (much slower; for debugging a diverging run).",
-)
-
-flags.DEFINE_enum(
-    "phase1_feature_cache",
-    _DEFAULTS["phase1_feature_cache"],
-    config_lib.FEATURE_CACHE_MODES,
-    "Compute the frozen base's pooled features of the train and validation images "
-    "once (saved under WORKDIR/cache/) and train phase 1's head on them. auto: on "
-    "with --noaugment, --head=pooled and a pretrained base (with --weights=none the "
-    "base's stochastic depth varies the features); on: required, refused with "
-    "augmentation or the notebook head; off: every phase-1 epoch runs the whole model.",
 )
 
 # --- Distribution: replicas, machines and an input fleet (effpipe.training.distribution). ---
@@ -369,60 +379,3 @@ def flagfile_text(program: str, extra_flag_names: tuple[str, ...] = ()) -> str:
     names = [flag.name for flag in FLAGS.get_flags_for_module(sys.modules[__name__])]
     lines = [FLAGS[name].serialize() for name in [*names, *extra_flag_names]]
     return "\n".join(header + [line for line in lines if line]) + "\n"
-
-
-def exit_with_usage_error(program: str, error: Exception) -> None:
-    """Prints `program: error: MESSAGE` as one line on stderr and exits with status 2."""
-    # absl prefixes some of its messages with "ERROR:: "; the line says error once.
-    message = " ".join(str(error).split()).removeprefix("ERROR:: ")
-    print(f"{program}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def refuse_arguments(program: str, argv: list[str]) -> None:
-    """Exits with one line and status 2 when `argv` holds more than the program."""
-    if len(argv) > 1:
-        exit_with_usage_error(
-            program,
-            UsageError(f"unexpected arguments {' '.join(argv[1:])}: flags take --name=value"),
-        )
-
-
-def make_flags_parser(program: str):
-    """An absl `flags_parser` for `app.run`: a bad flag is one line and exit status 2."""
-
-    def parse(argv: list[str]) -> list[str]:
-        try:
-            return FLAGS(argv)
-        except flags.Error as error:
-            exit_with_usage_error(program, UsageError(_flag_error_with_fix(program, error)))
-
-    return parse
-
-
-# What to pass instead of a value absl cannot parse, by the flag's type; an enum's
-# message already lists its choices.
-_VALUE_HINTS = {
-    "int": "pass a whole number, e.g. --{name}={default}",
-    "float": "pass a number, e.g. --{name}={default}",
-    "bool": "pass --{name} or --no{name}",
-}
-
-
-def _flag_error_with_fix(program: str, error: flags.Error) -> str:
-    """absl's message for a flag it refused, with the fix added where it names none."""
-    message = " ".join(str(error).split()).removeprefix("ERROR:: ")
-    if isinstance(error, flags.CantOpenFlagFileError):
-        return (
-            f"{message}: check the --flagfile path (a relative path, nested flagfiles' "
-            "too, resolves from the current directory: run from the repo root)"
-        )
-    if isinstance(error, flags.UnrecognizedFlagError) and "Did you mean" not in message:
-        return f"{message}: `python -m {program} --helpfull` lists the flags"
-    refused = re.match(r"flag --(\w+)=", message)
-    if isinstance(error, flags.IllegalFlagValueError) and refused and refused[1] in FLAGS:
-        flag = FLAGS[refused[1]]
-        hint = _VALUE_HINTS.get(flag.flag_type())
-        if hint:
-            return f"{message}: {hint.format(name=flag.name, default=flag.default)}"
-    return message

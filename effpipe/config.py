@@ -203,6 +203,19 @@ for _slice_name, _slice in SLICES.items():
     for _field in dataclasses.fields(_slice):
         assert _field.name not in FIELD_SLICES, f"{_field.name} is in two slices"
         FIELD_SLICES[_field.name] = _slice_name
+# The sections of `--helpshort` and `--print_config`, in order: one per slice, and
+# one (None) for the top-level fields.
+SECTION_TITLES = {
+    "data": "Data: where the images come from and how the train split is divided",
+    "model": "Model: the EfficientNet variant, its resolution, weights and head",
+    "augmentation": "Augmentation: on the device, fused with the resize",
+    None: "Batch size and seed",
+    "phases": "Training recipe: the two phases, their schedule and optimizer",
+    "runtime": "Performance and reproducibility: precision, XLA, steps per call",
+    "distribution": "Distribution: replicas, machines and an input fleet",
+    "outputs": "Outputs",
+}
+assert set(SECTION_TITLES) == set(FIELD_SLICES.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,3 +287,60 @@ class TrainConfig:
         if self.data.dataset in ("cifar100", "shapes"):
             return 32
         return self.model.resolved_image_size
+
+
+# The data fields added with the decoded cache, as a run recorded without them ran.
+OLDER_RUN_DATA_FIELDS = {
+    "source_crop": "resize",
+    "cache": "auto",
+    "cache_dir": "",
+    "cache_memory_mb": 256,
+}
+# The recipe fields added with the schedules and regularisers, as a run recorded
+# without them ran: constant Adam on hard labels.
+OLDER_RUN_RECIPE_FIELDS = {
+    "lr_schedule": "constant",
+    "warmup_epochs": 0.0,
+    "lr_min_fraction": 0.0,
+    "lr_decay_rate": 0.97,
+    "lr_decay_epochs": 2.4,
+    "optimizer": "adam",
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "label_smoothing": 0.0,
+}
+# The from-scratch initialisation fields, as a run recorded without them was built:
+# Keras' stochastic depth and Keras' initialisation from scratch; a pretrained base
+# ignores both, so its run reads as recorded with today's defaults.
+OLDER_RUN_INIT_FIELDS = {"stochastic_depth": 0.2, "zero_init_residual": False}
+
+
+def upgrade_recorded(recorded: dict) -> dict:
+    """The flat fields an older effpipe recorded (config.json), in today's terms.
+
+    A run recorded before a field existed reads as having run with the value that
+    reproduces it, so the same command resumes it; the notebook head's older name,
+    seed, reads as notebook.
+
+    Args:
+      recorded: the {flag name: value} dict a run directory's config.json holds.
+
+    Returns:
+      A new dict, comparable with `TrainConfig.to_flat()`.
+    """
+    recorded = dict(recorded)
+    if "head" in recorded:
+        recorded["head"] = HEAD_ALIASES.get(recorded["head"], recorded["head"])
+    if "cache" not in recorded:
+        # Recorded before the decoded cache: CIFAR's and the shapes' 32 px was the
+        # default then, which is now written 0 (auto, still 32 for them).
+        recorded.update(OLDER_RUN_DATA_FIELDS)
+        if recorded.get("source_size") == 32 and recorded.get("dataset") in ("cifar100", "shapes"):
+            recorded["source_size"] = 0
+    if "lr_schedule" not in recorded:
+        recorded.update(OLDER_RUN_RECIPE_FIELDS)
+    if "stochastic_depth" not in recorded:
+        recorded.update(OLDER_RUN_INIT_FIELDS)
+        if recorded.get("weights") != "none":
+            recorded["zero_init_residual"] = True
+    return recorded

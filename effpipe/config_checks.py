@@ -2,28 +2,14 @@
 
 `effpipe.config` runs these checks when a slice is built; each raises `UsageError`
 naming the bad value and the fix. Split from the config's dataclasses to keep each
-module short; the constants are re-exported by `effpipe.config`.
+module short; the constants are re-exported by `effpipe.config`. The checks take the
+slices as arguments and import nothing of `effpipe.config`, which imports them.
 """
 
-from __future__ import annotations
-
 import dataclasses
-from typing import TYPE_CHECKING
 
 from effpipe import variants
 from effpipe.errors import UsageError
-
-if TYPE_CHECKING:  # The dataclasses of effpipe.config, which imports this module.
-    from effpipe.config import (
-        AugmentationConfig,
-        DataConfig,
-        DistributionConfig,
-        ModelConfig,
-        OutputsConfig,
-        PhasesConfig,
-        RuntimeConfig,
-        TrainConfig,
-    )
 
 # pooled: GAP -> BN -> Dropout -> Dense; notebook: BN -> Dropout -> GAP -> Dense, the
 # original notebook's order, which --head=seed names too.
@@ -77,7 +63,8 @@ def _require_zero_or_more(flag: str, value, meaning_of_zero: str = "") -> None:
     _require(value >= 0, f"--{flag}={value} must be 0{meaning_of_zero} or more")
 
 
-def check_data(data: DataConfig) -> None:
+def check_data(data) -> None:
+    """Checks the fields of a DataConfig."""
     dataset = data.dataset
     kind, _, rest = dataset.partition(":")
     _require(
@@ -113,7 +100,8 @@ def check_data(data: DataConfig) -> None:
     )
 
 
-def check_model(model: ModelConfig) -> None:
+def check_model(model) -> None:
+    """Checks the fields of a ModelConfig."""
     _require_choice("variant", model.variant, tuple(variants.VARIANTS))
     _require(
         model.image_size == 0 or variants.MIN_IMAGE_SIZE <= model.image_size <= MAX_IMAGE_SIZE,
@@ -143,7 +131,8 @@ def check_model(model: ModelConfig) -> None:
             )
 
 
-def check_augmentation(augmentation: AugmentationConfig) -> None:
+def check_augmentation(augmentation) -> None:
+    """Checks the fields of an AugmentationConfig."""
     _require_range("rotation_degrees", augmentation.rotation_degrees, 0.0, 180.0)
     _require_range(
         "shift_fraction", augmentation.shift_fraction, 0.0, 1.0, why=" (a share of the image side)"
@@ -156,7 +145,8 @@ def check_augmentation(augmentation: AugmentationConfig) -> None:
     _require_choice("fill_mode", augmentation.fill_mode, FILL_MODES)
 
 
-def check_phases(phases: PhasesConfig) -> None:
+def check_phases(phases) -> None:
+    """Checks the fields of a PhasesConfig."""
     for phase in (1, 2):
         epochs = getattr(phases, f"phase{phase}_epochs")
         learning_rate = getattr(phases, f"phase{phase}_learning_rate")
@@ -171,7 +161,7 @@ def check_phases(phases: PhasesConfig) -> None:
     _check_optimizer(phases)
 
 
-def _check_schedule(phases: PhasesConfig) -> None:
+def _check_schedule(phases) -> None:
     _require_choice("lr_schedule", phases.lr_schedule, LR_SCHEDULES)
     _require_zero_or_more("warmup_epochs", phases.warmup_epochs, " (no warm-up)")
     for phase in (1, 2):
@@ -195,7 +185,7 @@ def _check_schedule(phases: PhasesConfig) -> None:
     )
 
 
-def _check_optimizer(phases: PhasesConfig) -> None:
+def _check_optimizer(phases) -> None:
     _require_choice("optimizer", phases.optimizer, OPTIMIZERS)
     _require_range("momentum", phases.momentum, 0.0, 1.0, high_open=True, why=" (SGD's momentum)")
     _require_zero_or_more("weight_decay", phases.weight_decay, " (no weight decay)")
@@ -208,7 +198,8 @@ def _check_optimizer(phases: PhasesConfig) -> None:
     _require_range("label_smoothing", phases.label_smoothing, 0.0, 1.0, high_open=True, why=why)
 
 
-def check_runtime(runtime: RuntimeConfig) -> None:
+def check_runtime(runtime) -> None:
+    """Checks the fields of a RuntimeConfig."""
     _require_choice("xla mode", runtime.xla, XLA_MODES)
     _require_choice("mixed_precision_dtype", runtime.mixed_precision_dtype, MIXED_PRECISION_DTYPES)
     _require(
@@ -221,7 +212,8 @@ def check_runtime(runtime: RuntimeConfig) -> None:
     _require_zero_or_more("data_threads", runtime.data_threads)
 
 
-def check_distribution(distribution: DistributionConfig) -> None:
+def check_distribution(distribution) -> None:
+    """Checks the fields of a DistributionConfig."""
     _require_choice("strategy", distribution.strategy, STRATEGIES)
     service = distribution.data_service
     host, _, port = service.removeprefix("grpc://").rpartition(":")
@@ -232,7 +224,8 @@ def check_distribution(distribution: DistributionConfig) -> None:
     )
 
 
-def check_outputs(outputs: OutputsConfig) -> None:
+def check_outputs(outputs) -> None:
+    """Checks the fields of an OutputsConfig."""
     parts = outputs.profile_steps.split(",") if outputs.profile_steps else []
     well_formed = not parts or (
         len(parts) == 2
@@ -246,8 +239,8 @@ def check_outputs(outputs: OutputsConfig) -> None:
     )
 
 
-def check_across_slices(config: TrainConfig) -> None:
-    """The checks that span slices; each slice has checked its own fields."""
+def check_across_slices(config) -> None:
+    """The checks of a TrainConfig that span slices; each slice has checked its own fields."""
     _require(config.batch_size >= 1, f"--batch_size={config.batch_size} must be at least 1")
     runtime, outputs = config.runtime, config.outputs
     _require(

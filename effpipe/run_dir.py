@@ -5,7 +5,8 @@ a run there again with the same configuration resumes it (or, when metrics.json
 says it finished, reports it complete); with another configuration it is refused,
 naming the flags that differ, unless --overwrite discards the old run's outputs.
 An unfinished run may resume with other values of `config.RESUMABLE_CHANGES` (a
-lower learning rate after a NaN loss; thread counts): config.json takes them.
+lower learning rate after a NaN loss; thread counts): config.json takes them. A
+config.json an older effpipe wrote reads in today's terms (`config.upgrade_recorded`).
 No TensorFlow import: the check runs before TensorFlow loads.
 
 One run at a time: `hold` takes an OS lock on a file in the directory before
@@ -32,8 +33,9 @@ from collections.abc import Callable
 
 from absl import logging
 
+from effpipe import config as config_lib
 from effpipe import faults
-from effpipe.config import HEAD_ALIASES, RESUMABLE_CHANGES, TrainConfig
+from effpipe.config import RESUMABLE_CHANGES, TrainConfig
 from effpipe.errors import DiskFullError, UsageError, is_disk_full
 
 CONFIG_FILE = "config.json"
@@ -219,55 +221,9 @@ def is_complete(workdir: str, config: TrainConfig) -> bool:
     )
 
 
-# The data fields added with the decoded cache, as a run recorded without them ran.
-OLDER_RUN_DATA_FIELDS = {
-    "source_crop": "resize",
-    "cache": "auto",
-    "cache_dir": "",
-    "cache_memory_mb": 256,
-}
-
-
-# The recipe fields added with the schedules and regularisers, as a run recorded
-# without them ran: constant Adam on hard labels.
-OLDER_RUN_RECIPE_FIELDS = {
-    "lr_schedule": "constant",
-    "warmup_epochs": 0.0,
-    "lr_min_fraction": 0.0,
-    "lr_decay_rate": 0.97,
-    "lr_decay_epochs": 2.4,
-    "optimizer": "adam",
-    "momentum": 0.9,
-    "weight_decay": 0.0,
-    "label_smoothing": 0.0,
-}
-
-# The from-scratch initialisation fields, as a run recorded without them was built:
-# Keras' stochastic depth and Keras' initialisation from scratch; a pretrained base
-# ignores both, so its run reads as recorded with today's defaults.
-OLDER_RUN_INIT_FIELDS = {"stochastic_depth": 0.2, "zero_init_residual": False}
-
-
 def _read_config(path: str) -> dict:
-    """config.json's flat flags; a run recorded with the notebook head's older name,
-    seed, reads as notebook, so it resumes under the new name."""
-    recorded = read_json(path)
-    if "head" in recorded:
-        recorded["head"] = HEAD_ALIASES.get(recorded["head"], recorded["head"])
-    if "cache" not in recorded:
-        # Recorded before the decoded cache: the fields it added take the values that
-        # reproduce that run, and CIFAR's and the shapes' 32 px was the default, which
-        # is now written 0 (auto, still 32 for them).
-        recorded.update(OLDER_RUN_DATA_FIELDS)
-        if recorded.get("source_size") == 32 and recorded.get("dataset") in ("cifar100", "shapes"):
-            recorded["source_size"] = 0
-    if "lr_schedule" not in recorded:
-        recorded.update(OLDER_RUN_RECIPE_FIELDS)
-    if "stochastic_depth" not in recorded:
-        recorded.update(OLDER_RUN_INIT_FIELDS)
-        if recorded.get("weights") != "none":
-            recorded["zero_init_residual"] = True
-    return recorded
+    """config.json's flat flags, in today's terms (an older run's included)."""
+    return config_lib.upgrade_recorded(read_json(path))
 
 
 def remove_temporaries(workdir: str) -> None:

@@ -3,7 +3,11 @@
     python -m effpipe.train --variant=b5 --mixed_precision --workdir=runs/b5
     python -m effpipe.train --flagfile=flags/b5_rtx3070.flags --workdir=runs/b5
     python -m effpipe.train --flagfile=flags/demo.flags --workdir=runs/demo
+    python -m effpipe.train --flagfile=flags/demo.flags --workdir=runs/demo --print_config
     TF_CONFIG='{...}' python -m effpipe.train --strategy=multi_worker ...  # each machine
+
+--helpshort lists the flags by section; --print_config prints the configuration as
+this machine resolves it, by section, and exits without training or writing anything.
 
 --require_gpu stops in one line, before anything is written, when TensorFlow sees no
 GPU. Writes config.json, flags.txt, history.json, metrics.json, history.png, the best
@@ -46,6 +50,13 @@ OVERWRITE = flags.DEFINE_bool(
     False,
     "Discard the outputs of a run with other flags in --workdir and start afresh.",
 )
+PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config",
+    False,
+    "Print the configuration by section with what this machine resolves from it "
+    "(image and source size, precision, XLA, steps per call, batch per replica, "
+    "cache), and exit without training or writing anything.",
+)
 REQUIRE_GPU = flags.DEFINE_bool(
     "require_gpu",
     False,
@@ -64,6 +75,12 @@ def main(argv):
             from effpipe.training import runtime
 
             runtime.require_gpu()
+        if PRINT_CONFIG.value:
+            # Loads TensorFlow to see the devices, but no data and no model.
+            from effpipe.training import resolved_config
+
+            print(resolved_config.describe(config, WORKDIR.value), end="")
+            return
         # In a multi-worker run (TF_CONFIG) the chief alone prepares --workdir and
         # writes the run's files; the other workers only read it and write their own
         # files to a temporary folder of their own. The chief holds the directory's

@@ -21,8 +21,9 @@ phase 2 (top blocks unfrozen) or both:
   trains the real step uncapped and fits when its process's peak RSS stays within
   the budget (host memory, for CPU training; and the measured path testable here).
 
-Prints a table of the trials, writes a flagfile the trainer takes as is (the
-smaller of the phases' batches) and ends with one JSON line: phase1_max_batch,
+Prints a table of the trials, writes a flagfile that sets --batch_size only (the
+smaller of the phases' batches; its header names the model it holds for), to add
+after the recipe, and ends with one JSON line: phase1_max_batch,
 phase2_max_batch, method, memory_budget_gb and the trials. The budget is the
 card's memory; --reserved_mib of it is left to the CUDA context and libraries.
 """
@@ -148,7 +149,7 @@ def main(argv):
     batch_size = _flagfile_batch(report)
     if output:
         if batch_size:
-            _write_flagfile(output, report, batch_size)
+            _write_flagfile(output, report, batch_size, config)
             print(f"wrote {output}: --batch_size={batch_size}")
             report["flagfile"] = output
         else:
@@ -176,8 +177,10 @@ def _flagfile_batch(report: dict) -> int:
     return min(batches)
 
 
-def _write_flagfile(path: str, report: dict, batch_size: int) -> None:
-    """The model flags the answer holds for, and --batch_size, as a trainer flagfile."""
+def _write_flagfile(path: str, report: dict, batch_size: int, config) -> None:
+    """A trainer flagfile that sets what was tuned, --batch_size, and nothing else:
+    added after a recipe it must not change the recipe's model or data. Its header
+    names the model the answer holds for."""
     from effpipe import run_dir
 
     command = shlex.join(["python", "-m", PROGRAM, *sys.argv[1:]])
@@ -193,29 +196,26 @@ def _write_flagfile(path: str, report: dict, batch_size: int) -> None:
         if report["method"] == "measured"
         else "estimated: the analytical estimate of effpipe/tune/memory.py, no GPU measured"
     )
+    model, runtime = config.model, config.runtime
+    precision = "mixed precision" if runtime.mixed_precision else "float32"
+    if runtime.mixed_precision_dtype != "auto":
+        precision += f" {runtime.mixed_precision_dtype}"
     header = [
         f"# Batch size for a card of {MEMORY_BUDGET_GB.value:g} GB, tuned "
         f"{datetime.date.today().isoformat()} by:",
         f"#   {command}",
         f"# {how}; {per_phase}.",
-        "# Train with it after your recipe (last value wins):",
+        f"# It holds for {model.variant} at {model.resolved_image_size} px, {precision}, "
+        f"XLA {runtime.xla}, the {model.head} head, augmentation "
+        f"{'on' if config.augmentation.augment else 'off'} and {config.phases.unfreeze_blocks} "
+        "blocks unfrozen in phase 2.",
+        "# It sets --batch_size only: add it after your recipe (last value wins):",
         "#   python -m effpipe.train --flagfile=RECIPE --flagfile=THIS_FILE --workdir=DIR",
     ]
-    names = (
-        "variant",
-        "image_size",
-        "source_size",
-        "head",
-        "mixed_precision",
-        "xla",
-        "unfreeze_blocks",
-        "augment",
-    )
-    lines = [flags.FLAGS[name].serialize() for name in names] + [f"--batch_size={batch_size}"]
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
-    run_dir.write_text(path, "\n".join(header + lines) + "\n")
+    run_dir.write_text(path, "\n".join([*header, f"--batch_size={batch_size}"]) + "\n")
 
 
 if __name__ == "__main__":

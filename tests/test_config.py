@@ -1,10 +1,18 @@
-"""TrainConfig validation: every bad value is refused with a message naming it."""
+"""TrainConfig validation: every bad value is refused with a message naming it; the
+config of an older run reads in today's terms; no import circle in effpipe."""
+
+import ast
+import pathlib
 
 import pytest
 
+import effpipe
+from effpipe import config as config_lib
 from effpipe.config import TrainConfig
 from effpipe.errors import UsageError
 from effpipe.training import feature_cache
+
+PACKAGE_DIR = pathlib.Path(effpipe.__file__).parent
 
 
 def test_defaults_are_valid_and_resolve_native_size():
@@ -117,3 +125,54 @@ def test_the_notebook_head_is_also_accepted_by_its_older_name_seed():
 def test_an_unknown_feature_cache_mode_is_refused():
     with pytest.raises(UsageError, match="unknown phase1_feature_cache 'yes'"):
         TrainConfig.from_flat(phase1_feature_cache="yes")
+
+
+def _effpipe_imports(path) -> set[str]:
+    """The effpipe modules a file imports, at any depth (TYPE_CHECKING blocks included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("effpipe.")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("effpipe"):
+            for alias in node.names:
+                module = f"{node.module}.{alias.name}"
+                found.add(module if _module_path(module) else node.module)
+    return found
+
+
+def _module_path(module: str):
+    base = PACKAGE_DIR.parent.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.exists():
+            return path
+    return None
+
+
+def test_no_effpipe_module_imports_one_that_imports_it_back():
+    graph = {}
+    for path in PACKAGE_DIR.rglob("*.py"):
+        parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        graph[module] = {name for name in _effpipe_imports(path) if name != "effpipe"}
+
+    def reaches(start, goal, seen):
+        for name in graph.get(start, ()):
+            if name == goal or (name not in seen and reaches(name, goal, seen | {name})):
+                return True
+        return False
+
+    circles = sorted(
+        f"{module} <-> {imported}"
+        for module, imported_modules in graph.items()
+        for imported in imported_modules
+        if reaches(imported, module, {imported})
+    )
+    assert circles == []
+
+
+def test_a_config_an_older_effpipe_recorded_reads_in_todays_terms():
+    older = {"head": "seed", "dataset": "cifar100", "source_size": 32, "weights": "imagenet"}
+    upgraded = config_lib.upgrade_recorded(older)
+    assert (upgraded["head"], upgraded["source_size"], upgraded["cache"]) == ("notebook", 0, "auto")
+    assert upgraded["lr_schedule"] == "constant" and upgraded["zero_init_residual"] is True
+    assert older["head"] == "seed"  # The recorded dict is left as it was.

@@ -12,6 +12,7 @@ import sys
 import pytest
 from binaries import REPO_ROOT, run_train
 
+from effpipe import config as config_lib
 from effpipe import run_dir
 from effpipe.config import TrainConfig
 from effpipe.errors import UsageError
@@ -125,7 +126,7 @@ def test_a_run_recorded_before_the_decoded_cache_resumes_where_it_means_the_same
     run_dir.prepare(str(tmp_path), current, overwrite=False)
     (tmp_path / "state").mkdir()
     recorded = run_dir.read_json(str(tmp_path / run_dir.CONFIG_FILE))
-    for name in run_dir.OLDER_RUN_DATA_FIELDS:
+    for name in config_lib.OLDER_RUN_DATA_FIELDS:
         del recorded[name]
     # The older default, 32 px: CIFAR's own size, but not a folder's model resolution.
     run_dir.write_json(str(tmp_path / run_dir.CONFIG_FILE), {**recorded, "source_size": 32})
@@ -140,7 +141,7 @@ def test_a_run_recorded_before_the_schedules_resumes_as_constant_adam(tmp_path):
     run_dir.prepare(str(tmp_path), CONFIG, overwrite=False)
     (tmp_path / "state").mkdir()
     recorded = run_dir.read_json(str(tmp_path / run_dir.CONFIG_FILE))
-    for name in run_dir.OLDER_RUN_RECIPE_FIELDS:
+    for name in config_lib.OLDER_RUN_RECIPE_FIELDS:
         del recorded[name]
     run_dir.write_json(str(tmp_path / run_dir.CONFIG_FILE), recorded)
     assert run_dir.prepare(str(tmp_path), CONFIG, overwrite=False) == run_dir.RESUME
@@ -155,7 +156,7 @@ def test_a_run_recorded_before_the_from_scratch_fields_resumes_as_keras_built_it
     run_dir.prepare(str(tmp_path), current, overwrite=False)
     (tmp_path / "state").mkdir()
     recorded = run_dir.read_json(str(tmp_path / run_dir.CONFIG_FILE))
-    for name in run_dir.OLDER_RUN_INIT_FIELDS:
+    for name in config_lib.OLDER_RUN_INIT_FIELDS:
         del recorded[name]
     run_dir.write_json(str(tmp_path / run_dir.CONFIG_FILE), recorded)
     # Its base was Keras' own (stochastic depth 0.2); the initialisation is history

@@ -1,11 +1,13 @@
 """Runtime resolution: precision and XLA per device, a GPU TensorFlow cannot see,
 --require_gpu, and the steps per compiled call. GPUs are faked: this machine has none."""
 
+import logging
 import os
 import pathlib
 import stat
 import subprocess
 import sys
+import types
 
 import pytest
 import tensorflow as tf
@@ -183,3 +185,45 @@ def test_several_gpu_replicas_in_float16_keep_xla_off_unless_asked(fake_gpu):
     forced = runtime.resolve_runtime(mixed_precision=True, xla="on", local_replicas=4)
     assert forced.xla and "keras-team/keras#21366" in forced.warnings[0]
     assert runtime.resolve_runtime(mixed_precision=True, xla="auto", local_replicas=1).xla
+
+
+def test_a_gpu_run_in_float32_gets_one_hint_naming_mixed_precision(fake_gpu):
+    fake_gpu(H200)
+    (hint,) = runtime.resolve_runtime(mixed_precision=False, xla="auto").hints
+    assert hint == runtime.MIXED_PRECISION_HINT and "--mixed_precision" in hint
+    assert "\n" not in hint
+    assert runtime.resolve_runtime(mixed_precision=True, xla="auto").hints == ()
+
+
+def test_a_cpu_run_in_float32_gets_no_hint():
+    assert runtime.resolve_runtime(mixed_precision=False, xla="auto").hints == ()
+
+
+def test_the_run_resolution_takes_the_runtime_slice_and_debug_numerics_turns_xla_off(fake_gpu):
+    fake_gpu(H200)
+    config = TrainConfig.from_flat(mixed_precision=True, debug_numerics=True)
+    setup = runtime.resolve(config.runtime)
+    assert setup.precision == "mixed_float16" and not setup.xla
+    assert setup.reasons[-1] == "XLA off: --debug_numerics instruments ops XLA cannot run"
+    assert runtime.resolve(config.replace(debug_numerics=False).runtime).xla
+
+
+def test_steps_per_execution_before_the_data_is_known_states_the_rule():
+    config = TrainConfig.from_flat()
+    assert runtime.resolve_steps_per_execution(config, None, accelerator="cpu") == (
+        1, "1 train step per call (auto: 1 for the whole model on CPU)",
+    )  # fmt: skip
+    steps, reason = runtime.resolve_steps_per_execution(config, None, accelerator="gpu")
+    assert steps is None and reason.startswith("up to 8 train steps per call (auto")
+    explicit = TrainConfig.from_flat(steps_per_execution=4)
+    assert runtime.resolve_steps_per_execution(explicit, None, accelerator="gpu")[0] == 4
+
+
+def test_the_trainer_logs_the_mixed_precision_hint_on_a_gpu(fake_gpu, caplog):
+    from effpipe.training import trainer
+
+    fake_gpu(H200)
+    one_replica = types.SimpleNamespace(num_replicas=1, num_workers=1)
+    with caplog.at_level(logging.INFO, logger="absl"):
+        trainer._resolve_runtime(TrainConfig.from_flat(), one_replica)
+    assert [r.getMessage() for r in caplog.records].count(runtime.MIXED_PRECISION_HINT) == 1

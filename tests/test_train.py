@@ -18,7 +18,7 @@ from effpipe import cli_flags, faults
 from effpipe import config as config_lib
 from effpipe import train as train_binary  # noqa: F401 (defines --workdir)
 from effpipe.errors import UsageError
-from effpipe.training import phases, runtime, trainer
+from effpipe.training import failures, runtime, trainer
 
 FLAGFILES = sorted((REPO_ROOT / "flags").glob("*.flags"))
 # The smoke recipe at its source size, 32 px, for the runs that test a path, not
@@ -163,7 +163,7 @@ def test_every_kind_of_out_of_memory_is_one_line_naming_the_batch_and_the_tuner(
     config = config_lib.TrainConfig.from_flat(variant="b5", batch_size=48, mixed_precision=True)
     setup = runtime.resolve_runtime(mixed_precision=True, xla="off")
     with pytest.raises(UsageError) as raised:
-        with phases.device_errors_as_usage_errors(config, setup, lambda: "Kept: nothing."):
+        with failures.device_errors_as_usage_errors(config, setup, lambda: "Kept: nothing."):
             raise error
     message = str(raised.value)
     assert message.startswith("out of memory on CPU at --batch_size=48 (b5 at 456 px")
@@ -175,7 +175,7 @@ def test_other_device_errors_keep_their_type():
     config = config_lib.TrainConfig.from_flat()
     setup = runtime.resolve_runtime(mixed_precision=False, xla="off")
     with pytest.raises(tf.errors.InternalError, match="a kernel failed"):
-        with phases.device_errors_as_usage_errors(config, setup, lambda: ""):
+        with failures.device_errors_as_usage_errors(config, setup, lambda: ""):
             raise tf.errors.InternalError(None, None, "a kernel failed")
 
 

@@ -156,6 +156,12 @@ def test_the_tuner_prints_a_table_json_and_a_flagfile_the_trainer_takes(tmp_path
     batch_size = min(report["phase1_max_batch"], report["phase2_max_batch"])
     text = tuned.read_text()
     assert text.startswith("# ") and f"--batch_size={batch_size}\n" in text
+    # It sets what was tuned and nothing else: added after a folder recipe, a model or
+    # data flag (--source_size=32, say) would change the recipe. Its header names the
+    # model the answer holds for.
+    flag_lines = [line for line in text.splitlines() if not line.startswith("#")]
+    assert flag_lines == [f"--batch_size={batch_size}"]
+    assert "# It holds for b0 at 64 px, float32, XLA auto, the pooled head" in text
 
     # The trainer's own flags take it after the recipe (training at another batch
     # size is every other trainer test's business).

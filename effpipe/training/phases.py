@@ -7,26 +7,23 @@ what the state has finished, restores what it has started, and the phase's
 `EpochStateSaver` records every epoch in it.
 """
 
-import contextlib
 import dataclasses
 import functools
 import math
 import os
-import re
 
 import keras
-import tensorflow as tf
 from absl import logging
 
 from effpipe import run_dir
 from effpipe.config import TrainConfig
-from effpipe.data import pipeline
-from effpipe.errors import UsageError, WorkerLost, is_out_of_memory
+from effpipe.errors import UsageError
 from effpipe.model import factory, freezing
 from effpipe.outputs import plots
 from effpipe.training import (
     callbacks,
     checkpoints,
+    failures,
     inputs,
     optimization,
     run_state,
@@ -174,7 +171,7 @@ def run_phase(
     kept_so_far = functools.partial(
         kept_weights_message, context.checkpoint_path, state, checkpoint
     )
-    with device_errors_as_usage_errors(config, context.setup, kept_so_far):
+    with failures.device_errors_as_usage_errors(config, context.setup, kept_so_far):
         fit_model.fit(
             train_dataset,
             steps_per_epoch=context.data.steps_per_epoch,
@@ -234,7 +231,7 @@ def _fit_inputs(phase, model, state, context, initial_epoch, steps_per_execution
             context.calibration_callbacks,
         )
     kept_before = functools.partial(kept_weights_message, context.checkpoint_path, state)
-    with device_errors_as_usage_errors(context.config, context.setup, kept_before):
+    with failures.device_errors_as_usage_errors(context.config, context.setup, kept_before):
         head_model, train_dataset, validation_dataset = inputs.cached_phase1_inputs(
             context.config,
             context.setup,
@@ -354,101 +351,6 @@ def kept_weights_message(
     return (
         f"The best weights so far (validation accuracy {best:.4f}) are kept in {checkpoint_path}."
     )
-
-
-@contextlib.contextmanager
-def device_errors_as_usage_errors(config: TrainConfig, setup, describe_kept_weights):
-    """Turns running out of device memory, and a --debug_numerics finding, into one
-    line with the fix.
-
-    Args:
-      config: the run configuration, named in the fix.
-      setup: the resolved runtime (device and precision).
-      describe_kept_weights: () -> a sentence saying, at the time of the error, what
-        checkpoint is kept.
-
-    Raises:
-      UsageError: for out-of-memory errors and --debug_numerics findings; other
-        errors pass unchanged.
-    """
-    try:
-        yield
-    except (tf.errors.OpError, MemoryError) as error:
-        if not is_out_of_memory(error):
-            _raise_numerics_finding(config, error, describe_kept_weights)
-            _raise_if_worker_lost(config, error, describe_kept_weights)
-            _raise_if_data_service_restarted(config, error, describe_kept_weights)
-            raise
-        raise UsageError(
-            f"out of memory on {setup.device} at --batch_size={config.batch_size} "
-            f"({config.model.variant} at {config.model.resolved_image_size} px, {setup.precision}): "
-            f"find the largest batch that fits with `{runtime.tuner_command(config)}` (your card's "
-            "memory in GB), or lower --batch_size. " + describe_kept_weights()
-        ) from error
-
-
-# How TensorFlow's collective ops report a worker that died or cannot be reached:
-# the survivors' next all-reduce fails (within seconds of a SIGKILL, measured).
-_WORKER_LOST_ERRORS = (
-    tf.errors.UnavailableError,
-    tf.errors.AbortedError,
-    tf.errors.CancelledError,
-    tf.errors.DeadlineExceededError,
-)
-_WORKER_LOST_MARKERS = (
-    "Collective ops is aborted",
-    "Connection reset by peer",
-    "failed to connect",
-)
-
-
-def _raise_if_worker_lost(config: TrainConfig, error, describe_kept_weights) -> None:
-    """In a multi-worker run, raises a collective op's failure as one WorkerLost line
-    saying how to resume; returns otherwise."""
-    text = str(error)
-    if config.distribution.strategy != "multi_worker" or not (
-        isinstance(error, _WORKER_LOST_ERRORS) or any(m in text for m in _WORKER_LOST_MARKERS)
-    ):
-        return
-    # TensorFlow's message starts "Graph execution error:"; the cause is further down.
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    marked = [line for line in lines if any(m in line for m in _WORKER_LOST_MARKERS)]
-    cause = (marked or lines or [type(error).__name__])[0]
-    raise WorkerLost(
-        f"another worker of the cluster stopped or cannot be reached ({cause}). "
-        f"{describe_kept_weights()} Restart every worker with the same command: the run "
-        "resumes from its last saved epoch."
-    ) from error
-
-
-def _raise_if_data_service_restarted(config: TrainConfig, error, describe_kept_weights) -> None:
-    """Raises a step's failure after its tf.data service restarted (and lost the run's
-    jobs) as one WorkerLost line saying how to resume; returns otherwise."""
-    address = config.distribution.data_service
-    restarted = address and pipeline.dispatcher_restart_message(address, error)
-    if restarted:
-        raise WorkerLost(
-            f"{restarted}. {describe_kept_weights()} Rerun the same command: the run resumes "
-            "from its last saved epoch."
-        ) from error
-
-
-def _raise_numerics_finding(config: TrainConfig, error, describe_kept_weights) -> None:
-    """Raises a --debug_numerics finding as one UsageError line; returns otherwise."""
-    if not (
-        config.runtime.debug_numerics
-        and isinstance(error, tf.errors.InvalidArgumentError)
-        and "Infinity or NaN" in str(error)
-    ):
-        return
-    # The message names the checking node ("Detected at node X/CheckNumericsV2")
-    # before a long stack; the op is X.
-    node = re.search(r"Detected at node (\S+)", str(error))
-    where = node.group(1).removesuffix("/CheckNumericsV2") if node else "an op"
-    raise UsageError(
-        f"--debug_numerics: the first NaN or infinity came out of {where}: lower the "
-        "learning rate of that phase. " + describe_kept_weights()
-    ) from error
 
 
 def _count_trainable(model: keras.Model) -> int:

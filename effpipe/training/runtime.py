@@ -14,7 +14,8 @@ decision carries its reason for the log.
 
 A GPU that `nvidia-smi` lists but TensorFlow cannot use (a CPU-only TensorFlow, or
 CUDA libraries missing) is the most common way a GPU run silently trains on the CPU:
-`Devices.warnings` names the fix, and `--require_gpu` makes it an error.
+`Devices.warnings` names the fix, and `--require_gpu` makes it an error. A GPU run
+in float32 gets one hint naming --mixed_precision (`Runtime.hints`).
 """
 
 import dataclasses
@@ -23,12 +24,20 @@ import subprocess
 
 import tensorflow as tf
 
-from effpipe.config import TrainConfig
+from effpipe.config import RuntimeConfig, TrainConfig
 from effpipe.errors import UsageError
 
 # bfloat16 tensor-core arithmetic arrived with Ampere (compute capability 8.0).
 BFLOAT16_MIN_COMPUTE_CAPABILITY = (8, 0)
 
+
+# A GPU run in float32, for the log: mixed precision stays a choice (the notebook's
+# recipe runs without it), but a user should know it is there.
+MIXED_PRECISION_HINT = (
+    "hint: this run computes in float32 on the GPU; --mixed_precision computes in "
+    "16-bit floats with float32 variables: faster on tensor cores, and about half "
+    "the activation memory, so a larger batch fits"
+)
 
 # How a user gets TensorFlow's CUDA build (setup.cfg's gpu extra).
 GPU_INSTALL_HINT = "install TensorFlow's GPU build: make venv GPU=1, or pip install -e '.[gpu]'"
@@ -80,6 +89,7 @@ class Runtime:
       xla: whether the train step is compiled with XLA.
       reasons: one sentence per decision, for the log.
       warnings: sentences to log as warnings.
+      hints: sentences to log as information: a faster setting the run could use.
     """
 
     accelerator: str
@@ -89,6 +99,7 @@ class Runtime:
     xla: bool
     reasons: tuple[str, ...]
     warnings: tuple[str, ...] = ()
+    hints: tuple[str, ...] = ()
 
 
 def nvidia_smi_gpus() -> list[str]:
@@ -229,7 +240,41 @@ def resolve_runtime(
         use_xla,
         tuple(reasons),
         tuple(warnings),
+        hints=(MIXED_PRECISION_HINT,) if accelerator == "gpu" and not mixed_precision else (),
     )
+
+
+def resolve(
+    runtime_config: RuntimeConfig, *, local_replicas: int = 1, devices: Devices | None = None
+) -> Runtime:
+    """`resolve_runtime` for a run's runtime slice, with XLA off under --debug_numerics.
+
+    Args:
+      runtime_config: --mixed_precision, --mixed_precision_dtype, --xla and
+        --debug_numerics.
+      local_replicas: replicas of a distribution strategy in this process.
+      devices: the accelerators to resolve for; by default `detect_devices()`.
+
+    Returns:
+      The Runtime, with a reason per decision.
+
+    Raises:
+      UsageError: see `resolve_runtime`.
+    """
+    setup = resolve_runtime(
+        mixed_precision=runtime_config.mixed_precision,
+        mixed_precision_dtype=runtime_config.mixed_precision_dtype,
+        xla=runtime_config.xla,
+        local_replicas=local_replicas,
+        devices=devices,
+    )
+    if runtime_config.debug_numerics and setup.xla:
+        setup = dataclasses.replace(
+            setup,
+            xla=False,
+            reasons=(*setup.reasons, "XLA off: --debug_numerics instruments ops XLA cannot run"),
+        )
+    return setup
 
 
 def _check_precision_fits_device(dtype: str, devices: Devices) -> None:
@@ -276,8 +321,12 @@ def tuner_command(config: TrainConfig) -> str:
 
 
 def resolve_steps_per_execution(
-    config: TrainConfig, steps_per_epoch: int, *, accelerator: str, head_only: bool = False
-) -> tuple[int, str]:
+    config: TrainConfig,
+    steps_per_epoch: int | None,
+    *,
+    accelerator: str,
+    head_only: bool = False,
+) -> tuple[int | None, str]:
     """The train steps per compiled call of one phase, with the reason for the log.
 
     An epoch must be a whole number of calls: Keras runs every call's N steps on an
@@ -286,19 +335,21 @@ def resolve_steps_per_execution(
 
     Args:
       config: the run configuration (--steps_per_execution, --profile_steps).
-      steps_per_epoch: train steps of one epoch.
+      steps_per_epoch: train steps of one epoch; None before the data is loaded
+        (--print_config), when the reason states the rule.
       accelerator: "gpu", "tpu" or "cpu".
       head_only: the phase fits the head alone (phase 1 on cached features).
 
     Returns:
-      (steps per call, reason).
+      (steps per call, reason); the steps are None when they depend on the unknown
+      `steps_per_epoch`.
 
     Raises:
       UsageError: an explicit --steps_per_execution that does not divide the epoch.
     """
     requested = config.runtime.steps_per_execution
     if requested:
-        if steps_per_epoch % requested:
+        if steps_per_epoch is not None and steps_per_epoch % requested:
             raise UsageError(
                 f"--steps_per_execution={requested} must divide the {steps_per_epoch} train "
                 f"steps of an epoch: use {_largest_divisor(steps_per_epoch, requested)}, or "
@@ -308,10 +359,18 @@ def resolve_steps_per_execution(
     if config.outputs.profile_steps:
         return 1, "1 train step per call (auto: --profile_steps traces single steps)"
     kind = "head" if head_only else accelerator
-    steps = _largest_divisor(steps_per_epoch, AUTO_STEPS_PER_EXECUTION[kind])
+    at_most = AUTO_STEPS_PER_EXECUTION[kind]
     what = "the head on cached features" if head_only else f"the whole model on {kind.upper()}"
+    if steps_per_epoch is None and at_most == 1:
+        return 1, f"1 train step per call (auto: 1 for {what})"
+    if steps_per_epoch is None:
+        return None, (
+            f"up to {at_most} train steps per call (auto for {what}: the most, up to "
+            f"{at_most}, that divide the train steps of an epoch)"
+        )
+    steps = _largest_divisor(steps_per_epoch, at_most)
     return steps, (
-        f"{steps} train step(s) per call (auto: up to {AUTO_STEPS_PER_EXECUTION[kind]} for "
+        f"{steps} train step(s) per call (auto: up to {at_most} for "
         f"{what}, dividing the {steps_per_epoch} steps of an epoch)"
     )
 

@@ -17,7 +17,6 @@ deleted at the end, and read the run's resume state from `workdir` like the chie
 """
 
 import contextlib
-import dataclasses
 import functools
 import os
 import statistics
@@ -32,7 +31,15 @@ from effpipe import run_dir
 from effpipe.config import TrainConfig
 from effpipe.model import batch_norm, efficientnet, factory, freezing
 from effpipe.outputs import evaluation, export
-from effpipe.training import callbacks, feature_cache, inputs, phases, run_state, runtime
+from effpipe.training import (
+    callbacks,
+    failures,
+    feature_cache,
+    inputs,
+    phases,
+    run_state,
+    runtime,
+)
 from effpipe.training import distribution as distribution_lib
 
 # Images used to calibrate the BatchNormalization statistics of a random base.
@@ -80,7 +87,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         # closes when training ends, or with the run's stack on an error.
         training_scope = stack.enter_context(contextlib.ExitStack())
         training_scope.enter_context(distribution.strategy.scope())
-        with phases.device_errors_as_usage_errors(
+        with failures.device_errors_as_usage_errors(
             config, setup, lambda: "Nothing was trained yet."
         ):
             model, calibration_callbacks = _make_model(config, distribution, data)
@@ -120,7 +127,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         # --- Final evaluation of the best weights, the only use of the test split. ---
         _load_best_weights(model, context.checkpoint_path, state)
         kept = functools.partial(phases.kept_weights_message, context.checkpoint_path, state)
-        with phases.device_errors_as_usage_errors(config, setup, kept):
+        with failures.device_errors_as_usage_errors(config, setup, kept):
             stop_on_signal.check()
             evaluated = _evaluate_and_write_outputs(model, context)
 
@@ -190,22 +197,13 @@ def _resolve_runtime(
     config: TrainConfig, distribution: distribution_lib.Distribution
 ) -> runtime.Runtime:
     """Resolves device, precision and XLA, logs why, and seeds every generator."""
-    setup = runtime.resolve_runtime(
-        mixed_precision=config.runtime.mixed_precision,
-        mixed_precision_dtype=config.runtime.mixed_precision_dtype,
-        xla=config.runtime.xla,
-        local_replicas=distribution.num_replicas // distribution.num_workers,
+    setup = runtime.resolve(
+        config.runtime, local_replicas=distribution.num_replicas // distribution.num_workers
     )
-    if config.runtime.debug_numerics and setup.xla:
-        setup = dataclasses.replace(
-            setup,
-            xla=False,
-            reasons=(*setup.reasons, "XLA off: --debug_numerics instruments ops XLA cannot run"),
-        )
     logging.info("device: %s", setup.device)
     for warning in setup.warnings:
         logging.warning("%s", warning)
-    for reason in setup.reasons:
+    for reason in (*setup.reasons, *setup.hints):
         logging.info("%s", reason)
     keras.utils.set_random_seed(config.seed)
     if config.runtime.deterministic:
