@@ -22,7 +22,7 @@ import tensorflow as tf
 from binaries import run_train
 
 from effpipe import config, errors, run_dir
-from effpipe.data import cache, sources, stores
+from effpipe.data import cache_files, sources, stores
 from effpipe.training import checkpoints, run_state
 
 
@@ -162,5 +162,6 @@ def test_a_write_cut_short_is_a_full_disk_and_its_row_is_not_logged(tmp_path, mo
     monkeypatch.setattr(os, "pwrite", cut_short)
     message = _first_pass_on(tmp_path / "cache", tmp_path / "photos")
     assert stores.CACHE_FILE in message and "the rerun resumes the cache" in message, message
-    [log] = (tmp_path / "cache").rglob(f"{cache.CHUNK_PREFIX}*.i64")
+    # The batch whose write was cut short is not in the progress log.
+    [log] = (tmp_path / "cache").rglob(cache_files.PROGRESS_FILE)
     assert log.stat().st_size == 0

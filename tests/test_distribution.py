@@ -256,8 +256,8 @@ def test_two_workers_one_killed_mid_phase_both_restarted_finish_and_only_the_chi
 ):
     workdir, scratch = tmp_path / "run", tmp_path / "scratch"
     scratch.mkdir()
-    # A folder of 200 photos: both workers decode it into the run's decoded cache on
-    # the disk, WORKDIR/cache/images, not each into a folder of its own.
+    # A folder of 200 photos: each worker decodes only its own shard of it, into a
+    # folder of its own under the run's decoded cache, WORKDIR/cache/images.
     photos = tmp_path / "photos"
     image_files.write_class_folder_tree(
         photos, {"train": {f"c{k}": [f"{i:02d}.jpg" for i in range(20)] for k in range(10)}}
@@ -287,9 +287,11 @@ def test_two_workers_one_killed_mid_phase_both_restarted_finish_and_only_the_chi
     )
     assert chief_code == 0, chief_log[-3000:]
     assert worker_code == 0, worker_log[-3000:]
-    [cached] = (workdir / "cache" / "images").glob("folder-train-*")
-    for log in (chief_log, worker_log):
+    for index, log in enumerate((chief_log, worker_log)):
+        [cached] = (workdir / "cache" / "images" / f"worker-{index}-of-2").glob("folder-train-*")
         assert f"reusing the decoded cache {cached}" in log, log[-3000:]
+        # 200 photos, 180 to train after validation: 90 rows a worker.
+        assert (cached / "images.u8").stat().st_size == 90 * 32 * 32 * 3
     assert "phase 1, 1 epochs done" in chief_log and "phase 1, 1 epochs done" in worker_log
     assert "strategy multi_worker (--strategy=multi_worker): 2 replica(s) over 2 worker(s)" in (
         chief_log

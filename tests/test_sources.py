@@ -153,7 +153,9 @@ def test_a_file_that_cannot_be_read_is_not_counted_as_a_bad_image(tmp_path, monk
 
     monkeypatch.setattr(folders, "list_folder", listed_then_removed)
     for cache in ("memory", "disk"):
-        with pytest.raises(UsageError, match=r"cannot read .*1\.jpg \(No such file"):
+        with pytest.raises(
+            UsageError, match=r"cannot read the folder-train images \(.*1\.jpg; No such file"
+        ):
             _load(f"folder:{tmp_path / 'data'}", tmp_path, cache=cache, on_bad_image="skip")
         _make_folder(str(tmp_path / "data"), with_test=False)
 

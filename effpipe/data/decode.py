@@ -1,21 +1,16 @@
 """Encoded image bytes to uint8 RGB at the storage size, inside tf.data.
 
-    JPEG        fused crop + DCT-scaled decode (decode_and_crop_jpeg with `ratio`)
-    otherwise   decode_image: PNG, GIF (first frame), BMP, and files of any of these
-                named .jpg; grayscale, palette, RGBA and CMYK all become RGB
-    then        crop (--source_crop) -> resize to size x size -> round to uint8
+JPEGs take a DCT-scaled decode, with --source_crop=centre fused into it
+(decode_and_crop_jpeg). Other files (PNG, GIF's first frame, BMP, any of these named
+.jpg) take decode_image; grayscale, palette, RGBA and CMYK all become RGB. Then: crop,
+resize to size x size, round to uint8.
 
-A JPEG is decoded at 1/2, 1/4 or 1/8 of its size in the DCT domain when that still
-leaves at least `size` pixels on the kept region's shorter side: libjpeg then skips
-most of the inverse DCT and upsampling work, and the scaled decode averages blocks,
-which is an antialiased downscale. With --source_crop=centre the crop is fused into
-the decode (decode_and_crop_jpeg); with resize the plain decode_jpeg is used, which
-measured faster than a crop window of the whole image.
-
-The bilinear resize that follows is antialiased only when it still shrinks a side
-by more than MAX_PLAIN_SHRINK: an antialiased resize costs about 2 ms per 500x375
-photo on these CPUs, more than the decode, and below 3x plain bilinear sampling
-(Keras' image_dataset_from_directory's, always) loses little.
+A JPEG is decoded at 1/2, 1/4 or 1/8 of its size when that still leaves `size` pixels
+on the kept region's shorter side: libjpeg then skips most of the inverse DCT, and
+the scaled decode averages blocks, an antialiased downscale. The bilinear resize after
+it is antialiased only when it shrinks a side by more than MAX_PLAIN_SHRINK: that
+costs more than the decode itself, and below 3x plain bilinear sampling (what Keras'
+image_dataset_from_directory always does) loses little.
 """
 
 import tensorflow as tf
@@ -24,6 +19,10 @@ import tensorflow as tf
 DCT_RATIOS = (1, 2, 4, 8)
 # The largest shrink of a side that a plain (not antialiased) bilinear resize does.
 MAX_PLAIN_SHRINK = 3
+# What a decoded image depends on besides TensorFlow's version: a decoded cache made
+# under other values is decoded again (effpipe.data.cache). Bump "version" whenever
+# this module changes the pixels it gives.
+DECODER = {"version": 1, "dct_ratios": list(DCT_RATIOS), "max_plain_shrink": MAX_PLAIN_SHRINK}
 
 
 def crop_window(height: tf.Tensor, width: tf.Tensor, crop: str) -> tf.Tensor:
@@ -45,12 +44,11 @@ def decode_to_size(contents: tf.Tensor, size: int, crop: str) -> tf.Tensor:
 
     Args:
       contents: scalar string, the file's bytes (JPEG, PNG, GIF, BMP).
-      size: side in pixels of the result.
       crop: "resize" or "centre" (`crop_window`).
 
-    Returns:
-      The image, (size, size, 3) uint8. Bytes that are not a whole image (empty,
-      truncated, another format) raise InvalidArgumentError when the op runs.
+    Raises:
+      tf.errors.InvalidArgumentError: when the op runs, for bytes that are not a
+        whole image (empty, truncated, another format).
     """
     image = tf.cond(
         tf.io.is_jpeg(contents),
@@ -64,18 +62,8 @@ def _decode_jpeg(contents, size, crop):
     shape = tf.image.extract_jpeg_shape(contents)
     window = crop_window(shape[0], shape[1], crop)
     shorter_side = tf.minimum(window[2], window[3])
-    # How many of the ratios 2, 4, 8 leave at least `size` pixels: the branch index.
-    fits = tf.cast(shorter_side >= size * tf.constant(DCT_RATIOS[1:]), tf.int32)
-    branches = [_decode_jpeg_at(contents, window, ratio, crop) for ratio in DCT_RATIOS]
-    # One 8-way switch_case (ratio x antialias) in place of this one and the resize's
-    # tf.cond measured 4% slower: the control flow costs a few microseconds a photo.
-    image = tf.switch_case(tf.reduce_sum(fits), branches)
-    # The decode kept only the window: "resize" takes it whole, with no slice.
-    return resize_to_size(image, size, crop="resize")
 
-
-def _decode_jpeg_at(contents, window, ratio, crop):
-    def decode():
+    def decode_at(ratio):
         if crop == "resize":
             image = tf.io.decode_jpeg(contents, channels=3, ratio=ratio)
         else:
@@ -85,13 +73,17 @@ def _decode_jpeg_at(contents, window, ratio, crop):
             )
         return tf.ensure_shape(image, (None, None, 3))
 
-    return decode
+    # The branch index: how many of the ratios 2, 4, 8 leave at least `size` pixels.
+    fits = tf.cast(shorter_side >= size * tf.constant(DCT_RATIOS[1:]), tf.int32)
+    branches = [lambda ratio=ratio: decode_at(ratio) for ratio in DCT_RATIOS]
+    image = tf.switch_case(tf.reduce_sum(fits), branches)
+    # The decode kept only the window: "resize" takes it whole, with no slice.
+    return resize_to_size(image, size, crop="resize")
 
 
 def _decode_other(contents, size, crop):
     image = tf.io.decode_image(contents, channels=3, expand_animations=False)
-    image = tf.ensure_shape(image, (None, None, 3))
-    return resize_to_size(image, size, crop)
+    return resize_to_size(tf.ensure_shape(image, (None, None, 3)), size, crop)
 
 
 def resize_to_size(images: tf.Tensor, size: int, crop: str) -> tf.Tensor:
@@ -102,7 +94,6 @@ def resize_to_size(images: tf.Tensor, size: int, crop: str) -> tf.Tensor:
 
     Args:
       images: (H, W, C) or (N, H, W, C) uint8 or float.
-      size: side in pixels of the result.
       crop: "resize" or "centre" (`crop_window`).
     """
     if crop != "resize":
@@ -114,18 +105,13 @@ def resize_to_size(images: tf.Tensor, size: int, crop: str) -> tf.Tensor:
     if images.dtype != tf.uint8:
         # Float pixels may lie outside [0, 255]: saturate.
         return tf.saturate_cast(tf.round(_resize(tf.cast(images, tf.float32), size)), tf.uint8)
-    # uint8 goes into the resize as it is: both resize kernels read it into the same
-    # float32 arithmetic (identical pixels), and skipping the float32 copy of a whole
-    # 500x375 photo measured 6% faster (15% when antialiased). Their weights are >= 0
-    # and sum to 1, so the rounded pixels are already in [0, 255]: saturate_cast's
-    # clip cost another 4%. tf.cast(x + 0.5) measured no faster than tf.round, and
-    # rounds halves up where tf.round rounds them to even.
+    # uint8 needs no float32 copy: both resize kernels compute in float32 anyway. Their
+    # weights are >= 0 and sum to 1, so the rounded pixels are already in [0, 255].
     return tf.cast(tf.round(_resize(images, size)), tf.uint8)
 
 
 def _resize(images, size):
-    # Bilinear shrinking by more than MAX_PLAIN_SHRINK skips most source pixels:
-    # antialias then.
+    # Bilinear shrinking by more than MAX_PLAIN_SHRINK skips most source pixels.
     shape = tf.shape(images)
     shrinks_much = tf.maximum(shape[-3], shape[-2]) > MAX_PLAIN_SHRINK * size
     return tf.cond(

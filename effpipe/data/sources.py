@@ -13,19 +13,15 @@ memory or on disk as --cache says. Resizing to the model resolution happens late
 on the device.
 """
 
-import dataclasses
+import os
 
 import numpy as np
 
 from effpipe import network
 from effpipe.config import DataConfig
-from effpipe.data import cache, cifar100_names, folders, shapes, stores, tfds_source
+from effpipe.data import cache, cifar100_names, folders, shapes, splits, stores, tfds_source
 from effpipe.data.splits import DataSource
 from effpipe.errors import UsageError
-
-# The host tensorflow-datasets downloads CIFAR-100 from. Only used to fail fast
-# (seconds instead of minutes of retries) when there is no network.
-CIFAR100_DOWNLOAD_HOST = "www.cs.toronto.edu"
 
 
 def load_configured_source(
@@ -37,13 +33,15 @@ def load_configured_source(
     Args:
       data: the run's data slice.
       size: side in pixels images are stored at (`TrainConfig.source_size`).
-      seed: seeds the shapes dataset's draws.
+      seed: seeds the shapes dataset's draws and the validation split.
       cache_root: the folder of disk caches (--cache_dir, or WORKDIR/cache/images).
-      workers: (count, index) of the run's workers, which share the first pass of a
-        disk cache under a shared --cache_dir (effpipe.data.cache).
+      workers: (count, index) of the run's workers. With several, this worker decodes
+        only its own share (`worker_share`) into a folder of its own: workers share
+        no cache.
 
     Returns:
-      The loaded DataSource.
+      The loaded DataSource; a worker's `train` is its shard, and its `validation`
+      the run's validation split.
 
     Raises:
       UsageError: unknown dataset, or data that cannot be found or read.
@@ -57,51 +55,74 @@ def load_configured_source(
             image_size=size,
             seed=seed,
         )
-    options = dict(
-        crop=data.source_crop,
-        mode=data.cache,
-        cache_root=cache_root,
-        memory_budget_mb=data.cache_memory_mb,
-        on_bad_image=data.on_bad_image,
-        workers=workers,
-    )
     if dataset.startswith("folder:"):
-        return load_folder(dataset.removeprefix("folder:"), size=size, **options)
-    name = "cifar100" if dataset == "cifar100" else dataset.removeprefix("tfds:")
-    if not dataset.startswith("tfds:") and dataset != "cifar100":
+        name, class_names, encoded = _list_folder(dataset.removeprefix("folder:"))
+    elif dataset == "cifar100" or dataset.startswith("tfds:"):
+        name, class_names, encoded, size = _list_tfds(data, size)
+    else:
         raise UsageError(f"unknown dataset {dataset!r}: choose cifar100, tfds:NAME, folder:PATH")
-    source = load_tfds(
+    count, index = workers
+    if count > 1:
+        encoded = worker_share(encoded, data, seed=seed, workers=workers)
+        cache_root = os.path.join(cache_root, f"worker-{index}-of-{count}")
+    loaded, skipped = {}, ()
+    for split_name, split in encoded.items():
+        loaded[split_name], split_skipped = cache.materialize(
+            split,
+            size=size,
+            crop=data.source_crop,
+            mode=data.cache,
+            cache_root=cache_root,
+            memory_budget_mb=data.cache_memory_mb,
+            on_bad_image=data.on_bad_image,
+        )
+        skipped += split_skipped
+    if dataset.startswith("folder:") and count == 1:
+        train_dir = os.path.join(dataset.removeprefix("folder:"), "train")
+        _check_every_class_kept(loaded["train"], class_names, train_dir)
+    return DataSource(
         name,
-        data_dir=data.data_dir,
-        size=size,
-        keep_native_size=data.source_size == 0,
-        **options,
+        loaded["train"],
+        loaded.get("test"),
+        class_names,
+        validation=loaded.get("validation"),
+        skipped=skipped,
     )
-    if dataset == "cifar100":
-        # A builder not prepared from the real files (tfds.testing.mock_data) only
-        # knows placeholder names "0".."99".
-        if source.class_names == tuple(str(index) for index in range(100)):
-            source = dataclasses.replace(source, class_names=cifar100_names.FINE_LABEL_NAMES)
-        source = dataclasses.replace(source, name="cifar100")
-    return source
 
 
-def load_folder(path: str, *, size: int, **options) -> DataSource:
-    """A folder's images, decoded into the cache (`effpipe.data.cache.materialize`).
+def worker_share(encoded: dict, data: DataConfig, *, seed: int, workers: tuple[int, int]) -> dict:
+    """A worker's encoded splits: its equal shard of the training images, the run's
+    validation split (carved off train as `splits.configured_splits` carves it) and
+    the test split, each decoded by this worker alone.
 
-    Args:
-      path: the dataset folder.
-      size: side in pixels images are stored at.
-      **options: crop, mode, cache_root, memory_budget_mb, on_bad_image, workers.
-
-    Raises:
-      UsageError: see `folders.list_folder` and `cache.materialize`.
+    The shard is the one the input pipeline would take (`pipeline.make_dataset`'s
+    `shard`): every `count`-th training image from the `index`-th, the last
+    len % count left out, so every worker runs the same number of steps.
     """
+    count, index = workers
+    train = encoded["train"]
+    if "validation" in encoded:
+        train_positions = np.arange(train.count)
+        validation = encoded["validation"]
+    else:
+        train_positions, validation_positions = splits.validation_positions(
+            train.count, data.validation_fraction, seed=seed, selection=data.validation_selection
+        )
+        validation = train.subset(validation_positions, f"{train.name}-validation")
+    shard_size = len(train_positions) // count
+    shard = train_positions[: shard_size * count][index::count]
+    shared = dict(encoded, train=train.subset(shard, f"{train.name}-shard{index}of{count}"))
+    shared["validation"] = validation
+    return shared
+
+
+def _list_folder(path: str):
+    """(name, class names, {split: EncodedSplit}) of a folder of images."""
     import tensorflow as tf
 
     class_names, train, test = folders.list_folder(path)
-    loaded, skipped = {}, ()
-    for name, listed in (("train", train), ("test", test)):
+    encoded = {}
+    for split_name, listed in (("train", train), ("test", test)):
         if listed is None:
             continue
 
@@ -110,24 +131,34 @@ def load_folder(path: str, *, size: int, **options) -> DataSource:
                 (stores.path_bytes(listed.paths), listed.labels)
             )
 
-        encoded = cache.EncodedSplit(
-            name=f"folder-{name}",
+        encoded[split_name] = cache.EncodedSplit(
+            name=f"folder-{split_name}",
             count=len(listed.paths),
             fingerprint=listed.fingerprint,
             make_records=make_records,
-            reads_files=True,
             describe=listed.paths.__getitem__,
             paths=listed.paths,
+            labels=listed.labels,
         )
-        loaded[name], split_skipped = cache.materialize(
-            encoded, size=size, labels=listed.labels, **options
-        )
-        skipped += split_skipped
-        if name == "train":
-            _check_every_class_kept(loaded[name], class_names, listed.directory)
-    return DataSource(
-        f"folder:{path}", loaded["train"], loaded.get("test"), class_names, skipped=skipped
-    )
+    return f"folder:{path}", class_names, encoded
+
+
+def _list_tfds(data: DataConfig, size: int):
+    """(name, class names, {split: EncodedSplit}, storage size) of a tfds dataset: its
+    own size when all its images share one smaller than `size` and --source_size is
+    0 (CIFAR-100 at 32 px)."""
+    name = "cifar100" if data.dataset == "cifar100" else data.dataset.removeprefix("tfds:")
+    dataset = tfds_source.open_dataset(name, data.data_dir, reachable=_host_reachable)
+    native = dataset.native_size
+    if data.source_size == 0 and native and native < size:
+        size = native
+    class_names = dataset.class_names
+    # A builder not prepared from the real files (tfds.testing.mock_data) only knows
+    # placeholder names "0".."99".
+    if data.dataset == "cifar100" and class_names == tuple(str(i) for i in range(100)):
+        class_names = cifar100_names.FINE_LABEL_NAMES
+    source_name = "cifar100" if data.dataset == "cifar100" else f"tfds:{name}"
+    return source_name, class_names, dataset.encoded_splits(), size
 
 
 def _check_every_class_kept(split, class_names, directory) -> None:
@@ -137,38 +168,6 @@ def _check_every_class_kept(split, class_names, directory) -> None:
             f"class folder {directory}/{class_names[emptied[0]]} has no image that can be "
             "decoded: replace the files or remove the folder"
         )
-
-
-def load_tfds(name: str, *, data_dir: str | None, size: int, keep_native_size: bool, **options):
-    """A tensorflow-datasets dataset's splits, decoded into the cache.
-
-    Args:
-      name: NAME[/CONFIG][@VERSION].
-      data_dir: the tensorflow-datasets data directory.
-      size: side in pixels images are stored at.
-      keep_native_size: store the dataset's own size when all its images share one
-        smaller than `size` (CIFAR-100 at 32 px).
-      **options: crop, mode, cache_root, memory_budget_mb, on_bad_image, workers.
-
-    Raises:
-      UsageError: an unknown or unprepared dataset, no image or label feature.
-    """
-    dataset = tfds_source.open_dataset(name, data_dir, reachable=_host_reachable)
-    native = dataset.native_size
-    if keep_native_size and native and native < size:
-        size = native
-    loaded, skipped = {}, ()
-    for split_name, encoded in dataset.encoded_splits().items():
-        loaded[split_name], split_skipped = cache.materialize(encoded, size=size, **options)
-        skipped += split_skipped
-    return DataSource(
-        f"tfds:{name}",
-        loaded["train"],
-        loaded.get("test"),
-        dataset.class_names,
-        validation=loaded.get("validation"),
-        skipped=skipped,
-    )
 
 
 def _host_reachable(host: str, port: int = 443, timeout_sec: float = 10.0) -> bool:

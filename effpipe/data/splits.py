@@ -104,7 +104,21 @@ def split_validation(
     Raises:
       UsageError: when either part would be empty.
     """
-    num_examples = len(split)
+    train_index, validation_index = validation_positions(
+        len(split), fraction, seed=seed, selection=selection
+    )
+    return split.subset(train_index), split.subset(validation_index)
+
+
+def validation_positions(
+    num_examples: int, fraction: float, *, seed: int, selection: str = "random"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train positions, validation positions), each increasing: `split_validation`
+    on positions alone, before anything is decoded.
+
+    Raises:
+      UsageError: when either part would be empty.
+    """
     num_validation = int(round(num_examples * fraction))
     if not 0 < num_validation < num_examples:
         raise UsageError(
@@ -115,9 +129,9 @@ def split_validation(
         order = np.arange(num_examples)
     else:
         order = np.random.default_rng(seed).permutation(num_examples)
-    train_index = np.sort(order[: num_examples - num_validation])
-    validation_index = np.sort(order[num_examples - num_validation :])
-    return split.subset(train_index), split.subset(validation_index)
+    return np.sort(order[: num_examples - num_validation]), np.sort(
+        order[num_examples - num_validation :]
+    )
 
 
 def configured_splits(

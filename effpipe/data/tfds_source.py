@@ -8,14 +8,11 @@ test when it has them); class names come from its ClassLabel feature.
 """
 
 import dataclasses
-import functools
 import hashlib
 import os
 from collections.abc import Callable
 
-import numpy as np
-
-from effpipe.data import cache, stores
+from effpipe.data import cache
 from effpipe.errors import UsageError
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -56,8 +53,9 @@ class TfdsDataset:
             raise UsageError(f"tfds:{self.name} has no train split (it has {sorted(known)})")
         return [name for name in SPLIT_NAMES if name in known]
 
-    def _records(self, split: str, *, shuffle_seed=None, shard=(1, 0), with_ids=False):
-        import tensorflow as tf
+    def _records(self, split: str):
+        """(encoded image, label) of every record of `split`, in the files' order: a
+        record's position is its place in the split."""
         import tensorflow_datasets as tfds
 
         # Only the image (left encoded) and the label are read: other features (masks,
@@ -66,76 +64,23 @@ class TfdsDataset:
             {self.image_key: True, self.label_key: True},
             decoders={self.image_key: tfds.decode.SkipDecoding()},
         )
-        count, index = shard
-        read_config = tfds.ReadConfig(
-            # Nothing kept in memory: tfds would cache a small dataset's records.
-            try_autocache=False,
-            add_tfds_id=with_ids,
-            shuffle_seed=shuffle_seed,
-            shuffle_reshuffle_each_iteration=True,
-            # In order, one file after the other, unless shuffled (then tfds' default):
-            # a record's position is its place in the split's files.
-            **({"interleave_cycle_length": 1} if shuffle_seed is None else {}),
-            input_context=(
-                tf.distribute.InputContext(num_input_pipelines=count, input_pipeline_id=index)
-                if count > 1
-                else None
-            ),
-        )
+        # Nothing kept in memory (tfds would cache a small dataset's records); one
+        # file after the other.
+        read_config = tfds.ReadConfig(try_autocache=False, interleave_cycle_length=1)
         dataset = self.builder.as_dataset(
-            split=split,
-            shuffle_files=shuffle_seed is not None,
-            decoders=decoders,
-            read_config=read_config,
+            split=split, shuffle_files=False, decoders=decoders, read_config=read_config
         )
-        if not with_ids:
-            return dataset.map(lambda example: (example[self.image_key], example[self.label_key]))
-        offsets = tf.constant(self._file_offsets(split), tf.int64)
-
-        def with_position(example):
-            # tfds_id is "NAME-SPLIT.tfrecord-00003-of-00010__41": file 3, record 41.
-            parts = tf.strings.split(
-                tf.strings.regex_replace(example["tfds_id"], r"^.*-(\d+)-of-\d+__(\d+)$", r"\1 \2")
-            )
-            numbers = tf.strings.to_number(parts, tf.int64)
-            position = offsets[numbers[0]] + numbers[1]
-            return position, example[self.image_key], example[self.label_key]
-
-        return dataset.map(with_position)
-
-    def _file_offsets(self, split: str) -> list[int]:
-        """The position of each file's first record in the split."""
-        lengths = self.builder.info.splits[split].shard_lengths
-        return [0, *np.cumsum(lengths[:-1]).tolist()]
+        return dataset.map(lambda example: (example[self.image_key], example[self.label_key]))
 
     def _encoded(self, split: str) -> cache.EncodedSplit:
         info = self.builder.info.splits[split] if self.builder.info.splits.keys() else None
         count = info.num_examples if info else int(self._records(split).reduce(0, _count))
-        stream = None
-        if info is not None and info.shard_lengths:
-            stream = functools.partial(
-                stores.RecordStore,
-                lambda shuffle_seed, shard: self._records(
-                    split, shuffle_seed=shuffle_seed, shard=shard, with_ids=True
-                ),
-                count,
-                len(info.shard_lengths),
-                max(1, int(info.num_bytes) // max(count, 1)),
-            )
         return cache.EncodedSplit(
             name=f"tfds-{self.builder.name}-{split}",
             count=count,
             fingerprint=self._fingerprint(split, info),
             make_records=lambda: self._records(split),
-            reads_files=False,
             describe=lambda position: f"record {position} of tfds:{self.name} {split}",
-            stream=stream,
-            # tfds reads a slice from the files that hold it (their lengths known).
-            read_range=(
-                (lambda start, stop: self._records(f"{split}[{start}:{stop}]"))
-                if stream is not None
-                else None
-            ),
         )
 
     def _fingerprint(self, split: str, info) -> str:

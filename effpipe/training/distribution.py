@@ -143,7 +143,7 @@ def distribute_training_stream(
       distribution: the run's Distribution.
       batch_size: the global batch.
       make_stream: (batch size, (shard count, shard index)) -> the endless stream
-        of that shard at that batch size; it must skip what the run already trained.
+        of that shard at that batch size, from the epoch the run resumes at.
 
     Returns:
       A dataset (one device) or a distributed dataset for `fit`: each step gives

@@ -11,8 +11,8 @@ import re
 
 import tensorflow as tf
 
+from effpipe import network
 from effpipe.config import TrainConfig
-from effpipe.data import pipeline
 from effpipe.errors import UsageError, WorkerLost, is_out_of_memory
 from effpipe.training import runtime
 
@@ -88,7 +88,7 @@ def _raise_if_data_service_restarted(config: TrainConfig, error, describe_kept_w
     """Raises a step's failure after its tf.data service restarted (and lost the run's
     jobs) as one WorkerLost line saying how to resume; returns otherwise."""
     address = config.distribution.data_service
-    restarted = address and pipeline.dispatcher_restart_message(address, error)
+    restarted = address and network.dispatcher_restart_message(address, error)
     if restarted:
         raise WorkerLost(
             f"{restarted}. {describe_kept_weights()} Rerun the same command: the run resumes "

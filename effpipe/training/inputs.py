@@ -1,10 +1,9 @@
 """What each phase fits on: the splits, the validation images, the training streams.
 
 Phase 1 and 2 fit on endless seeded streams of the training images, a fresh one per
-`fit`, with the epochs a resumed run already trained skipped
-(`run_state.batches_to_skip`). Phase 1 on the feature cache fits the head model on
-the base's pooled features instead (`cached_phase1_inputs`), streamed in the same
-order.
+`fit`, starting at the phase's initial epoch (each epoch's order is drawn from the
+seed and the epoch: a resumed run reads nothing of the epochs before). Phase 1 on
+the feature cache streams features instead (`phase1_features`), in the same order.
 """
 
 import dataclasses
@@ -16,13 +15,10 @@ from collections.abc import Callable
 import tensorflow as tf
 from absl import logging
 
-from effpipe import config as config_lib
-from effpipe import run_dir
+from effpipe import network, run_dir
 from effpipe.config import TrainConfig
 from effpipe.data import pipeline, sources, splits
 from effpipe.errors import UsageError
-from effpipe.model import factory
-from effpipe.training import callbacks, feature_cache, run_state
 from effpipe.training import distribution as distribution_lib
 
 
@@ -36,8 +32,8 @@ class RunData:
       evaluated_on: "test", or "validation" when the source has no test split.
       steps_per_epoch: training steps per epoch.
       validation_dataset: the batched validation images, one pass.
-      make_training_stream: (phase, initial_epoch) -> the endless training stream,
-        its first `initial_epoch` epochs skipped.
+      make_training_stream: (phase, initial_epoch) -> the endless training stream
+        from epoch `initial_epoch` on.
     """
 
     source: object
@@ -61,27 +57,29 @@ def prepare_data(
     Training streams are endless (effpipe.data.pipeline says why); an epoch is
     `steps_per_epoch` steps. Each fit gets a fresh stream from the seed, so epoch k's
     batches do not depend on what ran before in this process (a resumed run sees
-    the same ones). Each of several workers trains on its equal shard,
-    batch_size / workers images of it per step.
+    the same ones). Each of several workers decodes and trains on its own equal
+    shard (`sources.worker_share`), batch_size / workers images of it per step;
+    through a tf.data service they all read the whole split, in one job.
 
-    Decoded images are cached under --cache_dir, or WORKDIR/cache/images, which
-    every worker of a multi-worker run shares, so they split its first pass
-    (effpipe.data.cache).
+    Decoded images are cached under --cache_dir, or WORKDIR/cache/images.
 
     Raises:
       UsageError: see `load_data`; a --data_service whose dispatcher does not answer.
     """
     if config.distribution.data_service:
         # Before any decoding: a dispatcher that is not there would stall the first step.
-        pipeline.check_dispatcher_answers(config.distribution.data_service)
+        network.check_dispatcher_answers(config.distribution.data_service)
+    workers = distribution.num_workers
+    sharded = workers > 1 and not config.distribution.data_service
     source, train_split, validation_split, test_split, evaluated_on = load_data(
         config,
         run_dir.image_cache_root(workdir, config.data.cache_dir),
-        workers=(distribution.num_workers, distribution.worker_index),
+        workers=(workers, distribution.worker_index) if sharded else (1, 0),
     )
     options = pipeline.pipeline_options_of(config.runtime)
-    workers = distribution.num_workers
-    steps_per_epoch = (len(train_split) // workers) // (config.batch_size // workers)
+    # A worker's shard is its share already; the whole split is shared by all.
+    share = len(train_split) if sharded else len(train_split) // workers
+    steps_per_epoch = share // (config.batch_size // workers)
     return RunData(
         source=source,
         train_split=train_split,
@@ -201,8 +199,8 @@ def make_training_stream(
       initial_epoch: the epoch the phase starts at, counted over both phases.
 
     Returns:
-      The stream for `fit`, its first `initial_epoch` epochs skipped (distributed
-      over the replicas under a strategy).
+      The stream for `fit` from epoch `initial_epoch` on (distributed over the
+      replicas under a strategy).
     """
     service = None
     if config.distribution.data_service:
@@ -214,124 +212,24 @@ def make_training_stream(
             f"effpipe-{run_key:08x}-phase{phase}-from{initial_epoch}",
         )
 
+    # Each local replica takes one batch per step: an epoch of a worker's stream
+    # holds the batches of steps_per_epoch steps, so its epochs are fit's. A
+    # service's job, shared by the workers, passes over all the examples each epoch.
+    local_replicas = distribution.num_replicas // distribution.num_workers
+    batches_per_epoch = None if service else steps_per_epoch * local_replicas
+
     def stream(batch_size, shard):
-        # Through a service the workers share one job instead of sharding.
-        dataset = pipeline.make_dataset(
+        # train_split is this worker's shard already (`prepare_data`), ordered with
+        # the worker's own seed; through a service the workers share one job.
+        return pipeline.make_dataset(
             train_split,
             batch_size=batch_size,
             is_training=True,
-            seed=config.seed,
+            seed=config.seed + (0 if service else shard[1]),
+            initial_epoch=initial_epoch,
+            batches_per_epoch=batches_per_epoch,
             options=pipeline_options,
-            shard=(1, 0) if service else shard,
             data_service=service,
-        )
-        if service:
-            # The service's order is its own: skipping would only discard batches.
-            return dataset
-        # The stream is endless and seeded: skipping the epochs already trained
-        # gives a resumed run the batches an uninterrupted one sees (each local
-        # replica takes one batch per step).
-        local_replicas = distribution.num_replicas // distribution.num_workers
-        return dataset.skip(
-            run_state.batches_to_skip(initial_epoch, steps_per_epoch, local_replicas)
         )
 
     return distribution_lib.distribute_training_stream(distribution, config.batch_size, stream)
-
-
-def cached_phase1_inputs(
-    config: TrainConfig,
-    setup,
-    model,
-    output_dir: str,
-    train_split,
-    validation_split,
-    stop_on_signal: callbacks.StopOnSignal,
-    steps_per_execution: int,
-):
-    """Phase 1 on cached features: the head model, compiled, and its two datasets.
-
-    The features come from the file a previous start of this run saved, or are
-    computed now (progress shown) and saved. The head model shares the full model's
-    head layers and optimizer (the model must be compiled, and restored on resume),
-    so fitting it trains the full model's head; its training stream is the images'
-    stream over the features, in the same order (`pipeline.make_feature_dataset`).
-
-    Args:
-      config: the run configuration.
-      setup: the resolved runtime (precision and XLA).
-      model: the full model, compiled for phase 1 (and restored on resume).
-      output_dir: where this process keeps the cache file.
-      train_split: the training examples.
-      validation_split: the validation examples.
-      stop_on_signal: the run's StopOnSignal, a callback of the feature passes.
-      steps_per_execution: phase 1's steps per compiled call.
-
-    Returns:
-      (head model, endless training dataset, validation dataset).
-    """
-    feature_model = feature_cache.make_feature_model(model)
-    # Compiled for the run's XLA setting, as the phase-1 step computes the features.
-    feature_model.compile(jit_compile=setup.xla)
-    options = pipeline.pipeline_options_of(config.runtime)
-
-    def compute(split):
-        images = pipeline.make_dataset(
-            split,
-            batch_size=config.batch_size,
-            is_training=False,
-            options=options,
-        )
-        return feature_model.predict(
-            images, verbose=callbacks.keras_verbosity(), callbacks=[stop_on_signal]
-        )
-
-    path = os.path.join(output_dir, feature_cache.CACHE_FILE)
-    features = feature_cache.load_or_compute(
-        path,
-        _feature_fingerprint(config, setup, train_split, validation_split),
-        lambda: compute(train_split),
-        lambda: compute(validation_split),
-    )
-    feature_cache.log_features(features, path)
-    head_model = feature_cache.make_head_model(model)
-    factory.compile_model(
-        head_model,
-        config.learning_rate(1),
-        jit_compile=setup.xla,
-        optimizer=model.optimizer,
-        steps_per_execution=steps_per_execution,
-        label_smoothing=config.phases.label_smoothing,
-    )
-
-    def make_dataset(features_of_split, split, is_training):
-        return pipeline.make_feature_dataset(
-            features_of_split,
-            split.labels,
-            batch_size=config.batch_size,
-            is_training=is_training,
-            seed=config.seed,
-            options=options,
-        )
-
-    return (
-        head_model,
-        make_dataset(features.train, train_split, is_training=True),
-        make_dataset(features.validation, validation_split, is_training=False),
-    )
-
-
-def _feature_fingerprint(config: TrainConfig, setup, train_split, validation_split) -> dict:
-    """What the cached features depend on: a stored cache of another one is stale."""
-    return {
-        # Flags a resumed run may change do not change the features.
-        "config": {
-            name: value
-            for name, value in config.to_flat().items()
-            if name not in config_lib.RESUMABLE_CHANGES
-        },
-        "precision": setup.precision,
-        "xla": setup.xla,
-        "train_examples": len(train_split),
-        "validation_examples": len(validation_split),
-    }

@@ -26,6 +26,7 @@ from effpipe.training import (
     failures,
     inputs,
     optimization,
+    phase1_features,
     run_state,
     runtime,
     summaries,
@@ -232,7 +233,7 @@ def _fit_inputs(phase, model, state, context, initial_epoch, steps_per_execution
         )
     kept_before = functools.partial(kept_weights_message, context.checkpoint_path, state)
     with failures.device_errors_as_usage_errors(context.config, context.setup, kept_before):
-        head_model, train_dataset, validation_dataset = inputs.cached_phase1_inputs(
+        head_model, train_dataset, validation_dataset = phase1_features.cached_phase1_inputs(
             context.config,
             context.setup,
             model,

@@ -5,9 +5,10 @@ the best validation accuracy and its weights. `EpochStateSaver` updates it and
 saves it (with the epoch's weights, optimizer variables and RNG states) under
 WORKDIR/state after every finite epoch, keeping the epoch before too, the fallback
 when the newest state is damaged; a rerun of the same command loads it
-(`load_state`), restores the model (`restore`) and continues from `resume_point`,
-skipping `batches_to_skip` batches of its seeded stream so that it sees the
-batches an uninterrupted run sees.
+(`load_state`), restores the model (`restore`) and continues from `resume_point`.
+Its training stream starts at that epoch, whose order the seed and the epoch alone
+define (`effpipe.data.pipeline`), so it sees the batches an uninterrupted run sees;
+a stream that starts at epoch 0 instead skips `batches_to_skip` batches.
 """
 
 import dataclasses
@@ -93,7 +94,9 @@ def resume_point(state: RunState, phase: int, first_epoch: int, epochs: int) -> 
 def batches_to_skip(initial_epoch: int, steps_per_epoch: int, batches_per_step: int) -> int:
     """Batches of a seeded endless stream that the epochs before `initial_epoch` took.
 
-    Skipping them gives a resumed run the batches an uninterrupted one sees.
+    Skipping them gives a resumed run the batches an uninterrupted one sees. Each
+    skipped batch is still produced: a stream built from `initial_epoch`
+    (`pipeline.make_dataset`) reads nothing of the epochs before.
 
     Args:
       initial_epoch: the epoch the run resumes at (0-based, over both phases).
