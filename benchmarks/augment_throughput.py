@@ -2,6 +2,7 @@
 
     python -m benchmarks.augment_throughput                 # 224 and 456 px, batch 32
     python -m benchmarks.augment_throughput --smoke         # a few seconds, tiny sizes
+    python -m benchmarks.augment_throughput --results_dir=results  # also results/<name>.json
 
 Every path turns the same uint8 batch of source images (--source_size, 32 px as
 CIFAR-100), already on the device, into training images at the model resolution,
@@ -38,7 +39,7 @@ import keras
 import tensorflow as tf
 from absl import flags
 
-from benchmarks import harness
+from benchmarks import harness, records
 from effpipe import cli_flags, variants
 from effpipe.config import MAX_IMAGE_SIZE
 from effpipe.errors import UsageError
@@ -46,6 +47,7 @@ from effpipe.model import augment, factory
 from effpipe.training import runtime
 
 flags.adopt_module_key_flags(cli_flags)
+flags.adopt_module_key_flags(records)
 _SIZES = flags.DEFINE_list("sizes", ["224", "456"], "Model resolutions to time, in pixels.")
 _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 3, "Untimed calls per candidate first.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per candidate; the median counts.")
@@ -191,18 +193,18 @@ def main(argv):
             "images_per_sec": {name: t["items_per_sec"] for name, t in timings.items()},
         }
     harness.print_table(["px", "path", "step", "images/s", "ms/step", "x keras_chain (best)"], rows)
-    harness.print_json_line(
-        {
-            "benchmark": "augment_throughput",
-            "device": setup.device,
-            "dtype": dtype,
-            "batch_size": batch_size,
-            "source_size": source_size,
-            "repeats": repeats,
-            "steps_per_repeat": steps_per_repeat,
-            "sizes": report,
-        }
-    )
+    payload = {
+        "benchmark": "augment_throughput",
+        "device": setup.device,
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "source_size": source_size,
+        "repeats": repeats,
+        "steps_per_repeat": steps_per_repeat,
+        "sizes": report,
+    }
+    harness.print_json_line(payload)
+    records.record_benchmark(payload)
 
 
 def _parse_sizes(values: list[str]) -> list[int]:

@@ -3,6 +3,7 @@
     python -m benchmarks.gpu_check                    # on one GPU: runs/gpu_check.json
     python -m benchmarks.gpu_check --smoke            # any machine: every kind of part, tiny
     python -m benchmarks.gpu_check --parts=step_p1_float32_xla_on,step_p2_float32_xla_on
+    python -m benchmarks.gpu_check --results_dir=results  # also a record per part
 
 Prints the GPU's name (nvidia-smi, and TensorFlow's view, asked in a subprocess),
 then runs each part as its own subprocess with its own timeout, cut to what is left
@@ -46,7 +47,7 @@ from concurrent import futures
 
 from absl import flags
 
-from benchmarks import gpu_check_parts, harness, part_runner, step_report
+from benchmarks import gpu_check_parts, harness, part_runner, records, step_report
 from benchmarks.gpu_check_parts import PART_NAMES, PEER, REPLICA
 from benchmarks.part_runner import Runner
 
@@ -58,6 +59,7 @@ _DEADLINE_S = flags.DEFINE_float(
 )
 _SMOKE = flags.DEFINE_bool("smoke", False, "Every kind of part at a tiny scale, on any machine.")
 _PARTS = flags.DEFINE_list("parts", [], "Run only these parts (names as in the docstring).")
+flags.adopt_module_key_flags(records)
 
 # effpipe's phase-1 step, fed, against the replica as it ran (step_report imports no
 # TensorFlow, so this process still never loads it).
@@ -204,6 +206,7 @@ def main(argv):
     runner.write()
     print_summary(report)
     print(f"gpu_check: wrote {output} in {report['wall_s']:.0f} s")
+    records.record_gpu_check(report)
     if part_runner.STOPPED_BY:
         sys.exit(128 + part_runner.STOPPED_BY[0])
 

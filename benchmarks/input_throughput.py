@@ -4,6 +4,7 @@
     python -m benchmarks.input_throughput --dataset=cifar100     # any trainer source
     python -m benchmarks.input_throughput --smoke                # a few seconds
     python -m benchmarks.input_throughput --dataset=folder:PATH --image_size=224
+    python -m benchmarks.input_throughput --results_dir=results  # also results/<name>.json
 
 With --dataset=folder:PATH (or tfds:NAME) it times image files instead:
 effpipe's decoding first pass and cached passes against Keras'
@@ -28,7 +29,6 @@ effpipe_images_per_sec (the trainer's chain), notebook_images_per_sec and speedu
 Target: effpipe at least 50x the notebook pipeline.
 """
 
-import dataclasses
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -36,11 +36,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf
 from absl import flags
 
-from benchmarks import file_input, harness, notebook_replica
+from benchmarks import file_input, harness, notebook_replica, records
 from effpipe import cli_flags
 from effpipe.data import pipeline, sources
 
 flags.adopt_module_key_flags(cli_flags)
+flags.adopt_module_key_flags(records)
 
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats per pipeline; the median counts.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 200, "Batches consumed per timed repeat.")
@@ -54,31 +55,24 @@ flags.FLAGS.set_default("dataset", "shapes")
 flags.FLAGS.set_default("shapes_train_examples", 10000)
 
 TARGET_SPEEDUP = 50.0
-TRAINER_CHAIN = "effpipe: cache -> shuffle -> batch -> repeat -> prefetch (the trainer's)"
+TRAINER_CHAIN = "effpipe: epoch orders -> batch -> gather -> prefetch (the trainer's)"
 
 
 def effpipe_stages(
     images, labels, batch_size: int, seed: int, options: pipeline.PipelineOptions
 ) -> dict[str, tf.data.Dataset]:
-    """The trainer's chain with and without cache, and two shorter chains for scale."""
+    """The trainer's chain, and two shorter chains for scale."""
     source = tf.data.Dataset.from_tensor_slices((images, labels))
     shuffled = source.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
 
-    def trainer_chain(cache):
-        return pipeline.make_dataset(
-            images,
-            labels,
-            batch_size=batch_size,
-            is_training=True,
-            seed=seed,
-            options=dataclasses.replace(options, cache=cache),
-        )
+    trainer_chain = pipeline.make_dataset(
+        images, labels, batch_size=batch_size, is_training=True, seed=seed, options=options
+    )
 
     return {
         "effpipe: source -> batch": source.batch(batch_size, drop_remainder=True),
         "effpipe: source -> shuffle -> batch": shuffled.batch(batch_size, drop_remainder=True),
-        "effpipe: shuffle -> batch -> repeat -> prefetch (no cache)": trainer_chain(cache=False),
-        TRAINER_CHAIN: trainer_chain(cache=True),
+        TRAINER_CHAIN: trainer_chain,
     }
 
 
@@ -117,9 +111,9 @@ def main(argv):
             repeats = 1
         notebook_batches = 1 if _SMOKE.value else _NOTEBOOK_BATCHES.value
         harness.require_positive(notebook_batches=notebook_batches)
-        harness.print_json_line(
-            file_input.run(config, repeats=repeats, notebook_batches=notebook_batches)
-        )
+        payload = file_input.run(config, repeats=repeats, notebook_batches=notebook_batches)
+        harness.print_json_line(payload)
+        records.record_benchmark(payload)
         return
     if _SMOKE.value:
         config = _smoke_config(config)
@@ -176,21 +170,21 @@ def main(argv):
         f"target: effpipe >= {TARGET_SPEEDUP:g}x the notebook pipeline: "
         f"{'met' if speedup >= TARGET_SPEEDUP else 'MISSED'} ({speedup:,.1f}x)"
     )
-    harness.print_json_line(
-        {
-            "benchmark": "input_throughput",
-            "dataset": config.data.dataset,
-            "train_images": len(train),
-            "batch_size": batch_size,
-            "repeats": repeats,
-            "num_batches": num_batches,
-            "effpipe_images_per_sec": effpipe_rate,
-            "notebook_images_per_sec": notebook_rate,
-            "speedup": speedup,
-            "target_speedup": TARGET_SPEEDUP,
-            "stages_images_per_sec": {name: t["items_per_sec"] for name, t in timings.items()},
-        }
-    )
+    payload = {
+        "benchmark": "input_throughput",
+        "dataset": config.data.dataset,
+        "train_images": len(train),
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "num_batches": num_batches,
+        "effpipe_images_per_sec": effpipe_rate,
+        "notebook_images_per_sec": notebook_rate,
+        "speedup": speedup,
+        "target_speedup": TARGET_SPEEDUP,
+        "stages_images_per_sec": {name: t["items_per_sec"] for name, t in timings.items()},
+    }
+    harness.print_json_line(payload)
+    records.record_benchmark(payload)
 
 
 def _smoke_config(config):

@@ -6,6 +6,7 @@ of today, compute and input apart.
     python -m benchmarks.step_throughput --variant=b5 --image_size=456 --batch_size=32 \\
         --mixed_precision --xla=on                          # the GPU headline
     python -m benchmarks.step_throughput --smoke              # a few seconds
+    python -m benchmarks.step_throughput --results_dir=results  # also results/<name>.json
     python -m benchmarks.step_throughput --configurations=effpipe/noaug/synthetic
     python -m benchmarks.step_throughput --mixed_precision \\
         --configurations=effpipe/aug/pipeline,keras_recipe   # against the peer, bfloat16
@@ -74,7 +75,7 @@ import keras
 import tensorflow as tf
 from absl import flags
 
-from benchmarks import harness, step_report
+from benchmarks import harness, records, step_report
 from benchmarks.step_configurations import Configuration, Group, StepSetting, make_groups
 from effpipe import cli_flags
 from effpipe.data import sources
@@ -82,6 +83,7 @@ from effpipe.model import efficientnet
 from effpipe.training import callbacks, runtime
 
 flags.adopt_module_key_flags(cli_flags)
+flags.adopt_module_key_flags(records)
 _PHASE = flags.DEFINE_enum("phase", "1", ["1", "2"], "1: base frozen; 2: top blocks unfrozen.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (epochs) per configuration.")
 _STEPS_PER_REPEAT = flags.DEFINE_integer("steps_per_repeat", 10, "Train steps per repeat.")
@@ -192,25 +194,29 @@ def main(argv):
     report = step_report.summarize([c for group in groups for c in group.configurations])
     feature_cache_report = step_report.summarize_feature_cache(report, cache_build)
     step_report.print_report(report, setup, feature_cache_report)
-    harness.print_json_line(
-        {
-            "benchmark": "step_throughput",
-            "device": setup.device,
-            "variant": model.variant,
-            "image_size": model.resolved_image_size,
-            "batch_size": config.batch_size,
-            "phase": phase,
-            "unfreeze_blocks": config.phases.unfreeze_blocks,
-            "precision": setup.precision,
-            "xla": setup.xla,
-            "repeats": repeats,
-            "steps_per_repeat": steps,
-            "steps_per_execution": steps_per_execution,
-            "configurations": report,
-            "targets": step_report.targets(report, setup),
-            "phase1_feature_cache": feature_cache_report,
-        }
-    )
+    payload = {
+        "benchmark": "step_throughput",
+        "device": setup.device,
+        "variant": model.variant,
+        "image_size": model.resolved_image_size,
+        "batch_size": config.batch_size,
+        "phase": phase,
+        "unfreeze_blocks": config.phases.unfreeze_blocks,
+        "precision": setup.precision,
+        "xla": setup.xla,
+        "repeats": repeats,
+        "steps_per_repeat": steps,
+        "steps_per_execution": steps_per_execution,
+        "configurations": report,
+        "targets": step_report.targets(report, setup),
+        "phase1_feature_cache": feature_cache_report,
+    }
+    harness.print_json_line(payload)
+    # The record's name adds what the line does not say: a subset of configurations.
+    subset = [name.removeprefix("effpipe/") for name in _CONFIGURATIONS.value]
+    if not subset and not _NOTEBOOK_BASELINE.value:
+        subset = ["nonotebook"]
+    records.record_benchmark(payload, ["+".join(subset)] if subset else [])
 
 
 if __name__ == "__main__":
