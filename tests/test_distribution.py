@@ -288,7 +288,9 @@ def test_two_workers_one_killed_mid_phase_both_restarted_finish_and_only_the_chi
     assert chief_code == 0, chief_log[-3000:]
     assert worker_code == 0, worker_log[-3000:]
     for index, log in enumerate((chief_log, worker_log)):
-        [cached] = (workdir / "cache" / "images" / f"worker-{index}-of-2").glob("folder-train-*")
+        [cached] = (workdir / "cache" / "images" / f"worker-{index}-of-2").glob(
+            "folder-train-shard*"
+        )
         assert f"reusing the decoded cache {cached}" in log, log[-3000:]
         # 200 photos, 180 to train after validation: 90 rows a worker.
         assert (cached / "images.u8").stat().st_size == 90 * 32 * 32 * 3

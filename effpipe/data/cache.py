@@ -86,14 +86,9 @@ def materialize(
 ) -> tuple[Split, tuple[str, ...]]:
     """Decodes a split once into memory or the disk cache, or reuses the disk cache.
 
-    Args:
-      encoded: the split's encoded images.
-      size: side in pixels images are stored at.
-      crop: "resize" or "centre" (effpipe.data.decode).
-      mode: "auto", "memory", "disk" or "off" (decode on every pass).
-      cache_root: the folder that holds disk caches.
-      memory_budget_mb: with "auto", the largest decoded split kept in memory.
-      on_bad_image: "fail" or "skip".
+    `mode` is --cache: "auto" (memory up to `memory_budget_mb`, else disk), "memory",
+    "disk" or "off" (decode on every pass); `size` and `crop` say how images are
+    stored (effpipe.data.decode); `on_bad_image` is "fail" or "skip".
 
     Returns:
       (the split over its store, the names of skipped images).

@@ -53,39 +53,39 @@ def decode(encoded, size, crop, sink) -> tuple[np.ndarray, list[int]]:
     """
     done, labels = sink.done, sink.labels
     todo = tf.constant(~done)
-    read = tf.io.read_file if encoded.paths is not None else tf.identity
+    reads_files = encoded.paths is not None
 
-    empty = tf.zeros((size, size, 3), tf.uint8)
+    def decode_one(position, key, label):
+        contents = tf.io.read_file(key) if reads_files else key
+        image = decode_lib.decode_to_size(contents, size, crop)
+        return position, image, tf.cast(label, tf.int32), tf.fingerprint(image[None])[0]
 
-    def decode_one(position, record):
-        key, label = record
-        # Bytes that do not decode leave a dataset of one (ignore_errors there): a read
-        # error, upstream, still stops the pass instead of passing for a bad image.
-        decoded = (
-            tf.data.Dataset.from_tensors(read(key))
-            .map(lambda contents: decode_lib.decode_to_size(contents, size, crop))
-            .ignore_errors()
-            .reduce((False, empty), lambda _, image: (True, image))
-        )
-        image = decoded[1]
-        fingerprint = tf.fingerprint(image[None])[0]
-        return decoded[0], position, image, tf.cast(label, tf.int32), fingerprint
-
-    # Positions travel with the images: one that does not decode is found missing at
-    # the end. Parallel decodes arrive in any order.
-    dataset = (
+    # Positions travel with the images: one that does not decode drops out and is
+    # found missing at the end. Parallel decodes arrive in any order.
+    records = (
         encoded.make_records()
         .enumerate()
         .filter(lambda position, record: todo[position])
-        .map(decode_one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-        .filter(lambda found, *rest: found)
-        .batch(PASS_BATCH)
-        .prefetch(2)
+        .map(lambda position, record: (position, *record))
     )
+    if reads_files:
+        # A file that cannot be read drops out here too: the read at the end tells.
+        dataset = records.map(
+            decode_one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+        ).ignore_errors()
+    else:
+        # tfds reads its files upstream, where ignore_errors would swallow (or spin
+        # on) a damaged file: errors are ignored in each record's own decode only.
+        dataset = records.interleave(
+            lambda *record: tf.data.Dataset.from_tensors(record).map(decode_one).ignore_errors(),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=False,
+        )
+    dataset = dataset.batch(PASS_BATCH).prefetch(2)
     progress = _Progress(encoded, int((~done).sum()))
     arrived = done.copy()
     try:
-        for _, positions, images, batch_labels, fingerprints in dataset.as_numpy_iterator():
+        for positions, images, batch_labels, fingerprints in dataset.as_numpy_iterator():
             sink.write(positions, images, batch_labels, fingerprints.view("<u8").ravel())
             arrived[positions], labels[positions] = True, batch_labels
             progress.update(len(positions))

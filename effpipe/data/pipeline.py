@@ -4,24 +4,15 @@
                fetch (read, decode) -> batch -> tf.data service (optional) -> prefetch
     one pass:  positions in order -> fetch -> batch -> ... -> prefetch
 
-(in-memory images and the decoded cache are fetched after `batch`: a batch of
-positions, then their rows).
+In-memory images and the decoded cache are fetched after `batch` (a batch of
+positions, then their rows). Epoch e's order is a permutation of the positions drawn
+from (seed, e) alone, so a run resumed at epoch k reads nothing of the epochs before,
+and every store (`effpipe.data.stores`) yields the same images in the same order.
+`make_feature_dataset` runs the same chain over cached per-image features.
 
-A position is an example's place in the split; its key
-is what the split's store addresses the image by (`effpipe.data.stores`): the image
-itself when it is in memory, a file's path, a row of the decoded cache. Epoch e's
-order is a permutation of the positions drawn from (seed, e) alone, never from a
-stream's history, so a run resumed at epoch k builds the stream from k and reads
-nothing of the epochs before; every store yields the same images in the same order
-for the same seed.
-
-`make_feature_dataset` runs the same chain over cached per-image features (phase 1
-with the feature cache), in the same order.
-
-Images stay uint8 at source resolution on the host (a 32x32x3 CIFAR image is 3 KB;
-the same image at 456 px float32 is 2.5 MB). Casting, augmentation and the resize to
-the model resolution happen on the device, inside the compiled step. This module
-imports nothing from the model.
+Images stay uint8 at source resolution on the host (a 32x32x3 CIFAR image is 3 KB,
+at 456 px float32 2.5 MB): the cast, augmentation and resize run on the device,
+inside the compiled step. This module imports nothing from the model.
 """
 
 import dataclasses

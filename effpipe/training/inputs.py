@@ -101,17 +101,9 @@ def prepare_data(
 
 
 def load_data(config: TrainConfig, cache_root: str, *, workers: tuple[int, int] = (1, 0)):
-    """The source and its splits, checked against the batch size and logged.
-
-    Args:
-      config: the run configuration.
-      cache_root: the folder of the decoded-image caches.
-      workers: (count, index) of the run's workers (a shared --cache_dir's first
-        pass is split between them).
-
-    Returns:
-      (source, train split, validation split, test split, the name of the split
-      the final evaluation uses).
+    """(source, train, validation and evaluated splits, "test" or "validation"),
+    checked against the batch size and logged; `workers` as for
+    `sources.load_configured_source`.
 
     Raises:
       UsageError: the batch is larger than the training split.
@@ -147,17 +139,7 @@ def load_data(config: TrainConfig, cache_root: str, *, workers: tuple[int, int] 
 
 
 def make_validation_dataset(config, distribution, validation_split, pipeline_options):
-    """The batched validation images, sharded by batch over several workers.
-
-    Args:
-      config: the run configuration.
-      distribution: the run's strategy.
-      validation_split: the validation examples.
-      pipeline_options: the run's tf.data options.
-
-    Returns:
-      The validation dataset, one pass.
-    """
+    """The batched validation images, one pass, sharded by batch over workers."""
     validation_dataset = pipeline.make_dataset(
         validation_split,
         batch_size=config.batch_size,
@@ -186,22 +168,9 @@ def make_training_stream(
     phase: int,
     initial_epoch: int,
 ):
-    """The endless training stream of a phase that starts at `initial_epoch`.
-
-    Args:
-      config: the run configuration.
-      distribution: the run's strategy.
-      workdir: the run directory (it names the data service's job).
-      train_split: the training examples.
-      pipeline_options: the run's tf.data options.
-      steps_per_epoch: training steps per epoch.
-      phase: the phase (1 or 2).
-      initial_epoch: the epoch the phase starts at, counted over both phases.
-
-    Returns:
-      The stream for `fit` from epoch `initial_epoch` on (distributed over the
-      replicas under a strategy).
-    """
+    """The endless training stream of `phase` for `fit`, from `initial_epoch` (counted
+    over both phases) on, distributed over the replicas under a strategy; `workdir`
+    names the data service's job."""
     service = None
     if config.distribution.data_service:
         # Workers of one run share one job per phase start; another run (another
