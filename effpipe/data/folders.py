@@ -1,10 +1,8 @@
 """Listing a folder of images: PATH/train/<class>/ and optional PATH/test/<class>/.
 
-Listed once with `os.scandir` (no per-file Python work beyond one stat, so a million
-files take seconds), in sorted order so positions are stable run to run. Hidden
-entries (a leading dot: `.ipynb_checkpoints`, `.DS_Store`) are ignored, so are files
-that are not images by their extension; what a file holds is checked when it is
-decoded (a PNG named .jpg decodes as PNG).
+Listed with `os.scandir` and one stat per file (a million files take seconds), sorted so
+positions are stable run to run. Hidden entries and files without an image extension
+are ignored; contents are checked at decode time (a PNG named .jpg decodes as PNG).
 """
 
 import dataclasses
@@ -21,15 +19,8 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 
 @dataclasses.dataclass(frozen=True)
 class FolderSplit:
-    """The image files of one split of a folder, in position order.
-
-    Attributes:
-      directory: PATH/train or PATH/test.
-      paths: every image file, sorted by class and then by name.
-      labels: (N,) int32 class of each file.
-      fingerprint: digest of the relative paths, sizes and modification times: a
-        file added, removed, replaced or touched changes it.
-    """
+    """A split's image files, sorted by class then name, and their (N,) int32 labels; any
+    file added, removed, replaced or touched changes `fingerprint` (paths, sizes, mtimes)."""
 
     directory: str
     paths: tuple[str, ...]
@@ -38,13 +29,7 @@ class FolderSplit:
 
 
 def list_folder(path: str) -> tuple[tuple[str, ...], FolderSplit, FolderSplit | None]:
-    """Lists a folder dataset's classes and image files.
-
-    Args:
-      path: the dataset folder.
-
-    Returns:
-      (class names, train split, test split or None).
+    """Lists a folder dataset: (class names, train split, test split or None).
 
     Raises:
       UsageError: a missing folder, no train/, no classes, an empty class, or test
@@ -70,16 +55,11 @@ def list_folder(path: str) -> tuple[tuple[str, ...], FolderSplit, FolderSplit | 
 def _visible_entries(directory: str, *, directories: bool) -> list[str]:
     """Sorted names of the non-hidden subfolders (or image files) of `directory`."""
     with os.scandir(directory) as entries:
-        return sorted(
-            entry.name
-            for entry in entries
-            if not entry.name.startswith(".")
-            and (
-                entry.is_dir()
-                if directories
-                else entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
-            )
-        )
+        visible = [entry for entry in entries if not entry.name.startswith(".")]
+        if directories:
+            return sorted(entry.name for entry in visible if entry.is_dir())
+        files = [entry.name for entry in visible if entry.is_file()]
+        return sorted(name for name in files if name.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def _list_split(directory: str, class_names: tuple[str, ...], *, is_train: bool) -> FolderSplit:
@@ -89,8 +69,7 @@ def _list_split(directory: str, class_names: tuple[str, ...], *, is_train: bool)
             f"{directory} has class folders that train/ lacks: {', '.join(unknown)}: add "
             "them to train/ (a class needs training images) or remove them"
         )
-    paths, labels = [], []
-    digest = hashlib.sha256()
+    paths, labels, digest = [], [], hashlib.sha256()
     for label, class_name in enumerate(class_names):
         class_dir = os.path.join(directory, class_name)
         if not os.path.isdir(class_dir):
@@ -109,6 +88,5 @@ def _list_split(directory: str, class_names: tuple[str, ...], *, is_train: bool)
         labels += [label] * len(names)
     if not paths:
         raise UsageError(f"{directory} holds no images: add some or remove it")
-    return FolderSplit(
-        directory, tuple(paths), np.asarray(labels, dtype=np.int32), digest.hexdigest()
-    )
+    labels = np.asarray(labels, dtype=np.int32)
+    return FolderSplit(directory, tuple(paths), labels, digest.hexdigest())

@@ -1,15 +1,10 @@
-"""The synthetic shapes dataset: coloured geometric shapes drawn in-process.
-
-Seeded, learnable and offline: what the demo and the tests train on. A class is a
-kind of shape, whatever its colour, size and position.
-"""
+"""The synthetic shapes dataset: seeded, learnable, offline; the demo's and tests' data."""
 
 import numpy as np
 
 from effpipe.data.splits import DataSource, Split
 
-# The ten kinds of shape the synthetic source draws; a class is a kind of shape,
-# whatever its colour, size and position.
+# A class is a kind of shape, whatever its colour, size and position.
 SHAPE_NAMES = (
     "circle",
     "square",
@@ -40,11 +35,8 @@ def make_shapes_source(
 def make_shapes(
     num_examples: int, num_classes: int, image_size: int, rng: np.random.Generator
 ) -> Split:
-    """Draws balanced, labelled images of coloured shapes.
-
-    Each image has a random background colour with pixel noise and one shape of a
-    random foreground colour (at least 80 levels away from the background, so the
-    shape is always visible), random centre and random size.
+    """Draws balanced, labelled images: one shape of random centre, size and colour on
+    a noisy background at least 80 levels away from it, so the shape is always visible.
     """
     labels = rng.permutation(np.arange(num_examples) % num_classes).astype(np.int32)
     grid = np.arange(image_size, dtype=np.float32) + 0.5

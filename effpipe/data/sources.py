@@ -1,21 +1,18 @@
 """Data sources: encoded files or records, decoded once into the cache, as Splits.
 
     cifar100                      CIFAR-100 fine labels (tensorflow-datasets), 32 px
-    tfds:NAME[/CONFIG][@VERSION]  any tensorflow-datasets image-classification dataset
-                                  with an Image and a ClassLabel feature
+    tfds:NAME[/CONFIG][@VERSION]  a tensorflow-datasets dataset with Image and ClassLabel features
     folder:PATH                   PATH/train/<class>/ and optional PATH/test/<class>/
     shapes                        the synthetic shapes (`effpipe.data.shapes`), in memory
 
-A file-backed source never holds its encoded or decoded images in memory as a whole:
-its splits are listed (paths, or tfds records read in order with the image left
-encoded), decoded in a parallel tf.data map and kept by `effpipe.data.cache` in
-memory or on disk as --cache says. Resizing to the model resolution happens later,
-on the device.
+File-backed sources are listed, never held whole in memory, and decoded once by
+`effpipe.data.cache`; resizing to the model resolution happens later, on the device.
 """
 
 import os
 
 import numpy as np
+import tensorflow as tf
 
 from effpipe import network
 from effpipe.config import DataConfig
@@ -27,21 +24,14 @@ from effpipe.errors import UsageError
 def load_configured_source(
     data: DataConfig, *, size: int, seed: int, cache_root: str, workers: tuple[int, int] = (1, 0)
 ) -> DataSource:
-    """Loads the run's source, its images decoded into the cache (trainer, evaluation,
-    benchmarks).
+    """Loads the run's source, its images decoded into the cache.
 
     Args:
-      data: the run's data slice.
       size: side in pixels images are stored at (`TrainConfig.source_size`).
       seed: seeds the shapes dataset's draws and the validation split.
       cache_root: the folder of disk caches (--cache_dir, or WORKDIR/cache/images).
-      workers: (count, index) of the run's workers. With several, this worker decodes
-        only its own share (`worker_share`) into a folder of its own: workers share
-        no cache.
-
-    Returns:
-      The loaded DataSource; a worker's `train` is its shard, and its `validation`
-      the run's validation split.
+      workers: (count, index). With several, this worker decodes only its share
+        (`worker_share`: `train` is its shard) into a cache folder of its own.
 
     Raises:
       UsageError: unknown dataset, or data that cannot be found or read.
@@ -56,9 +46,9 @@ def load_configured_source(
             seed=seed,
         )
     if dataset.startswith("folder:"):
-        name, class_names, encoded = _list_folder(dataset.removeprefix("folder:"))
+        class_names, encoded = _list_folder(dataset.removeprefix("folder:"))
     elif dataset == "cifar100" or dataset.startswith("tfds:"):
-        name, class_names, encoded, size = _list_tfds(data, size)
+        class_names, encoded, size = _list_tfds(data, size)
     else:
         raise UsageError(f"unknown dataset {dataset!r}: choose cifar100, tfds:NAME, folder:PATH")
     count, index = workers
@@ -78,27 +68,23 @@ def load_configured_source(
         )
         skipped += split_skipped
     if dataset.startswith("folder:") and count == 1:
-        train_dir = os.path.join(dataset.removeprefix("folder:"), "train")
-        _check_every_class_kept(loaded["train"], class_names, train_dir)
+        kept = set(np.unique(loaded["train"].labels).tolist())
+        emptied = sorted(set(range(len(class_names))) - kept)
+        if emptied:
+            directory = os.path.join(dataset.removeprefix("folder:"), "train")
+            raise UsageError(
+                f"class folder {directory}/{class_names[emptied[0]]} has no image that can be "
+                "decoded: replace the files or remove the folder"
+            )
     return DataSource(
-        name,
-        loaded["train"],
-        loaded.get("test"),
-        class_names,
-        validation=loaded.get("validation"),
-        skipped=skipped,
+        dataset, loaded["train"], loaded.get("test"), class_names, loaded.get("validation"), skipped
     )
 
 
 def worker_share(encoded: dict, data: DataConfig, *, seed: int, workers: tuple[int, int]) -> dict:
-    """A worker's encoded splits: its equal shard of the training images, the run's
-    validation split (carved off train as `splits.configured_splits` carves it) and
-    the test split, each decoded by this worker alone.
-
-    The shard is the one the input pipeline would take (`pipeline.make_dataset`'s
-    `shard`): every `count`-th training image from the `index`-th, the last
-    len % count left out, so every worker runs the same number of steps.
-    """
+    """A worker's encoded splits: the run's validation and test, and the shard of train
+    `pipeline.make_dataset` takes: every `count`-th image from the `index`-th, the last
+    len % count left out so every worker runs as many steps."""
     count, index = workers
     train = encoded["train"]
     if "validation" in encoded:
@@ -109,17 +95,13 @@ def worker_share(encoded: dict, data: DataConfig, *, seed: int, workers: tuple[i
             train.count, data.validation_fraction, seed=seed, selection=data.validation_selection
         )
         validation = train.subset(validation_positions, f"{train.name}-validation")
-    shard_size = len(train_positions) // count
-    shard = train_positions[: shard_size * count][index::count]
-    shared = dict(encoded, train=train.subset(shard, f"{train.name}-shard{index}of{count}"))
-    shared["validation"] = validation
-    return shared
+    shard = train_positions[: len(train_positions) // count * count][index::count]
+    shard_name = f"{train.name}-shard{index}of{count}"
+    return dict(encoded, train=train.subset(shard, shard_name), validation=validation)
 
 
 def _list_folder(path: str):
-    """(name, class names, {split: EncodedSplit}) of a folder of images."""
-    import tensorflow as tf
-
+    """(class names, {split: EncodedSplit}) of a folder of images."""
     class_names, train, test = folders.list_folder(path)
     encoded = {}
     for split_name, listed in (("train", train), ("test", test)):
@@ -140,34 +122,21 @@ def _list_folder(path: str):
             paths=listed.paths,
             labels=listed.labels,
         )
-    return f"folder:{path}", class_names, encoded
+    return class_names, encoded
 
 
 def _list_tfds(data: DataConfig, size: int):
-    """(name, class names, {split: EncodedSplit}, storage size) of a tfds dataset: its
-    own size when all its images share one smaller than `size` and --source_size is
-    0 (CIFAR-100 at 32 px)."""
-    name = "cifar100" if data.dataset == "cifar100" else data.dataset.removeprefix("tfds:")
+    """(class names, {split: EncodedSplit}, storage size): the dataset's own size when all
+    its images share one below `size` and --source_size is 0 (CIFAR-100: 32 px)."""
+    name = data.dataset.removeprefix("tfds:")
     dataset = tfds_source.open_dataset(name, data.data_dir, reachable=_host_reachable)
-    native = dataset.native_size
-    if data.source_size == 0 and native and native < size:
-        size = native
+    if data.source_size == 0 and 0 < dataset.native_size < size:
+        size = dataset.native_size
     class_names = dataset.class_names
-    # A builder not prepared from the real files (tfds.testing.mock_data) only knows
-    # placeholder names "0".."99".
+    # A mock builder (tfds.testing.mock_data) knows only placeholder names "0".."99".
     if data.dataset == "cifar100" and class_names == tuple(str(i) for i in range(100)):
         class_names = cifar100_names.FINE_LABEL_NAMES
-    source_name = "cifar100" if data.dataset == "cifar100" else f"tfds:{name}"
-    return source_name, class_names, dataset.encoded_splits(), size
-
-
-def _check_every_class_kept(split, class_names, directory) -> None:
-    emptied = sorted(set(range(len(class_names))) - set(np.unique(split.labels).tolist()))
-    if emptied:
-        raise UsageError(
-            f"class folder {directory}/{class_names[emptied[0]]} has no image that can be "
-            "decoded: replace the files or remove the folder"
-        )
+    return class_names, dataset.encoded_splits(), size
 
 
 def _host_reachable(host: str, port: int = 443, timeout_sec: float = 10.0) -> bool:

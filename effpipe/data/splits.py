@@ -1,10 +1,4 @@
-"""A source's splits as index lists over an image store: train, validation, test.
-
-A `Split` holds no decoded pixels of its own: its labels, and the positions of its
-images in a store (`effpipe.data.stores`): rows of an array in memory, files decoded
-on every read, or files of the decoded cache. Carving validation off train, and a
-worker's shard, are index operations, done before anything is decoded.
-"""
+"""Splits as labels and positions in an image store: carving one up decodes nothing."""
 
 import dataclasses
 
@@ -17,11 +11,8 @@ from effpipe.errors import UsageError
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Labels (N,) int32 and the positions (N,) int64 of their images in `store`.
-
-    Built from an array, `Split(images, labels)`, it holds the array in memory
-    (the shapes source, tests).
-    """
+    """Labels (N,) int32 and the positions (N,) int64 of their images in `store`;
+    `Split(images, labels)` wraps an in-memory array (the shapes source, tests)."""
 
     store: object
     labels: np.ndarray
@@ -42,10 +33,7 @@ class Split:
         return Split(self.store, self.labels[index], self.positions[index])
 
     def load_images(self, count: int | None = None) -> np.ndarray:
-        """The first `count` images (all by default) decoded, (count, H, W, 3) uint8.
-
-        For samples and small splits: the whole of a large split does not fit in memory.
-        """
+        """The first `count` images (all: small splits only), (count, H, W, 3) uint8."""
         positions = self.positions if count is None else self.positions[:count]
         return stores.load_images(self.store, positions)
 
@@ -57,17 +45,8 @@ class Split:
 
 @dataclasses.dataclass(frozen=True)
 class DataSource:
-    """A loaded source: its splits and what the model needs to know about it.
-
-    Attributes:
-      name: the `--dataset` value it was loaded from.
-      train: the training split, before validation is split off.
-      test: the test split, or None when the source has none.
-      class_names: one name per class, indexed by label.
-      validation: a validation split the source defines itself (tfds), else None:
-        validation is then carved from train.
-      skipped: paths of files left out because they could not be decoded.
-    """
+    """A loaded --dataset: its splits (`train` before validation is carved off it, unless
+    the source has its own, tfds), class names and the files that could not be decoded."""
 
     name: str
     train: Split
@@ -89,32 +68,24 @@ class DataSource:
 def split_validation(
     split: Split, fraction: float, *, seed: int, selection: str = "random"
 ) -> tuple[Split, Split]:
-    """Splits a validation set off a train split, deterministically.
+    """Splits (train, validation) deterministically off a train split.
 
     Args:
-      split: the full train split.
       fraction: share of examples that go to validation, in (0, 1).
-      seed: seeds the shuffle for `selection="random"`.
       selection: "random" takes a seeded random subset; "last" takes the last
         examples in stored order, as Keras `validation_split` does.
-
-    Returns:
-      (train, validation).
 
     Raises:
       UsageError: when either part would be empty.
     """
-    train_index, validation_index = validation_positions(
-        len(split), fraction, seed=seed, selection=selection
-    )
-    return split.subset(train_index), split.subset(validation_index)
+    positions = validation_positions(len(split), fraction, seed=seed, selection=selection)
+    return tuple(split.subset(index) for index in positions)
 
 
 def validation_positions(
     num_examples: int, fraction: float, *, seed: int, selection: str = "random"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(train positions, validation positions), each increasing: `split_validation`
-    on positions alone, before anything is decoded.
+    """`split_validation` on positions alone: (train, validation) positions, increasing.
 
     Raises:
       UsageError: when either part would be empty.
@@ -129,32 +100,20 @@ def validation_positions(
         order = np.arange(num_examples)
     else:
         order = np.random.default_rng(seed).permutation(num_examples)
-    return np.sort(order[: num_examples - num_validation]), np.sort(
-        order[num_examples - num_validation :]
-    )
+    num_train = num_examples - num_validation
+    return np.sort(order[:num_train]), np.sort(order[num_train:])
 
 
 def configured_splits(
     data: DataConfig, source: DataSource, *, seed: int
 ) -> tuple[Split, Split, Split, str]:
-    """The run's train and validation splits, and the split its evaluation reads.
-
-    The trainer and `effpipe.evaluate` share it, so both evaluate the same images:
-    the test split, or the validation split when the source has none. A source
-    with its own validation split (tfds) keeps it; otherwise validation is carved
-    from train.
-
-    Returns:
-      (train, validation, evaluated split, "test" or "validation").
-    """
+    """(train, validation, evaluated split, "test" or "validation"): the trainer and
+    `effpipe.evaluate` share it, so both evaluate the same images (test, else validation)."""
     if source.validation is not None:
         train, validation = source.train, source.validation
     else:
         train, validation = split_validation(
-            source.train,
-            data.validation_fraction,
-            seed=seed,
-            selection=data.validation_selection,
+            source.train, data.validation_fraction, seed=seed, selection=data.validation_selection
         )
     if source.test is None:
         return train, validation, validation, "validation"

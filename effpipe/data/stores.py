@@ -1,21 +1,12 @@
 """Where a split's images are, and how tf.data reads image number `position`.
 
     ArrayStore   decoded uint8 rows in memory (shapes; --cache=memory)
-    FileStore    a folder's encoded files, read and decoded on every pass (--cache=off)
-    CacheStore   the decoded cache on disk: one file of rows, image i at row i
-                 (--cache=disk)
+    FileStore    a folder's encoded files, decoded on every pass (--cache=off)
+    CacheStore   the decoded cache on disk: one file, image i at row i (--cache=disk)
 
-The input pipeline shuffles positions and reads the images after: a shuffle holds
-integers, never a decoded photo, and the same positions in the same order give the
-same images whatever the store. A CacheStore is read a batch at a time
-(`fetch_batch`): TensorFlow maps the file (ImmutableConst) and gathers the batch's
-rows from it, all in the graph, so the same read serves this process and a tf.data
-service's workers; the mapping lives as long as the batch's read, so only the rows in
-flight stay resident.
-
-Why one file of rows and not TFRecord or `Dataset.save` shards: a row is addressable
-by position, so every pass is a uniform shuffle over positions, a resumed run reads
-only the epochs it trains, and a killed first pass resumes where it stopped.
+The pipeline shuffles positions, not photos. The cache is one file of rows, not TFRecord
+shards, so any row is read by position: every pass is a uniform shuffle, a resumed run
+reads only the epochs it trains, and a killed first pass resumes where it stopped.
 """
 
 import dataclasses
@@ -39,15 +30,8 @@ class ArrayStore:
 
 @dataclasses.dataclass(frozen=True)
 class FileStore:
-    """Encoded image files, decoded at every read.
-
-    Attributes:
-      paths: position i's file.
-      size: side in pixels images are decoded to.
-      crop: "resize" or "centre" (effpipe.data.decode).
-      skip_bad: drop images that cannot be decoded instead of failing
-        (--on_bad_image=skip).
-    """
+    """Encoded image files (position i is `paths[i]`) decoded at every read to `size` px;
+    `skip_bad` drops images that cannot be decoded instead of failing (--on_bad_image=skip)."""
 
     paths: tuple[str, ...]
     size: int
@@ -57,14 +41,8 @@ class FileStore:
 
 @dataclasses.dataclass(frozen=True)
 class CacheStore:
-    """The decoded cache: position i's image is row i of `cache_file(directory)`.
-
-    Attributes:
-      directory: the cache's folder (effpipe.data.cache).
-      size: side in pixels of the stored images.
-      count: rows in the file, one per image of the encoded split (the row of an
-        image that did not decode is never read).
-    """
+    """The decoded cache: position i's image is row i of `cache_file(directory)`, one row
+    per encoded image (`count`; an image that did not decode has a row never read)."""
 
     directory: str
     size: int
@@ -89,8 +67,7 @@ def image_size(store) -> tuple[int, int]:
 
 
 def keys(store, positions: np.ndarray) -> np.ndarray:
-    """What the pipeline streams for these positions: the images themselves (memory),
-    their paths (files) or the positions (cache)."""
+    """What the pipeline streams: the images (memory), their paths (files) or positions."""
     if isinstance(store, ArrayStore):
         return store.images[positions]
     if isinstance(store, FileStore):
@@ -99,8 +76,8 @@ def keys(store, positions: np.ndarray) -> np.ndarray:
 
 
 def path_bytes(paths, positions=None) -> np.ndarray:
-    """The paths at `positions` (all by default) as the file system's bytes, for a
-    string tensor: any name the folder holds, in any encoding."""
+    """The paths at `positions` (all by default) as the file system's bytes, so a string
+    tensor holds any name the folder holds, in any encoding."""
     if positions is not None:
         paths = [paths[position] for position in np.asarray(positions).tolist()]
     return np.asarray([os.fsencode(path) for path in paths], dtype=bytes)
@@ -116,18 +93,13 @@ def fetch(store):
 
 
 def fetch_batch(store: CacheStore):
-    """positions (B,) int64 -> images (B, H, W, 3) uint8, for `Dataset.map` after `batch`.
-
-    The file is mapped read-only by TensorFlow (ImmutableConst) and the rows gathered
-    from it: measured as fast as reading each row into the batch from Python, and it
-    runs where no Python does (a tf.data service's workers).
-    """
-    path, size = cache_file(store.directory), store.size
+    """positions (B,) int64 -> images (B, H, W, 3) uint8, for `Dataset.map` after `batch`:
+    mapped and gathered in the graph, it also runs on tf.data service workers (no Python),
+    and the mapping lasts one batch's read."""
+    path, shape = cache_file(store.directory), [store.count, store.size, store.size, 3]
 
     def gather(positions):
-        rows = tf.raw_ops.ImmutableConst(
-            dtype=tf.uint8, shape=[store.count, size, size, 3], memory_region_name=path
-        )
+        rows = tf.raw_ops.ImmutableConst(dtype=tf.uint8, shape=shape, memory_region_name=path)
         return tf.gather(rows, positions)
 
     return gather
@@ -139,12 +111,8 @@ def load_images(store, positions: np.ndarray) -> np.ndarray:
     if isinstance(store, ArrayStore):
         return store.images[positions]
     if isinstance(store, CacheStore):
-        rows = np.memmap(
-            cache_file(store.directory),
-            np.uint8,
-            "r",
-            shape=(store.count, store.size, store.size, 3),
-        )
+        shape = (store.count, store.size, store.size, 3)
+        rows = np.memmap(cache_file(store.directory), np.uint8, "r", shape=shape)
         return np.array(rows[positions])
     if len(positions) == 0:
         return np.zeros((0, store.size, store.size, 3), np.uint8)

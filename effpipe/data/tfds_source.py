@@ -1,10 +1,7 @@
 """A tensorflow-datasets image-classification dataset as encoded splits.
 
-Records are read in the dataset's own order with the image left encoded
-(`tfds.decode.SkipDecoding`), so the first pass decodes them in effpipe's parallel
-map at the storage size (`effpipe.data.cache`) instead of tfds decoding every image
-at full size. Splits are the ones the dataset defines (train, and validation and
-test when it has them); class names come from its ClassLabel feature.
+Images stay encoded (`tfds.decode.SkipDecoding`) so that the first pass decodes them in
+effpipe's parallel map at the storage size rather than tfds decoding each at full size.
 """
 
 import dataclasses
@@ -24,16 +21,8 @@ DEFAULT_DOWNLOAD_HOST = "storage.googleapis.com"
 
 @dataclasses.dataclass(frozen=True)
 class TfdsDataset:
-    """A prepared tfds dataset: its builder and the features effpipe reads.
-
-    Attributes:
-      name: NAME[/CONFIG][@VERSION] as given.
-      builder: the prepared tfds builder.
-      image_key, label_key: the Image and ClassLabel features.
-      class_names: the ClassLabel's names.
-      native_size: the side of the images when they all have one square size
-        (CIFAR-100: 32), else 0.
-    """
+    """A prepared tfds dataset (`name` as given): its builder, the features effpipe reads,
+    and `native_size`, the images' side when all share one square size (CIFAR-100: 32), else 0."""
 
     name: str
     builder: object
@@ -44,28 +33,22 @@ class TfdsDataset:
 
     def encoded_splits(self) -> dict[str, cache.EncodedSplit]:
         """{split name: the split's encoded records}, for each split the dataset has."""
-        return {split: self._encoded(split) for split in self._split_names()}
-
-    def _split_names(self) -> list[str]:
         # tfds.testing.mock_data lists no splits (and serves any name): train and test.
         known = set(self.builder.info.splits.keys()) or {"train", "test"}
         if "train" not in known:
             raise UsageError(f"tfds:{self.name} has no train split (it has {sorted(known)})")
-        return [name for name in SPLIT_NAMES if name in known]
+        return {split: self._encoded(split) for split in SPLIT_NAMES if split in known}
 
     def _records(self, split: str):
-        """(encoded image, label) of every record of `split`, in the files' order: a
-        record's position is its place in the split."""
+        """(encoded image, label) of each record; its position is its place in the split."""
         import tensorflow_datasets as tfds
 
-        # Only the image (left encoded) and the label are read: other features (masks,
-        # boxes) are never decoded.
+        # Other features (masks, boxes) are never decoded.
         decoders = tfds.decode.PartialDecoding(
             {self.image_key: True, self.label_key: True},
             decoders={self.image_key: tfds.decode.SkipDecoding()},
         )
-        # Nothing kept in memory (tfds would cache a small dataset's records); one
-        # file after the other.
+        # No autocache (it holds small datasets in memory); files in order, one at a time.
         read_config = tfds.ReadConfig(try_autocache=False, interleave_cycle_length=1)
         dataset = self.builder.as_dataset(
             split=split, shuffle_files=False, decoders=decoders, read_config=read_config
@@ -74,28 +57,23 @@ class TfdsDataset:
 
     def _encoded(self, split: str) -> cache.EncodedSplit:
         info = self.builder.info.splits[split] if self.builder.info.splits.keys() else None
-        count = info.num_examples if info else int(self._records(split).reduce(0, _count))
-        return cache.EncodedSplit(
-            name=f"tfds-{self.builder.name}-{split}",
-            count=count,
-            fingerprint=self._fingerprint(split, info),
-            make_records=lambda: self._records(split),
-            describe=lambda position: f"record {position} of tfds:{self.name} {split}",
+        count = (
+            info.num_examples if info else int(self._records(split).reduce(0, lambda n, _: n + 1))
         )
-
-    def _fingerprint(self, split: str, info) -> str:
-        """The dataset's full name and version, the split, and its files' sizes and times."""
+        # The fingerprint: full name and version, the split, and its files' sizes and times.
         digest = hashlib.sha256(f"{self.builder.info.full_name}\0{split}".encode())
         for filename in getattr(info, "filenames", None) or ():
             path = os.path.join(self.builder.data_dir, filename)
             if os.path.exists(path):
                 stat = os.stat(path)
                 digest.update(f"\0{filename}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
-        return digest.hexdigest()
-
-
-def _count(total, _):
-    return total + 1
+        return cache.EncodedSplit(
+            name=f"tfds-{self.builder.name}-{split}",
+            count=count,
+            fingerprint=digest.hexdigest(),
+            make_records=lambda: self._records(split),
+            describe=lambda position: f"record {position} of tfds:{self.name} {split}",
+        )
 
 
 def tfds_name(spec: str) -> str:
@@ -105,15 +83,12 @@ def tfds_name(spec: str) -> str:
 
 
 def open_dataset(spec: str, data_dir: str | None, *, reachable: Callable[[str], bool]):
-    """Opens (downloading and preparing when needed and possible) a tfds dataset.
+    """Opens a tfds dataset, downloading and preparing it when needed and possible.
 
     Args:
       spec: NAME[/CONFIG][@VERSION].
       data_dir: the tensorflow-datasets data directory (None: ~/tensorflow_datasets).
-      reachable: host -> whether the network reaches it.
-
-    Returns:
-      The TfdsDataset.
+      reachable: host -> whether the network reaches it (checked before downloading).
 
     Raises:
       UsageError: an unknown name, a dataset that is not prepared and cannot be
@@ -137,9 +112,8 @@ def open_dataset(spec: str, data_dir: str | None, *, reachable: Callable[[str], 
     label_key = _feature_key(features, tfds.features.ClassLabel, "label", spec)
     shape = features[image_key].shape
     native = shape[0] if shape[0] and shape[0] == shape[1] else 0
-    return TfdsDataset(
-        spec, builder, image_key, label_key, tuple(features[label_key].names), native
-    )
+    class_names = tuple(features[label_key].names)
+    return TfdsDataset(spec, builder, image_key, label_key, class_names, native)
 
 
 def _feature_key(features, feature_type, preferred: str, spec: str) -> str:
