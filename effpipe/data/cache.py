@@ -4,10 +4,9 @@
     (`first_pass`) -> memory (an array) | disk (a folder under --cache_dir,
     `cache_files`) -> a Split
 
-A disk cache is a folder named after what its images are (the split's files, the
-size, the crop); one process writes it, others wait for it, and it is verified
-whenever it is opened (`cache_files` says how). --cache=off keeps nothing but, with
---on_bad_image=skip, the positions of the bad images.
+A disk cache's folder is named after what its images are (the split's files, the size,
+the crop): a changed file gets a new folder (`cache_files` says who writes it). With
+--cache=off only the positions of bad images are kept (--on_bad_image=skip).
 """
 
 import contextlib
@@ -31,7 +30,6 @@ class EncodedSplit:
 
     Attributes:
       name: names the split in logs and its cache folder ("folder-train").
-      count: number of images.
       fingerprint: digest of what the images are (file list, sizes, times).
       make_records: () -> dataset of (key, label) in position order; a key is a path
         to read (`paths` is set) or the encoded bytes themselves (tfds).
@@ -49,24 +47,22 @@ class EncodedSplit:
     labels: np.ndarray | None = None
 
     def subset(self, positions: np.ndarray, name: str) -> "EncodedSplit":
-        """The images at `positions`, in that order (a worker's shard): only they are
-        read and decoded."""
+        """The images at `positions`, in that order (a worker's shard): only they are read."""
         positions = np.asarray(positions, np.int64)
         if np.any(np.diff(positions) <= 0):
             raise ValueError("a subset's positions must be increasing")
-        wanted = np.zeros(self.count, bool)
-        wanted[positions] = True
-        mask = tf.constant(wanted)
+        mask = np.zeros(self.count, bool)
+        mask[positions] = True
+        wanted = tf.constant(mask)
 
         def make_records():
-            kept = self.make_records().enumerate().filter(lambda position, _: mask[position])
-            return kept.map(lambda position, record: record)
+            records = self.make_records().enumerate().filter(lambda position, _: wanted[position])
+            return records.map(lambda position, record: record)
 
-        digest = hashlib.sha256(self.fingerprint.encode() + positions.tobytes()).hexdigest()
         return EncodedSplit(
             name=name,
             count=len(positions),
-            fingerprint=digest,
+            fingerprint=hashlib.sha256(self.fingerprint.encode() + positions.tobytes()).hexdigest(),
             make_records=make_records,
             describe=lambda position: self.describe(int(positions[position])),
             paths=None if self.paths is None else tuple(self.paths[p] for p in positions),
@@ -88,10 +84,8 @@ def materialize(
 
     `mode` is --cache: "auto" (memory up to `memory_budget_mb`, else disk), "memory",
     "disk" or "off" (decode on every pass); `size` and `crop` say how images are
-    stored (effpipe.data.decode); `on_bad_image` is "fail" or "skip".
-
-    Returns:
-      (the split over its store, the names of skipped images).
+    stored (effpipe.data.decode); `on_bad_image` is "fail" or "skip". Returns the
+    split over its store and the names of skipped images.
 
     Raises:
       UsageError: a bad image with "fail", no image that decodes, a file that cannot
@@ -105,9 +99,8 @@ def materialize(
         store, labels, bad = _uncached(encoded, size, crop, directory, on_bad_image)
     elif mode == "memory":
         images = np.empty((encoded.count, size, size, 3), np.uint8)
-        labels, bad = first_pass.decode(
-            encoded, size, crop, first_pass.MemorySink(images, encoded.count)
-        )
+        sink = first_pass.MemorySink(images, encoded.count)
+        labels, bad = first_pass.decode(encoded, size, crop, sink)
         store = stores.ArrayStore(images)
     else:
         labels, bad = _disk_cache(encoded, size, crop, directory)
@@ -122,16 +115,19 @@ def materialize(
     if not len(kept):
         raise UsageError(f"no image of the {encoded.name} split can be decoded: replace the files")
     if skipped:
-        logging.warning(
-            "skipped %d of %d %s images that cannot be decoded (--on_bad_image=skip), first %s",
-            len(skipped),
-            encoded.count,
-            encoded.name,
-            ", ".join(skipped[:3]),
+        message = (
+            "skipped %d of %d %s images that cannot be decoded (--on_bad_image=skip), first %s"
         )
+        logging.warning(message, len(skipped), encoded.count, encoded.name, ", ".join(skipped[:3]))
     where = {"off": "decoded on every pass", "memory": "in memory"}.get(mode, directory)
     logging.info("%s: %d images, %.0f MB decoded, %s", encoded.name, len(kept), decoded_mb, where)
     return Split(store, np.asarray(labels)[kept], kept.astype(np.int64)), skipped
+
+
+def folder_name(encoded: EncodedSplit, size: int, crop: str) -> str:
+    """The cache folder of a split at a size and crop (the decoder is in its manifest)."""
+    key = f"{encoded.fingerprint}\0{size}\0{crop}\0{encoded.count}"
+    return f"{encoded.name}-{size}px-{crop}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def _uncached(encoded, size, crop, directory, on_bad_image):
@@ -154,21 +150,13 @@ def _uncached(encoded, size, crop, directory, on_bad_image):
     with cache_files.writer_lock(encoded, directory):
         manifest = cache_files.read_manifest(encoded, directory, size, crop)
         if manifest is None:
-            logging.info(
-                "%s: decoding every image once to find those that do not decode", encoded.name
-            )
-            labels, bad = first_pass.decode(
-                encoded, size, crop, first_pass.MemorySink(None, encoded.count)
-            )
+            message = "%s: decoding every image once to find those that do not decode"
+            logging.info(message, encoded.name)
+            sink = first_pass.MemorySink(None, encoded.count)
+            labels, bad = first_pass.decode(encoded, size, crop, sink)
             cache_files.write_manifest(directory, size, crop, labels, bad, fingerprints=[])
             return store, labels, bad
     return store, np.asarray(manifest["labels"], np.int32), manifest["bad"]
-
-
-def folder_name(encoded: EncodedSplit, size: int, crop: str) -> str:
-    """The cache folder of a split at a size and crop (the decoder is in its manifest)."""
-    key = f"{encoded.fingerprint}\0{size}\0{crop}\0{encoded.count}"
-    return f"{encoded.name}-{size}px-{crop}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def _disk_cache(encoded, size, crop, directory):

@@ -1,26 +1,21 @@
-"""A decoded cache's folder on disk: its file of rows, its progress log, its manifest.
+"""A decoded cache's folder on disk: images.u8 (row i is image i, size x size x 3 bytes,
+no header), progress.jsonl while the first pass runs (a line per batch: positions,
+labels, each row's farmhash64 `tf.fingerprint`) and manifest.json, written last (the
+decoder, every label, the bad positions, every row's fingerprint).
 
-    images.u8        row i is image i: size x size x 3 bytes, no header
-    progress.jsonl   while the first pass runs: the positions written, their labels
-                     and the fingerprint of each row, a line per batch
-    manifest.json    written last: the decoder, every label, the bad positions and
-                     every row's fingerprint (farmhash64, `tf.fingerprint`)
-
-One process writes a folder: it holds the folder's flock while it decodes, and any
-other process waits for the lock (saying once who holds it), then finds the
-manifest. The kernel drops a dead writer's lock, and the waiter then resumes the pass
-from the progress log, whose rows are each checked against their fingerprint first:
-neither a kill nor a power loss makes it trust a row the disk lacks, so the pass
-needs no fsync until its end. The workers of a multi-worker run never share a folder
-(each caches its own shard, `effpipe.data.sources`): no lock is needed between
+One process writes a folder, under its flock; others wait for the lock (saying once
+who holds it), then find the manifest. The kernel drops a dead writer's lock, so it
+never goes stale, and the waiter resumes from the progress log, checking each logged
+row against its fingerprint: neither a kill nor a power loss makes it trust a row the
+disk lacks, so the pass needs no fsync (a row lost after the manifest fails its check
+at the next open). Workers of a multi-worker run
+cache their own shards in their own folders (`effpipe.data.sources`): no lock spans
 machines.
 
-A complete cache is verified whenever it is opened: the decoder in its manifest (the
-format, TensorFlow's version, the decode constants) must be this one, and every row
-must match its fingerprint. That reads the rows once, through the training stream's
-own read (the pages then serve the first epoch from memory when they fit). A cache
-that fails (truncated, a byte changed, another decoder) is decoded again after one
-warning.
+A complete cache is verified whenever it is opened: its decoder (format, TensorFlow's
+version, decode constants) must be this one, and every row must match its fingerprint,
+read through the training stream's own read so the pages then serve the first epoch
+from memory when they fit. A cache that fails is decoded again after one warning.
 """
 
 import contextlib
@@ -49,22 +44,13 @@ CACHE_FORMAT = 5
 def decoder_identity(size: int, crop: str) -> dict:
     """What a cache's pixels depend on beyond its files: a cache written under another
     is decoded again."""
-    return {
-        "format": CACHE_FORMAT,
-        "tensorflow": tf.__version__,
-        "decode": decode.DECODER,
-        "size": size,
-        "crop": crop,
-    }
+    identity = {"format": CACHE_FORMAT, "tensorflow": tf.__version__, "decode": decode.DECODER}
+    return {**identity, "size": size, "crop": crop}
 
 
 @contextlib.contextmanager
 def writer_lock(encoded, directory):
-    """Holds the folder's flock, waiting for a process that holds it (saying once who).
-
-    The kernel lets go of an flock when its process ends, however it ends: a dead
-    writer's lock never goes stale.
-    """
+    """Holds the folder's flock, first waiting for a process that holds it (saying who)."""
     with open(os.path.join(directory, LOCK_FILE), "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -75,12 +61,9 @@ def writer_lock(encoded, directory):
                     "--cache_dir on a local disk"
                 ) from error
             lock.seek(0)
-            logging.info(
-                "%s: waiting for %s, which is writing the decoded cache %s",
-                encoded.name,
-                lock.read().strip() or "another process",
-                directory,
-            )
+            holder = lock.read().strip() or "another process"
+            message = "%s: waiting for %s, which is writing the decoded cache %s"
+            logging.info(message, encoded.name, holder, directory)
             fcntl.flock(lock, fcntl.LOCK_EX)
         lock.seek(0)
         lock.truncate()
@@ -98,25 +81,19 @@ def read_manifest(encoded, directory, size, crop) -> dict | None:
     if not os.path.isfile(path):
         return None
     manifest = run_dir.read_json(path)
-    if manifest.get("decoder") != decoder_identity(size, crop):
-        logging.warning(
-            "%s: the decoded cache %s was written by another decoder (%s): decoding again",
-            encoded.name,
-            directory,
-            manifest.get("decoder"),
-        )
-        return None
-    return manifest
+    if manifest.get("decoder") == decoder_identity(size, crop):
+        return manifest
+    message = "%s: the decoded cache %s was written by another decoder (%s): decoding again"
+    logging.warning(message, encoded.name, directory, manifest.get("decoder"))
+    return None
 
 
 def verified(encoded, directory, size, manifest) -> bool:
     """Whether every row of the cache matches its fingerprint (warns when not)."""
     start, path = time.monotonic(), stores.cache_file(directory)
     length = os.path.getsize(path) if os.path.isfile(path) else -1
-    problem = None
-    if length != encoded.count * stores.cached_bytes(size):
-        problem = "is cut short"
-    else:
+    problem = "is cut short" if length != encoded.count * stores.cached_bytes(size) else None
+    if not problem:
         found = _row_fingerprints(stores.CacheStore(directory, size, encoded.count))
         changed = found != np.asarray(manifest["fingerprints"], np.uint64)
         changed[manifest["bad"]] = False  # The row of a bad image is never read.
@@ -134,24 +111,16 @@ def _row_fingerprints(store: stores.CacheStore, positions: np.ndarray | None = N
     """The farmhash64 fingerprint of each row at `positions` (all by default), read
     as the training stream reads them (`stores.fetch_batch`)."""
     positions = np.arange(store.count) if positions is None else positions
-    read = stores.fetch_batch(store)
-    dataset = (
-        tf.data.Dataset.from_tensor_slices(positions)
-        .batch(256)
-        .map(lambda rows: tf.fingerprint(read(rows)), num_parallel_calls=tf.data.AUTOTUNE)
-    )
+    read, batches = stores.fetch_batch(store), tf.data.Dataset.from_tensor_slices(positions)
+    dataset = batches.batch(256).map(lambda rows: tf.fingerprint(read(rows)), num_parallel_calls=-1)
     parts = [batch.view("<u8").ravel() for batch in dataset.as_numpy_iterator()]
     return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
 
 
 class RowFile:
-    """The cache's file of rows while a first pass writes it, and its progress log.
-
-    Rows are written in place (pwrite) in any order; after each batch a line of the
-    log names them with their labels and fingerprints. On entry the log of a killed
-    pass is read back and each row it names is checked against its fingerprint: those
-    that match are `done`, the rest are decoded again.
-    """
+    """The file of rows while a first pass writes it (in place, in any order), and its
+    progress log. On entry a killed pass's log is read back: the rows it names that
+    match their fingerprints are `done`, the rest are decoded again."""
 
     def __init__(self, encoded, directory, size, crop):
         self.encoded, self.directory, self.size, self.crop = encoded, directory, size, crop
@@ -178,7 +147,6 @@ class RowFile:
         os.close(self.descriptor)
 
     def _resume(self) -> None:
-        """Marks `done` the rows the log names whose bytes match their fingerprints."""
         if not os.path.isfile(self.log_path):
             return
         with open(self.log_path) as log:
@@ -208,39 +176,27 @@ class RowFile:
         except OSError as error:
             if not is_disk_full(error):
                 raise
-            raise run_dir.disk_full_error(
-                self.path,
-                row,
-                at_least=True,
-                kept="The images written so far are kept, and the rerun resumes the cache; "
-                "--cache_dir puts it on another disk, --cache=memory or off keeps it off the disk.",
-            ) from error
+            kept = (
+                "The images written so far are kept, and the rerun resumes the cache; "
+                "--cache_dir puts it on another disk, --cache=memory or off keeps it off the disk."
+            )
+            raise run_dir.disk_full_error(self.path, row, at_least=True, kept=kept) from error
         self.fingerprints[positions] = fingerprints
-        entry = {
-            "positions": positions.tolist(),
-            "labels": labels.tolist(),
-            "fingerprints": fingerprints.tolist(),
-        }
-        self.log.write(json.dumps(entry) + "\n")
+        entry = {"positions": positions, "labels": labels, "fingerprints": fingerprints}
+        self.log.write(json.dumps({key: value.tolist() for key, value in entry.items()}) + "\n")
         self.log.flush()
 
     def finish(self, labels, bad) -> None:
-        """Marks the cache complete: rows on the disk, then the manifest."""
-        os.fdatasync(self.descriptor)
+        """Marks the cache complete: the manifest, then no progress log."""
         write_manifest(self.directory, self.size, self.crop, labels, bad, self.fingerprints)
         os.remove(self.log_path)
 
 
 def write_manifest(directory, size, crop, labels, bad, fingerprints) -> None:
-    run_dir.write_json(
-        os.path.join(directory, MANIFEST_FILE),
-        {
-            "decoder": decoder_identity(size, crop),
-            "labels": np.asarray(labels).tolist(),
-            "bad": [int(position) for position in bad],
-            "fingerprints": np.asarray(fingerprints, np.uint64).tolist(),
-        },
-    )
+    manifest = {"decoder": decoder_identity(size, crop), "labels": np.asarray(labels).tolist()}
+    manifest["bad"] = [int(position) for position in bad]
+    manifest["fingerprints"] = np.asarray(fingerprints, np.uint64).tolist()
+    run_dir.write_json(os.path.join(directory, MANIFEST_FILE), manifest)
 
 
 def _allocate_rows(directory: str, path: str, total_bytes: int) -> None:
@@ -254,12 +210,12 @@ def _allocate_rows(directory: str, path: str, total_bytes: int) -> None:
             if is_disk_full(error):
                 file.close()
                 os.remove(path)
+                kept = (
+                    "Nothing was decoded yet; --cache_dir puts the cache on another disk, "
+                    "--cache=memory or off keeps it off the disk."
+                )
                 raise run_dir.disk_full_error(
-                    directory,
-                    total_bytes,
-                    at_least=False,
-                    kept="Nothing was decoded yet; --cache_dir puts the cache on another disk, "
-                    "--cache=memory or off keeps it off the disk.",
+                    directory, total_bytes, at_least=False, kept=kept
                 ) from error
             if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise

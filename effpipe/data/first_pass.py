@@ -1,11 +1,10 @@
 """The first pass: every image of a split read and decoded once, in parallel.
 
-The decodes run in a parallel tf.data map, in any order, and a progress bar shows
-images/s and the ETA. An image that does not decode drops out of the stream; each
-position missing at the end is read again on its own: bytes that cannot be read
-stop the pass in one line (a disk or network error is not a bad image), bytes that
-do not decode are a bad image. A read error in the stream itself (a damaged tfds
-file) stops the pass at once.
+The decodes run in a parallel tf.data map, in any order. An image that does not
+decode drops out of the stream; each position missing at the end is read again on
+its own: bytes that cannot be read stop the pass in one line (a disk or network error
+is not a bad image), bytes that do not decode are a bad image. A read error in the
+stream itself (a damaged tfds file) stops the pass at once.
 """
 
 import os
@@ -20,15 +19,13 @@ from absl import logging
 from effpipe.data import decode as decode_lib
 from effpipe.errors import UsageError
 
-# Images per batch handed from the decoding pipeline to the Python loop (a line of
-# the progress log and a progress update each).
+# Images per batch from the decoding pipeline to the Python loop (a progress log line each).
 PASS_BATCH = 256
-# Fault injection for the tests: SIGKILL this process once a first pass has decoded
-# this many images, as a crash or an impatient user would.
+# Test hooks: SIGKILL this process once a first pass has decoded this many images, as
+# a crash or an impatient user would; hold a pass after each batch while a file exists.
 KILL_AFTER_ENV = "EFFPIPE_TEST_KILL_FIRST_PASS_AFTER"
-# And hold a first pass after each batch for as long as the file this names exists.
 HOLD_ENV = "EFFPIPE_TEST_HOLD_FIRST_PASS_WHILE"
-# First passes over fewer images show no progress bar.
+# A pass of a few hundred images ends in seconds: its log lines say enough.
 PROGRESS_BAR_IMAGES = 500
 
 
@@ -46,13 +43,10 @@ class MemorySink:
 
 def decode(encoded, size, crop, sink) -> tuple[np.ndarray, list[int]]:
     """Decodes every image the sink (MemorySink, cache_files.RowFile) has not `done`
-    and hands them to `sink.write`.
-
-    Returns:
-      (the label of every position, the positions whose bytes do not decode).
-    """
-    done, labels = sink.done, sink.labels
-    todo = tf.constant(~done)
+    and hands them to `sink.write`: (the label of every position, the positions whose
+    bytes do not decode)."""
+    labels, arrived = sink.labels, sink.done.copy()
+    todo = tf.constant(~arrived)
     reads_files = encoded.paths is not None
 
     def decode_one(position, key, label):
@@ -62,17 +56,12 @@ def decode(encoded, size, crop, sink) -> tuple[np.ndarray, list[int]]:
 
     # Positions travel with the images: one that does not decode drops out and is
     # found missing at the end. Parallel decodes arrive in any order.
-    records = (
-        encoded.make_records()
-        .enumerate()
-        .filter(lambda position, record: todo[position])
-        .map(lambda position, record: (position, *record))
-    )
+    records = encoded.make_records().enumerate().filter(lambda position, _: todo[position])
+    records = records.map(lambda position, record: (position, *record))
     if reads_files:
         # A file that cannot be read drops out here too: the read at the end tells.
-        dataset = records.map(
-            decode_one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
-        ).ignore_errors()
+        dataset = records.map(decode_one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+        dataset = dataset.ignore_errors()
     else:
         # tfds reads its files upstream, where ignore_errors would swallow (or spin
         # on) a damaged file: errors are ignored in each record's own decode only.
@@ -81,11 +70,10 @@ def decode(encoded, size, crop, sink) -> tuple[np.ndarray, list[int]]:
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=False,
         )
-    dataset = dataset.batch(PASS_BATCH).prefetch(2)
-    progress = _Progress(encoded, int((~done).sum()))
-    arrived = done.copy()
+    progress = _Progress(encoded, int((~arrived).sum()))
     try:
-        for positions, images, batch_labels, fingerprints in dataset.as_numpy_iterator():
+        for batch in dataset.batch(PASS_BATCH).prefetch(2).as_numpy_iterator():
+            positions, images, batch_labels, fingerprints = batch
             sink.write(positions, images, batch_labels, fingerprints.view("<u8").ravel())
             arrived[positions], labels[positions] = True, batch_labels
             progress.update(len(positions))
@@ -98,13 +86,12 @@ def decode(encoded, size, crop, sink) -> tuple[np.ndarray, list[int]]:
         ) from error
     bad = []
     for position in np.flatnonzero(~arrived).tolist():
-        image, label = _read_again(encoded, position, size, crop)
-        labels[position] = label
+        image, labels[position] = _read_again(encoded, position, size, crop)
         if image is None:
             bad.append(position)
             continue
         fingerprint = tf.fingerprint(image[None]).numpy().view("<u8").ravel()
-        sink.write(np.asarray([position]), image[None], np.asarray([label]), fingerprint)
+        sink.write(np.asarray([position]), image[None], labels[[position]], fingerprint)
         progress.update(1)
     progress.close()
     return labels, bad
@@ -127,10 +114,8 @@ def _test_hooks(decoded: int) -> None:
 
 def _read_again(encoded, position: int, size: int, crop: str):
     """Reads and decodes once more, on its own, an image that did not arrive decoded,
-    to tell a bad image from a read error.
-
-    Returns:
-      (the image, or None when its bytes do not decode; its label).
+    to tell a bad image from a read error: (the image, or None when its bytes do not
+    decode; its label).
 
     Raises:
       UsageError: the bytes cannot be read (a disk failing, a file removed since the
@@ -152,24 +137,22 @@ def _read_again(encoded, position: int, size: int, crop: str):
         image = decode_lib.decode_to_size(contents, size, crop).numpy()
     except tf.errors.OpError:
         return None, int(label)
-    logging.warning(
+    message = (
         "%s: %s did not decode in the first pass and decoded when read again (a read "
-        "error that cleared)",
-        encoded.name,
-        encoded.describe(position),
+        "error that cleared)"
     )
+    logging.warning(message, encoded.name, encoded.describe(position))
     return image, int(label)
 
 
 class _Progress:
-    """A Keras progress bar of the first pass, with images/s and the ETA."""
+    """The first pass's log lines and, over PROGRESS_BAR_IMAGES, a Keras progress bar."""
 
     def __init__(self, encoded, total: int):
         import keras
 
         self.start, self.count, self.total, self.name = time.monotonic(), 0, total, encoded.name
         logging.info("decoding %d %s images (the first pass)", total, encoded.name)
-        # A pass of a few hundred images ends in seconds: the log lines say enough.
         self.bar = None
         if total >= PROGRESS_BAR_IMAGES:
             self.bar = keras.utils.Progbar(total, unit_name="image", stateful_metrics=["images/s"])
@@ -181,11 +164,6 @@ class _Progress:
             self.bar.update(min(self.count, self.total), values=[("images/s", rate)])
 
     def close(self) -> None:
-        seconds = time.monotonic() - self.start
-        logging.info(
-            "decoded %d %s images in %.1f s (%.0f images/s)",
-            self.count,
-            self.name,
-            seconds,
-            self.count / max(seconds, 1e-9),
-        )
+        seconds = max(time.monotonic() - self.start, 1e-9)
+        message = "decoded %d %s images in %.1f s (%.0f images/s)"
+        logging.info(message, self.count, self.name, seconds, self.count / seconds)

@@ -55,17 +55,11 @@ def load_configured_source(
     if count > 1:
         encoded = worker_share(encoded, data, seed=seed, workers=workers)
         cache_root = os.path.join(cache_root, f"worker-{index}-of-{count}")
+    options = dict(crop=data.source_crop, mode=data.cache, on_bad_image=data.on_bad_image)
+    options.update(cache_root=cache_root, memory_budget_mb=data.cache_memory_mb)
     loaded, skipped = {}, ()
     for split_name, split in encoded.items():
-        loaded[split_name], split_skipped = cache.materialize(
-            split,
-            size=size,
-            crop=data.source_crop,
-            mode=data.cache,
-            cache_root=cache_root,
-            memory_budget_mb=data.cache_memory_mb,
-            on_bad_image=data.on_bad_image,
-        )
+        loaded[split_name], split_skipped = cache.materialize(split, size=size, **options)
         skipped += split_skipped
     if dataset.startswith("folder:") and count == 1:
         kept = set(np.unique(loaded["train"].labels).tolist())

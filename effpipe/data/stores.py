@@ -92,17 +92,51 @@ def fetch(store):
     raise TypeError(f"a {type(store).__name__} is not fetched one key at a time")
 
 
-def fetch_batch(store: CacheStore):
-    """positions (B,) int64 -> images (B, H, W, 3) uint8, for `Dataset.map` after `batch`:
-    mapped and gathered in the graph, it also runs on tf.data service workers (no Python),
-    and the mapping lasts one batch's read."""
-    path, shape = cache_file(store.directory), [store.count, store.size, store.size, 3]
+def fetch_batch(store: CacheStore, *, in_process: bool = True):
+    """positions (B,) int64 -> images (B, H, W, 3) uint8, for `Dataset.map` after `batch`.
 
-    def gather(positions):
-        rows = tf.raw_ops.ImmutableConst(dtype=tf.uint8, shape=shape, memory_region_name=path)
-        return tf.gather(rows, positions)
+    Two reads, each measured necessary where it is used. In this process Python reads
+    each row into the batch (`os.preadv`, without the interpreter lock): only batches
+    in flight are held. A tf.data service's workers run no Python: TensorFlow maps the
+    file (ImmutableConst) and gathers, as fast, but an epoch of that grew a process's
+    anonymous memory by the whole file (1.2 GB over 8,000 photos at 224 px; preadv 15 MB).
+    """
+    path, size = cache_file(store.directory), store.size
+    if not in_process:
+        shape = [store.count, size, size, 3]
+        return lambda positions: tf.gather(
+            tf.raw_ops.ImmutableConst(dtype=tf.uint8, shape=shape, memory_region_name=path),
+            positions,
+        )
 
-    return gather
+    def read(positions):
+        images = tf.numpy_function(
+            lambda rows: read_rows(path, rows, size), [positions], tf.uint8, stateful=False
+        )
+        # The positions' static batch size (training drops the remainder) stays.
+        return tf.ensure_shape(images, positions.shape.concatenate((size, size, 3)))
+
+    return read
+
+
+def read_rows(path: str, positions: np.ndarray, size: int) -> np.ndarray:
+    """Rows `positions` of the cache file at `path`, (N, size, size, 3) uint8, read one
+    call a row straight into the result.
+
+    Raises:
+      OSError: the file is shorter than the rows asked for.
+    """
+    row = cached_bytes(size)
+    images = np.empty((len(positions), size, size, 3), np.uint8)
+    rows = images.reshape(len(positions), row)
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        for index, position in enumerate(np.asarray(positions).tolist()):
+            if os.preadv(descriptor, [rows[index]], position * row) != row:
+                raise OSError(f"the decoded cache {path} ends before image {position}")
+    finally:
+        os.close(descriptor)
+    return images
 
 
 def load_images(store, positions: np.ndarray) -> np.ndarray:
@@ -111,9 +145,7 @@ def load_images(store, positions: np.ndarray) -> np.ndarray:
     if isinstance(store, ArrayStore):
         return store.images[positions]
     if isinstance(store, CacheStore):
-        shape = (store.count, store.size, store.size, 3)
-        rows = np.memmap(cache_file(store.directory), np.uint8, "r", shape=shape)
-        return np.array(rows[positions])
+        return read_rows(cache_file(store.directory), positions, store.size)
     if len(positions) == 0:
         return np.zeros((0, store.size, store.size, 3), np.uint8)
     dataset = tf.data.Dataset.from_tensor_slices(keys(store, positions)).map(

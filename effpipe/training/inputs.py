@@ -27,10 +27,8 @@ class RunData:
     """The run's data, made once: the source, its splits, and what the phases read.
 
     Attributes:
-      source: the loaded source (class names, image size).
-      train_split, validation_split, test_split: the examples of each split.
-      evaluated_on: "test", or "validation" when the source has no test split.
-      steps_per_epoch: training steps per epoch.
+      source, train_split, validation_split, test_split, evaluated_on: what
+        `load_data` returns, in that order.
       validation_dataset: the batched validation images, one pass.
       make_training_stream: (phase, initial_epoch) -> the endless training stream
         from epoch `initial_epoch` on.
@@ -47,21 +45,15 @@ class RunData:
 
 
 def prepare_data(
-    config: TrainConfig,
-    distribution: distribution_lib.Distribution,
-    workdir: str,
+    config: TrainConfig, distribution: distribution_lib.Distribution, workdir: str
 ) -> RunData:
     """Loads the source and splits, and makes the validation dataset and the
-    training streams' factory.
+    training streams' factory (an epoch is `steps_per_epoch` steps).
 
-    Training streams are endless (effpipe.data.pipeline says why); an epoch is
-    `steps_per_epoch` steps. Each fit gets a fresh stream from the seed, so epoch k's
-    batches do not depend on what ran before in this process (a resumed run sees
-    the same ones). Each of several workers decodes and trains on its own equal
-    shard (`sources.worker_share`), batch_size / workers images of it per step;
-    through a tf.data service they all read the whole split, in one job.
-
-    Decoded images are cached under --cache_dir, or WORKDIR/cache/images.
+    Each of several workers decodes and trains on its own equal shard
+    (`sources.worker_share`), batch_size / workers images of it per step; through a
+    tf.data service they all read the whole split, in one job. Decoded images are
+    cached under --cache_dir, or WORKDIR/cache/images.
 
     Raises:
       UsageError: see `load_data`; a --data_service whose dispatcher does not answer.
@@ -71,32 +63,20 @@ def prepare_data(
         network.check_dispatcher_answers(config.distribution.data_service)
     workers = distribution.num_workers
     sharded = workers > 1 and not config.distribution.data_service
-    source, train_split, validation_split, test_split, evaluated_on = load_data(
-        config,
-        run_dir.image_cache_root(workdir, config.data.cache_dir),
-        workers=(workers, distribution.worker_index) if sharded else (1, 0),
-    )
+    cache_root = run_dir.image_cache_root(workdir, config.data.cache_dir)
+    shard = (workers, distribution.worker_index) if sharded else (1, 0)
+    loaded = load_data(config, cache_root, workers=shard)
+    train_split, validation_split = loaded[1:3]
     options = pipeline.pipeline_options_of(config.runtime)
     # A worker's shard is its share already; the whole split is shared by all.
     share = len(train_split) if sharded else len(train_split) // workers
     steps_per_epoch = share // (config.batch_size // workers)
+    stream_arguments = (config, distribution, workdir, train_split, options, steps_per_epoch)
     return RunData(
-        source=source,
-        train_split=train_split,
-        validation_split=validation_split,
-        test_split=test_split,
-        evaluated_on=evaluated_on,
+        *loaded,
         steps_per_epoch=steps_per_epoch,
         validation_dataset=make_validation_dataset(config, distribution, validation_split, options),
-        make_training_stream=functools.partial(
-            make_training_stream,
-            config,
-            distribution,
-            workdir,
-            train_split,
-            options,
-            steps_per_epoch,
-        ),
+        make_training_stream=functools.partial(make_training_stream, *stream_arguments),
     )
 
 
@@ -125,37 +105,24 @@ def load_data(config: TrainConfig, cache_root: str, *, workers: tuple[int, int] 
             f"--batch_size={config.batch_size} is larger than the {len(train_split)} "
             "training examples: lower it"
         )
-    logging.info(
-        "data %s: %d train, %d validation, %d %s examples, %d classes, source %dx%d uint8",
-        source.name,
-        len(train_split),
-        len(validation_split),
-        len(test_split),
-        evaluated_on,
-        source.num_classes,
-        *source.source_image_size,
-    )
+    message = "data %s: %d train, %d validation, %d %s examples, %d classes, source %dx%d uint8"
+    counts = len(train_split), len(validation_split), len(test_split), evaluated_on
+    logging.info(message, source.name, *counts, source.num_classes, *source.source_image_size)
     return source, train_split, validation_split, test_split, evaluated_on
 
 
 def make_validation_dataset(config, distribution, validation_split, pipeline_options):
     """The batched validation images, one pass, sharded by batch over workers."""
-    validation_dataset = pipeline.make_dataset(
-        validation_split,
-        batch_size=config.batch_size,
-        is_training=False,
-        seed=config.seed,
-        options=pipeline_options,
+    dataset = pipeline.make_dataset(
+        validation_split, batch_size=config.batch_size, is_training=False, options=pipeline_options
     )
-    if distribution.is_distributed:
-        # Keras splits each validation batch over the replicas; several workers take
-        # every other batch (DATA: every worker has the validation keys in memory).
-        validation_options = tf.data.Options()
-        validation_options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.DATA
-        )
-        validation_dataset = validation_dataset.with_options(validation_options)
-    return validation_dataset
+    if not distribution.is_distributed:
+        return dataset
+    # Keras splits each validation batch over the replicas; several workers take every
+    # other batch (DATA: every worker has the validation keys in memory).
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
 
 
 def make_training_stream(
@@ -176,10 +143,8 @@ def make_training_stream(
         # Workers of one run share one job per phase start; another run (another
         # directory) or another start gets its own.
         run_key = zlib.crc32(os.path.abspath(workdir).encode())
-        service = pipeline.DataService(
-            config.distribution.data_service,
-            f"effpipe-{run_key:08x}-phase{phase}-from{initial_epoch}",
-        )
+        job_name = f"effpipe-{run_key:08x}-phase{phase}-from{initial_epoch}"
+        service = pipeline.DataService(config.distribution.data_service, job_name)
 
     # Each local replica takes one batch per step: an epoch of a worker's stream
     # holds the batches of steps_per_epoch steps, so its epochs are fit's. A
