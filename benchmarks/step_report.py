@@ -114,22 +114,17 @@ def targets(report: dict, setup) -> dict:
             "limit": AUGMENT_MAX_SHARE,
             "met": augment_share < AUGMENT_MAX_SHARE,
         }
-    speedup = report.get("effpipe/noaug/pipeline", {}).get("speedup_vs_notebook")
-    if speedup is not None:
-        needed = GPU_PHASE1_TARGET_SPEEDUP if setup.accelerator == "gpu" else 1.0
-        checks["noaug_speedup_vs_notebook_as_run"] = {
-            "value": speedup,
-            "limit": needed,
-            "met": speedup >= needed,
-        }
-    speedup = report.get(KERAS_RECIPE_PAIR[0], {}).get("speedup_vs_keras_recipe")
-    if speedup is not None:
-        needed = GPU_TARGET_SPEEDUP_VS_KERAS_RECIPE if setup.accelerator == "gpu" else 1.0
-        checks["aug_speedup_vs_keras_recipe"] = {
-            "value": speedup,
-            "limit": needed,
-            "met": speedup >= needed,
-        }
+    on_gpu = setup.accelerator == "gpu"
+    for name, configuration, key, gpu_target in (
+        ("noaug_speedup_vs_notebook_as_run", "effpipe/noaug/pipeline", "speedup_vs_notebook",
+         GPU_PHASE1_TARGET_SPEEDUP),
+        ("aug_speedup_vs_keras_recipe", KERAS_RECIPE_PAIR[0], "speedup_vs_keras_recipe",
+         GPU_TARGET_SPEEDUP_VS_KERAS_RECIPE),
+    ):  # fmt: skip
+        speedup = report.get(configuration, {}).get(key)
+        if speedup is not None:
+            needed = gpu_target if on_gpu else 1.0
+            checks[name] = {"value": speedup, "limit": needed, "met": speedup >= needed}
     return checks
 
 

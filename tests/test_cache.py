@@ -176,7 +176,7 @@ def test_a_tf_data_service_serves_file_backed_splits(tmp_path, mode):
     images = np.concatenate([batch for batch, _ in dataset.as_numpy_iterator()])
     assert labels == sorted(source.train.labels.tolist())
     assert images.shape == (12, SIZE, SIZE, 3)
-    # The service's workers read the cache through a memory map, not this process's
+    # The service's workers read the cache through ImmutableConst, not this process's
     # reads: the same images.
     expected = source.train.load_images()
     assert sorted(image.tobytes() for image in images) == sorted(

@@ -96,9 +96,9 @@ def test_phase1_on_the_cache_stores_the_features_and_trains_the_head_model(uncac
 # every commit back to 810aafc, while they agreed bit for bit on the earlier Intel
 # machines. There the training step's forward pass rounds some rows of a batch
 # otherwise than `predict` does, by the row's place, and the random base amplifies it
-# to percents. WORKSPACE.md, "Open defects", has the measurements.
+# to percents (git history of WORKSPACE.md, "Open defects", has the measurements).
 @pytest.mark.xfail(
-    reason="the cached and uncached runs differ on an AMD EPYC (WORKSPACE.md, Open defects)",
+    reason="the cached and uncached runs differ on an AMD EPYC (known defect, see above)",
     strict=False,
 )
 def test_phase1_on_the_cache_trains_the_same_head(uncached_and_cached):
