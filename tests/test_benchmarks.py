@@ -39,8 +39,8 @@ def test_input_throughput_smoke(repo_root):
     for key in ("effpipe_images_per_sec", "notebook_images_per_sec", "speedup"):
         assert report[key] > 0, key
     assert report["speedup"] == report["effpipe_images_per_sec"] / report["notebook_images_per_sec"]
-    # Every stage of the chain and the notebook pipeline were timed.
-    assert len(report["stages_images_per_sec"]) == 5
+    # The three chains of effpipe's and the notebook pipeline were timed.
+    assert len(report["stages_images_per_sec"]) == 4
     assert all(rate > 0 for rate in report["stages_images_per_sec"].values())
 
 

@@ -252,7 +252,7 @@ def _damage_foreign_decoder(directory):
 def test_a_damaged_or_foreign_cache_is_decoded_again_after_one_warning(
     tmp_path, caplog, damage, warning
 ):
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="absl")
     root = _make_folder(tmp_path / "data")
     first = _load(root, tmp_path / "cache", cache="disk").train
     expected = first.images.copy()
