@@ -49,7 +49,8 @@ def decode(encoded, size, crop, sink) -> tuple[np.ndarray, list[int]]:
     todo = tf.constant(~arrived)
     reads_files = encoded.paths is not None
 
-    def decode_one(position, key, label):
+    def decode_one(position, record):
+        key, label = record
         contents = tf.io.read_file(key) if reads_files else key
         image = decode_lib.decode_to_size(contents, size, crop)
         return position, image, tf.cast(label, tf.int32), tf.fingerprint(image[None])[0]
@@ -57,7 +58,6 @@ def decode(encoded, size, crop, sink) -> tuple[np.ndarray, list[int]]:
     # Positions travel with the images: one that does not decode drops out and is
     # found missing at the end. Parallel decodes arrive in any order.
     records = encoded.make_records().enumerate().filter(lambda position, _: todo[position])
-    records = records.map(lambda position, record: (position, *record))
     if reads_files:
         # A file that cannot be read drops out here too: the read at the end tells.
         dataset = records.map(decode_one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
