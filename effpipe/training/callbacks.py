@@ -65,7 +65,16 @@ class ThroughputMeter(keras.callbacks.Callback):
         self.batch_size = batch_size
         self.log_every_epoch = log_every_epoch
         self.records = []
+        # {"phaseN": seconds from the phase's start to the end of its first step}.
+        self.first_step_seconds = {}
+        self._phase = None
         self._lock = threading.Lock()
+
+    def start_phase(self, phase: int) -> None:
+        """Marks the start of `phase`: the end of its first step is logged and kept in
+        `first_step_seconds` (compiling the model, building its inputs, tracing and
+        XLA compilation of the step included)."""
+        self._phase = (phase, time.perf_counter())
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
@@ -84,6 +93,14 @@ class ThroughputMeter(keras.callbacks.Callback):
         if first:
             _wait_for(logs)
             self._first_call_end = time.perf_counter()
+            if self._phase is not None:
+                phase, started = self._phase
+                self._phase = None
+                seconds = self._first_call_end - started
+                self.first_step_seconds[f"phase{phase}"] = round(seconds, 1)
+                logging.info(
+                    "phase %d: first step done %.1f s after the phase's start", phase, seconds
+                )
 
     def on_test_begin(self, logs=None):
         self._mark_train_end()

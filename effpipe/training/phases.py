@@ -125,6 +125,7 @@ def run_phase(
     context.stop_on_signal.check()
     if state.phase > phase.number:
         return None  # Finished before the interruption.
+    context.meter.start_phase(phase.number)
     unfrozen = freezing.set_phase(
         model,
         phase.number,

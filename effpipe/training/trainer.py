@@ -21,6 +21,7 @@ import functools
 import os
 import statistics
 import tempfile
+import time
 import warnings
 
 import keras
@@ -60,6 +61,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     Raises:
       UsageError: bad input discovered while loading data or weights.
     """
+    started = time.perf_counter()
     # --- Distribution: first, as a multi-worker strategy must configure collective
     # ops before TensorFlow initialises its devices. ---
     distribution = distribution_lib.resolve(config.distribution.strategy, config.batch_size)
@@ -110,6 +112,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
 
         # --- Phases 1 and 2, resumed from the last completed epoch if any. ---
         steps_per_execution = {}
+        startup_seconds = time.perf_counter() - started
         for phase in phases.make_phase_plan(config):
             resolved = phases.run_phase(phase, model, state, context)
             if resolved is not None:
@@ -138,6 +141,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         state,
         loss_scaling=loss_scaling,
         steps_per_execution=steps_per_execution,
+        startup_seconds=startup_seconds,
     )
     run_dir.write_json(os.path.join(workdir, "metrics.json"), metrics)
     logging.info(
@@ -302,6 +306,7 @@ def _make_metrics(
     *,
     loss_scaling: bool,
     steps_per_execution: dict,
+    startup_seconds: float,
 ) -> dict:
     """The contents of metrics.json: the test figures and the resolved setup."""
     config, setup, distribution = context.config, context.setup, context.distribution
@@ -326,6 +331,10 @@ def _make_metrics(
             else None
         ),
         "phase1_feature_cache": use_feature_cache,
+        # What a user waits for: from the trainer's start to the first phase (data,
+        # model, weights), then from each phase's start to its first step's end.
+        "startup_seconds": round(startup_seconds, 1),
+        "first_step_seconds": context.meter.first_step_seconds,
         "per_class_accuracy": evaluated["per_class_accuracy"],
         "worst_classes": evaluated["worst_classes"],
         "variant": config.model.variant,
