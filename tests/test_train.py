@@ -275,19 +275,28 @@ def test_the_gpu_path_runs_forced_on_the_cpu_float16_loss_scaling_and_xla(tmp_pa
     """The whole trainer as a GPU runs it: float16 with a LossScaleOptimizer, the
     EfficientNet step and the augmentation compiled by XLA, several steps per call.
     Phase 2 alone: it trains the whole model, the head's phase-1 step and more (each
-    phase's XLA compile takes most of a minute on these cores)."""
-    workdir = tmp_path / "float16"
+    phase's XLA compile takes most of a minute on these cores). XLA compiles each of
+    its steps once: 10 train steps, 5 per call, and the
+    validation (39 images) and test (40) sets, not whole batches of 32, add no shape."""
+    workdir, dumps = tmp_path / "float16", tmp_path / "xla"
     result = run_train(
         "--flagfile=flags/smoke.flags", "--mixed_precision", "--mixed_precision_dtype=float16",
         "--xla=on", "--steps_per_execution=5", "--phase1_epochs=0", *AT_32_PX,
-        f"--workdir={workdir}",
+        "--shapes_train_examples=390", "--shapes_test_examples=40", f"--workdir={workdir}",
+        env={"XLA_FLAGS": f"--xla_dump_to={dumps} --xla_dump_hlo_module_re=.*one_step_on_data.*"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     history, metrics = check_run_outputs(workdir, (0, 1))
     assert metrics["precision"] == "mixed_float16" and metrics["loss_scaling"] is True
     assert metrics["xla"] is True and metrics["augment"] is True
     assert metrics["steps_per_execution"] == {"phase2": 5}
-    assert all(record["steps"] == 5 for record in history["phase1"] + history["phase2"])
+    assert all(record["steps"] == 10 for record in history["phase1"] + history["phase2"])
+    # One compilation each of the train, validation and prediction steps.
+    compiled = sorted(path.name for path in dumps.glob("*before_optimizations.txt"))
+    assert len(compiled) == 3, compiled  # 5 with a second shape of each.
+    assert set(metrics["first_step_seconds"]) == {"phase2"}
+    assert metrics["first_step_seconds"]["phase2"] > 0 and metrics["startup_seconds"] > 0
+    assert "validation on 32 of the 39 held-out images" in result.stderr
     assert math.isfinite(metrics["top1"]) and math.isfinite(metrics["loss"])
     assert "precision mixed_float16 on CPU (--mixed_precision_dtype=float16)" in result.stderr
     # Its export serves anywhere: float32, no function XLA must compile (test_export.py

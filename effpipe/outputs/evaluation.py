@@ -14,6 +14,7 @@ import os
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from effpipe import run_dir
 from effpipe.config import DataConfig
@@ -49,15 +50,18 @@ def predict_probabilities(
 ) -> np.ndarray:
     """The model's class probabilities (N, num_classes) for a split, in its order.
 
-    Batches of `batch_size` in order, as the evaluate binary feeds the export.
+    Batches of `batch_size` in order, as the evaluate binary feeds the export; the last
+    one padded to a whole batch (its padding's answers dropped), so that the model's
+    predict step is compiled for one shape.
     """
     dataset = pipeline.make_dataset(split, batch_size=batch_size, is_training=False, seed=0)
-    return np.asarray(
-        model.predict(
-            dataset.map(lambda images, labels: images), verbose=0, callbacks=list(callbacks)
-        ),
-        dtype=np.float32,
-    )
+
+    def whole_batch(images, labels):
+        padding = batch_size - tf.shape(images)[0]
+        return tf.pad(images, [[0, padding], [0, 0], [0, 0], [0, 0]])
+
+    probabilities = model.predict(dataset.map(whole_batch), verbose=0, callbacks=list(callbacks))
+    return np.asarray(probabilities[: len(split)], dtype=np.float32)
 
 
 def summarize(probabilities: np.ndarray, labels: np.ndarray, class_names, top_k: int = 5) -> dict:
