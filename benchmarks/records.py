@@ -350,10 +350,29 @@ def _augment_throughput(payload: dict) -> tuple[str, str, str]:
     )
 
 
+_HEADLINE_RUN = (
+    "first step {first_step_seconds/phase1:.0f} s / {first_step_seconds/phase2:.0f} s after "
+    "phase 1 / 2 start; {images_per_sec/phase1:,.0f} / {images_per_sec/phase2:,.0f} images/s"
+)
+
+
+def _headline_run(payload: dict) -> tuple[str, str, str]:
+    device, variant, size = device_tag(payload["device"]), payload["variant"], payload["image_size"]
+    batch, precision = payload["batch_size"], payload["precision"]
+    xla = "on" if payload["xla"] else "off"
+    return (
+        f"headline_run-{device}-{variant}-{size}px-b{batch}-{precision}-xla_{xla}",
+        f"the headline command end to end, {variant.upper()} at {size} px, batch {batch}, "
+        f"{precision}, XLA {xla}, {payload['steps_per_phase']} steps per phase",
+        _HEADLINE_RUN,
+    )
+
+
 _DESCRIBE = {
     "input_throughput": _input_throughput,
     "step_throughput": _step_throughput,
     "augment_throughput": _augment_throughput,
+    "headline_run": _headline_run,
 }
 
 
@@ -387,10 +406,8 @@ def gpu_check_headline(figures: dict) -> str:
         )
     if "phase1_max_batch" in figures:
         return "largest batch {phase1_max_batch} in phase 1, {phase2_max_batch} in phase 2"
-    if "estimated_mib" in figures:
-        if "peak_mib" not in figures:
-            return "batch {batch_size}: out of memory ({estimated_mib:,.0f} MiB estimated)"
-        return "batch {batch_size}: peak {peak_mib:,.0f} MiB against {estimated_mib:,.0f} estimated"
+    if "first_step_seconds/phase1" in figures:
+        return _HEADLINE_RUN
     keys = [key for key, value in figures.items() if _is_number(value)]
     return "; ".join(f"{key} {{{key}:,.4g}}" for key in keys)
 
