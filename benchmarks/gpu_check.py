@@ -1,49 +1,35 @@
-"""One command for the GPU figures: every measurement the README still lacks, under 8 min.
+"""One command for the GPU figures: the headline run and every step the README lacks, in 8 min.
 
     python -m benchmarks.gpu_check                    # on one GPU: runs/gpu_check.json
     python -m benchmarks.gpu_check --smoke            # any machine: every kind of part, tiny
-    python -m benchmarks.gpu_check --parts=step_p1_float32_xla_on,step_p2_float32_xla_on
+    python -m benchmarks.gpu_check --parts=headline,step_p1_8gb
     python -m benchmarks.gpu_check --results_dir=results  # also a record per part
 
-Prints the GPU's name (nvidia-smi, and TensorFlow's view, asked in a subprocess),
-then runs each part as its own subprocess with its own timeout, cut to what is left
-of a total deadline (--deadline_s); a part that no longer fits is skipped and
-recorded as skipped. After every part it rewrites --output, a JSON file with, per
-part: status (ok, failed with its last stderr lines, timed_out, skipped with the
-reason, interrupted), wall seconds, the command, the part's figures (finite
-numbers) and its final JSON line as printed; each part's full stdout and stderr are
-kept in <output>_logs/. It ends with summary tables: each step setting against the
-notebook replica of its phase, and effpipe against the keras_recipe peer, on the
-same GPU. SIGTERM or Ctrl-C kills the running parts and still writes the file.
-Without a GPU (and without --smoke) it says so in one line and exits 0; a GPU that
-nvidia-smi lists but this TensorFlow cannot use (a CPU-only build) is one line on
-stderr and exit status 1, not a run on the CPU.
-
-The parts, in the order they run (benchmarks.gpu_check_parts defines each): the
-untimed stage together, cut at 200 s (smoke_run; tuner_estimate, then
-tuner_trial_phase1 and tuner_trial_phase2), then one at a time step_p1_mixed_xla_on,
-step_p1_float32_xla_off, step_p2_mixed_xla_on, peer_p1_mixed_xla_on,
-peer_p2_mixed_xla_on, augment, step_p2_float32_xla_off, step_p1_mixed_xla_off,
-step_p2_mixed_xla_off, step_p1_float32_xla_on, step_p2_float32_xla_on.
-
-The deadline, not a plan, keeps the whole under 8 minutes: on a first run at the
-default --deadline_s=450 the last settings are likely skipped (each B5 setting with
-XLA takes a minute or more to compile); --parts reruns exactly those. --smoke runs
-every kind of part at a tiny scale on the CPU: a few minutes on 2 shared cores
-(149 s at load 5, 270-290 s at load 6-7).
+Prints the GPU's name (nvidia-smi, and TensorFlow's view, asked in a subprocess) and
+the plan (benchmarks.gpu_check_parts: each part, its time box, and what it measures),
+then runs each part as its own subprocess with its own timeout, cut to what is left of
+a total deadline (--deadline_s); a part that no longer fits is skipped and recorded as
+skipped. After every part it rewrites --output, a JSON file with, per part: status (ok,
+failed with its last stderr lines, timed_out, skipped with the reason, interrupted),
+wall seconds, the command, the part's figures (finite numbers) and its final JSON line
+as printed; each part's full stdout and stderr are kept in <output>_logs/. It ends with
+summary tables: each step setting against the notebook replica of its phase, and
+effpipe against the keras_recipe peer, on the same GPU. SIGTERM or Ctrl-C kills the
+running part and still writes the file. Without a GPU (and without --smoke) it prints
+the plan and its time budget and exits 0; a GPU that nvidia-smi lists but this
+TensorFlow cannot use (a CPU-only build) is one line on stderr and exit status 1, not
+a run on the CPU. --smoke runs the kinds of part SMOKE_PARTS names at a tiny scale on
+the CPU (a few minutes on 2 shared cores).
 """
 
 import datetime
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from concurrent import futures
 
 from absl import flags
 
@@ -66,8 +52,9 @@ flags.adopt_module_key_flags(records)
 PHASE1_TARGET_SPEEDUP = step_report.GPU_PHASE1_TARGET_SPEEDUP
 # effpipe fed and augmenting against the keras_recipe peer, each phase.
 PEER_TARGET_SPEEDUP = step_report.GPU_TARGET_SPEEDUP_VS_KERAS_RECIPE
-# Seconds the untimed stage (smoke run, tuner) may take on a GPU, of the deadline.
-UNTIMED_STAGE_S = 200
+# The parts --smoke runs: one of each kind (the first step part times every
+# configuration of the step benchmark).
+SMOKE_PARTS = ["headline", "step_p1_mixed_xla_on", "tuner_estimate", "step_p1_8gb", "augment"]
 
 
 # --- The GPU. ---
@@ -154,20 +141,26 @@ def main(argv):
         raise UsageError(f"--deadline_s={_DEADLINE_S.value:g} must be above 0 (e.g. 450)")
     smoke = _SMOKE.value
     started = time.monotonic()
+    plan = gpu_check_parts.make_plan(smoke)
+    if smoke:
+        plan = [part for part in plan if part.name in SMOKE_PARTS]
     smi_gpus, smi_note = nvidia_smi_gpus()
     # --smoke runs wherever it is, at a scale where the device does not matter.
     tf_gpus = [] if smoke else tensorflow_gpus()
     if not tf_gpus and not smoke:
         line, status = no_gpu_line(smi_gpus, smi_note)
         print(line, file=sys.stderr if status else sys.stdout)
+        if not status:
+            print_plan(plan, _DEADLINE_S.value)
         sys.exit(status)
     output = os.path.abspath(_OUTPUT.value)
     names = [gpu["name"] for gpu in tf_gpus or smi_gpus] or ["none"]
     print(
         f"gpu_check{' --smoke (tiny scale, plumbing only)' if smoke else ''}: GPU "
-        f"{', '.join(names)}; deadline {_DEADLINE_S.value:.0f} s; writing {output}",
+        f"{', '.join(names)}; writing {output}",
         flush=True,
     )
+    print_plan(plan, _DEADLINE_S.value)
     report = {
         "check": PROGRAM,
         "smoke": smoke,
@@ -182,22 +175,13 @@ def main(argv):
     signal.signal(signal.SIGINT, part_runner.stop)
     left_s = _DEADLINE_S.value - (time.monotonic() - started)
     runner = Runner(output, left_s, report, selected=set(_PARTS.value) or None)
-    # Untimed parts side by side: the smoke run; the estimate, then the trials.
-    smoke_workdir = tempfile.mkdtemp(prefix="gpu_check_smoke_run_")
-    try:
-        with futures.ThreadPoolExecutor(max_workers=1) as pool:
-            smoke_part = gpu_check_parts.make_smoke_run_part(smoke, smoke_workdir, runner.logs)
-            # The untimed stage ends by then, however its parts go, so that the timed
-            # parts keep their share of the deadline.
-            by = None if smoke else time.monotonic() + UNTIMED_STAGE_S
-            smoke_run = pool.submit(runner.run, smoke_part, by)
-            estimate = runner.run(gpu_check_parts.make_estimate_part(smoke), by)
-            gpu_check_parts.run_tuner_trials(runner, smoke, estimate, by)
-            smoke_run.result()
-    finally:
-        shutil.rmtree(smoke_workdir, ignore_errors=True)
-    # Timed parts, one at a time.
-    for part in gpu_check_parts.make_timed_parts(smoke):
+    for part in plan:
+        if part.name.endswith("_8gb"):
+            estimate = report["parts"].get("tuner_estimate", {})
+            part, why_not = gpu_check_parts.at_batch(part.name, estimate, smoke), part.name
+            if isinstance(part, str):
+                runner.skip(why_not, part)
+                continue
         runner.run(part)
 
     report["summary"] = summarize(report["parts"])
@@ -211,53 +195,46 @@ def main(argv):
         sys.exit(128 + part_runner.STOPPED_BY[0])
 
 
+def print_plan(plan: list, deadline_s: float) -> None:
+    """The parts in the order they run, each with its time box, and the budget."""
+    harness.print_table(
+        ["part", "time box s", "starts if s left", "measures"],
+        [[part.name, part.timeout_s, part.needs_s, part.what] for part in plan],
+    )
+    print(
+        f"budget: {deadline_s:.0f} s in all ({sum(p.timeout_s for p in plan):.0f} s if every "
+        "part used its box): a part starts only while the deadline leaves it its least "
+        "seconds; the rest are skipped and recorded so",
+        flush=True,
+    )
+
+
 def summarize(parts: dict) -> dict:
-    """The step settings side by side, each against the replica of its phase; and every
-    part that timed effpipe fed and augmenting beside the keras_recipe peer."""
+    """The step settings side by side, each against the replica of its phase (in
+    images/s: the 8 GB parts run another batch); and every part that timed effpipe fed
+    and augmenting beside the keras_recipe peer."""
     replica = {}
     for record in parts.values():
         result = record.get("result") or {}
         if record["status"] == "ok" and result.get("benchmark") == "step_throughput":
             for name in REPLICA:
                 if name in result["configurations"]:
-                    replica[(result["phase"], name)] = result["configurations"][name]["ms_per_step"]
+                    rate = result["configurations"][name]["images_per_sec"]
+                    replica[(result["phase"], name)] = rate
     steps, peers = [], []
     for name, record in parts.items():
         result = record.get("result") or {}
         if record["status"] != "ok" or result.get("benchmark") != "step_throughput":
             continue
-        figures, phase = record["figures"], result["phase"]
+        figures = record["figures"]
         if all(f"{c}/ms_per_step" in figures for c in PEER):
             peers.append(summarize_peer(name, result, figures))
-        compute = figures.get("effpipe/noaug/synthetic/ms_per_step")
-        if compute is None:
-            continue
-        fed = figures.get("effpipe/noaug/pipeline/ms_per_step")
-        notebook_compute, notebook_fed = (
-            replica.get((phase, "notebook/synthetic")),
-            replica.get((phase, "notebook/numpy")),
-        )
-        steps.append(
-            {
-                "part": name,
-                "phase": phase,
-                "precision": result["precision"],
-                "xla": result["xla"],
-                "ms_per_step": compute,
-                "images_per_sec": figures["effpipe/noaug/synthetic/images_per_sec"],
-                "peak_memory_mb": figures.get("effpipe/noaug/synthetic/peak_memory_mb"),
-                "fed_ms_per_step": fed,
-                "speedup_vs_replica": notebook_compute / compute if notebook_compute else None,
-                "fed_speedup_vs_replica_as_run": notebook_fed / fed
-                if notebook_fed and fed
-                else None,
-                "augment_share_of_step": figures.get("target/augment_share_of_step"),
-            }
-        )
+        if "effpipe/noaug/synthetic/ms_per_step" in figures:
+            steps.append(summarize_step(name, result, figures, replica))
     summary = {
         "steps": steps,
         "peers": peers,
-        "replica_ms_per_step": {f"phase{p}/{n}": v for (p, n), v in replica.items()},
+        "replica_images_per_sec": {f"phase{p}/{n}": v for (p, n), v in replica.items()},
     }
     for peer in peers:
         if peer["part"].startswith("peer_"):
@@ -275,6 +252,28 @@ def summarize(parts: dict) -> dict:
             "met": speedup >= PHASE1_TARGET_SPEEDUP,
         }
     return summary
+
+
+def summarize_step(name: str, result: dict, figures: dict, replica: dict) -> dict:
+    """One part's effpipe compute and fed steps against the replica of its phase."""
+    phase = result["phase"]
+    compute = figures["effpipe/noaug/synthetic/images_per_sec"]
+    fed = figures.get("effpipe/noaug/pipeline/images_per_sec")
+    notebook, notebook_fed = (replica.get((phase, f"notebook/{c}")) for c in ("synthetic", "numpy"))
+    return {
+        "part": name,
+        "phase": phase,
+        "precision": result["precision"],
+        "xla": result["xla"],
+        "batch_size": result["batch_size"],
+        "ms_per_step": figures["effpipe/noaug/synthetic/ms_per_step"],
+        "images_per_sec": compute,
+        "peak_memory_mb": figures.get("effpipe/noaug/synthetic/peak_memory_mb"),
+        "fed_ms_per_step": figures.get("effpipe/noaug/pipeline/ms_per_step"),
+        "speedup_vs_replica": compute / notebook if notebook else None,
+        "fed_speedup_vs_replica_as_run": fed / notebook_fed if fed and notebook_fed else None,
+        "augment_share_of_step": figures.get("target/augment_share_of_step"),
+    }
 
 
 def summarize_peer(name: str, result: dict, figures: dict) -> dict:
@@ -305,9 +304,10 @@ def print_summary(report: dict) -> None:
     if steps:
         print()
         harness.print_table(
-            ["phase", "precision", "XLA", "ms/step", "images/s", "peak MB", "fed ms/step",
-             "x replica", "x replica fed", "aug share"],
-            [[s["phase"], s["precision"], "on" if s["xla"] else "off", s["ms_per_step"],
+            ["phase", "precision", "XLA", "batch", "ms/step", "images/s", "peak MB",
+             "fed ms/step", "x replica", "x replica fed", "aug share"],
+            [[s["phase"], s["precision"], "on" if s["xla"] else "off", s["batch_size"],
+              s["ms_per_step"],
               s["images_per_sec"], s["peak_memory_mb"], s["fed_ms_per_step"],
               s["speedup_vs_replica"], s["fed_speedup_vs_replica_as_run"],
               s["augment_share_of_step"]] for s in steps],
@@ -322,17 +322,10 @@ def print_summary(report: dict) -> None:
               p["ms_per_step"], p["keras_recipe_ms_per_step"], p["speedup_vs_keras_recipe"]]
              for p in peers],
         )  # fmt: skip
-    trials = [
-        (name, record["figures"]) for name, record in report["parts"].items()
-        if name.startswith("tuner_trial") and record["status"] == "ok"
-    ]  # fmt: skip
-    if trials:
+    headline = report["parts"].get("headline", {})
+    if headline.get("status") == "ok":
         print()
-        harness.print_table(
-            ["trial", "batch", "fits", "peak MiB", "estimated MiB", "estimate error"],
-            [[name, f["batch_size"], "yes" if f["fits"] else "no", f.get("peak_mib"),
-              f["estimated_mib"], f.get("estimate_error")] for name, f in trials],
-        )  # fmt: skip
+        print_headline(headline["result"])
     target = report["summary"].get("target_phase1_speedup_vs_replica_as_run")
     if target:
         print(
@@ -347,6 +340,28 @@ def print_summary(report: dict) -> None:
                 f"keras_recipe, against {target['limit']:g}x: "
                 f"{'met' if target['met'] else 'MISSED'}"
             )
+
+
+def print_headline(result: dict) -> None:
+    """The headline run's waits and, with its profile, phase 1's heaviest device ops."""
+    first = result["first_step_seconds"]
+    print(
+        f"headline run: start to phase 1 {result['startup_seconds']:.0f} s; first step "
+        f"{first['phase1']:.0f} s after phase 1's start, {first['phase2']:.0f} s after "
+        f"phase 2's; the command {result['wall_seconds']:.0f} s"
+    )
+    profile = result.get("profile")
+    if profile:
+        print(
+            f"phase-1 profile ({profile['steps']} steps, {profile['device']}): "
+            f"{profile['trace_ms_per_step']:.1f} ms/step traced, device busy "
+            f"{profile['device_busy_ms_per_step']:.1f}, waiting for input "
+            f"{profile['input_wait_ms_per_step']:.1f}"
+        )
+        harness.print_table(
+            ["op", "ms", "count", "share"],
+            [[op["name"], op["total_ms"], op["count"], op["share"]] for op in profile["top_ops"]],
+        )
 
 
 if __name__ == "__main__":

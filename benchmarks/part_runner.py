@@ -15,7 +15,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 
@@ -47,6 +46,7 @@ class Part:
       read: (its final JSON line or None) -> its figures; raises ValueError when the
         output is not what a successful run prints.
       env: environment variables added to the check's own.
+      what: one line for the plan.
     """
 
     name: str
@@ -55,6 +55,7 @@ class Part:
     needs_s: float
     read: Callable[[dict | None], dict]
     env: dict = dataclasses.field(default_factory=dict)
+    what: str = ""
 
 
 def run_command(argv, *, timeout_s, env, log_prefix) -> dict:
@@ -130,10 +131,8 @@ def _kill_group(process: subprocess.Popen) -> None:
 
 
 class Runner:
-    """Runs parts against one deadline and rewrites the JSON file after each.
-
-    Thread-safe: the untimed parts run side by side.
-    """
+    """Runs parts, one at a time, against one deadline and rewrites the JSON file
+    after each."""
 
     def __init__(self, output: str, deadline_s: float, report: dict, selected=None):
         self.output = output
@@ -144,18 +143,12 @@ class Runner:
         self.report.setdefault("parts", {})
         self.selected = selected
         self.failing = set(filter(None, os.environ.get(FAIL_ENV, "").split(",")))
-        self._lock = threading.Lock()
         self.write()
 
-    def run(self, part: Part, by: float | None = None) -> dict:
-        """Runs `part` (or records why not); returns its record.
-
-        Args:
-          part: what to run.
-          by: a `time.monotonic()` it must end by, earlier than the deadline (a stage's).
-        """
-        left_s = min(self.deadline, by or self.deadline) - time.monotonic()
-        if self.selected is not None and part.name.removesuffix("_fallback") not in self.selected:
+    def run(self, part: Part) -> dict:
+        """Runs `part` (or records why not); returns its record."""
+        left_s = self.deadline - time.monotonic()
+        if self.selected is not None and part.name not in self.selected:
             return self.skip(part.name, "not in --parts")
         if STOPPED_BY:
             return self.skip(part.name, "the check was interrupted")
@@ -198,9 +191,8 @@ class Runner:
         return self.record(name, {"status": "skipped", "wall_s": 0.0, "reason": reason})
 
     def record(self, name: str, record: dict) -> dict:
-        with self._lock:
-            self.report["parts"][name] = record
-            self.write()
+        self.report["parts"][name] = record
+        self.write()
         return record
 
     def write(self) -> None:

@@ -9,15 +9,7 @@ import sys
 
 from benchmarks import gpu_check, gpu_check_parts, part_runner
 
-SMOKE_PARTS = {
-    "smoke_run",
-    "tuner_estimate",
-    "tuner_trial_phase1",
-    "tuner_trial_phase2",
-    "step_p1_float32_xla_off",
-    "augment",
-    "step_p2_mixed_xla_off",
-}
+SMOKE_PARTS = set(gpu_check.SMOKE_PARTS)
 
 
 def _run_check(repo_root, *args, env=None, timeout=1500):
@@ -108,17 +100,22 @@ def test_runner_injects_a_failure_into_the_named_part(tmp_path, monkeypatch):
     assert runner.run(part_runner.Part("other", ok, 120, 0, _read_x))["status"] == "ok"
 
 
-def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(repo_root, tmp_path):
+def test_without_a_gpu_it_prints_its_plan_and_budget_and_exits_0(repo_root, tmp_path):
     output = tmp_path / "gpu_check.json"
     # CUDA_VISIBLE_DEVICES="" hides any GPU from TensorFlow, so this holds on any machine.
     result = _run_check(
         repo_root, f"--output={output}", env={"CUDA_VISIBLE_DEVICES": ""}, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = (result.stdout + result.stderr).strip().splitlines()
-    assert len(lines) == 1, lines
+    lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("gpu_check: no GPU visible (")
     assert lines[0].endswith("TensorFlow sees none): nothing measured")
+    # The plan: every part in its order, with its time box; then the budget.
+    rows = [line.split()[:3] for line in lines[3:-1]]
+    plan = gpu_check_parts.make_plan(smoke=False)
+    assert [row[0] for row in rows] == gpu_check_parts.PART_NAMES == [p.name for p in plan]
+    assert [float(row[1].replace(",", "")) for row in rows] == [p.timeout_s for p in plan]
+    assert lines[-1].startswith("budget: 450 s in all")
     assert not output.exists()
 
 
@@ -150,8 +147,7 @@ def test_bad_part_name_is_one_line_and_exit_2(repo_root):
 def test_a_failed_part_is_recorded_and_the_others_still_run(repo_root, tmp_path):
     output = tmp_path / "gpu_check.json"
     result = _run_check(
-        repo_root, "--smoke", f"--output={output}",
-        "--parts=tuner_estimate,tuner_trial_phase1,augment",
+        repo_root, "--smoke", f"--output={output}", "--parts=tuner_estimate,step_p1_8gb,augment",
         env={part_runner.FAIL_ENV: "tuner_estimate"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -159,14 +155,14 @@ def test_a_failed_part_is_recorded_and_the_others_still_run(repo_root, tmp_path)
     parts = report["parts"]
     assert parts["tuner_estimate"]["status"] == "failed"
     assert "injected failure" in parts["tuner_estimate"]["stderr_tail"][-1]
-    # The trials need the estimate's answer; the timed parts do not.
-    assert parts["tuner_trial_phase1"] == {
+    # The 8 GB step needs the estimate's answer; the others do not.
+    assert parts["step_p1_8gb"] == {
         "status": "skipped",
         "wall_s": 0.0,
         "reason": "needs tuner_estimate (failed)",
     }
     assert parts["augment"]["status"] == "ok"
-    assert parts["smoke_run"]["reason"] == "not in --parts"
+    assert parts["headline"]["reason"] == "not in --parts"
     assert report["finished"] is True
 
 
@@ -175,7 +171,7 @@ def test_the_summary_sets_the_peer_parts_beside_keras_recipe_against_the_target(
         configurations = {name: {"ms_per_step": ms} for name, ms in milliseconds.items()}
         result = {
             "benchmark": "step_throughput", "phase": phase, "precision": "mixed_float16",
-            "xla": True, "configurations": configurations, "targets": {},
+            "xla": True, "batch_size": 32, "configurations": configurations, "targets": {},
         }  # fmt: skip
         figures = {}
         for name, ms in milliseconds.items():
@@ -220,46 +216,36 @@ def test_smoke_runs_every_part_and_records_finite_figures(repo_root, tmp_path):
             assert isinstance(value, bool) or math.isfinite(value), (name, key, value)
     assert report["finished"] is True and report["smoke"] is True
 
-    smoke_run = parts["smoke_run"]["figures"]
-    assert {"top1", "top5", "loss", "train_images_per_sec"} <= set(smoke_run)
-    assert smoke_run["loss_scaling"] is True  # float16, forced on the CPU.
-    assert smoke_run["xla"] is False  # --smoke runs it without XLA (slow on CPU).
-    assert (tmp_path / "gpu_check_logs" / "smoke_run.metrics.json").exists()
+    headline = parts["headline"]["figures"]
+    assert headline["first_step_seconds/phase1"] > 0 and headline["first_step_seconds/phase2"] > 0
+    assert headline["export_mb"] > 0 and headline["profile/trace_ms_per_step"] > 0
+    assert parts["headline"]["result"]["profile"]["top_ops"]
 
     estimate = parts["tuner_estimate"]["figures"]
-    for phase in (1, 2):
-        trial = parts[f"tuner_trial_phase{phase}"]["figures"]
-        assert trial["batch_size"] == estimate[f"phase{phase}_max_batch"]
-        assert trial["estimated_mib"] == estimate[f"phase{phase}_estimated_mib"]
-        assert trial["fits"] is True and trial["peak_mib"] > 0
-        assert trial["estimate_error"] == trial["estimated_mib"] / trial["peak_mib"] - 1
+    at_8gb = parts["step_p1_8gb"]["result"]
+    assert at_8gb["batch_size"] == estimate["phase1_max_batch"]
+    assert set(at_8gb["configurations"]) == set(gpu_check_parts.NOAUG)
 
-    replica_phase = parts["step_p1_float32_xla_off"]["figures"]
+    whole = parts["step_p1_mixed_xla_on"]
     for name in gpu_check_parts.NOAUG + gpu_check_parts.REPLICA:
-        assert replica_phase[f"{name}/ms_per_step"] > 0, name
-    _check_step_benchmark(parts["step_p1_float32_xla_off"]["result"])
+        assert whole["figures"][f"{name}/ms_per_step"] > 0, name
+    _check_step_benchmark(whole["result"])
     _check_augment_benchmark(
         parts["augment"]["result"], (tmp_path / "gpu_check_logs" / "augment.stdout").read_text()
     )
-    # Only the named configurations were timed.
-    mixed_phase = parts["step_p2_mixed_xla_off"]
-    assert set(mixed_phase["result"]["configurations"]) == {"effpipe/noaug/synthetic"}
-    assert mixed_phase["result"]["precision"].startswith("mixed_")
     assert any(key.endswith("/speedup") for key in parts["augment"]["figures"])
 
     steps = {step["part"]: step for step in report["summary"]["steps"]}
-    assert set(steps) == {"step_p1_float32_xla_off", "step_p2_mixed_xla_off"}
-    one = steps["step_p1_float32_xla_off"]
-    assert one["speedup_vs_replica"] == (
-        report["summary"]["replica_ms_per_step"]["phase1/notebook/synthetic"] / one["ms_per_step"]
-    )
-    assert steps["step_p2_mixed_xla_off"]["speedup_vs_replica"] is None  # No phase-2 replica.
+    assert set(steps) == {"step_p1_mixed_xla_on", "step_p1_8gb"}
+    for step in steps.values():  # Both against the phase-1 replica, in images/s.
+        replica = report["summary"]["replica_images_per_sec"]["phase1/notebook/synthetic"]
+        assert step["speedup_vs_replica"] == step["images_per_sec"] / replica
     # The part that times every configuration has effpipe beside the keras_recipe peer.
     (peer,) = report["summary"]["peers"]
-    assert peer["part"] == "step_p1_float32_xla_off"
+    assert peer["part"] == "step_p1_mixed_xla_on"
     assert peer["speedup_vs_keras_recipe"] == (
-        replica_phase["keras_recipe/ms_per_step"]
-        / replica_phase["effpipe/aug/pipeline/ms_per_step"]
+        whole["figures"]["keras_recipe/ms_per_step"]
+        / whole["figures"]["effpipe/aug/pipeline/ms_per_step"]
     )
     assert result.stdout.strip().splitlines()[-1].startswith(f"gpu_check: wrote {output}")
 
