@@ -116,7 +116,7 @@ def record_benchmark(payload: dict, tags: list[str] = ()) -> str | None:
     """
     if not RESULTS_DIR.value:
         return None
-    name, what, headline = _DESCRIBE[payload["benchmark"]](payload)
+    name, what, headline = DESCRIBE[payload["benchmark"]](payload)
     path = write_record(
         "-".join([name, *tags]),
         payload,
@@ -126,46 +126,6 @@ def record_benchmark(payload: dict, tags: list[str] = ()) -> str | None:
     )
     print(f"record: {path}", file=sys.stderr)
     return path
-
-
-def record_gpu_check(report: dict) -> list[str]:
-    """Writes one record per part of `benchmarks.gpu_check` that succeeded, when
-    --results_dir is set: gpu_check-<gpu>-<part>, with the part's figures, its summary
-    row (effpipe against the replica) under summary/, and the part's command."""
-    if not RESULTS_DIR.value:
-        return []
-    gpus = report.get("tensorflow_gpus")
-    if not isinstance(gpus, list) or not gpus:
-        gpus = report["nvidia_smi"] if isinstance(report.get("nvidia_smi"), list) else []
-    gpu = device_tag(gpus[0]["name"]) if gpus else "none"
-    summary = report.get("summary", {})
-    paths = []
-    for part, result in report["parts"].items():
-        if result["status"] != "ok":
-            continue
-        figures = dict(result["figures"])
-        payload = result.get("result") or {}
-        describe = _DESCRIBE.get(payload.get("benchmark"))
-        what = describe(payload)[1] if describe else f"gpu_check's {part.replace('_', ' ')}"
-        # Its rows of the summary: against the replica (summary/), the peer (peer/).
-        for table, prefix in (("steps", "summary"), ("peers", "peer")):
-            for row in summary.get(table, []):
-                if row["part"] == part:
-                    figures.update({f"{prefix}/{k}": v for k, v in row.items() if _is_number(v)})
-        paths.append(
-            write_record(
-                f"gpu_check-{gpu}-{part}",
-                figures,
-                command=result["command"],
-                notes=f"part {part} of `{report['command']}`",
-                what=what,
-                headline=gpu_check_headline(figures),
-                results_dir=RESULTS_DIR.value,
-            )
-        )
-    for path in paths:
-        print(f"record: {path}", file=sys.stderr)
-    return paths
 
 
 # --- Provenance. ---
@@ -350,7 +310,7 @@ def _augment_throughput(payload: dict) -> tuple[str, str, str]:
     )
 
 
-_HEADLINE_RUN = (
+HEADLINE_RUN = (
     "first step {first_step_seconds/phase1:.0f} s / {first_step_seconds/phase2:.0f} s after "
     "phase 1 / 2 start; {images_per_sec/phase1:,.0f} / {images_per_sec/phase2:,.0f} images/s"
 )
@@ -364,11 +324,11 @@ def _headline_run(payload: dict) -> tuple[str, str, str]:
         f"headline_run-{device}-{variant}-{size}px-b{batch}-{precision}-xla_{xla}",
         f"the headline command end to end, {variant.upper()} at {size} px, batch {batch}, "
         f"{precision}, XLA {xla}, {payload['steps_per_phase']} steps per phase",
-        _HEADLINE_RUN,
+        HEADLINE_RUN,
     )
 
 
-_DESCRIBE = {
+DESCRIBE = {
     "input_throughput": _input_throughput,
     "step_throughput": _step_throughput,
     "augment_throughput": _augment_throughput,
@@ -376,41 +336,5 @@ _DESCRIBE = {
 }
 
 
-def gpu_check_headline(figures: dict) -> str:
-    """A gpu_check part's figures in one line, whichever kind of part it is."""
-    peer = (
-        "effpipe fed and augmenting {peer/ms_per_step:.1f} ms/step against keras_recipe's "
-        "{peer/keras_recipe_ms_per_step:.1f} ({peer/speedup_vs_keras_recipe:.3g}x)"
-    )
-    if "summary/ms_per_step" not in figures and "peer/ms_per_step" in figures:
-        return peer
-    if "summary/ms_per_step" in figures:
-        text = "{summary/ms_per_step:.1f} ms/step ({summary/images_per_sec:,.0f} images/s)"
-        if figures.get("summary/fed_ms_per_step") is not None:
-            text += ", {summary/fed_ms_per_step:.1f} fed"
-        if figures.get("summary/fed_speedup_vs_replica_as_run") is not None:
-            text += "; {summary/fed_speedup_vs_replica_as_run:.3g}x the notebook as run"
-        if "effpipe/aug/synthetic/ms_per_step" in figures:
-            text += "; augmenting {effpipe/aug/synthetic/ms_per_step:.1f} ms/step"
-        if figures.get("summary/peak_memory_mb") is not None:
-            text += "; peak {summary/peak_memory_mb:,.0f} MB"
-        if "peer/ms_per_step" in figures:
-            text += "; " + peer
-        return text
-    sizes = [key.split("/")[0] for key in figures if key.endswith("px/fused_images_per_sec")]
-    if sizes:
-        return "; ".join(
-            f"{size.removesuffix('px')} px: {{{size}/fused_images_per_sec:,.0f}} images/s against "
-            f"{{{size}/keras_chain_images_per_sec:,.0f}} ({{{size}/speedup:.3g}}x)"
-            for size in sizes
-        )
-    if "phase1_max_batch" in figures:
-        return "largest batch {phase1_max_batch} in phase 1, {phase2_max_batch} in phase 2"
-    if "first_step_seconds/phase1" in figures:
-        return _HEADLINE_RUN
-    keys = [key for key, value in figures.items() if _is_number(value)]
-    return "; ".join(f"{key} {{{key}:,.4g}}" for key in keys)
-
-
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)

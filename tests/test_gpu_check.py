@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from benchmarks import gpu_check, gpu_check_parts, part_runner
+from benchmarks import gpu_check, gpu_check_parts, gpu_check_report, part_runner
 
 SMOKE_PARTS = set(gpu_check.SMOKE_PARTS)
 
@@ -189,7 +189,7 @@ def test_the_summary_sets_the_peer_parts_beside_keras_recipe_against_the_target(
             2, {"effpipe/aug/pipeline": 30.0, "keras_recipe": 36.0}
         ),
     }
-    summary = gpu_check.summarize(parts)
+    summary = gpu_check_report.summarize(parts)
     assert [step["part"] for step in summary["steps"]] == ["step_p1_mixed_xla_on"]
     assert [peer["speedup_vs_keras_recipe"] for peer in summary["peers"]] == [2.0, 1.2]
     assert summary["peers"][0]["keras_recipe_images_per_sec"] == 640.0

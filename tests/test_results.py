@@ -12,7 +12,7 @@ import sys
 import pytest
 from absl.testing import flagsaver
 
-from benchmarks import records, render_results
+from benchmarks import gpu_check_report, records, render_results
 
 README_WORDS = 1800
 DEVELOPER_DOC_WORDS = 3000
@@ -189,7 +189,7 @@ def test_step_records_pair_effpipe_with_the_notebook_and_the_peer():
             "effpipe/noaug/synthetic": {"ms_per_step": 10.0},
         },
     }  # fmt: skip
-    name, what, headline = records._DESCRIBE["step_throughput"](payload)
+    name, what, headline = records.DESCRIBE["step_throughput"](payload)
     assert name == "step_throughput-cpu-b0-224px-b32-p1-float32-xla_off"
     assert what == "B0 train step, 224 px, batch 32, phase 1, float32, XLA off"
     assert records.fill(headline, payload) == (
@@ -205,9 +205,11 @@ def test_gpu_check_writes_a_record_per_part_that_succeeded(tmp_path):
         "parts": {
             "step_p2_mixed_xla_on": {"status": "ok", "command": "python -m x", "result": None,
                                      "figures": {"effpipe/noaug/synthetic/ms_per_step": 23.9}},
-            "tuner_trial_phase2": {"status": "ok", "command": "python -m t", "result": None,
-                                   "figures": {"batch_size": 57, "fits": True, "peak_mib": 7095,
-                                               "estimated_mib": 7068}},
+            "headline": {"status": "ok", "command": "python -m h", "result": None,
+                         "figures": {"first_step_seconds/phase1": 85.2,
+                                     "first_step_seconds/phase2": 61.0,
+                                     "images_per_sec/phase1": 1000.0,
+                                     "images_per_sec/phase2": 900.0}},
             "augment": {"status": "timed_out"},
         },
         "summary": {"steps": [{"part": "step_p2_mixed_xla_on", "ms_per_step": 23.9,
@@ -215,17 +217,14 @@ def test_gpu_check_writes_a_record_per_part_that_succeeded(tmp_path):
                                "xla": True}]},
     }  # fmt: skip
     with flagsaver.flagsaver(results_dir=str(tmp_path)):
-        paths = records.record_gpu_check(report)
+        paths = gpu_check_report.record_gpu_check(report)
     names = sorted(os.path.basename(path) for path in paths)
-    assert names == [
-        "gpu_check-h200-step_p2_mixed_xla_on.json",
-        "gpu_check-h200-tuner_trial_phase2.json",
-    ]
-    step, trial = (json.loads(open(path).read()) for path in sorted(paths))
+    assert names == ["gpu_check-h200-headline.json", "gpu_check-h200-step_p2_mixed_xla_on.json"]
+    headline, step = (json.loads(open(path).read()) for path in sorted(paths))
     assert step["command"] == "python -m x"
     assert records.fill(step["headline"], step["figures"]) == "23.9 ms/step (1,338 images/s)"
-    assert records.fill(trial["headline"], trial["figures"]) == (
-        "batch 57: peak 7,095 MiB against 7,068 estimated"
+    assert records.fill(headline["headline"], headline["figures"]) == (
+        "first step 85 s / 61 s after phase 1 / 2 start; 1,000 / 900 images/s"
     )
 
 
