@@ -58,10 +58,11 @@ tune-gpu: venv
 	    | tee -a runs/tune_gpu.log | tail -n 1 >> runs/tune_gpu.jsonl; \
 	done
 
-# On a GPU: the figures the README's GPU tables wait for, in under 8 minutes, into
-# runs/gpu_check.json (benchmarks/gpu_check.py lists them). Without a GPU: one line.
+# On a GPU: the headline run and the GPU figures, in under 8 minutes, into
+# runs/gpu_check.json and a record per part under results/ (benchmarks/gpu_check_parts.py
+# lists them). Without a GPU: the plan and its time budget.
 gpu-check: venv
-	$(PY) -m benchmarks.gpu_check
+	$(PY) -m benchmarks.gpu_check --results_dir=results
 
 lint: venv
 	$(VENV)/bin/ruff check effpipe benchmarks tests

@@ -58,7 +58,9 @@ def test_a_new_run_and_overwrite_keep_the_decoded_image_cache(tmp_path):
     # A run killed in its first pass or first epoch (no state yet): the rerun is a new
     # run, and resumes the first pass from the decoded images already on the disk.
     run_dir.prepare(str(tmp_path), CONFIG, overwrite=False)
-    images = tmp_path / run_dir.IMAGE_CACHE_DIR / "folder-train-224px-resize-0123" / "progress.jsonl"
+    images = (
+        tmp_path / run_dir.IMAGE_CACHE_DIR / "folder-train-224px-resize-0123" / "progress.jsonl"
+    )
     images.parent.mkdir(parents=True)
     images.write_bytes(b"\0" * 8)
     features = tmp_path / run_dir.FEATURE_CACHE_FILE
