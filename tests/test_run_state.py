@@ -58,13 +58,6 @@ def test_a_phase_of_0_epochs_has_nothing_to_run():
     assert run_state.resume_point(fresh, phase=2, first_epoch=3, epochs=0) is None
 
 
-def test_the_skipped_batches_are_the_epochs_done_times_the_batches_per_epoch():
-    assert run_state.batches_to_skip(0, 25, 1) == 0
-    assert run_state.batches_to_skip(3, 25, 1) == 75
-    # Each of 4 local replicas takes its own batch of the stream per step.
-    assert run_state.batches_to_skip(3, 25, 4) == 300
-
-
 def test_the_phase_plan_follows_the_config():
     config = TrainConfig.from_flat(
         phase1_epochs=2, phase1_learning_rate=1e-3, phase2_epochs=5, phase2_learning_rate=1e-5

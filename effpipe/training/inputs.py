@@ -28,8 +28,8 @@ class RunData:
     """The run's data, made once: the source, its splits, and what the phases read.
 
     Attributes:
-      source, train_split, validation_split, test_split, evaluated_on: what
-        `load_data` returns, in that order.
+      source, train_split, test_split, evaluated_on: what `load_data` returns.
+      validation_split: its validation split in whole batches (`whole_batches`).
       validation_dataset: the batched validation images, one pass.
       make_training_stream: (phase, initial_epoch) -> the endless training stream
         from epoch `initial_epoch` on.
@@ -66,19 +66,42 @@ def prepare_data(
     sharded = workers > 1 and not config.distribution.data_service
     cache_root = run_dir.image_cache_root(workdir, config.data.cache_dir)
     shard = (workers, distribution.worker_index) if sharded else (1, 0)
-    loaded = load_data(config, cache_root, workers=shard)
-    train_split, validation_split = loaded[1:3]
+    source, train_split, validation_split, test_split, evaluated_on = load_data(
+        config, cache_root, workers=shard
+    )
+    validation_split = whole_batches(validation_split, config.batch_size)
     options = pipeline.pipeline_options_of(config.runtime)
     # A worker's shard is its share already; the whole split is shared by all.
     share = len(train_split) if sharded else len(train_split) // workers
     steps_per_epoch = share // (config.batch_size // workers)
     stream_arguments = (config, distribution, workdir, train_split, options, steps_per_epoch)
     return RunData(
-        *loaded,
+        source=source,
+        train_split=train_split,
+        validation_split=validation_split,
+        test_split=test_split,
+        evaluated_on=evaluated_on,
         steps_per_epoch=steps_per_epoch,
         validation_dataset=make_validation_dataset(config, distribution, validation_split, options),
         make_training_stream=functools.partial(make_training_stream, *stream_arguments),
     )
+
+
+def whole_batches(validation_split, batch_size: int):
+    """The validation examples of its whole batches, when it has one: a last, smaller
+    batch would be a second shape, for which XLA compiles the validation step again
+    (B5 at 456 px: tens of seconds per phase on a GPU). The final evaluation keeps
+    every example (it pads its last batch)."""
+    whole = len(validation_split) // batch_size * batch_size
+    if not 0 < whole < len(validation_split):
+        return validation_split
+    logging.info(
+        "validation on %d of the %d held-out images (whole batches of %d: one compiled shape)",
+        whole,
+        len(validation_split),
+        batch_size,
+    )
+    return validation_split.subset(np.arange(whole))
 
 
 def load_data(config: TrainConfig, cache_root: str, *, workers: tuple[int, int] = (1, 0)):
@@ -113,20 +136,7 @@ def load_data(config: TrainConfig, cache_root: str, *, workers: tuple[int, int] 
 
 
 def make_validation_dataset(config, distribution, validation_split, pipeline_options):
-    """The batched validation images, one pass, sharded by batch over workers.
-
-    Whole batches only, when there is one: a last, smaller batch would be a second
-    shape, which XLA compiles the validation step for again (B5 at 456 px: tens of
-    seconds per phase on a GPU)."""
-    whole = len(validation_split) // config.batch_size * config.batch_size
-    if 0 < whole < len(validation_split):
-        logging.info(
-            "validation on %d of the %d held-out images (whole batches of %d: one compiled shape)",
-            whole,
-            len(validation_split),
-            config.batch_size,
-        )
-        validation_split = validation_split.subset(np.arange(whole))
+    """The batched validation images, one pass, sharded by batch over workers."""
     dataset = pipeline.make_dataset(
         validation_split, batch_size=config.batch_size, is_training=False, options=pipeline_options
     )

@@ -25,6 +25,7 @@ def cached_phase1_inputs(
     validation_split,
     stop_on_signal: callbacks.StopOnSignal,
     steps_per_execution: int,
+    initial_epoch: int,
 ):
     """Phase 1 on cached features: the head model, compiled, and its two datasets.
 
@@ -32,7 +33,7 @@ def cached_phase1_inputs(
     shares the full model's head layers and optimizer (the model must be compiled,
     and restored on resume), so fitting it trains the full model's head; its
     training stream is the images' stream over the features, in the same order
-    (`pipeline.make_feature_dataset`).
+    (`pipeline.make_feature_dataset`), from `initial_epoch` on.
 
     Args:
       config: the run configuration.
@@ -43,6 +44,7 @@ def cached_phase1_inputs(
       validation_split: the validation examples.
       stop_on_signal: the run's StopOnSignal, a callback of the feature passes.
       steps_per_execution: phase 1's steps per compiled call.
+      initial_epoch: the epoch the training stream starts at (counted from 0).
 
     Returns:
       (head model, endless training dataset, validation dataset).
@@ -67,6 +69,7 @@ def cached_phase1_inputs(
             batch_size=config.batch_size,
             is_training=is_training,
             seed=config.seed,
+            initial_epoch=initial_epoch,
             options=pipeline.pipeline_options_of(config.runtime),
         )
 

@@ -243,15 +243,14 @@ def _fit_inputs(phase, model, state, context, initial_epoch, steps_per_execution
             context.data.validation_split,
             context.stop_on_signal,
             steps_per_execution,
+            initial_epoch,
         )
-    # The feature cache runs on one device only: one batch per step.
-    skipped = run_state.batches_to_skip(initial_epoch, context.data.steps_per_epoch, 1)
     # The features were computed with the base's BatchNormalization statistics of
     # the one calibration when the trainer built the model; the base is frozen, so a
     # recalibration on the same images would change them only by its
     # stochastic-depth draws, and would make the stored features stale. Hence no
     # calibration callbacks here.
-    return head_model, train_dataset.skip(skipped), validation_dataset, ()
+    return head_model, train_dataset, validation_dataset, ()
 
 
 def make_callbacks(

@@ -7,8 +7,7 @@ WORKDIR/state after every finite epoch, keeping the epoch before too, the fallba
 when the newest state is damaged; a rerun of the same command loads it
 (`load_state`), restores the model (`restore`) and continues from `resume_point`.
 Its training stream starts at that epoch, whose order the seed and the epoch alone
-define (`effpipe.data.pipeline`), so it sees the batches an uninterrupted run sees;
-a stream that starts at epoch 0 instead skips `batches_to_skip` batches.
+define (`effpipe.data.pipeline`), so it sees the batches an uninterrupted run sees.
 """
 
 import dataclasses
@@ -89,24 +88,6 @@ def resume_point(state: RunState, phase: int, first_epoch: int, epochs: int) -> 
         return None
     initial_epoch = max(first_epoch, state.epochs_done)
     return None if initial_epoch >= first_epoch + epochs else initial_epoch
-
-
-def batches_to_skip(initial_epoch: int, steps_per_epoch: int, batches_per_step: int) -> int:
-    """Batches of a seeded endless stream that the epochs before `initial_epoch` took.
-
-    Skipping them gives a resumed run the batches an uninterrupted one sees. Each
-    skipped batch is still produced: a stream built from `initial_epoch`
-    (`pipeline.make_dataset`) reads nothing of the epochs before.
-
-    Args:
-      initial_epoch: the epoch the run resumes at (0-based, over both phases).
-      steps_per_epoch: training steps per epoch.
-      batches_per_step: batches of this stream one step takes (one per local replica).
-
-    Returns:
-      The number of batches to skip.
-    """
-    return initial_epoch * steps_per_epoch * batches_per_step
 
 
 def load_state(workdir: str) -> RunState | None:
