@@ -146,12 +146,18 @@ def print_summary(report: dict) -> None:
 
 
 def print_headline(result: dict) -> None:
-    """The headline run's waits and, with its profile, phase 1's heaviest device ops."""
-    first = result["first_step_seconds"]
+    """The headline run's waits and speeds and, with its profile, phase 1's heaviest
+    device ops (benchmarks.headline_run prints it too)."""
+    harness.print_table(
+        ["", "first step after s", "images/s"],
+        [[f"phase {n}", result["first_step_seconds"].get(f"phase{n}"),
+          result["images_per_sec"][f"phase{n}"]] for n in (1, 2)],
+    )  # fmt: skip
     print(
-        f"headline run: start to phase 1 {result['startup_seconds']:.0f} s; first step "
-        f"{first['phase1']:.0f} s after phase 1's start, {first['phase2']:.0f} s after "
-        f"phase 2's; the command {result['wall_seconds']:.0f} s"
+        f"{result['variant']} at {result['image_size']} px, batch {result['batch_size']}, "
+        f"{result['precision']}, XLA {'on' if result['xla'] else 'off'} on {result['device']}: "
+        f"start to phase 1 {result['startup_seconds']:.1f} s; export "
+        f"{result['export_mb']:.1f} MB; the command {result['wall_seconds']:.0f} s"
     )
     profile = result.get("profile")
     if profile:

@@ -18,8 +18,8 @@ export's size and the command's wall seconds; with --profile_steps, the summary 
 phase 1's profiler trace (benchmarks.profile_summary: top device ops, input wait).
 Environment variables reach the trainer (XLA_FLAGS=--xla_gpu_autotune_level=0, say).
 
-Measured (2-core AMD EPYC, B5 at 456 px, batch 4, mixed_bfloat16): see results/
-headline_run-cpu-*.json.
+Measured: results/headline_run-*.json (on the 2-core AMD EPYC: B5 at 456 px, batch 4,
+bfloat16, with and without XLA).
 """
 
 import json
@@ -32,7 +32,7 @@ import time
 
 from absl import flags
 
-from benchmarks import harness, records
+from benchmarks import gpu_check_report, harness, records
 
 PROGRAM = "benchmarks.headline_run"
 # The trainer's own flags this benchmark passes on (effpipe.cli_flags defines them).
@@ -54,7 +54,7 @@ def train_argv(variant, image_size, batch_size, steps, xla, weights, profile_ste
         f"--shapes_train_examples={(steps + 1) * batch_size}",
         f"--validation_fraction={1 / (steps + 1)!r}",
         f"--shapes_test_examples={batch_size}", "--phase1_epochs=1", "--phase2_epochs=1",
-        f"--profile_steps={profile_steps}", f"--workdir={workdir}",
+        f"--workdir={workdir}", *([f"--profile_steps={profile_steps}"] if profile_steps else []),
     ]  # fmt: skip
 
 
@@ -95,7 +95,7 @@ def main(argv):
 
             log_dir = os.path.join(workdir, "tensorboard", "phase1")
             payload["profile"] = profile_summary.summarize(log_dir)
-    _print_table(payload)
+    gpu_check_report.print_headline(payload)
     harness.print_json_line(payload)
     records.record_benchmark(payload)
 
@@ -138,20 +138,6 @@ def _read_run(workdir: str, steps: int, wall_seconds: float) -> dict:
         "export_mb": round(export_bytes / 2**20, 1),
         "wall_seconds": round(wall_seconds, 1),
     }
-
-
-def _print_table(payload: dict) -> None:
-    rows = [
-        [f"phase {n}", payload["first_step_seconds"].get(f"phase{n}"),
-         payload["images_per_sec"][f"phase{n}"]] for n in (1, 2)
-    ]  # fmt: skip
-    harness.print_table(["", "first step after (s)", "images/s"], rows)
-    print(
-        f"{payload['variant']} at {payload['image_size']} px, batch {payload['batch_size']}, "
-        f"{payload['precision']}, XLA {'on' if payload['xla'] else 'off'} on "
-        f"{payload['device']}: start to phase 1 {payload['startup_seconds']:.1f} s; export "
-        f"{payload['export_mb']:.1f} MB; the command {payload['wall_seconds']:.0f} s"
-    )
 
 
 if __name__ == "__main__":
