@@ -167,9 +167,11 @@ def print_headline(result: dict) -> None:
             f"{profile['device_busy_ms_per_step']:.1f}, waiting for input "
             f"{profile['input_wait_ms_per_step']:.1f}"
         )
+        # On the host, op types say more than single nodes.
+        ops = profile.get("top_types") or profile["top_ops"]
         harness.print_table(
             ["op", "ms", "count", "share"],
-            [[op["name"], op["total_ms"], op["count"], op["share"]] for op in profile["top_ops"]],
+            [[op["name"], op["total_ms"], op["count"], op["share"]] for op in ops],
         )
 
 

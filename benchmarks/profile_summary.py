@@ -10,7 +10,8 @@ lines, as CUPTI's collector names them (xprof's op stats too skip the lines it d
 "XLA Ops", "XLA Modules", "TensorFlow Ops", "Launch Stats": the same kernels again). Else
 the host plane /host:CPU, which has no "TensorFlow Ops" line before xprof derives one:
 there an op execution is an event "node:OpType" on the thread that ran it (tf_Compute/*
-for the step, tf.data's threads for its functions), all counted. Busy time is the union
+for the step, tf.data's threads for its functions), all counted, and a step XLA
+compiled for the CPU runs HLO ops, events with an "hlo_op" stat. Busy time is the union
 of the op intervals (streams and threads overlap), op time their sum, which shares divide.
 Input wait is the union of the host's IteratorGetNext[AsOptional]Op::DoCompute events
 (tf.data's get-next kernels; each replica's under MirroredStrategy).
@@ -36,6 +37,7 @@ HOST_PLANE, GPU_PLANE_PREFIX, STREAM_LINE_PREFIX = "/host:CPU", "/device:GPU:", 
 GET_NEXT_EVENTS = ("IteratorGetNextOp::DoCompute", "IteratorGetNextAsOptionalOp::DoCompute")
 # Keras' TensorBoard callback traces each profiled batch as an event of this name.
 PROFILED_BATCH = "Profiled batch"
+HLO_OP_STAT = "hlo_op"
 NAME_LENGTH, PS_PER_MS = 80, 1e9
 # An op execution on a host thread: node name (node names hold no ":"), then OpType.
 _TF_OP = re.compile(r"^[^:\s]+:([A-Z_]\w*)$")
@@ -52,8 +54,9 @@ def summarize(log_dir: str, steps: int | None = None, top: int = 10) -> dict:
 
     Returns:
       {trace, device, steps, profiled_batches, top_ops: [{name, type, total_ms, count,
-      share}], op_ms_per_step, device_busy_ms_per_step, input_wait_ms_per_step,
-      trace_ms, trace_ms_per_step, trace_errors}; type is the TF op type (None on GPUs).
+      share}], top_types (the same per type; empty on GPUs), op_ms_per_step, device_busy_ms_per_step, input_wait_ms_per_step,
+      trace_ms, trace_ms_per_step, trace_errors}; type is the TF op type, or an HLO op's
+      without its number (None on GPUs).
     """
     path = find_trace(log_dir)
     space = read_space(path)
@@ -62,12 +65,12 @@ def summarize(log_dir: str, steps: int | None = None, top: int = 10) -> dict:
     if not ops:
         raise ValueError(f"{path} holds no op executions to summarize")
     host_events = list(_events(host))
-    profiled_batches = sum(name == PROFILED_BATCH for _, name, _, _ in host_events)
+    profiled_batches = sum(name == PROFILED_BATCH for _, name, *_ in host_events)
     steps = steps or profiled_batches
     if steps < 1:
         raise ValueError(f"{path}: no traced steps (no {PROFILED_BATCH!r} event); pass steps")
     timed = host_events + ([] if device is host else list(_events(device)))
-    get_next = [(start, end) for _, name, start, end in host_events if name in GET_NEXT_EVENTS]
+    get_next = [(start, end) for _, name, start, end, _ in host_events if name in GET_NEXT_EVENTS]
     op_ps = sum(end - start for *_, start, end in ops)
     trace_ms = (max(event[3] for event in timed) - min(event[2] for event in timed)) / PS_PER_MS
     return {
@@ -76,6 +79,8 @@ def summarize(log_dir: str, steps: int | None = None, top: int = 10) -> dict:
         "steps": steps,
         "profiled_batches": profiled_batches,
         "top_ops": _top_ops(ops, op_ps, top),
+        # On the host, the same by op type (convolutions, casts...): one node is little.
+        "top_types": _top_ops([(kind, kind, *span) for _, kind, *span in ops if kind], op_ps, top),
         "op_ms_per_step": op_ps / PS_PER_MS / steps,
         "device_busy_ms_per_step": _union_ps([op[2:] for op in ops]) / PS_PER_MS / steps,
         "input_wait_ms_per_step": _union_ps(get_next) / PS_PER_MS / steps,
@@ -108,20 +113,30 @@ def _device_ops(planes, host):
     for plane in sorted(gpus, key=lambda plane: (len(plane.name), plane.name)):  # 2 < 10
         kernels = [e for e in _events(plane) if e[0].name.startswith(STREAM_LINE_PREFIX)]
         if kernels:
-            return plane, [(name, None, start, end) for _, name, start, end in kernels]
-    matches = ((_TF_OP.match(name), name, s, e) for _, name, s, e in _events(host))
-    return host, [(name, match[1], s, e) for match, name, s, e in matches if match]
+            return plane, [(name, None, start, end) for _, name, start, end, _ in kernels]
+    # On the host: TensorFlow's ops, and the HLO ops of a step XLA compiled for the CPU
+    # (events with an hlo_op stat, named "convolution.3"; their type drops the number).
+    hlo = {id_ for id_, stat in host.stat_metadata.items() if stat.name == HLO_OP_STAT}
+    ops = []
+    for _, name, start, end, event in _events(host):
+        match = _TF_OP.match(name)
+        if match:
+            ops.append((name, match[1], start, end))
+        elif any(stat.metadata_id in hlo for stat in event.stats):
+            ops.append((name, re.sub(r"\.\d+$", "", name), start, end))
+    return host, ops
 
 
 def _events(plane):
-    """(line, event name, start ps, end ps) of each event of `plane`, on one clock."""
+    """(line, event name, start ps, end ps, event) of each event of `plane`, on one
+    clock."""
     for line in plane.lines:
         for event in line.events:
             if event.WhichOneof("data") != "offset_ps":
                 continue  # an aggregate (num_occurrences), without a time
             start = line.timestamp_ns * 1000 + event.offset_ps
             name = plane.event_metadata[event.metadata_id].name
-            yield line, name, start, start + event.duration_ps
+            yield line, name, start, start + event.duration_ps, event
 
 
 def _top_ops(ops, op_ps: int, top: int) -> list[dict]:

@@ -21,10 +21,8 @@ PROFILE_BATCH = (3, 5)
 STEPS = PROFILE_BATCH[1] - PROFILE_BATCH[0] + 1
 
 
-@pytest.fixture(scope="module")
-def trace_dir(tmp_path_factory):
-    """A folder holding the profiler trace of 3 of 8 training steps of a small conv net."""
-    log_dir = str(tmp_path_factory.mktemp("tensorboard"))
+def _trace(log_dir: str, jit_compile: bool = False) -> str:
+    """Traces 3 of 8 training steps of a small conv net into `log_dir`."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [
@@ -36,7 +34,11 @@ def trace_dir(tmp_path_factory):
             keras.layers.Dense(10),
         ]
     )
-    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        "sgd",
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
+    )
     rng = np.random.default_rng(0)
     images = rng.random((8 * 16, 32, 32, 3), dtype=np.float32)
     labels = rng.integers(0, 10, 8 * 16)
@@ -44,6 +46,18 @@ def trace_dir(tmp_path_factory):
     tensorboard = keras.callbacks.TensorBoard(log_dir=log_dir, profile_batch=PROFILE_BATCH)
     model.fit(dataset, epochs=1, shuffle=False, verbose=0, callbacks=[tensorboard])
     return log_dir
+
+
+@pytest.fixture(scope="module")
+def trace_dir(tmp_path_factory):
+    return _trace(str(tmp_path_factory.mktemp("tensorboard")))
+
+
+def test_a_step_xla_compiled_for_the_cpu_shows_its_hlo_ops(tmp_path):
+    summary = profile_summary.summarize(_trace(str(tmp_path), jit_compile=True))
+    types = {op["type"] for op in summary["top_types"]}
+    assert "convolution" in types, summary["top_types"]
+    assert summary["device_busy_ms_per_step"] > 0
 
 
 def test_summary_of_a_cpu_training_trace(trace_dir):
