@@ -311,8 +311,9 @@ def _augment_throughput(payload: dict) -> tuple[str, str, str]:
 
 
 HEADLINE_RUN = (
-    "first step {first_step_seconds/phase1:.0f} s / {first_step_seconds/phase2:.0f} s after "
-    "phase 1 / 2 start; {images_per_sec/phase1:,.0f} / {images_per_sec/phase2:,.0f} images/s"
+    "start to phase 1 {startup_seconds:.3g} s; first step {first_step_seconds/phase1:.3g} s / "
+    "{first_step_seconds/phase2:.3g} s after phase 1 / 2 start; {images_per_sec/phase1:,.1f} / "
+    "{images_per_sec/phase2:,.1f} images/s"
 )
 
 

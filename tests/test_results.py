@@ -206,7 +206,8 @@ def test_gpu_check_writes_a_record_per_part_that_succeeded(tmp_path):
             "step_p2_mixed_xla_on": {"status": "ok", "command": "python -m x", "result": None,
                                      "figures": {"effpipe/noaug/synthetic/ms_per_step": 23.9}},
             "headline": {"status": "ok", "command": "python -m h", "result": None,
-                         "figures": {"first_step_seconds/phase1": 85.2,
+                         "figures": {"startup_seconds": 12.0,
+                                     "first_step_seconds/phase1": 85.2,
                                      "first_step_seconds/phase2": 61.0,
                                      "images_per_sec/phase1": 1000.0,
                                      "images_per_sec/phase2": 900.0}},
@@ -224,7 +225,8 @@ def test_gpu_check_writes_a_record_per_part_that_succeeded(tmp_path):
     assert step["command"] == "python -m x"
     assert records.fill(step["headline"], step["figures"]) == "23.9 ms/step (1,338 images/s)"
     assert records.fill(headline["headline"], headline["figures"]) == (
-        "first step 85 s / 61 s after phase 1 / 2 start; 1,000 / 900 images/s"
+        "start to phase 1 12 s; first step 85.2 s / 61 s after phase 1 / 2 start; "
+        "1,000.0 / 900.0 images/s"
     )
 
 
