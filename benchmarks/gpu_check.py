@@ -171,11 +171,11 @@ def main(argv):
     left_s = _DEADLINE_S.value - (time.monotonic() - started)
     runner = Runner(output, left_s, report, selected=set(_PARTS.value) or None)
     for part in plan:
-        if part.name.endswith("_8gb"):
-            estimate = report["parts"].get("tuner_estimate", {})
-            part, why_not = gpu_check_parts.at_batch(part.name, estimate, smoke), part.name
+        if part.name.endswith("_8gb"):  # At the estimate's batch, known only now.
+            name, estimate = part.name, report["parts"].get("tuner_estimate", {})
+            part = gpu_check_parts.at_batch(name, estimate, smoke)
             if isinstance(part, str):
-                runner.skip(why_not, part)
+                runner.skip(name, part)
                 continue
         runner.run(part)
 

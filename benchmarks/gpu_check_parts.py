@@ -140,7 +140,7 @@ def read_headline(result: dict | None) -> dict:
         raise ValueError("the run wrote no export")
     figures["wall_seconds"] = finite("wall_seconds", result["wall_seconds"])
     profile = result.get("profile")
-    if profile:
+    if profile and "error" not in profile:
         for key in ("trace_ms_per_step", "device_busy_ms_per_step", "input_wait_ms_per_step"):
             figures[f"profile/{key}"] = finite(key, profile[key])
         for rank, op in enumerate(profile["top_ops"][:3], 1):

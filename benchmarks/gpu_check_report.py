@@ -160,7 +160,9 @@ def print_headline(result: dict) -> None:
         f"{result['export_mb']:.1f} MB; the command {result['wall_seconds']:.0f} s"
     )
     profile = result.get("profile")
-    if profile:
+    if profile and "error" in profile:
+        print(f"phase-1 profile: none ({profile['error']})")
+    elif profile:
         print(
             f"phase-1 profile ({profile['steps']} steps, {profile['device']}): "
             f"{profile['trace_ms_per_step']:.1f} ms/step traced, device busy "

@@ -94,7 +94,10 @@ def main(argv):
             from benchmarks import profile_summary
 
             log_dir = os.path.join(workdir, "tensorboard", "phase1")
-            payload["profile"] = profile_summary.summarize(log_dir)
+            try:
+                payload["profile"] = profile_summary.summarize(log_dir)
+            except (FileNotFoundError, ValueError) as error:  # The run's figures stand.
+                payload["profile"] = {"error": str(error)}
     gpu_check_report.print_headline(payload)
     harness.print_json_line(payload)
     records.record_benchmark(payload)

@@ -53,8 +53,17 @@ def trace_dir(tmp_path_factory):
     return _trace(str(tmp_path_factory.mktemp("tensorboard")))
 
 
-def test_a_step_xla_compiled_for_the_cpu_shows_its_hlo_ops(tmp_path):
-    summary = profile_summary.summarize(_trace(str(tmp_path), jit_compile=True))
+def test_a_step_xla_compiled_for_the_cpu_shows_its_hlo_ops(tmp_path, repo_root):
+    # In a fresh process: an earlier test's in-process run with --deterministic leaves
+    # TensorFlow's op determinism on, and Keras then compiles without XLA.
+    trace = f"import test_profile_summary as t; t._trace({str(tmp_path)!r}, jit_compile=True)"
+    tests = os.pathsep.join([str(repo_root / "tests"), str(repo_root)])
+    result = subprocess.run(
+        [sys.executable, "-c", trace], cwd=repo_root, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "PYTHONPATH": tests, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = profile_summary.summarize(str(tmp_path))
     types = {op["type"] for op in summary["top_types"]}
     assert "convolution" in types, summary["top_types"]
     assert summary["device_busy_ms_per_step"] > 0

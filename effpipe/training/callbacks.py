@@ -71,9 +71,10 @@ class ThroughputMeter(keras.callbacks.Callback):
         self._lock = threading.Lock()
 
     def start_phase(self, phase: int) -> None:
-        """Marks the start of `phase`: the end of its first step is logged and kept in
-        `first_step_seconds` (compiling the model, building its inputs, tracing and
-        XLA compilation of the step included)."""
+        """Marks the start of `phase`: the end of its first compiled call (its first
+        `steps_per_execution` steps) is logged and kept in `first_step_seconds`
+        (compiling the model, building its inputs, tracing and XLA compilation
+        included)."""
         self._phase = (phase, time.perf_counter())
 
     def on_epoch_begin(self, epoch, logs=None):
