@@ -1,6 +1,7 @@
 """The training binary: flagfiles, bad input and the smoke run end to end (the demo:
 test_demo.py)."""
 
+import contextlib
 import json
 import math
 import signal
@@ -309,3 +310,23 @@ def test_the_gpu_path_runs_forced_on_the_cpu_float16_loss_scaling_and_xla(tmp_pa
     text = str(saved.meta_graphs[0].graph_def)
     assert "_XlaMustCompile" not in text and "DT_HALF" not in text and "DT_BFLOAT16" not in text
     assert text.count("Conv2D") > 10
+
+
+def test_the_trainer_turns_off_the_process_wide_switches_it_turned_on():
+    """Op determinism left on makes Keras compile any later model of the process
+    without XLA. The getter and reset are TensorFlow's private ones, which Keras reads
+    too: this fails if they move."""
+    from tensorflow.python.framework import config as tf_config
+
+    from effpipe.training import distribution as distribution_lib
+
+    tf_config.disable_op_determinism()  # Whatever an earlier test left.
+    config = config_lib.TrainConfig.from_flat(deterministic=True, debug_numerics=True)
+    distribution = distribution_lib.resolve(config.distribution.strategy, config.batch_size)
+    with contextlib.ExitStack() as stack:
+        trainer._resolve_runtime(config, distribution, stack)
+        assert tf_config.is_op_determinism_enabled()
+    assert not tf_config.is_op_determinism_enabled()
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(loss="mse", jit_compile=True)
+    assert model.jit_compile is True

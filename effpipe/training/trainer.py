@@ -27,6 +27,7 @@ import warnings
 import keras
 import tensorflow as tf
 from absl import logging
+from tensorflow.python.framework import config as tf_config
 
 from effpipe import run_dir
 from effpipe.config import TrainConfig
@@ -71,7 +72,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
             logging.info("%s", reason)
 
         # --- Runtime: device, precision, XLA, seeds. ---
-        setup = _resolve_runtime(config, distribution)
+        setup = _resolve_runtime(config, distribution, stack)
 
         # --- Data: source arrays, validation split, tf.data pipelines. ---
         data = inputs.prepare_data(config, distribution, workdir)
@@ -198,9 +199,12 @@ def _make_output_dir(
 
 
 def _resolve_runtime(
-    config: TrainConfig, distribution: distribution_lib.Distribution
+    config: TrainConfig, distribution: distribution_lib.Distribution, stack: contextlib.ExitStack
 ) -> runtime.Runtime:
-    """Resolves device, precision and XLA, logs why, and seeds every generator."""
+    """Resolves device, precision and XLA, logs why, and seeds every generator; the
+    process-wide switches it turns on are turned off when `stack` closes (op
+    determinism left on makes Keras compile a later model in this process without
+    XLA)."""
     setup = runtime.resolve(
         config.runtime, local_replicas=distribution.num_replicas // distribution.num_workers
     )
@@ -210,11 +214,15 @@ def _resolve_runtime(
     for reason in (*setup.reasons, *setup.hints):
         logging.info("%s", reason)
     keras.utils.set_random_seed(config.seed)
-    if config.runtime.deterministic:
+    # TensorFlow's getter and reset are private (Keras reads the same getter), under
+    # setup.cfg's tensorflow<2.22; test_train.py fails if they move.
+    if config.runtime.deterministic and not tf_config.is_op_determinism_enabled():
         tf.config.experimental.enable_op_determinism()
+        stack.callback(tf_config.disable_op_determinism)
     if config.runtime.debug_numerics:
         # Raises at the first op whose output holds a NaN or infinity, naming it.
         tf.debugging.enable_check_numerics()
+        stack.callback(tf.debugging.disable_check_numerics)
         logging.info("--debug_numerics: TensorFlow's numeric checks are on (slow)")
     return setup
 
