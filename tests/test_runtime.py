@@ -1,6 +1,7 @@
 """Runtime resolution: precision and XLA per device, a GPU TensorFlow cannot see,
 --require_gpu, and the steps per compiled call. GPUs are faked: this machine has none."""
 
+import contextlib
 import logging
 import os
 import pathlib
@@ -224,6 +225,6 @@ def test_the_trainer_logs_the_mixed_precision_hint_on_a_gpu(fake_gpu, caplog):
 
     fake_gpu(H200)
     one_replica = types.SimpleNamespace(num_replicas=1, num_workers=1)
-    with caplog.at_level(logging.INFO, logger="absl"):
-        trainer._resolve_runtime(TrainConfig.from_flat(), one_replica)
+    with caplog.at_level(logging.INFO, logger="absl"), contextlib.ExitStack() as stack:
+        trainer._resolve_runtime(TrainConfig.from_flat(), one_replica, stack)
     assert [r.getMessage() for r in caplog.records].count(runtime.MIXED_PRECISION_HINT) == 1
