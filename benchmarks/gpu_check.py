@@ -44,7 +44,7 @@ _DEADLINE_S = flags.DEFINE_float(
     "deadline_s", 450.0, "Total seconds; no part runs past it (the script then stops)."
 )
 _SMOKE = flags.DEFINE_bool("smoke", False, "Every kind of part at a tiny scale, on any machine.")
-_PARTS = flags.DEFINE_list("parts", [], "Run only these parts (names as in the docstring).")
+_PARTS = flags.DEFINE_list("parts", [], "Run only these parts (names as the plan lists them).")
 flags.adopt_module_key_flags(records)
 
 # The parts --smoke runs: one of each kind (the first step part times every

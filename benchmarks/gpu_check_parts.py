@@ -15,12 +15,12 @@ and the offline shapes data, since the GPU machine has no network):
   peer_p2_mixed_xla_on   the keras-io guide has a user write), each phase.
   tuner_estimate     effpipe.tune_batch --method=estimated for flags/b5_rtx3070.flags
                      under an 8 GB card: each phase's largest batch (host only).
-  step_p1_8gb        phase 1 at the estimate's batch: compute and fed steps, and the
-                     allocator's peak against the 8 GB budget.
+  step_p1_8gb        phase 1 at the estimate's batch, with TensorFlow's allocator capped
+                     at the 8 GB card's usable MiB: compute and fed steps, the peak.
   step_p1_float32_xla_off  the notebook's own setting: effpipe beside the notebook
                      replica (compute, fed as the notebook fed it, its generator).
   augment            benchmarks.augment_throughput at its defaults (224 and 456 px).
-  step_p2_8gb        phase 2 at the estimate's batch.
+  step_p2_8gb        phase 2 at the estimate's batch, capped the same.
   headline_autotune0 the headline run again with XLA_FLAGS=--xla_gpu_autotune_level=0:
                      what XLA's autotuning costs of the wait for the first steps.
 
@@ -151,7 +151,7 @@ def read_headline(result: dict | None) -> dict:
 # --- The plan. ---
 
 
-def step_part(name: str, smoke: bool, batch_size: int = 32) -> Part:
+def step_part(name: str, smoke: bool, batch_size: int = 32, memory_cap_mib: int = 0) -> Part:
     phase, mixed, xla, configurations, (timeout_s, needs_s), what = STEP_SETTINGS[name]
     scale = ["--smoke"] if smoke else [
         *STEP_MODEL_FLAGS, f"--batch_size={batch_size}", f"--repeats={STEP_REPEATS}",
@@ -162,6 +162,8 @@ def step_part(name: str, smoke: bool, batch_size: int = 32) -> Part:
     argv += [f"--xla={'off' if smoke else xla}"]
     if not (smoke and name == SMOKE_FIRST_STEP_PART):
         argv += [f"--configurations={','.join(configurations)}"]
+    if memory_cap_mib:
+        argv += [f"--memory_cap_mib={memory_cap_mib}"]
     what = f"step, phase {phase}, {'mixed' if mixed else 'float32'}, XLA {xla}: {what}"
     return Part(name, argv, 300 if smoke else timeout_s, 0 if smoke else needs_s, read_step,
                 what=what)  # fmt: skip
@@ -213,4 +215,5 @@ def at_batch(name: str, estimate: dict, smoke: bool) -> Part | str:
     batch_size = int(estimate["figures"][f"phase{phase}_max_batch"])
     if batch_size < 1:
         return "the estimate says no batch fits"
-    return step_part(name, smoke, batch_size)
+    # Capped as the tuner's trials are: out of memory here means it does not fit.
+    return step_part(name, smoke, batch_size, int(estimate["figures"]["usable_mib"]))

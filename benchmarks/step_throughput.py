@@ -91,6 +91,12 @@ _NOTEBOOK_BASELINE = flags.DEFINE_bool("notebook_baseline", True, "Also time the
 # The flag's earlier name, kept so existing command lines still run.
 flags.DEFINE_alias("seed_baseline", "notebook_baseline")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Seconds-long run: b0 at 32 px, batch 4.")
+_MEMORY_CAP_MIB = flags.DEFINE_integer(
+    "memory_cap_mib",
+    0,
+    "On a GPU, cap TensorFlow's allocator at this many MiB, as the "
+    "batch-size tuner's trials do (a step that needs more fails out of memory); 0: no cap.",
+)
 _CONFIGURATIONS = flags.DEFINE_list(
     "configurations",
     [],
@@ -137,6 +143,8 @@ def run_groups(groups: list[Group], repeats: int, batch_size: int, gpu: bool) ->
 
 def main(argv):
     del argv
+    if _MEMORY_CAP_MIB.value:
+        runtime.cap_gpu_memory(_MEMORY_CAP_MIB.value)
     config = cli_flags.config_from_flags()
     phase, repeats, steps = int(_PHASE.value), _REPEATS.value, _STEPS_PER_REPEAT.value
     harness.require_positive(repeats=repeats, steps_per_repeat=steps)

@@ -225,6 +225,9 @@ def test_smoke_runs_every_part_and_records_finite_figures(repo_root, tmp_path):
     at_8gb = parts["step_p1_8gb"]["result"]
     assert at_8gb["batch_size"] == estimate["phase1_max_batch"]
     assert set(at_8gb["configurations"]) == set(gpu_check_parts.NOAUG)
+    # Capped, as the tuner's trials are, at the card's usable MiB (a GPU's allocator).
+    cap = f"--memory_cap_mib={int(estimate['usable_mib'])}"
+    assert cap in parts["step_p1_8gb"]["command"].split()
 
     whole = parts["step_p1_mixed_xla_on"]
     for name in gpu_check_parts.NOAUG + gpu_check_parts.REPLICA:

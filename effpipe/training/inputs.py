@@ -89,9 +89,8 @@ def prepare_data(
 
 def whole_batches(validation_split, batch_size: int):
     """The validation examples of its whole batches, when it has one: a last, smaller
-    batch would be a second shape, for which XLA compiles the validation step again
-    (B5 at 456 px: tens of seconds per phase on a GPU). The final evaluation keeps
-    every example (it pads its last batch)."""
+    batch would be a second shape, for which XLA compiles the validation step again.
+    The final evaluation keeps every example (it pads its last batch)."""
     whole = len(validation_split) // batch_size * batch_size
     if not 0 < whole < len(validation_split):
         return validation_split

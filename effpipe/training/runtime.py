@@ -157,6 +157,17 @@ def require_gpu() -> None:
     )
 
 
+def cap_gpu_memory(mib: int) -> None:
+    """Caps TensorFlow's allocator on the first GPU at `mib` MiB (a logical device), so
+    that a step needing more fails out of memory as on a smaller card; nothing on a
+    machine without a GPU. Call it before anything starts the GPU."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        tf.config.set_logical_device_configuration(
+            gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=mib)]
+        )
+
+
 def resolve_runtime(
     *,
     mixed_precision: bool,

@@ -108,11 +108,8 @@ def run_trial(
     included), which the measured search compares with the budget (`tune`). Out of
     memory answers fits=False; any other failure answers {"error": one line}.
     """
+    runtime.cap_gpu_memory(usable_bytes // MIB)
     gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        tf.config.set_logical_device_configuration(
-            gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=usable_bytes // MIB)]
-        )
     setup = runtime.resolve_runtime(
         mixed_precision=config.runtime.mixed_precision,
         mixed_precision_dtype=config.runtime.mixed_precision_dtype,
