@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 
-from effpipe import cli_flags
+from effpipe import cli_flags, run_dir
 from effpipe.errors import UsageError
 
 PROGRAM = "effpipe.export_tflite"
@@ -43,7 +43,7 @@ FLOAT16 = flags.DEFINE_bool(
 def main(argv):
     cli_flags.refuse_arguments(PROGRAM, argv)
     try:
-        export_dir = _export_dir(MODEL.value)
+        export_dir = run_dir.find_export(MODEL.value)
         # Imported here so that a bad flag fails before TensorFlow loads.
         from effpipe.outputs import export
 
@@ -52,17 +52,6 @@ def main(argv):
     except UsageError as error:
         cli_flags.exit_with_usage_error(PROGRAM, error)
     print(f"wrote {output} ({size_bytes / 2**20:.1f} MiB)", file=sys.stdout)
-
-
-def _export_dir(model: str) -> str:
-    """The export folder: `model`/export, or `model` itself."""
-    for candidate in (os.path.join(model, "export"), model):
-        if os.path.isfile(os.path.join(candidate, "saved_model.pb")):
-            return os.path.abspath(candidate)
-    raise UsageError(
-        f"{model} holds no exported model (no saved_model.pb in it or in its export/): "
-        "point --model at a finished run's directory"
-    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 
-from effpipe import cli_flags
+from effpipe import cli_flags, run_dir
 from effpipe.errors import UsageError
 
 PROGRAM = "effpipe.predict"
@@ -37,7 +37,7 @@ def main(argv):
             raise UsageError("no image given: python -m effpipe.predict --model=WORKDIR IMAGE...")
         if TOP_K.value < 1:
             raise UsageError(f"--top_k={TOP_K.value} must be at least 1: pass e.g. --top_k=5")
-        export_dir = _export_dir(MODEL.value)
+        export_dir = run_dir.find_export(MODEL.value)
         import numpy as np
         import tensorflow as tf
 
@@ -71,16 +71,6 @@ def main(argv):
         print(f"{path}: {answer}")
     if failed:
         sys.exit(1)
-
-
-def _export_dir(model: str) -> str:
-    for candidate in (os.path.join(model, "export"), model):
-        if os.path.isfile(os.path.join(candidate, "saved_model.pb")):
-            return candidate
-    raise UsageError(
-        f"{model} holds no exported model (no saved_model.pb in it or in its export/): "
-        "point --model at a finished run's directory"
-    )
 
 
 if __name__ == "__main__":

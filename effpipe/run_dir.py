@@ -48,6 +48,21 @@ FEATURE_CACHE_FILE = os.path.join("cache", "phase1_features.npz")
 IMAGE_CACHE_DIR = os.path.join("cache", "images")
 
 
+def find_export(model: str) -> str:
+    """The SavedModel folder of --model: `model`/export, or `model` itself (absolute).
+
+    Raises:
+      UsageError: neither holds a saved_model.pb.
+    """
+    for candidate in (os.path.join(model, "export"), model):
+        if os.path.isfile(os.path.join(candidate, "saved_model.pb")):
+            return os.path.abspath(candidate)
+    raise UsageError(
+        f"{model} holds no exported model (no saved_model.pb in it or in its export/): "
+        "point --model at a finished run's directory"
+    )
+
+
 def image_cache_root(workdir: str, cache_dir: str) -> str:
     """The folder of the decoded-image caches: --cache_dir, else WORKDIR/cache/images
     (for every worker of a run, and for `effpipe.evaluate` on the run's folder)."""
