@@ -141,9 +141,8 @@ def _uncached(encoded, size, crop, directory, on_bad_image):
             "is tfds records, which cannot be read by position: use --cache=auto, memory "
             "or disk"
         )
-    skip_bad = on_bad_image == "skip"
-    store = stores.FileStore(encoded.paths, size, crop, skip_bad=skip_bad)
-    if not skip_bad:
+    store = stores.FileStore(encoded.paths, size, crop)
+    if on_bad_image != "skip":
         return store, encoded.labels, []
     directory += "-scan"
     os.makedirs(directory, exist_ok=True)

@@ -88,7 +88,6 @@ def make_dataset(
             if isinstance(store, stores.CacheStore)
             else None
         ),
-        skip_bad=getattr(store, "skip_bad", False),
     )
     return _serve(dataset, is_training, options, data_service)
 
@@ -143,7 +142,7 @@ def _positions(count, epochs, batch_size):
     return tf.data.Dataset.range(first, np.iinfo(np.int64).max).map(order_of).unbatch()
 
 
-def _batched_stream(keys, labels, batch_size, epochs, fetch=None, fetch_batch=None, skip_bad=False):
+def _batched_stream(keys, labels, batch_size, epochs, fetch=None, fetch_batch=None):
     """positions -> fetch -> batch, or positions -> batch -> fetch (in memory, cache)."""
     dataset = _positions(len(labels), epochs, batch_size)
     # Keys and labels stay in one tensor each, gathered by position: the stream holds
@@ -156,11 +155,8 @@ def _batched_stream(keys, labels, batch_size, epochs, fetch=None, fetch_batch=No
             lambda position: (fetch(tf.gather(keys, position)), tf.gather(labels, position)),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
-        if skip_bad:
-            dataset = dataset.ignore_errors()
     # drop_remainder in training gives a static batch dimension, so a compiled (XLA)
-    # step is built once; an epoch is whole batches, so none straddles two epochs
-    # (unless --on_bad_image=skip drops a file).
+    # step is built once; an epoch is whole batches, so none straddles two epochs.
     dataset = dataset.batch(batch_size, drop_remainder=epochs is not None)
     if fetch is None:
         # In-memory rows and the decoded cache are read a batch of positions at a

@@ -30,13 +30,12 @@ class ArrayStore:
 
 @dataclasses.dataclass(frozen=True)
 class FileStore:
-    """Encoded image files (position i is `paths[i]`) decoded at every read to `size` px;
-    `skip_bad` drops images that cannot be decoded instead of failing (--on_bad_image=skip)."""
+    """Encoded image files (position i is `paths[i]`) decoded at every read to `size` px
+    (bad images are left out of the split beforehand: `cache`)."""
 
     paths: tuple[str, ...]
     size: int
     crop: str
-    skip_bad: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
