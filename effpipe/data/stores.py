@@ -82,13 +82,10 @@ def path_bytes(paths, positions=None) -> np.ndarray:
     return np.asarray([os.fsencode(path) for path in paths], dtype=bytes)
 
 
-def fetch(store):
-    """key -> uint8 image (H, W, 3), a function for `Dataset.map`."""
-    if isinstance(store, ArrayStore):
-        return tf.identity
-    if isinstance(store, FileStore):
-        return lambda path: decode.decode_to_size(tf.io.read_file(path), store.size, store.crop)
-    raise TypeError(f"a {type(store).__name__} is not fetched one key at a time")
+def fetch(store: FileStore):
+    """path -> uint8 image (H, W, 3), a function for `Dataset.map` (the other stores
+    are read a batch at a time)."""
+    return lambda path: decode.decode_to_size(tf.io.read_file(path), store.size, store.crop)
 
 
 def fetch_batch(store: CacheStore, *, in_process: bool = True):
